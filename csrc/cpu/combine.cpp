@@ -1,0 +1,238 @@
+// CPU kernels of fastmerge::combine (out_t = sum_j c_tj * W_tj over many tensors in one call) and
+// fastmerge::combine_backward (the gradient with respect to the coefficients, for NP Merge).
+//
+// Layout of the flat lists: tensors[t * num_models + j] is model j's copy of tensor t; the same for
+// coefficients when they are given, else weights[j] is model j's scalar for every tensor.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/combine.h"
+
+namespace fastmerge {
+namespace {
+
+// Elements per parallel work item: big enough to amortise scheduling, small enough that the last
+// tensors of a list still spread over all threads.
+constexpr int64_t kChunk = 1 << 15;
+
+struct Layout {
+  int64_t num_tensors;
+  int64_t num_models;
+};
+
+// Elements of a weight that share one coefficient value, after checking that the coefficient
+// broadcasts along trailing axes only (shape W.shape[:r] + (1,) * (ndim - r), or one element).
+int64_t coefficient_inner(const at::Tensor& coef, const at::Tensor& weight, int64_t index) {
+  TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
+              "combine: coefficients[", index, "] must be float32 or float64, got ", coef.scalar_type());
+  if (coef.numel() == 1) return std::max<int64_t>(weight.numel(), 1);
+  bool ok = coef.dim() == weight.dim();
+  bool in_prefix = true;
+  for (int64_t d = 0; ok && d < coef.dim(); ++d) {
+    if (in_prefix && coef.size(d) == weight.size(d)) continue;
+    in_prefix = false;
+    ok = coef.size(d) == 1;
+  }
+  TORCH_CHECK(ok, "combine: coefficients[", index, "] of shape ", coef.sizes(), " does not fit weight of shape ",
+              weight.sizes(), "; use one value, the full shape, or the leading axes with trailing 1s (per channel)");
+  return coef.numel() == 0 ? 1 : weight.numel() / coef.numel();
+}
+
+Layout check_layout(at::TensorList tensors, at::TensorList coefficients, int64_t num_models, const char* op) {
+  TORCH_CHECK(num_models >= 1, op, ": num_models must be >= 1, got ", num_models);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  TORCH_CHECK(n % num_models == 0, op, ": got ", n, " tensors, not a multiple of num_models=", num_models);
+  TORCH_CHECK(coefficients.empty() || static_cast<int64_t>(coefficients.size()) == n, op,
+              ": coefficients must be empty or one per tensor (", n, "), got ", coefficients.size());
+  const Layout layout{n / num_models, num_models};
+  for (int64_t t = 0; t < layout.num_tensors; ++t) {
+    const at::Tensor& first = tensors[t * num_models];
+    TORCH_CHECK(at::isFloatingType(first.scalar_type()), op, ": tensors[", t * num_models,
+                "] must be floating point, got ", first.scalar_type());
+    for (int64_t j = 1; j < num_models; ++j) {
+      const at::Tensor& w = tensors[t * num_models + j];
+      TORCH_CHECK(w.sizes() == first.sizes() && w.scalar_type() == first.scalar_type(), op, ": tensor ", t,
+                  " of model ", j, " has shape ", w.sizes(), " and dtype ", w.scalar_type(), " but model 0 has ",
+                  first.sizes(), " and ", first.scalar_type(), "; every model must provide the same tensor");
+    }
+  }
+  return layout;
+}
+
+// Type-erased view of one tensor's operands, resolved to typed pointers inside the dtype dispatch.
+struct TensorJob {
+  std::vector<const void*> weights;
+  std::vector<const void*> coefs;  // nullptr entries: scalar weight
+  std::vector<int64_t> inner;
+  std::vector<double> scalars;
+  at::ScalarType dtype;
+  at::ScalarType coef_dtype;
+  int64_t numel;
+  void* out;
+};
+
+template <typename T, typename Coef>
+void run_combine_chunk(const TensorJob& job, int64_t begin, int64_t end) {
+  using Acc = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  const int k = static_cast<int>(job.weights.size());
+  std::vector<kernels::CombineOperand<T, Coef>> ops(k);
+  for (int j = 0; j < k; ++j)
+    ops[j] = {static_cast<const T*>(job.weights[j]), static_cast<const Coef*>(job.coefs[j]), job.inner[j],
+              job.scalars[j]};
+  kernels::combine_range<T, Coef, Acc>(ops.data(), k, begin, end, static_cast<T*>(job.out));
+}
+
+// Writes out[t] = sum_j c_tj * W_tj into the given (contiguous, correctly shaped) outputs.
+void combine_into(at::TensorList tensors, at::TensorList coefficients, at::ArrayRef<double> weights,
+                  int64_t num_models, const std::vector<at::Tensor>& outputs) {
+  const Layout layout = check_layout(tensors, coefficients, num_models, "combine");
+  TORCH_CHECK(!coefficients.empty() || static_cast<int64_t>(weights.size()) == num_models,
+              "combine: without coefficient tensors, weights must hold one scalar per model (", num_models,
+              "), got ", weights.size());
+  std::vector<at::Tensor> keep_alive;  // contiguous copies of strided inputs
+  std::vector<TensorJob> jobs(layout.num_tensors);
+  std::vector<int64_t> chunk_start{0};  // prefix sums of chunks per tensor
+  for (int64_t t = 0; t < layout.num_tensors; ++t) {
+    TensorJob& job = jobs[t];
+    const at::Tensor& first = tensors[t * num_models];
+    const at::Tensor& out = outputs[t];
+    TORCH_CHECK(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() && out.is_contiguous(),
+                "combine: out[", t, "] must be a contiguous ", first.scalar_type(), " tensor of shape ", first.sizes(),
+                ", got ", out.scalar_type(), " of shape ", out.sizes());
+    job.dtype = first.scalar_type();
+    job.coef_dtype = at::kDouble;
+    job.numel = first.numel();
+    for (int64_t j = 0; j < num_models; ++j) {
+      const int64_t index = t * num_models + j;
+      at::Tensor w = tensors[index].contiguous();
+      keep_alive.push_back(w);
+      job.weights.push_back(w.const_data_ptr());
+      if (coefficients.empty()) {
+        job.coefs.push_back(nullptr);
+        job.inner.push_back(job.numel);
+        job.scalars.push_back(weights[j]);
+      } else {
+        const int64_t inner = coefficient_inner(coefficients[index], first, index);
+        at::Tensor c = coefficients[index].contiguous();
+        // One coefficient dtype per tensor keeps the dispatch to two cases.
+        if (j == 0) job.coef_dtype = c.scalar_type();
+        if (c.scalar_type() != job.coef_dtype) c = c.to(job.coef_dtype);
+        keep_alive.push_back(c);
+        job.coefs.push_back(c.const_data_ptr());
+        job.inner.push_back(inner);
+        job.scalars.push_back(0.0);
+      }
+    }
+    job.out = out.data_ptr();
+    chunk_start.push_back(chunk_start.back() + (job.numel + kChunk - 1) / kChunk);
+  }
+
+  at::parallel_for(0, chunk_start.back(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t t = std::upper_bound(chunk_start.begin(), chunk_start.end(), c) - chunk_start.begin() - 1;
+      const TensorJob& job = jobs[t];
+      const int64_t lo = (c - chunk_start[t]) * kChunk;
+      const int64_t hi = std::min(job.numel, lo + kChunk);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, job.dtype, "combine", [&] {
+        if (job.coef_dtype == at::kFloat)
+          run_combine_chunk<scalar_t, float>(job, lo, hi);
+        else
+          run_combine_chunk<scalar_t, double>(job, lo, hi);
+      });
+    }
+  });
+}
+
+std::vector<at::Tensor> combine_cpu(at::TensorList tensors, at::TensorList coefficients, at::ArrayRef<double> weights,
+                                    int64_t num_models) {
+  std::vector<at::Tensor> outputs;
+  for (size_t t = 0; num_models > 0 && t < tensors.size(); t += num_models)
+    outputs.push_back(at::empty(tensors[t].sizes(), tensors[t].options().memory_format(at::MemoryFormat::Contiguous)));
+  combine_into(tensors, coefficients, weights, num_models, outputs);
+  return outputs;
+}
+
+void combine_out_cpu(at::TensorList tensors, at::TensorList coefficients, at::ArrayRef<double> weights,
+                     int64_t num_models, at::TensorList out) {
+  TORCH_CHECK(num_models >= 1 && out.size() * num_models == tensors.size(), "combine_out: expected ",
+              num_models >= 1 ? tensors.size() / num_models : 0, " outputs, got ", out.size());
+  combine_into(tensors, coefficients, weights, num_models, std::vector<at::Tensor>(out.begin(), out.end()));
+}
+
+// d/dc of sum(grad * sum_j c_j W_j) = sum over each coefficient's run of grad * W_j.
+at::Tensor coefficient_grad(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& coef, int64_t index) {
+  const int64_t inner = coefficient_inner(coef, weight, index);
+  if (weight.numel() == 0) return at::zeros_like(coef, at::MemoryFormat::Contiguous);
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty_like(coef, at::MemoryFormat::Contiguous);
+  const int64_t runs = coef.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "combine_backward", [&] {
+    using w_t = scalar_t;
+    const w_t* wp = w.const_data_ptr<w_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "combine_backward_grad", [&] {
+      using g_t = scalar_t;
+      const g_t* gp = g.const_data_ptr<g_t>();
+      AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "combine_backward_coef", [&] {
+        scalar_t* cp = out.data_ptr<scalar_t>();
+        if (inner == 1) {
+          at::parallel_for(0, runs, kChunk, [&](int64_t begin, int64_t end) {
+            kernels::coef_grad_elementwise(gp, wp, begin, end, cp);
+          });
+        } else if (runs >= 4 * at::get_num_threads()) {
+          at::parallel_for(0, runs, std::max<int64_t>(1, kChunk / inner), [&](int64_t begin, int64_t end) {
+            for (int64_t r = begin; r < end; ++r)
+              cp[r] = static_cast<scalar_t>(kernels::dot_range(gp, wp, r * inner, (r + 1) * inner));
+          });
+        } else {
+          // Few long runs (per-tensor coefficients): split each run across threads instead.
+          for (int64_t r = 0; r < runs; ++r) {
+            const double total = at::parallel_reduce(
+                r * inner, (r + 1) * inner, kChunk, 0.0,
+                [&](int64_t begin, int64_t end, double acc) { return acc + kernels::dot_range(gp, wp, begin, end); },
+                [](double a, double b) { return a + b; });
+            cp[r] = static_cast<scalar_t>(total);
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> combine_backward_cpu(at::TensorList grad_outputs, at::TensorList tensors,
+                                             at::TensorList coefficients, int64_t num_models) {
+  const Layout layout = check_layout(tensors, coefficients, num_models, "combine_backward");
+  TORCH_CHECK(static_cast<int64_t>(grad_outputs.size()) == layout.num_tensors, "combine_backward: expected ",
+              layout.num_tensors, " gradients, got ", grad_outputs.size());
+  TORCH_CHECK(!coefficients.empty(), "combine_backward: needs the coefficient tensors");
+  std::vector<at::Tensor> grads;
+  grads.reserve(tensors.size());
+  for (int64_t t = 0; t < layout.num_tensors; ++t) {
+    TORCH_CHECK(grad_outputs[t].sizes() == tensors[t * num_models].sizes(), "combine_backward: grad_outputs[", t,
+                "] has shape ", grad_outputs[t].sizes(), ", expected ", tensors[t * num_models].sizes());
+    for (int64_t j = 0; j < num_models; ++j) {
+      const int64_t index = t * num_models + j;
+      grads.push_back(coefficient_grad(grad_outputs[t], tensors[index], coefficients[index], index));
+    }
+  }
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmerge, CPU, m) {
+  m.impl("combine", &combine_cpu);
+  m.impl("combine_out", &combine_out_cpu);
+  m.impl("combine_backward", &combine_backward_cpu);
+}
+
+}  // namespace fastmerge

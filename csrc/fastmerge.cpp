@@ -1,0 +1,53 @@
+// Every op schema of the fastmerge library. Kernels live in cpu/ (and cuda/), registered per
+// dispatch key, so the dispatcher picks the backend from the tensors' device.
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+namespace fastmerge {
+namespace {
+
+// Facts fixed when the library was compiled, as key=value lines, for `fastmerge info`.
+std::string build_info() {
+  std::string info;
+  info += "torch_compiled=" + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+          std::to_string(TORCH_VERSION_PATCH) + "\n";
+  info += std::string("cuda=") + (FASTMERGE_WITH_CUDA ? "1" : "0") + "\n";
+#ifdef _OPENMP
+  info += "openmp=" + std::to_string(_OPENMP) + "\n";
+#else
+  info += "openmp=0\n";
+#endif
+#ifdef __VERSION__
+  info += std::string("compiler=") + __VERSION__ + "\n";
+#endif
+  return info;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastmerge, m) {
+  m.def("build_info() -> str", &build_info);
+  // Streaming covariance: fold one batch of k feature blocks (each (B, C_b)) into the float64 state:
+  // count (one element), mean[b] (C_b), m2[p] (C_l, C_r) for the kept pairs p = (pair_left[p], pair_right[p]).
+  m.def(
+      "cov_update_(Tensor(a!) count, Tensor(b!)[] mean, Tensor(c!)[] m2, Tensor[] features, int[] pair_left, "
+      "int[] pair_right) -> ()");
+  // Per-axis transforms (index gather, dense matrix, block-diagonal matrices) on many tensors.
+  m.def("transform_axes(Tensor[] tensors, Tensor[] transforms, int[] tensor_index, int[] axis) -> Tensor[]");
+  // out_t = sum_j c_tj * tensors[t * num_models + j]; c from coefficients (one per tensor) or weights.
+  m.def("combine(Tensor[] tensors, Tensor[] coefficients, float[] weights, int num_models) -> Tensor[]");
+  // The same into preallocated outputs (reused buffers skip the page faults of fresh memory).
+  m.def(
+      "combine_out(Tensor[] tensors, Tensor[] coefficients, float[] weights, int num_models, Tensor(a!)[] out) -> "
+      "()");
+  m.def(
+      "combine_backward(Tensor[] grad_outputs, Tensor[] tensors, Tensor[] coefficients, int num_models) -> "
+      "Tensor[]");
+  // Exact linear assignment of a (n, m) cost matrix or a batch (b, n, m); returns (row_ind, col_ind)
+  // of length min(n, m) each, rows ascending, as scipy.optimize.linear_sum_assignment.
+  m.def("linear_assignment(Tensor cost, bool maximize=False) -> (Tensor, Tensor)");
+}
+
+}  // namespace fastmerge

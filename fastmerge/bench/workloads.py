@@ -1,0 +1,140 @@
+"""The op benchmarks: each workload pairs a fastmerge op with the baseline it is judged against.
+
+Shared by `fastmerge bench` (a quick best-of-n timer) and the pytest-benchmark suite in
+benchmarks/, so both time exactly the same calls on exactly the same data.
+
+Ratios (higher is better for fastmerge):
+  covariance  throughput ratio  t(baseline addmm_ of X^T X in float32) / t(cov_update_)
+  assignment  speed-up          t(scipy.optimize.linear_sum_assignment) / t(linear_assignment)
+  combine     bandwidth ratio   (bytes combine reads+writes / t) / (bytes a copy reads+writes / t)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Workload:
+    name: str        # e.g. "covariance 65536x2048 float32"
+    group: str       # the op: covariance / assignment / combine
+    ours: Callable[[], object]
+    baseline: Callable[[], object]
+    baseline_name: str
+    ratio_kind: str  # "time" (t_base / t_ours) or "bandwidth"
+    ours_bytes: float = 0.0  # bytes moved per call, for bandwidth ratios
+    baseline_bytes: float = 0.0
+    target: float | None = None  # the issue's floor for the ratio
+    notes: dict = field(default_factory=dict)
+
+    def ratio(self, t_ours: float, t_baseline: float) -> float:
+        if self.ratio_kind == "bandwidth":
+            return (self.ours_bytes / t_ours) / (self.baseline_bytes / t_baseline)
+        return t_baseline / t_ours
+
+
+def covariance(rows: int = 65536, cols: int = 2048, seed: int = 0) -> Workload:
+    from ..ops import CovarianceState
+
+    gen = torch.Generator().manual_seed(seed)
+    # post-ReLU-like features: large mean next to the spread
+    x = torch.randn(rows, cols, generator=gen).abs_().add_(torch.rand(cols, generator=gen) * 20)
+    state = CovarianceState([cols], pairs="diagonal")
+    acc = torch.zeros(cols, cols)
+    return Workload(
+        name=f"covariance update {rows}x{cols} float32",
+        group="covariance",
+        ours=lambda: state.update(x),
+        baseline=lambda: acc.addmm_(x.T, x),
+        baseline_name="float32 addmm_(X^T, X)",
+        ratio_kind="time",
+        target=0.9,
+    )
+
+
+def _correlation_costs(n: int, gen: torch.Generator) -> np.ndarray:
+    """Cross-correlation of two models' units: a noisy hidden permutation, as in activation matching."""
+    a = torch.randn(2 * n, n, generator=gen, dtype=torch.float64)
+    b = a[:, torch.randperm(n, generator=gen)] + torch.randn(2 * n, n, generator=gen, dtype=torch.float64)
+    return -(a.T @ b).numpy() / (2 * n)
+
+
+def assignment(n: int = 4096, kind: str = "uniform", seed: int = 0) -> Workload:
+    from scipy.optimize import linear_sum_assignment
+
+    from ..ops import linear_assignment
+
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "uniform":
+        cost = torch.rand(n, n, generator=gen, dtype=torch.float64).numpy()
+    elif kind == "correlation":
+        cost = _correlation_costs(n, gen)
+    else:
+        raise ValueError(f"unknown cost kind {kind!r}")
+    cost_t = torch.from_numpy(cost)
+    return Workload(
+        name=f"assignment n={n} {kind} costs",
+        group="assignment",
+        ours=lambda: linear_assignment(cost_t),
+        baseline=lambda: linear_sum_assignment(cost),
+        baseline_name="scipy linear_sum_assignment",
+        ratio_kind="time",
+        target=3.0 if kind == "uniform" else None,
+    )
+
+
+def combine(num_models: int = 2, total_params: int = 100_000_000, tensor_params: int = 4_000_000, seed: int = 0) -> Workload:
+    from ..ops import combine as combine_op
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [tensor_params] * (total_params // tensor_params)
+    if total_params % tensor_params:
+        sizes.append(total_params % tensor_params)
+    models = [[torch.randn(s, generator=gen) for s in sizes] for _ in range(num_models)]
+    weights = [1.0 / num_models] * num_models
+    # Both sides write into buffers allocated once: fresh memory would time the kernel's page
+    # faults (on these VMs a fresh 400 MB output costs more than the combination itself).
+    out = [torch.empty_like(t) for t in models[0]]
+    copy_src = models[0]
+    copy_dst = [torch.empty_like(t) for t in copy_src]
+
+    def copy_all():
+        for d, s in zip(copy_dst, copy_src):
+            d.copy_(s)
+
+    elem = 4
+    return Workload(
+        name=f"combine {num_models} models, {total_params / 1e6:.0f}M float32 params",
+        group="combine",
+        ours=lambda: combine_op(models, weights=weights, out=out),
+        baseline=copy_all,
+        baseline_name="tensor.copy_ of one model (memory-copy bandwidth)",
+        ratio_kind="bandwidth",
+        ours_bytes=(num_models + 1) * total_params * elem,  # read k inputs, write one output
+        baseline_bytes=2 * total_params * elem,             # read one, write one
+        target=0.8,
+    )
+
+
+def standard(quick: bool = False) -> list[Callable[[], Workload]]:
+    """The issue's benchmark set (full) or a seconds-long smoke version (quick), as lazy factories."""
+    if quick:
+        return [
+            lambda: covariance(8192, 512),
+            lambda: assignment(512, "uniform"),
+            lambda: assignment(512, "correlation"),
+            lambda: combine(2, 8_000_000, 1_000_000),
+            lambda: combine(4, 8_000_000, 1_000_000),
+        ]
+    return [
+        lambda: covariance(65536, 2048),
+        lambda: assignment(4096, "uniform"),
+        lambda: assignment(4096, "correlation"),
+        lambda: assignment(1024, "uniform"),
+        lambda: combine(2),
+        lambda: combine(4),
+    ]

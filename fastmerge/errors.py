@@ -1,0 +1,22 @@
+"""Typed exceptions of fastmerge. Every message names the tensor/file, the shapes and the fix.
+
+All derive from :class:`FastmergeError`; each also derives from the built-in exception a caller
+would expect (``ValueError`` for bad values, ``RuntimeError`` for a missing engine), so code that
+catches those keeps working.
+"""
+
+
+class FastmergeError(Exception):
+    """Base class of every error fastmerge raises on purpose."""
+
+
+class ShapeMismatchError(FastmergeError, ValueError):
+    """Tensors that must agree in shape, dtype or count do not."""
+
+
+class NonFiniteError(FastmergeError, ValueError):
+    """NaN or Inf where fastmerge needs finite numbers (weights, activations, costs)."""
+
+
+class ExtensionError(FastmergeError, RuntimeError):
+    """The compiled engine is required but could not be loaded."""

@@ -1,0 +1,20 @@
+"""The engine's ops: typed wrappers over the compiled kernels, each with a pure-torch reference."""
+
+from .assignment import linear_assignment, linear_assignment_reference
+from .combine import combine, combine_reference
+from .covariance import CovarianceState, correlation_from_covariance, cov_update_reference, resolve_pairs
+from .transform import AxisJob, transform_axes, transform_axes_reference
+
+__all__ = [
+    "AxisJob",
+    "CovarianceState",
+    "combine",
+    "combine_reference",
+    "correlation_from_covariance",
+    "cov_update_reference",
+    "linear_assignment",
+    "linear_assignment_reference",
+    "resolve_pairs",
+    "transform_axes",
+    "transform_axes_reference",
+]
