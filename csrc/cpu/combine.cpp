@@ -167,43 +167,46 @@ void combine_out_cpu(at::TensorList tensors, at::TensorList coefficients, at::Ar
   combine_into(tensors, coefficients, weights, num_models, std::vector<at::Tensor>(out.begin(), out.end()));
 }
 
+// grad_coef[r] = sum of grad * w over run r (runs of `inner` elements), split across threads.
+template <typename T, typename Coef>
+void coefficient_grad_runs(const T* gp, const T* wp, int64_t inner, int64_t runs, Coef* cp) {
+  if (inner == 1) {
+    at::parallel_for(0, runs, kChunk, [&](int64_t begin, int64_t end) {
+      kernels::coef_grad_elementwise(gp, wp, begin, end, cp);
+    });
+  } else if (runs >= 4 * at::get_num_threads()) {
+    at::parallel_for(0, runs, std::max<int64_t>(1, kChunk / inner), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) cp[r] = static_cast<Coef>(kernels::dot_range(gp, wp, r * inner, (r + 1) * inner));
+    });
+  } else {
+    // Few long runs (per-tensor coefficients): split each run across threads instead.
+    for (int64_t r = 0; r < runs; ++r) {
+      const double total = at::parallel_reduce(
+          r * inner, (r + 1) * inner, kChunk, 0.0,
+          [&](int64_t begin, int64_t end, double acc) { return acc + kernels::dot_range(gp, wp, begin, end); },
+          [](double a, double b) { return a + b; });
+      cp[r] = static_cast<Coef>(total);
+    }
+  }
+}
+
 // d/dc of sum(grad * sum_j c_j W_j) = sum over each coefficient's run of grad * W_j.
 at::Tensor coefficient_grad(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& coef, int64_t index) {
   const int64_t inner = coefficient_inner(coef, weight, index);
   if (weight.numel() == 0) return at::zeros_like(coef, at::MemoryFormat::Contiguous);
-  const at::Tensor g = grad.contiguous();
   const at::Tensor w = weight.contiguous();
+  // Autograd hands gradients in the output's dtype, which is the weight's; one dtype keeps the
+  // instantiations (and the compile time) down.
+  const at::Tensor g = grad.to(w.scalar_type()).contiguous();
   at::Tensor out = at::empty_like(coef, at::MemoryFormat::Contiguous);
   const int64_t runs = coef.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "combine_backward", [&] {
-    using w_t = scalar_t;
-    const w_t* wp = w.const_data_ptr<w_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "combine_backward_grad", [&] {
-      using g_t = scalar_t;
-      const g_t* gp = g.const_data_ptr<g_t>();
-      AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "combine_backward_coef", [&] {
-        scalar_t* cp = out.data_ptr<scalar_t>();
-        if (inner == 1) {
-          at::parallel_for(0, runs, kChunk, [&](int64_t begin, int64_t end) {
-            kernels::coef_grad_elementwise(gp, wp, begin, end, cp);
-          });
-        } else if (runs >= 4 * at::get_num_threads()) {
-          at::parallel_for(0, runs, std::max<int64_t>(1, kChunk / inner), [&](int64_t begin, int64_t end) {
-            for (int64_t r = begin; r < end; ++r)
-              cp[r] = static_cast<scalar_t>(kernels::dot_range(gp, wp, r * inner, (r + 1) * inner));
-          });
-        } else {
-          // Few long runs (per-tensor coefficients): split each run across threads instead.
-          for (int64_t r = 0; r < runs; ++r) {
-            const double total = at::parallel_reduce(
-                r * inner, (r + 1) * inner, kChunk, 0.0,
-                [&](int64_t begin, int64_t end, double acc) { return acc + kernels::dot_range(gp, wp, begin, end); },
-                [](double a, double b) { return a + b; });
-            cp[r] = static_cast<scalar_t>(total);
-          }
-        }
-      });
-    });
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    if (coef.scalar_type() == at::kFloat)
+      coefficient_grad_runs(gp, wp, inner, runs, out.data_ptr<float>());
+    else
+      coefficient_grad_runs(gp, wp, inner, runs, out.data_ptr<double>());
   });
   return out;
 }

@@ -163,3 +163,44 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.fastmerge.combine_backward.default,
                           (grads, [w[0].detach(), w[1].detach(), v[0].detach(), v[1].detach()],
                            [c.detach() for c in (cw[0], cw[1], cv[0], cv[1])], 2))
+
+
+def test_out_buffers_are_filled_in_place(gen):
+    models = models_of(gen, 3, shapes=[(4, 5), (70000,)])
+    coefs = [[coefficient_like(gen, w, "channel") for w in m] for m in models]
+    out = [torch.full(w.shape, float("nan")) for w in models[0]]
+    ptrs = [o.data_ptr() for o in out]
+    returned = combine(models, coefficients=coefs, out=out)
+    assert [o.data_ptr() for o in returned] == ptrs
+    for got, want in zip(returned, combine(models, coefficients=coefs)):
+        assert torch.equal(got, want)
+    with pytest.raises(ShapeMismatchError, match=r"out\[0\] must be a contiguous torch.float32 tensor of shape \(4, 5\)"):
+        combine(models, out=[torch.empty(5, 4), torch.empty(70000)])
+    with pytest.raises(ShapeMismatchError, match="out has 1 tensors"):
+        combine(models, out=[torch.empty(4, 5)])
+    args = ([w for t in range(2) for w in (models[0][t], models[1][t], models[2][t])], [], [0.2, 0.3, 0.5], 3,
+            [torch.empty(4, 5), torch.empty(70000)])
+    torch.library.opcheck(torch.ops.fastmerge.combine_out.default, args)
+
+
+def test_mixed_dtypes_across_tensors_in_one_call(gen):
+    shapes_dtypes = [((6, 3), torch.float32), ((5,), torch.float16), ((4, 4), torch.bfloat16), ((7,), torch.float64)]
+    models = [[torch.randn(s, generator=gen).to(d) for s, d in shapes_dtypes] for _ in range(2)]
+    out = combine(models, weights=[0.25, 0.75])
+    for (shape, dtype), got, ref in zip(shapes_dtypes, out, plain(models, [[0.25] * 4, [0.75] * 4])):
+        assert got.dtype == dtype and rel_fro(got, ref) < TOL[dtype]
+
+
+def test_works_under_torch_compile(gen):
+    # The fake kernel and autograd registration let the op sit inside a compiled graph.
+    wa, wb = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    a = torch.zeros(6, 1, requires_grad=True)
+
+    def merged_loss(a):
+        alpha = torch.sigmoid(a)
+        return combine([[wa], [wb]], coefficients=[[alpha], [1 - alpha]])[0].square().sum()
+
+    compiled = torch.compile(merged_loss, backend="aot_eager", fullgraph=True)
+    (g_compiled,) = torch.autograd.grad(compiled(a), a)
+    (g_eager,) = torch.autograd.grad(merged_loss(a), a)
+    assert torch.allclose(g_compiled, g_eager)

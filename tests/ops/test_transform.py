@@ -151,3 +151,12 @@ def test_opcheck(gen):
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.fastmerge.transform_axes.default, args)
+
+
+def test_mixed_dtypes_in_one_call(gen):
+    tensors = [torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen).half(), torch.randn(6, generator=gen).double()]
+    jobs = [AxisJob(0, 1, torch.randn(6, 6, generator=gen)), AxisJob(1, 1, torch.randn(6, 6, generator=gen)),
+            AxisJob(2, 0, torch.randperm(6, generator=gen))]
+    out = transform_axes(tensors, jobs)
+    for got, want, src in zip(out, transform_axes_reference(tensors, jobs), tensors):
+        assert got.dtype == src.dtype and rel_fro(got, want) < TOL[src.dtype]
