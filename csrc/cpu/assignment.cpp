@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/scratch.h"
 #include "kernels/lap.h"
 
 namespace fastmerge {
@@ -44,21 +45,6 @@ void load_problem(const T* cost, int64_t rows, int64_t cols, bool transpose, boo
   }
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = sign * static_cast<double>(cost[i * cols + j]);
-}
-
-// Scratch for converted problems, kept per thread between calls: fresh memory costs a page fault
-// per 4 KiB (0.2 s for one 4096 x 4096 problem on the test machines), and weight matching solves
-// the same sizes again and again. Problems above kRetainBytes get a one-off buffer instead.
-constexpr size_t kRetainBytes = size_t(256) << 20;
-
-double* scratch_for(size_t elements, std::vector<double>& one_off) {
-  thread_local std::vector<double> retained;
-  if (elements * sizeof(double) > kRetainBytes) {
-    one_off.resize(elements);
-    return one_off.data();
-  }
-  if (retained.size() < elements) retained.resize(elements);
-  return retained.data();
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_assignment_cpu(const at::Tensor& cost_in, bool maximize) {
@@ -98,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cpu(const at::Tensor& cost_
         if (in_place) {
           dense = reinterpret_cast<const double*>(problem);  // scalar_t is double here
         } else {
-          double* scratch = scratch_for(static_cast<size_t>(rows * cols), one_off);
+          // Weight matching solves the same sizes again and again: reuse the per-thread scratch.
+          double* scratch = retained_scratch<double>(static_cast<size_t>(rows * cols), one_off);
           load_problem(problem, rows, cols, transpose, maximize, scratch);
           dense = scratch;
         }
