@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The local CPU build of torch on these machines; an unpinned torch would pull a multi-GB CUDA build.
+# torch 2.13.0 is the CPU build these machines provide locally (an unpinned torch would pull a
+# multi-GB CUDA build). Elsewhere preinstall torch in .venv or set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 export MAX_JOBS ?= 2
 
@@ -25,15 +26,18 @@ bench: build
 
 build: $(LIBRARY)
 
-# Dependencies first, then the package itself: the extension compiles against this torch
-# (--no-build-isolation), and `pip install -e` builds the library in place.
+# torch first, then the build requirements (--no-build-isolation does not install them), then the
+# package with its dependencies and test extras (pyproject.toml); the extension compiles against
+# this torch and `pip install -e` builds the library in place.
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=70" wheel ninja numpy scipy tqdm "pytest>=8" pytest-benchmark hypothesis expecttest
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $@ $(LIBRARY)
+	$(PY) -m pip install -q "setuptools>=70" wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	test -s $(LIBRARY)
+	touch $@
+	touch -c $(LIBRARY)
 
 # After source edits: an incremental (ninja) rebuild in place.
 $(LIBRARY): $(VENV)/.installed $(SOURCES)

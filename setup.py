@@ -42,6 +42,8 @@ def want_cuda() -> bool:
         sys.exit(f"fastmerge: FASTMERGE_CUDA must be auto, 0 or 1, got {mode!r}")
     has_cuda_torch = torch.version.cuda is not None
     has_toolkit = cpp_extension.CUDA_HOME is not None
+    if mode == "1" and not cuda_sources():
+        sys.exit("fastmerge: FASTMERGE_CUDA=1 but there are no CUDA sources (csrc/cuda/*.cu) in this version")
     if mode == "1" and not (has_cuda_torch and has_toolkit):
         sys.exit(
             "fastmerge: FASTMERGE_CUDA=1 but "

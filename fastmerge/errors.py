@@ -10,6 +10,14 @@ class FastmergeError(Exception):
     """Base class of every error fastmerge raises on purpose."""
 
 
+class InvalidArgumentError(FastmergeError, ValueError):
+    """An option or argument outside what the function accepts (unknown name, bad value)."""
+
+
+class IndexOutOfRangeError(FastmergeError, IndexError):
+    """An index (tensor, axis, block, permutation entry) outside the valid range."""
+
+
 class ShapeMismatchError(FastmergeError, ValueError):
     """Tensors that must agree in shape, dtype or count do not."""
 

@@ -22,7 +22,7 @@ namespace {
 // Index of the first non-finite entry of cost[0, n), or -1. The common all-finite case is one
 // vectorisable pass: x - x is 0 for finite x and NaN for NaN/Inf, and a NaN survives the sum.
 template <typename T>
-int64_t first_non_finite(const T* cost, int64_t n) {
+int64_t first_non_finite_entry(const T* cost, int64_t n) {
   double probe = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double v = static_cast<double>(cost[i]);
@@ -78,14 +78,23 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cpu(const at::Tensor& cost_
       std::vector<std::pair<int64_t, int64_t>> pairs(static_cast<size_t>(k));
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* problem = data + b * rows * cols;
-        bad[b] = first_non_finite(problem, rows * cols);
+        bad[b] = first_non_finite_entry(problem, rows * cols);
         if (bad[b] >= 0) continue;
         const double* dense;
         if (in_place) {
           dense = reinterpret_cast<const double*>(problem);  // scalar_t is double here
         } else {
-          // Weight matching solves the same sizes again and again: reuse the per-thread scratch.
-          double* scratch = retained_scratch<double>(static_cast<size_t>(rows * cols), one_off);
+          // Weight matching solves the same large sizes again and again: a single problem (solved
+          // on the calling thread) reuses that thread's scratch; batches of small problems on
+          // worker threads use their own short-lived buffers, so workers never pin memory.
+          const size_t elements = static_cast<size_t>(rows * cols);
+          double* scratch = nullptr;
+          if (batch == 1) {
+            scratch = retained_scratch<double>(elements, one_off);
+          } else {
+            one_off.resize(elements);
+            scratch = one_off.data();
+          }
           load_problem(problem, rows, cols, transpose, maximize, scratch);
           dense = scratch;
         }

@@ -108,8 +108,11 @@ void combine_into(at::TensorList tensors, at::TensorList coefficients, at::Array
                 "combine: out[", t, "] must be a contiguous ", first.scalar_type(), " tensor of shape ", first.sizes(),
                 ", got ", out.scalar_type(), " of shape ", out.sizes());
     job.dtype = first.scalar_type();
-    job.coef_dtype = at::kDouble;
     job.numel = first.numel();
+    // One coefficient dtype per tensor keeps the dispatch to two cases: the widest one given.
+    job.coef_dtype = at::kFloat;
+    for (int64_t j = 0; j < num_models && !coefficients.empty(); ++j)
+      if (coefficients[t * num_models + j].scalar_type() == at::kDouble) job.coef_dtype = at::kDouble;
     for (int64_t j = 0; j < num_models; ++j) {
       const int64_t index = t * num_models + j;
       at::Tensor w = tensors[index].contiguous();
@@ -121,10 +124,7 @@ void combine_into(at::TensorList tensors, at::TensorList coefficients, at::Array
         job.scalars.push_back(weights[j]);
       } else {
         const int64_t inner = coefficient_inner(coefficients[index], first, index);
-        at::Tensor c = coefficients[index].contiguous();
-        // One coefficient dtype per tensor keeps the dispatch to two cases.
-        if (j == 0) job.coef_dtype = c.scalar_type();
-        if (c.scalar_type() != job.coef_dtype) c = c.to(job.coef_dtype);
+        at::Tensor c = coefficients[index].to(job.coef_dtype).contiguous();
         keep_alive.push_back(c);
         job.coefs.push_back(c.const_data_ptr());
         job.inner.push_back(inner);

@@ -5,7 +5,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -85,7 +84,7 @@ std::vector<double> batch_mean(const at::Tensor& x, int64_t block) {
   std::vector<double> mean(cols, 0.0);
   for (int t = 0; t < threads; ++t)
     for (int64_t c = 0; c < cols; ++c) mean[c] += partial[static_cast<size_t>(t) * cols + c];
-  const int64_t bad = kernels::first_non_finite(mean.data(), cols);
+  const int64_t bad = kernels::first_non_finite_column(mean.data(), cols);
   TORCH_CHECK_VALUE(bad < 0, "cov_update_: non-finite value (NaN or Inf) in features[", block, "], unit ", bad,
                     "; statistics are never computed over non-finite activations (check the model's weights and "
                     "the input batch, and capture in float32 rather than float16)");

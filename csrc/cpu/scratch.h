@@ -2,8 +2,10 @@
 //
 // On the machines this runs on, the first touch of fresh memory costs a page fault per 4 KiB
 // (about 50 ms for a 32 MB buffer), more than the arithmetic of a covariance chunk or of an easy
-// assignment problem. Ops that need a large temporary therefore reuse one per thread. Requests
-// above kRetainBytes get a one-off buffer instead, so a single huge call does not pin its memory.
+// assignment problem. Ops that need a large temporary therefore reuse one kept by the thread that
+// called the op. Call this only outside parallel regions, so OpenMP workers never pin memory.
+// Requests above kRetainBytes get a one-off buffer instead, so one huge call does not pin its
+// memory; at most kRetainBytes per element type stay with a calling thread.
 #pragma once
 
 #include <cstddef>

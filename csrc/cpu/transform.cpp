@@ -63,6 +63,9 @@ Job make_job(at::TensorList tensors, const at::Tensor& transform, int64_t tensor
     TORCH_CHECK(at::isFloatingType(transform.scalar_type()) && (transform.dim() == 2 || transform.dim() == 3),
                 "transform_axes: job ", q, ": a transform must be an integer index (m,), a float matrix (m, n) or ",
                 "float blocks (h, m, n); got ", transform.scalar_type(), " of shape ", transform.sizes());
+    TORCH_CHECK(at::isFloatingType(tensors[tensor].scalar_type()), "transform_axes: job ", q,
+                ": a dense transform needs a floating-point tensor, tensor ", tensor, " is ",
+                tensors[tensor].scalar_type());
   }
   return job;
 }
@@ -119,6 +122,13 @@ void run_gathers(std::vector<at::Tensor>& current, const std::vector<std::pair<J
   for (size_t i = 0; i < jobs.size(); ++i) current[jobs[i].first.tensor] = outputs[i];
 }
 
+// A contiguous tensor with storage of its own: a slice of a batched result would otherwise keep the
+// whole batch alive (and share memory with its siblings, which serialisers reject).
+at::Tensor own_storage(const at::Tensor& t, const at::Tensor& batch_result) {
+  if (t.is_alias_of(batch_result)) return t.clone(at::MemoryFormat::Contiguous);
+  return t.contiguous();
+}
+
 // Dense jobs of one round, batched by equal (shape, axis, transform shape, dtypes).
 void run_dense(std::vector<at::Tensor>& current, const std::vector<std::pair<Job, int64_t>>& jobs) {
   using Key = std::tuple<std::vector<int64_t>, int64_t, std::vector<int64_t>, int, int>;
@@ -158,7 +168,7 @@ void run_dense(std::vector<at::Tensor>& current, const std::vector<std::pair<Job
       for (int64_t i = 0; i < g; ++i) {
         const at::Tensor& w = current[members[i]->tensor];
         current[members[i]->tensor] =
-            result[i].reshape(shape_with(w.sizes(), axis, rows_out)).to(w.scalar_type()).contiguous();
+            own_storage(result[i].reshape(shape_with(w.sizes(), axis, rows_out)).to(w.scalar_type()), result);
       }
     } else {
       at::Tensor result = at::bmm(m_all.reshape({g * blocks, rows_out, cols_in}),
@@ -169,7 +179,7 @@ void run_dense(std::vector<at::Tensor>& current, const std::vector<std::pair<Job
         std::vector<int64_t> moved = shape_with(w.sizes(), axis, blocks * rows_out);
         std::rotate(moved.begin(), moved.begin() + axis, moved.begin() + axis + 1);  // axis first
         current[members[i]->tensor] =
-            result[i].reshape(moved).movedim(0, axis).to(w.scalar_type()).contiguous();
+            own_storage(result[i].reshape(moved).movedim(0, axis).to(w.scalar_type()), result);
       }
     }
   }

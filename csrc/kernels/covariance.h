@@ -24,7 +24,7 @@ void add_column_sums(const T* x, int64_t ld, int64_t row_begin, int64_t row_end,
 }
 
 // Returns the first column whose sum is not finite (NaN or Inf in the input), or -1.
-inline int64_t first_non_finite(const double* sums, int64_t cols) {
+inline int64_t first_non_finite_column(const double* sums, int64_t cols) {
   for (int64_t c = 0; c < cols; ++c)
     if (!std::isfinite(sums[c])) return c;
   return -1;

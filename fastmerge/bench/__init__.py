@@ -20,15 +20,16 @@ class Result:
         return self.workload.ratio(self.t_ours, self.t_baseline)
 
 
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def best_time(fn: Callable[[], object], repeats: int) -> float:
     """Best wall time of `repeats` calls after one warm-up call (min is the least noisy estimate)."""
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(_timed(fn) for _ in range(repeats))
 
 
 def run(factories: list[Callable[[], Workload]], repeats: int = 3, progress=None) -> list[Result]:
@@ -37,11 +38,13 @@ def run(factories: list[Callable[[], Workload]], repeats: int = 3, progress=None
         w = make()
         if progress:
             progress(w.name)
-        # Interleave ours and the baseline so a noisy neighbour hits both alike.
+        # One warm-up each, then interleaved timed calls so a noisy neighbour hits both alike.
+        w.ours()
+        w.baseline()
         t_ours = t_base = float("inf")
         for _ in range(repeats):
-            t_ours = min(t_ours, best_time(w.ours, 1))
-            t_base = min(t_base, best_time(w.baseline, 1))
+            t_ours = min(t_ours, _timed(w.ours))
+            t_base = min(t_base, _timed(w.baseline))
         results.append(Result(w, t_ours, t_base))
         del w
     return results

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .. import _ext
-from ..errors import NonFiniteError
+from ..errors import InvalidArgumentError, NonFiniteError
 
 
 def linear_assignment(cost: torch.Tensor, *, maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,9 +24,10 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False) -> tuple[to
 
     Raises:
         NonFiniteError: the cost holds NaN or Inf.
+        InvalidArgumentError: the cost is not a floating 2-D or 3-D tensor.
     """
     if cost.dim() not in (2, 3) or not cost.is_floating_point():
-        raise ValueError(
+        raise InvalidArgumentError(
             f"linear_assignment: cost must be a floating (n, m) or (b, n, m) tensor, got {cost.dtype} {tuple(cost.shape)}"
         )
     if _ext.load():

@@ -3,7 +3,7 @@
 Coefficients are either one scalar per model (``weights``) or tensors (``coefficients``) that are
 scalars, per-entry (the weight's shape) or per-leading-axes such as per output channel (shape
 ``W.shape[:r] + (1,) * (ndim - r)``). Gradients flow to coefficient tensors (NP Merge trains them)
-and to the weights, through a fused backward.
+through a fused multi-tensor backward op, and to the weights (c * grad, in torch).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
-from ..errors import ShapeMismatchError
+from ..errors import InvalidArgumentError, ShapeMismatchError
 
 
 def combine(
@@ -40,7 +40,7 @@ def combine(
     """
     k = len(models)
     if k == 0:
-        raise ValueError("combine needs at least one model")
+        raise InvalidArgumentError("combine needs at least one model")
     num_tensors = len(models[0])
     for j, tensors in enumerate(models):
         if len(tensors) != num_tensors:
@@ -48,6 +48,8 @@ def combine(
     flat = [models[j][t] for t in range(num_tensors) for j in range(k)]
     for t in range(num_tensors):
         ref = models[0][t]
+        if not ref.is_floating_point():
+            raise ShapeMismatchError(f"tensor {t} of model 0 is {ref.dtype}; combine needs floating-point tensors")
         for j in range(1, k):
             w = models[j][t]
             if w.shape != ref.shape or w.dtype != ref.dtype:
@@ -55,7 +57,7 @@ def combine(
                     f"tensor {t}: model {j} has shape {tuple(w.shape)} {w.dtype}, model 0 has {tuple(ref.shape)} {ref.dtype}"
                 )
     if coefficients is not None and weights is not None:
-        raise ValueError("give either weights or coefficients, not both")
+        raise InvalidArgumentError("give either weights or coefficients, not both")
     if coefficients is not None:
         if len(coefficients) != k or any(len(c) != num_tensors for c in coefficients):
             raise ShapeMismatchError(f"coefficients must be {k} lists of {num_tensors} tensors (one per model and tensor)")
@@ -79,6 +81,9 @@ def combine(
                     f"out[{t}] must be a contiguous {ref.dtype} tensor of shape {tuple(ref.shape)}, "
                     f"got {o.dtype} {tuple(o.shape)}"
                 )
+        inputs = {x.untyped_storage().data_ptr() for x in flat + flat_coef if x.numel()}
+        if any(o.numel() and o.untyped_storage().data_ptr() in inputs for o in out):
+            raise InvalidArgumentError("out must not share memory with the inputs; pass fresh buffers")
     if _ext.load():
         if out is None:
             return torch.ops.fastmerge.combine(flat, flat_coef, scalars, k)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
-from ..errors import NonFiniteError, ShapeMismatchError
+from ..errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 
 Pair = tuple[int, int]
 
@@ -27,7 +27,7 @@ Pair = tuple[int, int]
 def resolve_pairs(num_blocks: int, pairs: str | Sequence[Pair], reference: int = 0) -> list[Pair]:
     """Turns a pair preset into the explicit list of kept (left, right) block pairs."""
     if not 0 <= reference < num_blocks:
-        raise ValueError(f"reference block {reference} is outside [0, {num_blocks})")
+        raise InvalidArgumentError(f"reference block {reference} is outside [0, {num_blocks})")
     if pairs == "all_to_one":
         kept = [(reference, reference)]
         for i in range(num_blocks):
@@ -39,13 +39,13 @@ def resolve_pairs(num_blocks: int, pairs: str | Sequence[Pair], reference: int =
     if pairs == "diagonal":
         return [(i, i) for i in range(num_blocks)]
     if isinstance(pairs, str):
-        raise ValueError(f"unknown pair preset {pairs!r}; use 'all_to_one', 'full', 'diagonal' or a list of pairs")
+        raise InvalidArgumentError(f"unknown pair preset {pairs!r}; use 'all_to_one', 'full', 'diagonal' or a list of pairs")
     kept = [(int(a), int(b)) for a, b in pairs]
     for a, b in kept:
         if not (0 <= a < num_blocks and 0 <= b < num_blocks):
-            raise ValueError(f"pair ({a}, {b}) names a block outside [0, {num_blocks})")
+            raise InvalidArgumentError(f"pair ({a}, {b}) names a block outside [0, {num_blocks})")
     if len(set(kept)) != len(kept):
-        raise ValueError(f"pairs contain duplicates: {kept}")
+        raise InvalidArgumentError(f"pairs contain duplicates: {kept}")
     return kept
 
 
@@ -68,7 +68,7 @@ class CovarianceState:
         device: torch.device | str | None = None,
     ) -> None:
         if len(widths) == 0:
-            raise ValueError("CovarianceState needs at least one feature block")
+            raise InvalidArgumentError("CovarianceState needs at least one feature block")
         self.widths = [int(w) for w in widths]
         self.pairs = resolve_pairs(len(self.widths), pairs, reference)
         f64 = dict(dtype=torch.float64, device=device)
@@ -88,13 +88,17 @@ class CovarianceState:
         for p, pair in enumerate(self.pairs):
             if pair == (right, left):
                 return p, True
-        raise KeyError(f"block pair ({left}, {right}) is not kept by this state (kept: {self.pairs})")
+        raise InvalidArgumentError(
+            f"block pair ({left}, {right}) is not kept by this state (kept: {self.pairs}); "
+            "create the state with pairs='full' or list the pair explicitly"
+        )
 
     def update(self, *features: torch.Tensor) -> None:
         """Folds one batch into the state: one (B, C_b) tensor per block, the same B for all.
 
         Conv features (B, C, H, W) must be flattened by the caller to (B*H*W, C). float32, float16
-        and bfloat16 are read as they are (products in float32); float64 gives a float64 product.
+        and bfloat16 are read as they are; centred products run in float32 for large batches and
+        in float64 for small ones (and for float64 input). The state is always float64.
 
         Raises:
             ShapeMismatchError: wrong number of blocks, widths or sample counts.
@@ -155,7 +159,7 @@ class CovarianceState:
         p, transposed = self._index(left, right)
         n = self.count.item()
         if n <= ddof:
-            raise ValueError(f"covariance needs more than {ddof} samples, the state has {int(n)}")
+            raise InvalidArgumentError(f"covariance needs more than {ddof} samples, the state has {int(n)}")
         block = self.m2[p] / (n - ddof)
         return block.T.clone() if transposed else block
 
@@ -183,15 +187,22 @@ class CovarianceState:
 
 
 def correlation_from_covariance(cov: torch.Tensor, std_left: torch.Tensor, std_right: torch.Tensor) -> torch.Tensor:
-    """cov / outer(std_left, std_right), with 0 where a unit's std is below 1e-6 of the largest."""
-    scale = torch.maximum(std_left.max() if std_left.numel() else cov.new_zeros(()),
-                          std_right.max() if std_right.numel() else cov.new_zeros(()))
-    floor = 1e-6 * scale
-    alive_l = std_left > floor
-    alive_r = std_right > floor
+    """cov / outer(std_left, std_right), with 0 for dead units.
+
+    A unit is dead when its std is below 1e-6 of the largest std of its own block (or is 0): the
+    floor is per side, so blocks of very different scales (two models' features) stay comparable.
+    """
+    alive_l = _alive(std_left)
+    alive_r = _alive(std_right)
     denom = torch.outer(torch.where(alive_l, std_left, 1.0), torch.where(alive_r, std_right, 1.0))
     rho = (cov / denom).clamp_(-1.0, 1.0)
     return rho * torch.outer(alive_l, alive_r)
+
+
+def _alive(std: torch.Tensor) -> torch.Tensor:
+    if std.numel() == 0:
+        return std > 0
+    return (std > 1e-6 * std.max()) & (std > 0)
 
 
 def cov_update_reference(

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _ext
-from ..errors import ShapeMismatchError
+from ..errors import IndexOutOfRangeError, ShapeMismatchError
 
 
 class AxisJob(NamedTuple):
@@ -39,16 +39,27 @@ def transform_axes(tensors: Sequence[torch.Tensor], jobs: Sequence[AxisJob | tup
 
     Returns:
         New tensors in the input order, each in its input's dtype (half/bfloat16 are transformed in
-        float32, float32 weights with float64 matrices in float64).
+        float32, float32 weights with float64 matrices in float64). They are plain tensors with no
+        autograd history: aligning weights is not part of a training graph.
+
+    Raises:
+        IndexOutOfRangeError: a job names a missing tensor or axis, or an index is out of range.
+        ShapeMismatchError: a transform does not fit its axis, or a dense transform meets a
+            non-floating tensor.
     """
     jobs = [AxisJob(*job) for job in jobs]
     _check_jobs(tensors, jobs)
-    if _ext.load():
-        return torch.ops.fastmerge.transform_axes(
-            list(tensors), [j.transform for j in jobs], [j.tensor for j in jobs], [j.axis for j in jobs]
-        )
-    _ext.warn_fallback()
-    return transform_axes_reference(tensors, jobs)
+    with torch.no_grad():
+        if _ext.load():
+            try:
+                return torch.ops.fastmerge.transform_axes(
+                    [t.detach() for t in tensors], [j.transform for j in jobs], [j.tensor for j in jobs],
+                    [j.axis for j in jobs]
+                )
+            except IndexError as exc:
+                raise IndexOutOfRangeError(str(exc)) from None
+        _ext.warn_fallback()
+        return transform_axes_reference([t.detach() for t in tensors], jobs)
 
 
 def _check_jobs(tensors: Sequence[torch.Tensor], jobs: Sequence[AxisJob]) -> None:
@@ -56,10 +67,15 @@ def _check_jobs(tensors: Sequence[torch.Tensor], jobs: Sequence[AxisJob]) -> Non
     shapes = [list(t.shape) for t in tensors]
     for q, job in enumerate(jobs):
         if not 0 <= job.tensor < len(tensors):
-            raise IndexError(f"job {q} names tensor {job.tensor}, but {len(tensors)} tensors were given")
+            raise IndexOutOfRangeError(f"job {q} names tensor {job.tensor}, but {len(tensors)} tensors were given")
         shape = shapes[job.tensor]
         if not -len(shape) <= job.axis < len(shape) or not shape:
-            raise IndexError(f"job {q} names axis {job.axis} of tensor {job.tensor} with shape {tuple(shape)}")
+            raise IndexOutOfRangeError(f"job {q} names axis {job.axis} of tensor {job.tensor} with shape {tuple(shape)}")
+        if job.transform.is_floating_point() and not tensors[job.tensor].is_floating_point():
+            raise ShapeMismatchError(
+                f"job {q}: a dense transform needs a floating-point tensor, tensor {job.tensor} is "
+                f"{tensors[job.tensor].dtype} (integer tensors take index transforms only)"
+            )
         axis = job.axis % len(shape)
         shape[axis] = transformed_size(job.transform, shape[axis], where=f"job {q} (tensor {job.tensor}, axis {axis})")
 
@@ -95,7 +111,7 @@ def transform_axes_reference(tensors: Sequence[torch.Tensor], jobs: Sequence[Axi
         if not job.transform.is_floating_point():
             idx = job.transform.long()
             if idx.numel() and (idx.min() < 0 or idx.max() >= w.shape[axis]):
-                raise IndexError(f"index out of range for axis {axis} of size {w.shape[axis]}")
+                raise IndexOutOfRangeError(f"index outside the axis of size {w.shape[axis]} (axis {axis})")
             out[job.tensor] = w.index_select(axis, idx)
             continue
         m = job.transform.to(torch.float64)
@@ -103,7 +119,7 @@ def transform_axes_reference(tensors: Sequence[torch.Tensor], jobs: Sequence[Axi
         h, m_h, n_h = blocks.shape
         moved = w.to(torch.float64).movedim(axis, 0)
         rest = moved.shape[1:]
-        x = moved.reshape(h, n_h, -1) if moved.numel() else moved.new_zeros(h, n_h, 0)
+        x = moved.reshape(h, n_h, rest.numel())
         y = torch.einsum("hmn,hnr->hmr", blocks, x).reshape(h * m_h, *rest)
         out[job.tensor] = y.movedim(0, axis).to(w.dtype).contiguous()
     return out

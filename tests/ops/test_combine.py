@@ -21,7 +21,7 @@ def plain(models, coefs):
                 for m, c in zip(models, coefs)) for t in range(len(models[0]))]
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_scalar_weights(gen, k, dtype):
     models = models_of(gen, k, dtype=dtype)
@@ -52,8 +52,8 @@ def coefficient_like(gen, w, kind, dtype=torch.float32):
 
 @pytest.mark.parametrize("kind", ["entry", "channel", "leading2", "tensor", "mixed"])
 @pytest.mark.parametrize("coef_dtype", [torch.float32, torch.float64])
-def test_coefficient_tensors(gen, kind, coef_dtype):
-    k = 3
+@pytest.mark.parametrize("k", [3, 6])
+def test_coefficient_tensors(gen, kind, coef_dtype, k):
     models = models_of(gen, k)
     kinds = ["entry", "channel", "leading2", "tensor"]
     coefs = [[coefficient_like(gen, w, kinds[(j + t) % 4] if kind == "mixed" else kind, coef_dtype)
@@ -73,9 +73,11 @@ def test_non_contiguous_inputs(gen):
 
 
 def test_gradients_match_autograd_of_plain_expression(gen):
-    models = models_of(gen, 3, shapes=[(4, 5), (6,), (3, 2, 2)], dtype=torch.float64)
-    kinds = ["entry", "channel", "tensor"]
-    coefs = [[coefficient_like(gen, w, kinds[(j + t) % 3], torch.float64).requires_grad_() for t, w in enumerate(m)]
+    # (64, 5) with per-channel coefficients has many runs (one reduction per run in parallel);
+    # per-tensor coefficients on (3, 2, 2) are one long run (a parallel reduction).
+    models = models_of(gen, 3, shapes=[(4, 5), (6,), (3, 2, 2), (64, 5)], dtype=torch.float64)
+    kinds = ["entry", "channel", "tensor", "channel"]
+    coefs = [[coefficient_like(gen, w, kinds[(j + t) % 4], torch.float64).requires_grad_() for t, w in enumerate(m)]
              for j, m in enumerate(models)]
     for m in models:
         for w in m:
@@ -204,3 +206,21 @@ def test_works_under_torch_compile(gen):
     (g_compiled,) = torch.autograd.grad(compiled(a), a)
     (g_eager,) = torch.autograd.grad(merged_loss(a), a)
     assert torch.allclose(g_compiled, g_eager)
+
+
+def test_mixed_coefficient_dtypes_keep_float64_precision(gen):
+    w = [torch.randn(50, generator=gen, dtype=torch.float64) for _ in range(2)]
+    c64 = torch.full((50,), 1 / 3, dtype=torch.float64)
+    c32 = torch.rand(50, generator=gen)
+    out = combine([[w[0]], [w[1]]], coefficients=[[c32], [c64]])[0]
+    assert torch.allclose(out, c32.double() * w[0] + c64 * w[1], rtol=1e-15, atol=1e-15)
+
+
+def test_out_must_not_alias_inputs_and_tensors_must_be_floating(gen):
+    from fastmerge.errors import InvalidArgumentError
+
+    a, b = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    with pytest.raises(InvalidArgumentError, match="share memory"):
+        combine([[a], [b]], out=[a])
+    with pytest.raises(ShapeMismatchError, match="floating-point"):
+        combine([[torch.arange(4)], [torch.arange(4)]])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastmerge.errors import NonFiniteError, ShapeMismatchError
+from fastmerge.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from fastmerge.ops import CovarianceState, cov_update_reference, resolve_pairs
 from tests.helpers import rel_fro
 
@@ -55,7 +55,7 @@ def test_matches_two_pass_reference(gen, dtype, tol, widths, pairs):
 
 
 def test_tiled_diagonal_blocks_are_exact_and_symmetric(gen):
-    # C > 512 exercises the upper-tile products (tiles 512, 512, 77) and the mirror.
+    # C = 1101 exercises the upper-tile products (tiles 320, 320, 320, 141) and the mirror.
     # Both batches exceed the small-batch size, so the tiles are float32 products.
     x = relu_like(gen, 2200, 1101)
     state = CovarianceState([1101], pairs="diagonal")
@@ -156,7 +156,7 @@ def test_bad_shapes_raise_typed_errors():
         state.update(torch.zeros(5, 3), torch.zeros(5, 3))
     with pytest.raises(ShapeMismatchError, match="samples"):
         state.update(torch.zeros(5, 3), torch.zeros(6, 4))
-    with pytest.raises(KeyError):
+    with pytest.raises(InvalidArgumentError, match=r"block pair \(0, 1\) is not kept"):
         CovarianceState([3, 4], pairs="diagonal").covariance(0, 1)
 
 
@@ -193,9 +193,9 @@ def test_joint_matrix_and_transposed_blocks(gen):
 def test_pair_presets():
     assert resolve_pairs(3, "all_to_one", reference=1) == [(1, 1), (1, 0), (0, 0), (1, 2), (2, 2)]
     assert resolve_pairs(2, "full") == [(0, 0), (0, 1), (1, 1)]
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgumentError):
         resolve_pairs(2, [(0, 2)])
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgumentError):
         resolve_pairs(2, "nope")
 
 
@@ -235,3 +235,23 @@ def test_mixed_dtypes_across_blocks(gen):
     state = CovarianceState([8, 8, 8], pairs="full")
     state.update(*blocks)
     check_state(state, blocks, 1e-6)
+
+
+def test_float32_products_for_cross_blocks_and_half_inputs(gen):
+    # 4096 x (300 + 300) elements is above the small-batch size: cross and diagonal blocks of
+    # float16 / bfloat16 input go through the float32 product path.
+    latent = torch.randn(4096, 300, generator=gen)
+    blocks = [relu_like(gen, 4096, 300, dtype=torch.float16, latent=latent),
+              relu_like(gen, 4096, 300, dtype=torch.bfloat16, latent=latent)]
+    state = CovarianceState([300, 300], pairs="full")
+    state.update(*blocks)
+    check_state(state, blocks, 1e-6)
+
+
+def test_correlation_of_blocks_with_very_different_scales(gen):
+    x = torch.randn(2000, 4, generator=gen, dtype=torch.float64)
+    y = 1e7 * (x + 0.1 * torch.randn(2000, 4, generator=gen, dtype=torch.float64))
+    state = CovarianceState([4, 4])
+    state.update(x, y)
+    expected = torch.corrcoef(torch.cat([x, y], 1).T)[:4, 4:]
+    assert torch.allclose(state.correlation(0, 1), expected, atol=1e-9)

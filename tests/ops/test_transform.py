@@ -160,3 +160,38 @@ def test_mixed_dtypes_in_one_call(gen):
     out = transform_axes(tensors, jobs)
     for got, want, src in zip(out, transform_axes_reference(tensors, jobs), tensors):
         assert got.dtype == src.dtype and rel_fro(got, want) < TOL[src.dtype]
+
+
+def test_outputs_own_their_memory_and_carry_no_autograd(gen):
+    # Same-shaped dense jobs run as one batched GEMM; each output must still be a tensor of its own
+    # (serialisers reject shared storage, and one output must not keep the whole batch alive).
+    params = [torch.nn.Parameter(torch.randn(8, 5, generator=gen)) for _ in range(4)]
+    jobs = [AxisJob(i, 0, torch.randn(8, 8, generator=gen)) for i in range(4)]
+    out = transform_axes(params, jobs)
+    for o in out:
+        assert o.untyped_storage().nbytes() == o.numel() * o.element_size()
+        assert not o.requires_grad and o.grad_fn is None
+    assert len({o.untyped_storage().data_ptr() for o in out}) == 4
+
+
+def test_zero_size_transformed_axis(gen):
+    w = torch.randn(0, 5, generator=gen)
+    job = [AxisJob(0, 0, torch.randn(3, 0, generator=gen))]
+    out = transform_axes([w], job)[0]
+    assert out.shape == (3, 5) and torch.all(out == 0)
+    assert torch.equal(out, transform_axes_reference([w], job)[0])
+
+
+def test_error_types(gen):
+    from fastmerge.errors import FastmergeError, IndexOutOfRangeError
+
+    w = torch.randn(4, 5, generator=gen)
+    for job in [AxisJob(0, 0, torch.tensor([0, 1, 2, 9])), AxisJob(2, 0, torch.randperm(4)), AxisJob(0, 3, torch.randperm(4))]:
+        with pytest.raises(IndexOutOfRangeError) as info:
+            transform_axes([w], [job])
+        assert isinstance(info.value, FastmergeError)
+    with pytest.raises(ShapeMismatchError, match="needs a floating-point tensor"):
+        transform_axes([torch.arange(4)], [AxisJob(0, 0, torch.randn(4, 4))])
+    # integer tensors take index transforms (e.g. a permuted lookup table)
+    assert torch.equal(transform_axes([torch.arange(4)], [AxisJob(0, 0, torch.tensor([3, 2, 1, 0]))])[0],
+                       torch.tensor([3, 2, 1, 0]))
