@@ -4,17 +4,22 @@ The compiled engine loads lazily, on the first op call, so importing fastmerge s
 works even when the library is missing (ops then fall back to pure-torch references).
 """
 
-from . import errors, ops
+from . import errors, ops, spec
 from ._version import __version__
 from .ops import AxisJob, CovarianceState, combine, linear_assignment, transform_axes
+from .spec import MergeSpec, check_spec, trace_spec
 
 __all__ = [
     "AxisJob",
     "CovarianceState",
+    "MergeSpec",
     "__version__",
+    "check_spec",
     "combine",
     "errors",
     "linear_assignment",
     "ops",
+    "spec",
+    "trace_spec",
     "transform_axes",
 ]

@@ -1,0 +1,153 @@
+"""Index spaces: the units that must be permuted together, found by unification.
+
+Every weight axis starts as a fresh *space* (a set of n units). Tracing the model unifies spaces
+that must receive the same transform (a Linear's output rows and the next Linear's input
+columns; both operands of a residual add), refines them when a reshape splits an axis (a
+projection's D outputs become H heads x d dims: a *product* space), or a slice cuts it (a *sum*
+space), and *fixes* them when an operation cannot commute with a permutation (model inputs and
+outputs, unknown ops, select of one index).
+
+Structures:
+    product(outer, inners): units (a, b) with a in outer and b in inners[a]; a permutation of
+        `outer` moves whole blocks, and each block a has its own permutation of inners[a]
+        (attention heads and the dims of each head). Inners unified with each other are shared.
+    sum(parts): consecutive segments, each permuted on its own (a fused projection split in two).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class Space:
+    """One node of the union-find. Only the representative (find) carries meaning."""
+
+    __slots__ = ("parent", "size", "struct", "fixed", "why", "uid")
+
+    def __init__(self, size: int, uid: int) -> None:
+        self.parent: Optional[Space] = None
+        self.size = size
+        self.struct: Optional[tuple] = None  # ("prod", outer, inners) | ("sum", parts)
+        self.fixed = False
+        self.why = ""
+        self.uid = uid
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        root = find(self)
+        kind = root.struct[0] if root.struct else ("fixed" if root.fixed else "atomic")
+        return f"Space#{root.uid}({root.size}, {kind})"
+
+
+def find(s: Space) -> Space:
+    root = s
+    while root.parent is not None:
+        root = root.parent
+    while s.parent is not None:  # path compression
+        s.parent, s = root, s.parent
+    return root
+
+
+def children(s: Space) -> list[Space]:
+    if s.struct is None:
+        return []
+    if s.struct[0] == "prod":
+        return [s.struct[1], *s.struct[2]]
+    return list(s.struct[1])
+
+
+class SpaceTable:
+    """Creates spaces and applies the unification rules; remembers why spaces were fixed."""
+
+    def __init__(self) -> None:
+        self._count = 0
+
+    def new(self, size: int, *, fixed: bool = False, why: str = "") -> Space:
+        self._count += 1
+        s = Space(size, self._count)
+        s.fixed, s.why = fixed, why
+        return s
+
+    def fix(self, s: Space, why: str) -> None:
+        """No transform may touch these units (nor the units of any sub-space)."""
+        stack = [find(s)]
+        while stack:
+            r = find(stack.pop())
+            if r.fixed:
+                continue
+            r.fixed, r.why = True, why
+            stack.extend(children(r))
+
+    def unify(self, a: Space, b: Space, why: str = "") -> None:
+        """a and b must receive the same transform."""
+        a, b = find(a), find(b)
+        if a is b:
+            return
+        if a.size != b.size:
+            self.fix(a, f"size mismatch {a.size} vs {b.size} at {why}")
+            self.fix(b, f"size mismatch {a.size} vs {b.size} at {why}")
+            b.parent = a
+            return
+        if a.fixed or b.fixed:
+            reason = a.why or b.why
+            self.fix(a, reason)
+            self.fix(b, reason)
+            b.parent = a
+            return
+        if a.struct is None:
+            a.parent = b
+            return
+        if b.struct is None:
+            b.parent = a
+            return
+        sa, sb = a.struct, b.struct
+        b.parent = a  # a keeps its structure; b's children are unified into a's
+        if sa[0] == sb[0] == "prod" and sa[1].size == sb[1].size:
+            self.unify(sa[1], sb[1], why)
+            for x, y in zip(sa[2], sb[2]):
+                self.unify(x, y, why)
+        elif sa[0] == sb[0] == "sum" and [p.size for p in sa[1]] == [p.size for p in sb[1]]:
+            for x, y in zip(sa[1], sb[1]):
+                self.unify(x, y, why)
+        else:
+            self.fix(a, f"incompatible structures of one space at {why}")
+
+    def split(self, s: Space, outer_size: int, why: str = "") -> Optional[tuple[Space, list[Space]]]:
+        """Views s as outer_size blocks: returns (outer, inners) or None when s is already
+        structured differently (the caller falls back to fixing)."""
+        s = find(s)
+        if s.size % outer_size:
+            return None
+        if s.struct is None:
+            inner_size = s.size // outer_size
+            outer = self.new(outer_size, fixed=s.fixed, why=s.why)
+            inners = [self.new(inner_size, fixed=s.fixed, why=s.why) for _ in range(outer_size)]
+            s.struct = ("prod", outer, inners)
+            return outer, inners
+        if s.struct[0] == "prod" and s.struct[1].size == outer_size:
+            return s.struct[1], list(s.struct[2])
+        return None
+
+    def segment(self, s: Space, start: int, stop: int) -> Optional[Space]:
+        """The sub-space of units [start, stop) (a slice), refining s into a sum, or None."""
+        s = find(s)
+        if start == 0 and stop == s.size:
+            return s
+        if s.struct is None:
+            bounds = sorted({0, start, stop, s.size})
+            parts = [self.new(hi - lo, fixed=s.fixed, why=s.why) for lo, hi in zip(bounds[:-1], bounds[1:])]
+            s.struct = ("sum", parts)
+            return parts[bounds.index(start)]
+        if s.struct[0] != "sum":
+            return None
+        offset = 0
+        for part in s.struct[1]:
+            if offset <= start and stop <= offset + part.size:
+                return self.segment(part, start - offset, stop - offset)
+            offset += part.size
+        return None  # spans several parts
+
+    def concat(self, parts: list[Space]) -> Space:
+        """A new space made of consecutive parts (torch.cat along a feature axis)."""
+        total = self.new(sum(p.size for p in parts))
+        total.struct = ("sum", list(parts))
+        return total

@@ -1,0 +1,218 @@
+"""MergeSpec: which weight axes move together, and how a group's transform lands on each of them.
+
+A *group* is a set of C units (a hidden layer, a residual stream, the heads of an attention
+layer, the dims of each head) that must all receive the same transform. It may come in `count`
+independent *instances* (one per attention head: each head's dims get their own permutation).
+
+A *member* says where the group's units sit on one axis of one tensor. The axis (or the slice
+``[offset, offset + prod(factors))`` of it) is viewed as a row-major grid of ``factors``; the
+group's units run along ``factors[unit]``; the instance is the row-major index over the levels
+listed in ``instance``; levels in ``select`` only take part for the listed values (a fused QKV
+projection: the Q and K thirds belong to one group, the V third to another); every other level
+is a *replica*: the same transform is applied for each of its values (the d dims inside one head
+when heads are permuted, the spatial positions of a conv channel after a flatten).
+
+Examples (C = 32 hidden units of fc1 consumed by fc2; H = 4 heads of d = 8 dims)::
+
+    Member("fc1.weight", 0, role="out")                           # rows of fc1
+    Member("fc2.weight", 1, role="in")                            # columns of fc2
+    Member("attn.q.weight", 0, factors=(4, 8), unit=0)            # heads: blocks of 8 rows
+    Member("attn.q.weight", 0, factors=(4, 8), unit=1, instance=(0,))  # dims of each head
+
+Roles record how a dense transform T would apply (permutations ignore them): ``out`` rows of a
+producer (W <- T W, b <- T b), ``in`` columns of a consumer (W <- W T^-1), ``param`` per-unit
+parameters and statistics (norm weights, running stats) that only permutations move exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidArgumentError, ShapeMismatchError
+
+ROLES = ("out", "in", "param")
+
+
+class SpecError(InvalidArgumentError):
+    """A merge spec that does not fit its model, or that fails the function-preservation check."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where a group's units sit on one axis of one tensor (see the module docstring)."""
+
+    tensor: str
+    axis: int
+    role: str = "param"
+    factors: tuple[int, ...] | None = None  # None: the whole axis is the unit level
+    unit: int = 0
+    instance: tuple[int, ...] = ()
+    select: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    offset: int = 0
+
+    def grid(self, axis_size: int) -> tuple[int, ...]:
+        return self.factors if self.factors is not None else (axis_size - self.offset,)
+
+    def gather_index(self, axis_size: int, perms: torch.Tensor) -> torch.Tensor:
+        """Index for a gather along the axis that applies ``perms`` (count, size) to this member:
+        ``new[..., pos(i, u), ...] = old[..., pos(i, perms[i, u]), ...]``."""
+        grid = self.grid(axis_size)
+        index = torch.arange(axis_size)
+        span = math.prod(grid)
+        positions = index[self.offset : self.offset + span].view(grid)
+        ndim = len(grid)
+        # Instance id of every grid cell, row-major over the instance levels.
+        inst_shape = [grid[j] if j in self.instance else 1 for j in range(ndim)]
+        inst = torch.zeros(inst_shape, dtype=torch.long)
+        stride = 1
+        for j in reversed(self.instance):
+            shape = [1] * ndim
+            shape[j] = grid[j]
+            inst = inst + torch.arange(grid[j]).view(shape) * stride
+            stride *= grid[j]
+        # perms[inst] appends the unit axis; it replaces the (size-1) unit level.
+        table = perms[inst].squeeze(self.unit).movedim(-1, self.unit)
+        moved = torch.take_along_dim(positions, table.expand(grid), dim=self.unit)
+        if self.select:
+            mask = torch.ones(grid, dtype=torch.bool)
+            for level, values in self.select:
+                shape = [1] * ndim
+                shape[level] = grid[level]
+                keep = torch.zeros(grid[level], dtype=torch.bool)
+                keep[list(values)] = True
+                mask = mask & keep.view(shape)
+            moved = torch.where(mask, moved, positions)
+        index[self.offset : self.offset + span] = moved.reshape(-1)
+        return index
+
+
+@dataclass(frozen=True)
+class TapPoint:
+    """Where a group's features can be observed: an input (or output) of a module, the axis `dim`
+    of that tensor laid out like a member (grid `factors`, units on level `unit`...)."""
+
+    module: str
+    kind: str = "input"
+    arg: int = 0
+    dim: int = -1
+    factors: tuple[int, ...] | None = None
+    unit: int = 0
+    instance: tuple[int, ...] = ()
+    select: tuple[tuple[int, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    size: int
+    members: tuple[Member, ...]
+    count: int = 1
+    tap: TapPoint | None = None
+
+
+@dataclass
+class MergeSpec:
+    """The groups of a model, in the order their transforms are applied.
+
+    Order matters only for nested groups: an instanced group's instance i refers to the block at
+    position i after the groups listed before it have been applied (heads before head dims).
+    """
+
+    groups: list[Group] = field(default_factory=list)
+    # (tensor, axis, reason) of axes a tracer left out on purpose, for reports.
+    fixed: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise SpecError(f"no group named {name!r}; groups are {[g.name for g in self.groups]}")
+
+    def validate(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Checks every member against the tensors' shapes ({name: shape}, e.g. from a state
+        dict). Raises SpecError naming the group and member at the first problem."""
+        names = set()
+        for g in self.groups:
+            if g.name in names:
+                raise SpecError(f"two groups are named {g.name!r}")
+            names.add(g.name)
+            if g.size < 1 or g.count < 1:
+                raise SpecError(f"group {g.name!r}: size and count must be >= 1, got {g.size} and {g.count}")
+            for m in g.members:
+                _validate_member(g, m, shapes)
+
+    def permutation_jobs(self, shapes: Mapping[str, Sequence[int]], perms: Mapping[str, torch.Tensor]):
+        """Yields (tensor name, axis, gather index) in application order for the given
+        permutations {group name: (count, size) LongTensor}; groups missing from perms stay."""
+        for g in self.groups:
+            if g.name not in perms:
+                continue
+            p = perms[g.name]
+            if tuple(p.shape) != (g.count, g.size):
+                raise ShapeMismatchError(f"permutations for group {g.name!r} must have shape ({g.count}, {g.size}), got {tuple(p.shape)}")
+            for m in g.members:
+                yield m.tensor, m.axis, m.gather_index(shapes[m.tensor][m.axis], p)
+
+    def apply_permutations(self, state: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A new state dict with every group's permutations applied (one batched op call)."""
+        from ..ops import AxisJob, transform_axes
+
+        names = list(state)
+        position = {n: i for i, n in enumerate(names)}
+        shapes = {n: tuple(t.shape) for n, t in state.items()}
+        jobs = [AxisJob(position[t], axis, index) for t, axis, index in self.permutation_jobs(shapes, perms)]
+        out = transform_axes([state[n] for n in names], jobs)
+        return dict(zip(names, out))
+
+    def random_permutations(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One random permutation per group instance: the transforms check_spec draws."""
+        return {g.name: torch.stack([torch.randperm(g.size, generator=generator) for _ in range(g.count)])
+                for g in self.groups}
+
+    def to_yaml(self) -> str:
+        from .yaml_io import spec_to_yaml
+
+        return spec_to_yaml(self)
+
+    @staticmethod
+    def from_yaml(text: str, shapes: Mapping[str, Sequence[int]] | None = None) -> MergeSpec:
+        from .yaml_io import spec_from_yaml
+
+        return spec_from_yaml(text, shapes)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.groups)} groups"]
+        for g in self.groups:
+            inst = f" x {g.count} instances" if g.count > 1 else ""
+            tap = f", tap {g.tap.module}:{g.tap.kind}" if g.tap else ""
+            lines.append(f"  {g.name}: {g.size} units{inst}, {len(g.members)} members{tap}")
+        return "\n".join(lines)
+
+
+def _validate_member(g: Group, m: Member, shapes: Mapping[str, Sequence[int]]) -> None:
+    where = f"group {g.name!r}, member {m.tensor}:{m.axis}"
+    if m.tensor not in shapes:
+        raise SpecError(f"{where}: the model has no tensor {m.tensor!r}")
+    shape = shapes[m.tensor]
+    if not 0 <= m.axis < len(shape):
+        raise SpecError(f"{where}: axis {m.axis} is outside the tensor's {len(shape)} dims (shape {tuple(shape)})")
+    if m.role not in ROLES:
+        raise SpecError(f"{where}: role must be one of {ROLES}, got {m.role!r}")
+    grid = m.grid(shape[m.axis])
+    if m.offset < 0 or m.offset + math.prod(grid) > shape[m.axis] or any(f < 1 for f in grid):
+        raise SpecError(f"{where}: offset {m.offset} + grid {grid} does not fit the axis of size {shape[m.axis]}")
+    if not 0 <= m.unit < len(grid) or grid[m.unit] != g.size:
+        raise SpecError(f"{where}: unit level {m.unit} of grid {grid} must have the group size {g.size}")
+    levels = set(m.instance) | {lvl for lvl, _ in m.select}
+    if any(not 0 <= lvl < len(grid) or lvl == m.unit for lvl in levels) or len(set(m.instance)) != len(m.instance):
+        raise SpecError(f"{where}: instance/select levels {sorted(levels)} must be distinct levels of {grid} other than the unit level")
+    if math.prod(grid[j] for j in m.instance) != g.count:
+        raise SpecError(f"{where}: instance levels {m.instance} of grid {grid} give "
+                        f"{math.prod(grid[j] for j in m.instance)} instances, the group has {g.count}")
+    for lvl, values in m.select:
+        if not values or any(not 0 <= v < grid[lvl] for v in values):
+            raise SpecError(f"{where}: select values {values} are outside level {lvl} of size {grid[lvl]}")
