@@ -112,19 +112,50 @@ class SpaceTable:
             self.fix(a, f"incompatible structures of one space at {why}")
 
     def split(self, s: Space, outer_size: int, why: str = "") -> Optional[tuple[Space, list[Space]]]:
-        """Views s as outer_size blocks: returns (outer, inners) or None when s is already
-        structured differently (the caller falls back to fixing)."""
+        """Views s as `outer_size` consecutive blocks: returns (outer, inners), where inners[b] is
+        the space of block b. Refines s's structure as needed; None when a block boundary cannot
+        be expressed (the caller then fixes the spaces involved)."""
         s = find(s)
-        if s.size % outer_size:
+        if outer_size < 1 or s.size % outer_size:
             return None
+        inner_size = s.size // outer_size
+        if outer_size == s.size:  # blocks of one unit: s itself indexes them
+            return s, [self.new(1) for _ in range(outer_size)]
+        if outer_size == 1:
+            return self.new(1), [s]
         if s.struct is None:
-            inner_size = s.size // outer_size
             outer = self.new(outer_size, fixed=s.fixed, why=s.why)
             inners = [self.new(inner_size, fixed=s.fixed, why=s.why) for _ in range(outer_size)]
             s.struct = ("prod", outer, inners)
             return outer, inners
-        if s.struct[0] == "prod" and s.struct[1].size == outer_size:
-            return s.struct[1], list(s.struct[2])
+        if s.struct[0] != "prod":
+            return None
+        outer, inners = s.struct[1], list(s.struct[2])
+        o = outer.size
+        if o == outer_size:
+            return outer, inners
+        if outer_size % o == 0:
+            # finer blocks: each existing block u splits into outer_size / o blocks; the new block
+            # index is the pair (u, v), itself a product space over the existing outer
+            parts = [self.split(b, outer_size // o, why) for b in inners]
+            if any(p is None for p in parts):
+                return None
+            pairs = self.new(outer_size)
+            pairs.struct = ("prod", outer, [p[0] for p in parts])
+            return pairs, [b for p in parts for b in p[1]]
+        if o % outer_size == 0:
+            # coarser blocks: block b gathers o / outer_size existing blocks
+            coarse = self.split(outer, outer_size, why)
+            if coarse is None:
+                return None
+            top, subs = coarse
+            per = o // outer_size
+            blocks = []
+            for b, sub in enumerate(subs):
+                block = self.new(inner_size)
+                block.struct = ("prod", sub, inners[b * per : (b + 1) * per])
+                blocks.append(block)
+            return top, blocks
         return None
 
     def segment(self, s: Space, start: int, stop: int) -> Optional[Space]:

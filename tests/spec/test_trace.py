@@ -155,3 +155,31 @@ def test_training_mode_is_restored_and_export_failure_is_explained():
 
     with pytest.raises(SpecError, match="torch.export could not capture DataDependent.*SpecBuilder"):
         trace_spec(DataDependent(), (torch.randn(2, 4),))
+
+
+def test_conv1d_depthwise_and_grouped_convolutions():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(3, 8, 3, padding=1)
+            self.dw = nn.Conv1d(8, 8, 3, padding=1, groups=8)   # depthwise: channels keep their identity
+            self.gn = nn.GroupNorm(4, 8)                         # statistics per group of 2 channels
+            self.grouped = nn.Conv1d(8, 6, 1, groups=2)          # two groups of 4 -> 3 channels
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.gn(self.dw(torch.relu(self.c1(x)))))
+            h = torch.relu(self.grouped(h))
+            return self.fc(h.mean(-1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 10)
+    spec = trace_spec(model, (x,))
+    check_spec(spec, model, (x,))
+    # c1's 8 channels: the grouped conv (2 x 4) and the group norm (4 x 2) nest as 2 x 2 x 2: the
+    # two conv groups may swap (together with the grouped conv's output groups); the norm groups
+    # inside a conv group move alike in both conv groups (the grouped conv reads both through
+    # the same weight columns), and the channels of norm group v likewise, one permutation per v.
+    # The grouped conv's own outputs: 3 channels per conv group, one permutation per group.
+    assert sizes(spec) == sorted([(2, 1), (2, 1), (2, 2), (3, 2)]), spec.summary()
