@@ -15,7 +15,7 @@ LIBRARY := fastmerge/_C.abi3.so
 .PHONY: demo test bench build clean
 
 demo: build
-	$(VENV)/bin/fastmerge bench --quick
+	$(VENV)/bin/fastmerge demo
 
 test: build
 	$(PY) -m pytest -q
@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "setuptools>=70" wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
 	test -s $(LIBRARY)
 	touch $@
 	touch -c $(LIBRARY)

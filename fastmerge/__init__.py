@@ -6,18 +6,26 @@ works even when the library is missing (ops then fall back to pure-torch referen
 
 from . import errors, ops, spec
 from ._version import __version__
+from .align import Alignment, align
+from .merge import merge
 from .ops import AxisJob, CovarianceState, combine, linear_assignment, transform_axes
 from .spec import MergeSpec, check_spec, trace_spec
+from .stats import StatsCollector, collect_stats
 
 __all__ = [
+    "Alignment",
     "AxisJob",
     "CovarianceState",
     "MergeSpec",
+    "StatsCollector",
+    "align",
     "__version__",
     "check_spec",
+    "collect_stats",
     "combine",
     "errors",
     "linear_assignment",
+    "merge",
     "ops",
     "spec",
     "trace_spec",

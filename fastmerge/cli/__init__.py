@@ -11,7 +11,7 @@ import logging
 import sys
 
 from ..errors import FastmergeError
-from . import bench, info
+from . import bench, demo, info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     info.add_parser(sub)
+    demo.add_parser(sub)
     bench.add_parser(sub)
     return parser
 

@@ -276,7 +276,7 @@ def _choose_tap(comp, uid_order, tap_occurrences, taps, families):
         if best is None or key < best[0]:
             grid = None if whole and occ.offset == 0 else occ.sizes
             best = (key, TapPoint(module=cand.module, kind="input", arg=0, dim=cand.dim, factors=grid, unit=occ.k,
-                                  instance=instance, select=select))
+                                  instance=instance, select=select, offset=occ.offset))
     return best[1] if best else None
 
 

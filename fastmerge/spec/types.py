@@ -57,37 +57,74 @@ class Member:
     def grid(self, axis_size: int) -> tuple[int, ...]:
         return self.factors if self.factors is not None else (axis_size - self.offset,)
 
-    def gather_index(self, axis_size: int, perms: torch.Tensor) -> torch.Tensor:
-        """Index for a gather along the axis that applies ``perms`` (count, size) to this member:
-        ``new[..., pos(i, u), ...] = old[..., pos(i, perms[i, u]), ...]``."""
-        grid = self.grid(axis_size)
-        index = torch.arange(axis_size)
-        span = math.prod(grid)
-        positions = index[self.offset : self.offset + span].view(grid)
+    def _instance_ids(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """Instance id of every grid cell (row-major over the instance levels), broadcastable
+        to the grid, with a size-1 unit level."""
         ndim = len(grid)
-        # Instance id of every grid cell, row-major over the instance levels.
-        inst_shape = [grid[j] if j in self.instance else 1 for j in range(ndim)]
-        inst = torch.zeros(inst_shape, dtype=torch.long)
+        inst = torch.zeros([grid[j] if j in self.instance else 1 for j in range(ndim)], dtype=torch.long)
         stride = 1
         for j in reversed(self.instance):
             shape = [1] * ndim
             shape[j] = grid[j]
             inst = inst + torch.arange(grid[j]).view(shape) * stride
             stride *= grid[j]
+        return inst
+
+    def _selected(self, grid: tuple[int, ...]) -> torch.Tensor:
+        mask = torch.ones(grid, dtype=torch.bool)
+        for level, values in self.select:
+            shape = [1] * len(grid)
+            shape[level] = grid[level]
+            keep = torch.zeros(grid[level], dtype=torch.bool)
+            keep[list(values)] = True
+            mask = mask & keep.view(shape)
+        return mask
+
+    def positions(self, axis_size: int) -> torch.Tensor:
+        """Axis position of every grid cell (a tensor shaped like the grid)."""
+        grid = self.grid(axis_size)
+        return torch.arange(self.offset, self.offset + math.prod(grid)).view(grid)
+
+    def gather_index(self, axis_size: int, perms: torch.Tensor) -> torch.Tensor:
+        """Index for a gather along the axis that applies ``perms`` (count, size) to this member:
+        ``new[..., pos(i, u), ...] = old[..., pos(i, perms[i, u]), ...]``."""
+        grid = self.grid(axis_size)
+        index = torch.arange(axis_size)
+        positions = self.positions(axis_size)
         # perms[inst] appends the unit axis; it replaces the (size-1) unit level.
-        table = perms[inst].squeeze(self.unit).movedim(-1, self.unit)
+        table = perms[self._instance_ids(grid)].squeeze(self.unit).movedim(-1, self.unit)
         moved = torch.take_along_dim(positions, table.expand(grid), dim=self.unit)
         if self.select:
-            mask = torch.ones(grid, dtype=torch.bool)
-            for level, values in self.select:
-                shape = [1] * ndim
-                shape[level] = grid[level]
-                keep = torch.zeros(grid[level], dtype=torch.bool)
-                keep[list(values)] = True
-                mask = mask & keep.view(shape)
-            moved = torch.where(mask, moved, positions)
-        index[self.offset : self.offset + span] = moved.reshape(-1)
+            moved = torch.where(self._selected(grid), moved, positions)
+        index[self.offset : self.offset + positions.numel()] = moved.reshape(-1)
         return index
+
+    def dense_matrix(self, axis_size: int, mats: torch.Tensor) -> torch.Tensor:
+        """(axis_size, axis_size) matrix M of the transform ``new[p] = sum_q M[p, q] old[q]`` that
+        applies mats[i] (size x size) to the units of instance i, for every replica position, and
+        leaves every other position as it is."""
+        grid = self.grid(axis_size)
+        matrix = torch.eye(axis_size, dtype=mats.dtype)
+        positions = self.positions(axis_size)
+        inst = self._instance_ids(grid).expand(grid)
+        selected = self._selected(grid)
+        # one row per (instance, replica) cell with the unit level last
+        pos = positions.movedim(self.unit, -1).reshape(-1, grid[self.unit])
+        ids = inst.movedim(self.unit, -1).reshape(-1, grid[self.unit])[:, 0]
+        keep = selected.movedim(self.unit, -1).reshape(-1, grid[self.unit])[:, 0]
+        pos, ids = pos[keep], ids[keep]
+        matrix[pos[:, :, None], pos[:, None, :]] = mats[ids]
+        return matrix
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A dense transform of a group, per instance: ``out`` (count, size, size) acts on producer rows
+    and per-unit parameters (W <- A W); ``inp`` (count, size, size) on consumer columns
+    (W <- W B). For an invertible T: out = T, inp = T^-1 (CCA); ZipIt: merge / unmerge matrices."""
+
+    out: torch.Tensor
+    inp: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -103,6 +140,7 @@ class TapPoint:
     unit: int = 0
     instance: tuple[int, ...] = ()
     select: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,28 +183,44 @@ class MergeSpec:
             for m in g.members:
                 _validate_member(g, m, shapes)
 
-    def permutation_jobs(self, shapes: Mapping[str, Sequence[int]], perms: Mapping[str, torch.Tensor]):
-        """Yields (tensor name, axis, gather index) in application order for the given
-        permutations {group name: (count, size) LongTensor}; groups missing from perms stay."""
+    def transform_jobs(self, shapes: Mapping[str, Sequence[int]], transforms: Mapping[str, object]):
+        """Yields (tensor name, axis, transform) in application order: a gather index for a
+        permutation ((count, size) LongTensor), a matrix for a Dense transform. Groups missing
+        from `transforms` stay; members on tensors missing from `shapes` are skipped."""
         for g in self.groups:
-            if g.name not in perms:
+            t = transforms.get(g.name)
+            if t is None:
                 continue
-            p = perms[g.name]
-            if tuple(p.shape) != (g.count, g.size):
-                raise ShapeMismatchError(f"permutations for group {g.name!r} must have shape ({g.count}, {g.size}), got {tuple(p.shape)}")
+            if isinstance(t, Dense):
+                if tuple(t.out.shape) != (g.count, g.size, g.size) or tuple(t.inp.shape) != (g.count, g.size, g.size):
+                    raise ShapeMismatchError(f"dense transform of group {g.name!r} must be ({g.count}, {g.size}, {g.size})")
+            elif tuple(t.shape) != (g.count, g.size):
+                raise ShapeMismatchError(f"permutations for group {g.name!r} must have shape ({g.count}, {g.size}), got {tuple(t.shape)}")
             for m in g.members:
-                yield m.tensor, m.axis, m.gather_index(shapes[m.tensor][m.axis], p)
+                if m.tensor not in shapes:
+                    continue
+                n = shapes[m.tensor][m.axis]
+                if not isinstance(t, Dense):
+                    yield m.tensor, m.axis, m.gather_index(n, t)
+                elif m.role == "in":  # W <- W B: new[.., u] = sum_v old[.., v] B[v, u]
+                    yield m.tensor, m.axis, m.dense_matrix(n, t.inp.transpose(-1, -2))
+                else:  # producer rows and per-unit parameters: new = A old
+                    yield m.tensor, m.axis, m.dense_matrix(n, t.out)
 
-    def apply_permutations(self, state: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A new state dict with every group's permutations applied (one batched op call)."""
+    def apply_transforms(self, state: Mapping[str, torch.Tensor], transforms: Mapping[str, object]) -> dict[str, torch.Tensor]:
+        """A new state dict with every group's transform applied (one batched op call)."""
         from ..ops import AxisJob, transform_axes
 
         names = list(state)
         position = {n: i for i, n in enumerate(names)}
         shapes = {n: tuple(t.shape) for n, t in state.items()}
-        jobs = [AxisJob(position[t], axis, index) for t, axis, index in self.permutation_jobs(shapes, perms)]
+        jobs = [AxisJob(position[t], axis, m) for t, axis, m in self.transform_jobs(shapes, transforms)]
         out = transform_axes([state[n] for n in names], jobs)
         return dict(zip(names, out))
+
+    def apply_permutations(self, state: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A new state dict with every group's permutations applied (one batched op call)."""
+        return self.apply_transforms(state, perms)
 
     def random_permutations(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One random permutation per group instance: the transforms check_spec draws."""

@@ -31,7 +31,7 @@ from .types import ROLES, Group, Member, MergeSpec, SpecError, TapPoint
 
 FORMAT = "fastmerge-spec/1"
 _MEMBER_KEYS = {"tensor", "axis", "role", "factors", "unit", "instance", "select", "offset"}
-_TAP_KEYS = {"module", "kind", "arg", "dim", "factors", "unit", "instance", "select"}
+_TAP_KEYS = {"module", "kind", "arg", "dim", "factors", "unit", "instance", "select", "offset"}
 _GROUP_KEYS = {"name", "size", "count", "tap", "members"}
 
 
@@ -66,6 +66,8 @@ def spec_to_dict(spec: MergeSpec) -> dict:
             entry["count"] = g.count
         if g.tap is not None:
             tap = {"module": g.tap.module, "kind": g.tap.kind, "arg": g.tap.arg, "dim": g.tap.dim}
+            if g.tap.offset:
+                tap["offset"] = g.tap.offset
             entry["tap"] = _Flow(_layout_fields(g.tap, tap))
         members = []
         for m in g.members:
@@ -169,7 +171,9 @@ def spec_from_dict(data: Mapping) -> MergeSpec:
             if kind not in ("input", "output"):
                 raise SpecError(f"{where}.tap.kind: must be 'input' or 'output', got {kind!r}")
             tap = TapPoint(module=td["module"], kind=kind, arg=_int(f"{where}.tap.arg", td.get("arg", 0), minimum=0),
-                           dim=_int(f"{where}.tap.dim", td.get("dim", -1)), **_layout_from(f"{where}.tap", td))
+                           dim=_int(f"{where}.tap.dim", td.get("dim", -1)),
+                           offset=_int(f"{where}.tap.offset", td.get("offset", 0), minimum=0),
+                           **_layout_from(f"{where}.tap", td))
         groups.append(Group(name=name, size=_int(f"{where}.size", gd["size"], minimum=1), members=tuple(members),
                             count=_int(f"{where}.count", gd.get("count", 1), minimum=1), tap=tap))
     fixed = []

@@ -1,0 +1,136 @@
+"""Alignment from activation statistics: permute (matching), CCA Merge, ZipIt (ALGORITHMS.md 2, 4, 5)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError
+from ..ops import linear_assignment
+
+
+def match_permutation(rho: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Permutation of model i's units (columns of the cross-correlation with the reference) that
+    maximises the total matched correlation; returns it as (1, size) and the mean matched value."""
+    _, cols = linear_assignment(rho, maximize=True)
+    return cols[None, :], float(rho[torch.arange(rho.shape[0]), cols].mean()) if rho.numel() else 0.0
+
+
+def _sym_power(s: torch.Tensor, power: float, floor: float) -> torch.Tensor:
+    """S^power of a symmetric PSD matrix through eigh (float64), eigenvalues clamped at floor."""
+    evals, evecs = torch.linalg.eigh(s)
+    evals = evals.clamp_min(floor)
+    return (evecs * evals.pow(power)) @ evecs.T
+
+
+def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *, reg: float = 0.1,
+                  relative: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CCA Merge transform of model y's units into the reference x's basis.
+
+    With S_xx = Sigma_xx + g I and S_yy = Sigma_yy + g I (g = reg * mean variance when relative),
+    M = S_xx^-1/2 S_xy S_yy^-1/2 = U diag(r) V^T, the transform is
+    T = S_xx^1/2 U V^T S_yy^-1/2 and its inverse T^-1 = S_yy^1/2 V U^T S_xx^-1/2 (built from the
+    factors, never by inverting T). g -> 0 is exact CCA whitening; g -> inf gives the orthogonal
+    Procrustes rotation U V^T of S_xy.
+
+    Returns:
+        (T, T^-1, canonical correlations r), float64.
+    """
+    s_xx, s_yy, s_xy = s_xx.double(), s_yy.double(), s_xy.double()
+    c = s_xx.shape[0]
+    if reg < 0:
+        raise InvalidArgumentError(f"CCA regularisation must be >= 0, got {reg}")
+    scale = float((s_xx.diagonal().mean() + s_yy.diagonal().mean()) / 2) if c else 1.0
+    g = reg * scale if relative else reg
+    eye = torch.eye(c, dtype=torch.float64)
+    a, b = s_xx + g * eye, s_yy + g * eye
+    floor = 1e-12 * max(scale, 1e-300)
+    a_half, a_inv_half = _sym_power(a, 0.5, floor), _sym_power(a, -0.5, floor)
+    b_half, b_inv_half = _sym_power(b, 0.5, floor), _sym_power(b, -0.5, floor)
+    u, r, vh = torch.linalg.svd(a_inv_half @ s_xy @ b_inv_half)
+    rotation = u @ vh
+    t = a_half @ rotation @ b_inv_half
+    t_inv = b_half @ rotation.T @ a_inv_half
+    return t, t_inv, r
+
+
+def zipit_matrices(rho: np.ndarray, num_models: int, size: int, *, alpha: float = 0.5,
+                   beta: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """ZipIt's greedy merge of n*C features into C on their joint correlation.
+
+    The most correlated pair of features (or merged features) is merged first; a merged feature's
+    similarity to the rest is the minimum of its parents' times alpha. Merges of two features
+    of the same model are allowed up to beta * (nC - C) / n per model (beta = 0: none).
+
+    Returns:
+        merge M (C, nC) averaging the features of each merged unit, and unmerge U (nC, C) with
+        U[f, k] = 1 when feature f went into merged unit k.
+    """
+    n_total = num_models * size
+    if rho.shape != (n_total, n_total):
+        raise InvalidArgumentError(f"zipit: joint correlation must be ({n_total}, {n_total}), got {rho.shape}")
+    if not (0 < alpha <= 1) or not (0 <= beta <= 1):
+        raise InvalidArgumentError(f"zipit: need 0 < alpha <= 1 and 0 <= beta <= 1, got alpha={alpha}, beta={beta}")
+    # raw: similarities by the min-rule; sim: the same with the merges that are not allowed
+    # (two clusters of one and the same model once that model's budget is spent) at -inf
+    raw = np.array(rho, dtype=np.float64)
+    np.fill_diagonal(raw, -np.inf)
+    owner = np.repeat(np.arange(num_models), size)  # the model of a single-model cluster, -1 if mixed
+    budget = np.full(num_models, math.floor(beta * (n_total - size) / num_models), dtype=np.int64)
+    active = np.ones(n_total, dtype=bool)
+
+    def masked_row(x: int) -> np.ndarray:
+        row = raw[x].copy()
+        row[~active] = -np.inf
+        m = owner[x]
+        if m >= 0 and budget[m] <= 0:
+            row[owner == m] = -np.inf
+        return row
+
+    sim = np.stack([masked_row(x) for x in range(n_total)]) if n_total else raw
+    members = [[f] for f in range(n_total)]
+    best = sim.max(axis=1) if n_total else np.zeros(0)
+    best_idx = sim.argmax(axis=1) if n_total else np.zeros(0, dtype=np.int64)
+    for _ in range(n_total - size):
+        a = int(np.argmax(np.where(active, best, -np.inf)))
+        if not np.isfinite(best[a]):
+            raise InvalidArgumentError("zipit: no admissible merge left; raise beta to allow merges within a model")
+        b = int(best_idx[a])
+        m = owner[a]
+        within = m >= 0 and owner[b] == m
+        merged = np.minimum(raw[a], raw[b]) * alpha
+        merged[[a, b]] = -np.inf
+        raw[a], raw[:, a] = merged, merged
+        raw[b], raw[:, b] = -np.inf, -np.inf
+        active[b] = False
+        members[a] += members[b]
+        owner[a] = m if within else -1
+        refresh = {a}
+        if within:
+            budget[m] -= 1
+            if budget[m] <= 0:  # from now on no two clusters of model m alone may merge
+                refresh |= set(np.nonzero(active & (owner == m))[0].tolist())
+        row = masked_row(a)
+        sim[a], sim[:, a] = row, row
+        sim[b], sim[:, b] = -np.inf, -np.inf
+        best[b] = -np.inf
+        for x in refresh - {a}:
+            sim[x] = masked_row(x)
+            sim[:, x] = sim[x]
+        refresh |= set(np.nonzero(active & ((best_idx == a) | (best_idx == b)))[0].tolist())
+        raised = np.nonzero(active & (sim[:, a] > best))[0]
+        best[raised], best_idx[raised] = sim[raised, a], a
+        for x in refresh:
+            if active[x]:
+                best[x], best_idx[x] = sim[x].max(), sim[x].argmax()
+    clusters = [members[c] for c in np.nonzero(active)[0]]
+    # keep the reference model's order where it is in the cluster
+    clusters.sort(key=lambda cl: min(cl))
+    merge = np.zeros((size, n_total))
+    unmerge = np.zeros((n_total, size))
+    for k, cl in enumerate(clusters):
+        merge[k, cl] = 1.0 / len(cl)
+        unmerge[cl, k] = 1.0
+    return merge, unmerge

@@ -1,0 +1,144 @@
+"""fastmerge.align: one transform per group per model, by any alignment method.
+
+Methods:
+    permute          activation matching: LAP on the cross-correlation with the reference
+    weight_matching  data-free Git Re-Basin coordinate descent (MergeMany for > 2 models)
+    cca              CCA Merge: dense transforms from canonical correlation analysis
+    zipit            ZipIt: greedy merging of the joint features of all models
+
+Activation-based methods align the groups that statistics can observe alone (a tap point, one
+instance, nothing nested: hidden layers, channels, residual streams). The other groups (attention
+heads and their per-head dims, groups without a tap) are aligned by weight matching with the
+activation-aligned groups held fixed. CCA and ZipIt produce dense transforms only where they are
+exact linear maps (members that are producer rows or consumer columns); groups that also hold
+norm parameters or running statistics are permuted instead (ALGORITHMS.md section 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidArgumentError
+from ..spec.types import Dense, MergeSpec
+from .activation import cca_transform, match_permutation, zipit_matrices
+from .structure import activation_groups, dense_ok
+from .weight_matching import identity_perms, weight_matching
+
+METHODS = ("permute", "weight_matching", "cca", "zipit")
+
+
+@dataclass
+class Alignment:
+    """Per model, {group name: transform}: a (count, size) permutation or a Dense transform.
+    Model `reference` gets identities. `diagnostics` holds per-group numbers."""
+
+    spec: MergeSpec
+    method: str
+    reference: int
+    transforms: list[dict]
+    diagnostics: dict = field(default_factory=dict)
+
+    def apply(self, model_index: int, state: dict) -> dict:
+        return self.spec.apply_transforms(state, self.transforms[model_index])
+
+
+def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _distance_from_identity(t) -> float:
+    if isinstance(t, Dense):
+        eye = torch.eye(t.out.shape[-1], dtype=t.out.dtype)
+        return float((t.out - eye).norm() / eye.norm())
+    return float((t != torch.arange(t.shape[-1])).double().mean())
+
+
+def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: MergeSpec, stats=None,
+          data: Iterable | None = None, reference: int = 0, reg: float = 0.1, relative_reg: bool = True,
+          alpha: float = 0.5, beta: float = 0.0, max_iter: int = 100, seed: int = 0, merge_many: bool | None = None,
+          stats_options: dict | None = None, progress: bool = True) -> Alignment:
+    """Aligns every model to the reference (units of the other models re-ordered or transformed
+    into the reference's basis).
+
+    Args:
+        models: two or more models of one architecture (the spec's).
+        method: one of METHODS.
+        spec: the merge spec (fastmerge.trace_spec).
+        stats: activation statistics from collect_stats (with pairs="full" for ZipIt); collected
+            from `data` when not given (activation methods only).
+        reference: the model the others are aligned to.
+        reg, relative_reg: CCA regularisation (relative: times the mean unit variance).
+        alpha, beta: ZipIt's similarity decay and within-model merge budget.
+        max_iter, seed, merge_many: weight matching options.
+    """
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown alignment method {method!r}; choose one of {METHODS}")
+    n = len(models)
+    if n < 2:
+        raise InvalidArgumentError(f"align needs at least two models, got {n}")
+    if not 0 <= reference < n:
+        raise InvalidArgumentError(f"reference {reference} is outside [0, {n})")
+    states = [_float_state(m) for m in models]
+    diagnostics: dict = {}
+    transforms = [dict(identity_perms(spec)) for _ in range(n)]
+    frozen: dict[str, torch.Tensor] = {}
+
+    if method != "weight_matching":
+        groups = activation_groups(spec)
+        if stats is None:
+            if data is None:
+                raise InvalidArgumentError(f"method {method!r} needs activation statistics: pass data= or stats=")
+            from ..stats import collect_stats
+
+            stats = collect_stats(models, data, spec, groups=groups, pairs="full" if method == "zipit" else "all_to_one",
+                                  reference=reference, progress=progress, **(stats_options or {}))
+        for g in groups:
+            if g.name not in stats.states:
+                raise InvalidArgumentError(f"the statistics have no entry for group {g.name!r}")
+            info: dict = {}
+            perms = []
+            for i in range(n):
+                if i == reference:
+                    perms.append(torch.arange(g.size)[None])
+                    continue
+                perm, matched = match_permutation(stats.correlation(g.name, reference, i))
+                perms.append(perm)
+                info.setdefault("matched_correlation", {})[i] = matched
+            frozen[g.name] = torch.stack(perms)
+            for i in range(n):
+                transforms[i][g.name] = perms[i]
+            if method == "cca" and dense_ok(g):
+                for i in range(n):
+                    if i == reference:
+                        continue
+                    t, t_inv, r = cca_transform(stats.covariance(g.name, reference, reference),
+                                                stats.covariance(g.name, i, i), stats.covariance(g.name, reference, i),
+                                                reg=reg, relative=relative_reg)
+                    transforms[i][g.name] = Dense(out=t[None], inp=t_inv[None])
+                    info.setdefault("canonical_correlations", {})[i] = r
+            elif method == "zipit" and dense_ok(g):
+                state = stats.states[g.name]
+                merge, unmerge = zipit_matrices(state.joint_correlation().numpy(), n, g.size, alpha=alpha, beta=beta)
+                c = g.size
+                for i in range(n):
+                    # n * M_i: the 1/n of ZipIt's average moves into the uniform combination
+                    out = torch.from_numpy(n * merge[:, i * c : (i + 1) * c])
+                    inp = torch.from_numpy(unmerge[i * c : (i + 1) * c, :])
+                    transforms[i][g.name] = Dense(out=out[None], inp=inp[None])
+            diagnostics[g.name] = info
+
+    remaining = [g for g in spec.groups if g.name not in frozen]
+    if remaining:
+        perms, info = weight_matching(spec, states, reference=reference, max_iter=max_iter, seed=seed,
+                                      merge_many=merge_many, frozen=frozen)
+        for g in remaining:
+            for i in range(n):
+                transforms[i][g.name] = perms[i][g.name]
+        diagnostics["weight_matching"] = info
+    for g in spec.groups:
+        d = diagnostics.setdefault(g.name, {})
+        d["distance_from_identity"] = {i: _distance_from_identity(transforms[i][g.name]) for i in range(n) if i != reference}
+    return Alignment(spec=spec, method=method, reference=reference, transforms=transforms, diagnostics=diagnostics)

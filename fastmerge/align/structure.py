@@ -1,0 +1,63 @@
+"""Views of a MergeSpec that the alignment methods need: member unfolding, nesting, tap groups."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..spec.types import Group, Member, MergeSpec
+
+
+def unfold(tensor: torch.Tensor, member: Member, keep: int | None = None) -> torch.Tensor:
+    """The member's units as rows: (count, size, rest), where rest runs over every replica level
+    and every other axis of the tensor. With `keep` (a level of the member grid), that level is
+    kept as its own axis: (count, size, size_keep, rest)."""
+    axis_size = tensor.shape[member.axis]
+    grid = member.grid(axis_size)
+    span = math.prod(grid)
+    w = tensor.movedim(member.axis, 0)[member.offset : member.offset + span]
+    w = w.reshape(*grid, -1)  # grid levels, then the other axes flattened
+    for level, values in member.select:
+        w = w.index_select(level, torch.tensor(values, dtype=torch.long, device=w.device))
+    ndim = len(grid)
+    front = list(member.instance) + [member.unit] + ([keep] if keep is not None else [])
+    rest = [j for j in range(ndim) if j not in front] + [ndim]
+    w = w.permute(*front, *rest)
+    count = math.prod(w.shape[: len(member.instance)])
+    lead = (count, w.shape[len(member.instance)]) + ((w.shape[len(member.instance) + 1],) if keep is not None else ())
+    return w.reshape(*lead, -1)
+
+
+def nested_groups(spec: MergeSpec) -> dict[str, list[tuple[Group, dict]]]:
+    """For each group G, the groups D instanced by G's unit level on a shared member axis (the
+    dims of each head inside the heads group), with D's member per (tensor, axis, offset)."""
+    index: dict[tuple, list[tuple[Group, Member]]] = {}
+    for g in spec.groups:
+        for m in g.members:
+            index.setdefault((m.tensor, m.axis, m.offset, m.factors), []).append((g, m))
+    nested: dict[str, list[tuple[Group, dict]]] = {g.name: [] for g in spec.groups}
+    for entries in index.values():
+        for g, m in entries:
+            for d, dm in entries:
+                if d is g or dm.unit <= m.unit or m.unit not in dm.instance:
+                    continue
+                found = next((pair for pair in nested[g.name] if pair[0] is d), None)
+                if found is None:
+                    found = (d, {})
+                    nested[g.name].append(found)
+                found[1][(m.tensor, m.axis, m.offset)] = dm
+    return nested
+
+
+def activation_groups(spec: MergeSpec) -> list[Group]:
+    """Groups that activation statistics can align on their own: a tap point, one instance, and
+    no group nested inside their units."""
+    nested = nested_groups(spec)
+    return [g for g in spec.groups if g.tap is not None and g.count == 1 and not nested[g.name]]
+
+
+def dense_ok(group: Group) -> bool:
+    """A dense transform is exact on linear producers/consumers only (not on norm parameters,
+    running statistics or other per-unit parameters)."""
+    return all(m.role in ("out", "in") for m in group.members)

@@ -1,0 +1,165 @@
+"""Weight matching (Git Re-Basin): data-free permutations by coordinate descent over groups.
+
+For group G with every other group's current permutation applied to model i, the cost of
+matching unit u of the target to unit u' of model i is sum over G's members of
+<target rows at u, model rows at u'> (ALGORITHMS.md section 3); a linear assignment picks G's
+permutation. Groups are visited in a seeded random order until a sweep changes nothing.
+
+Groups with nested instanced groups (attention heads whose dims are permuted per head) are
+matched on the best inner alignment: cost(u, u') adds, for each nested group D, the value of
+the assignment between the units of D inside block u and inside block u' (a batch of small
+LAPs, one per pair). This is what lets heads be found when their dims are permuted too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ..ops import linear_assignment
+from ..spec.types import Group, MergeSpec
+from .structure import nested_groups, unfold
+
+
+def identity_perms(spec: MergeSpec) -> dict[str, torch.Tensor]:
+    return {g.name: torch.arange(g.size).repeat(g.count, 1) for g in spec.groups}
+
+
+def _member_tensors(groups: Sequence[Group]) -> set[str]:
+    return {m.tensor for g in groups for m in g.members}
+
+
+def _group_cost(spec: MergeSpec, group: Group, nested: list, target: Mapping[str, torch.Tensor],
+                state: Mapping[str, torch.Tensor], perms: dict[str, torch.Tensor]):
+    """(count, size, size) similarity of target units (rows) to model units (columns), and for
+    each nested group its (size, size, d, d) inner similarity blocks."""
+    skip = {group.name} | {d.name for d, _ in nested}
+    others = {k: v for k, v in perms.items() if k not in skip}
+    names = _member_tensors([group])
+    moved = spec.apply_transforms({n: state[n] for n in names}, others)
+    cost = torch.zeros(group.count, group.size, group.size, dtype=torch.float64)
+    inner = {d.name: torch.zeros(group.size, group.size, d.size, d.size, dtype=torch.float64) for d, _ in nested}
+    for m in group.members:
+        key = (m.tensor, m.axis, m.offset)
+        t, s = target[m.tensor].double(), moved[m.tensor].double()
+        nests = [(d, dms[key]) for d, dms in nested if key in dms]
+        if not nests:
+            a, b = unfold(t, m), unfold(s, m)
+            cost += a @ b.transpose(1, 2)
+        for d, dm in nests:
+            # the part of the member that D covers (e.g. the q/k thirds of a fused projection)
+            part = replace(m, select=tuple(sorted(set(m.select) | set(dm.select))))
+            a, b = unfold(t, part, keep=dm.unit)[0], unfold(s, part, keep=dm.unit)[0]  # (size, d, rest)
+            inner[d.name] += torch.einsum("uer,vfr->uvef", a, b)
+    return cost, inner
+
+
+def _solve_nested(group: Group, cost: torch.Tensor, inner: dict) -> tuple[torch.Tensor, dict]:
+    """Adds the best inner alignment value of every (u, u') pair, solves the group's LAP, and
+    returns the nested groups' per-instance permutations implied by the chosen pairs."""
+    size = group.size
+    solutions = {}
+    total = cost[0].clone()
+    for name, blocks in inner.items():
+        d = blocks.shape[-1]
+        flat = blocks.reshape(size * size, d, d)
+        _, cols = linear_assignment(flat, maximize=True)
+        values = flat.gather(2, cols[:, :, None]).squeeze(-1).sum(-1).reshape(size, size)
+        total += values
+        solutions[name] = cols.reshape(size, size, d)
+    _, perm = linear_assignment(total, maximize=True)
+    nested_perms = {name: cols[torch.arange(size), perm] for name, cols in solutions.items()}
+    return perm[None, :], nested_perms
+
+
+def objective(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+              perms: Mapping[str, torch.Tensor]) -> float:
+    """sum over every tensor of the spec of <target, permuted model>: what weight matching maximises."""
+    names = _member_tensors(spec.groups)
+    moved = spec.apply_transforms({n: state[n] for n in names}, perms)
+    return float(sum((target[n].double() * moved[n].double()).sum() for n in names))
+
+
+def match_to(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *,
+             init: Mapping[str, torch.Tensor] | None = None, frozen: Sequence[str] = (), max_iter: int = 100,
+             seed: int = 0, tol: float = 1e-12) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Permutations of `state`'s groups that maximise its inner product with `target`.
+
+    Returns the permutations and the objective after each sweep.
+    """
+    perms = {k: v.clone() for k, v in (init or identity_perms(spec)).items()}
+    nested = nested_groups(spec)
+    order = [g for g in spec.groups if g.name not in frozen]
+    rng = np.random.default_rng(seed)
+    history = [objective(spec, target, state, perms)]
+    for _ in range(max_iter):
+        changed = False
+        for i in rng.permutation(len(order)):
+            group = order[i]
+            pairs = [(d, dms) for d, dms in nested[group.name] if d.name not in frozen]
+            cost, inner = _group_cost(spec, group, pairs, target, state, perms)
+            if inner:
+                new, nested_perms = _solve_nested(group, cost, inner)
+                for name, p in nested_perms.items():
+                    changed |= not torch.equal(perms[name], p)
+                    perms[name] = p
+            else:
+                _, new = linear_assignment(cost, maximize=True)
+            changed |= not torch.equal(perms[group.name], new)
+            perms[group.name] = new
+        history.append(objective(spec, target, state, perms))
+        if not changed or history[-1] - history[-2] <= tol * abs(history[-2]):
+            break
+    return perms, history
+
+
+def weight_matching(spec: MergeSpec, states: Sequence[Mapping[str, torch.Tensor]], *, reference: int = 0,
+                    max_iter: int = 100, seed: int = 0, merge_many: bool | None = None,
+                    frozen: Mapping[str, torch.Tensor] | None = None) -> tuple[list[dict], dict]:
+    """Permutations aligning every model to the reference (two models) or, for more models, to the
+    mean of the others (MergeMany) until no permutation changes.
+
+    Args:
+        frozen: {group: (n, count, size)} permutations fixed by another method (activation
+            matching); weight matching then only chooses the remaining groups.
+
+    Returns:
+        (per-model permutations, diagnostics with the objective history)
+    """
+    n = len(states)
+    frozen = frozen or {}
+    frozen_names = list(frozen)
+    perms = []
+    for i in range(n):
+        p = identity_perms(spec)
+        for name, stacked in frozen.items():
+            p[name] = stacked[i]
+        perms.append(p)
+    merge_many = n > 2 if merge_many is None else merge_many
+    diagnostics: dict = {"history": {}}
+    others = [i for i in range(n) if i != reference]
+    if not merge_many:
+        for i in others:
+            perms[i], hist = match_to(spec, states[reference], states[i], init=perms[i], frozen=frozen_names,
+                                      max_iter=max_iter, seed=seed + i)
+            diagnostics["history"][i] = hist
+        return perms, diagnostics
+    # MergeMany: each model against the mean of the others, round after round
+    names = _member_tensors(spec.groups)
+    for round_ in range(max_iter):
+        changed = False
+        for i in others:
+            aligned = [spec.apply_transforms({k: states[j][k] for k in names}, perms[j]) for j in range(n) if j != i]
+            target = {k: sum(a[k].double() for a in aligned) / len(aligned) for k in names}
+            new, hist = match_to(spec, target, states[i], init=perms[i], frozen=frozen_names, max_iter=max_iter,
+                                 seed=seed + 1000 * round_ + i)
+            diagnostics["history"].setdefault(i, []).extend(hist)
+            changed |= any(not torch.equal(new[k], perms[i][k]) for k in new)
+            perms[i] = new
+        if not changed:
+            break
+    diagnostics["rounds"] = round_ + 1
+    return perms, diagnostics

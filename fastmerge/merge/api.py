@@ -1,0 +1,139 @@
+"""fastmerge.merge: align models from different initialisations and combine them into one."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..ops import combine
+from ..spec.types import MergeSpec
+from .repair import has_batch_norm, repair, reset_batch_norm
+
+MERGE_METHODS = ("average", "permute", "weight_matching", "cca", "zipit")
+REPAIRS = ("auto", "none", "reset", "repair")
+
+
+def check_same_architecture(models: Sequence[nn.Module]) -> None:
+    """Same tensor names, shapes and dtypes in every model; the error lists what differs."""
+    ref = {k: (tuple(v.shape), v.dtype) for k, v in models[0].state_dict().items()}
+    for i, m in enumerate(models[1:], start=1):
+        other = {k: (tuple(v.shape), v.dtype) for k, v in m.state_dict().items()}
+        missing, extra = sorted(set(ref) - set(other)), sorted(set(other) - set(ref))
+        differ = sorted(k for k in set(ref) & set(other) if ref[k] != other[k])
+        if missing or extra or differ:
+            parts = []
+            if missing:
+                parts.append(f"missing {missing[:3]}")
+            if extra:
+                parts.append(f"extra {extra[:3]}")
+            if differ:
+                k = differ[0]
+                parts.append(f"{len(differ)} tensors differ, e.g. {k}: {ref[k]} vs {other[k]}")
+            raise ShapeMismatchError(f"model {i} does not have model 0's architecture: " + "; ".join(parts))
+
+
+def combine_states(states: Sequence[dict], weights: Sequence[float], reference: int = 0) -> dict:
+    """Weighted sum of the floating tensors of several state dicts (one fused op call); integer
+    buffers (counters, ids) are taken from the reference."""
+    names = list(states[0])
+    floating = [k for k in names if states[0][k].is_floating_point()]
+    merged = combine([[s[k] for k in floating] for s in states], weights=list(weights))
+    out = dict(zip(floating, merged))
+    for k in names:
+        if k not in out:
+            out[k] = states[reference][k].clone()
+    return {k: out[k] for k in names}
+
+
+def _first_batch_inputs(data: Iterable):
+    from ..stats.collect import _split_batch
+
+    for batch in data:
+        return _split_batch(batch)
+    raise InvalidArgumentError("data is empty")
+
+
+def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterable | None = None,
+          spec: MergeSpec | None = None, example_inputs: tuple | None = None, weights: Sequence[float] | None = None,
+          repair_mode: str = "auto", reference: int = 0, alignment=None, repair_batches: int | None = None,
+          return_alignment: bool = False, progress: bool = True, **align_options):
+    """A new model merging `models` (which are left untouched).
+
+    Args:
+        models: two or more models with one architecture, trained from any initialisations.
+        method: "average" (no alignment) or an alignment method of fastmerge.align.METHODS.
+        data: batches for activation statistics, BatchNorm reset and REPAIR (an iterable or a
+            DataLoader yielding inputs, (inputs, targets) or dicts of keyword inputs).
+        spec: the merge spec; traced from the reference model when not given.
+        example_inputs: inputs for tracing when there is no data (weight matching).
+        weights: per-model combination weights (default uniform).
+        repair_mode: "auto" (reset BatchNorm statistics when the model has BatchNorm and data is
+            given), "none", "reset", or "repair" (REPAIR, for networks without BatchNorm).
+        alignment: a precomputed fastmerge.align result to reuse.
+        align_options: passed to fastmerge.align (reg, alpha, beta, max_iter, seed, stats...).
+
+    Returns:
+        The merged model (eval mode), or (model, alignment) with return_alignment=True.
+    """
+    if method not in MERGE_METHODS:
+        raise InvalidArgumentError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
+    if repair_mode not in REPAIRS:
+        raise InvalidArgumentError(f"repair_mode must be one of {REPAIRS}, got {repair_mode!r}")
+    n = len(models)
+    if n < 2:
+        raise InvalidArgumentError(f"merge needs at least two models, got {n}")
+    check_same_architecture(models)
+    weights = [1.0 / n] * n if weights is None else [float(w) for w in weights]
+    if len(weights) != n:
+        raise InvalidArgumentError(f"weights has {len(weights)} entries for {n} models")
+    states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+
+    if method == "average":
+        aligned = states
+    else:
+        if alignment is None:
+            from ..align import align
+            from ..spec import trace_spec
+
+            if spec is None:
+                if example_inputs is not None:
+                    args, kwargs = tuple(example_inputs), {}
+                elif data is not None:
+                    args, kwargs = _first_batch_inputs(data)
+                else:
+                    raise InvalidArgumentError("merge needs data= or example_inputs= to trace the model's spec")
+                spec = trace_spec(models[reference], args, kwargs)
+            alignment = align(models, method, spec=spec, data=data, reference=reference, progress=progress,
+                              **align_options)
+        spec = alignment.spec
+        aligned = [alignment.apply(i, s) for i, s in enumerate(states)]
+
+    merged = copy.deepcopy(models[reference])
+    merged.load_state_dict(combine_states(aligned, weights, reference))
+    merged.eval()
+    mode = repair_mode
+    if mode == "auto":
+        mode = "reset" if (data is not None and has_batch_norm(merged)) else "none"
+    if mode in ("reset", "repair") and data is None:
+        raise InvalidArgumentError(f"repair_mode={mode!r} needs data")
+    if mode == "reset":
+        if not has_batch_norm(merged):
+            raise InvalidArgumentError("repair_mode='reset' needs BatchNorm layers; use 'repair' for this model")
+        reset_batch_norm(merged, data, max_batches=repair_batches)
+    elif mode == "repair":
+        if spec is None:  # direct average: REPAIR still needs to know each layer's producer
+            from ..spec import trace_spec
+
+            args, kwargs = (tuple(example_inputs), {}) if example_inputs is not None else _first_batch_inputs(data)
+            spec = trace_spec(models[reference], args, kwargs)
+        parents = []
+        for s in aligned:
+            p = copy.deepcopy(models[reference])
+            p.load_state_dict(s)
+            parents.append(p)
+        repair(merged, parents, spec, data, weights=weights, max_batches=repair_batches)
+    return (merged, alignment) if return_alignment else merged

@@ -1,0 +1,196 @@
+"""Activation statistics at the spec's tap points, for every model on the same batches.
+
+    stats = fastmerge.collect_stats(models, loader, spec, max_batches=50)
+
+or, inside a training loop, on the caller's own forward passes::
+
+    with fastmerge.StatsCollector(models, spec) as collector:
+        for x, _ in loader:
+            for m in models:
+                m(x)
+    stats = collector.stats
+
+Features are captured in float32 (also under autocast), centred per batch and folded into float64
+states with the streaming covariance op; only the block pairs the method needs are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
+from ..ops import CovarianceState
+from ..spec.types import Group, MergeSpec, TapPoint
+
+
+@dataclass
+class Stats:
+    """Per group, a CovarianceState over one block per model (block i = model i's units)."""
+
+    states: dict[str, CovarianceState]
+    num_models: int
+
+    def correlation(self, group: str, i: int, j: int) -> torch.Tensor:
+        return self.states[group].correlation(i, j)
+
+    def covariance(self, group: str, i: int, j: int) -> torch.Tensor:
+        return self.states[group].covariance(i, j)
+
+
+def tap_features(x: torch.Tensor, tap: TapPoint, size: int) -> torch.Tensor:
+    """(samples, size) float32 features of a group from the tapped tensor: the unit level of the
+    tap axis becomes the columns; batch, positions and replica levels become samples."""
+    x = x.detach().float().movedim(tap.dim, -1)
+    axis = x.shape[-1]
+    grid = tap.factors if tap.factors is not None else (axis - tap.offset,)
+    span = math.prod(grid)
+    x = x.reshape(-1, axis)[:, tap.offset : tap.offset + span].reshape(-1, *grid)
+    for level, values in tap.select:
+        x = x.index_select(level + 1, torch.tensor(values, dtype=torch.long, device=x.device))
+    x = x.movedim(tap.unit + 1, -1)
+    if x.shape[-1] != size:
+        raise ShapeMismatchError(f"tap {tap.module}: unit level has {x.shape[-1]} entries, the group has {size}")
+    return x.reshape(-1, size)
+
+
+def _split_batch(batch):
+    """(args, kwargs) for a model call from a data-loader batch: a tensor, an (inputs, targets)
+    pair (inputs first), or a dict of keyword inputs."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        return (batch[0],), {}
+    raise InvalidArgumentError(f"cannot use a batch of type {type(batch).__name__}; yield tensors, (inputs, targets) or dicts")
+
+
+class StatsCollector:
+    """Accumulates group statistics from forward passes of all models on the same inputs.
+
+    Every model must run once per batch (in any order) while the collector is active.
+
+    Args:
+        models: the models (architecture of the spec), same inputs each step.
+        spec: where to observe each group (its tap point).
+        groups: which groups (default: every group with a tap and a single instance).
+        pairs: block pairs kept per group ("all_to_one", "full", "diagonal").
+        reference: the reference model of "all_to_one".
+        max_rows: cap on feature rows per group and batch (random subset of positions, the same
+            rows for every model): spatial subsampling for convolutions.
+        seed: for that subsampling.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module], spec: MergeSpec, *, groups: Sequence[Group] | None = None,
+                 pairs: str = "all_to_one", reference: int = 0, max_rows: int | None = None, seed: int = 0) -> None:
+        if len(models) < 1:
+            raise InvalidArgumentError("StatsCollector needs at least one model")
+        from ..align.structure import activation_groups
+
+        self.models = list(models)
+        self.groups = list(groups) if groups is not None else activation_groups(spec)
+        for g in self.groups:
+            if g.tap is None or g.count != 1:
+                raise InvalidArgumentError(f"group {g.name!r} has no single-instance tap point; statistics cannot observe it")
+        n = len(self.models)
+        self.stats = Stats({g.name: CovarianceState([g.size] * n, pairs=pairs if n > 1 else "diagonal",
+                                                    reference=reference) for g in self.groups}, n)
+        self.max_rows = max_rows
+        self.generator = torch.Generator().manual_seed(seed)
+        self._pending = {g.name: [None] * n for g in self.groups}
+        self._handles: list = []
+
+    def __enter__(self) -> StatsCollector:
+        by_module: dict[str, list[Group]] = {}
+        for g in self.groups:
+            by_module.setdefault(g.tap.module, []).append(g)
+        for i, model in enumerate(self.models):
+            modules = dict(model.named_modules())
+            for path, groups in by_module.items():
+                if path not in modules:
+                    raise InvalidArgumentError(f"tap module {path!r} is not a submodule of model {i}")
+                self._handles.append(modules[path].register_forward_pre_hook(self._hook(i, groups), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if exc[0] is None:
+            waiting = [name for name, p in self._pending.items() if any(x is not None for x in p)]
+            if waiting:
+                raise InvalidArgumentError(f"some models did not run on the last batch (groups {waiting[:3]} wait for them)")
+
+    def _hook(self, model_index: int, groups: list[Group]):
+        def hook(module, args, kwargs):
+            for g in groups:
+                x = args[g.tap.arg] if g.tap.arg < len(args) else None
+                if not isinstance(x, torch.Tensor):
+                    raise InvalidArgumentError(f"tap {g.tap.module}: input {g.tap.arg} is not a tensor")
+                self._receive(g, model_index, tap_features(x, g.tap, g.size))
+            return None
+
+        return hook
+
+    def _receive(self, group: Group, model_index: int, features: torch.Tensor) -> None:
+        pending = self._pending[group.name]
+        if pending[model_index] is not None:
+            raise InvalidArgumentError(
+                f"model {model_index} ran twice before every model saw the batch (group {group.name!r}); "
+                "run each model once per batch")
+        pending[model_index] = features
+        if any(p is None for p in pending):
+            return
+        rows = pending[0].shape[0]
+        if any(p.shape[0] != rows for p in pending):
+            raise ShapeMismatchError(f"group {group.name!r}: models produced different numbers of feature rows; "
+                                     "feed every model the same batch")
+        if self.max_rows is not None and rows > self.max_rows:
+            keep = torch.randperm(rows, generator=self.generator)[: self.max_rows].to(pending[0].device)
+            pending = [p.index_select(0, keep) for p in pending]
+        try:
+            self.stats.states[group.name].update(*pending)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"group {group.name!r} (tap {group.tap.module}): {exc}") from None
+        self._pending[group.name] = [None] * len(self.models)
+
+
+def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: MergeSpec, *,
+                  groups: Sequence[Group] | None = None, pairs: str = "all_to_one", reference: int = 0,
+                  max_batches: int | None = None, max_samples: int | None = None, max_rows: int | None = None,
+                  seed: int = 0, progress: bool = True) -> Stats:
+    """One pass over `data` (a DataLoader or any iterable of batches) with every model in eval mode
+    and no gradients, accumulating each group's statistics. Stops after `max_batches` batches or
+    `max_samples` inputs. Models are returned in the mode they had."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    seen = 0
+    collector = StatsCollector(models, spec, groups=groups, pairs=pairs, reference=reference, max_rows=max_rows,
+                               seed=seed)
+    total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
+    try:
+        with torch.no_grad(), collector, tqdm(total=total, desc="activation statistics", disable=not progress,
+                                              leave=False) as bar:
+            for b, batch in enumerate(data):
+                if max_batches is not None and b >= max_batches:
+                    break
+                args, kwargs = _split_batch(batch)
+                for m in models:
+                    m(*args, **kwargs)
+                first = args[0] if args else next(iter(kwargs.values()))
+                seen += int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+                bar.update(1)
+                if max_samples is not None and seen >= max_samples:
+                    break
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    if seen == 0:
+        raise InvalidArgumentError("collect_stats got no batches: the data iterable is empty")
+    return collector.stats
