@@ -201,7 +201,7 @@ def reshape_layout(table: SpaceTable, dims: list[Layout], new_shape: list[int], 
 
 
 def present(dims: list[Layout]) -> set[int]:
-    """Root ids of the spaces some plain factor of the tensor holds (and of their outer spaces)."""
+    """Root ids of the spaces that some plain factor of the tensor holds."""
     ids = set()
     for d in dims:
         for f in d:
@@ -211,11 +211,11 @@ def present(dims: list[Layout]) -> set[int]:
     return ids
 
 
-def prune_families(table: SpaceTable, dims: list[Layout], why: str) -> list[Layout]:
+def prune_families(table: SpaceTable, dims: list[Layout], why: str, present_in: list[Layout] | None = None) -> list[Layout]:
     """A family whose index space is no longer an axis of the tensor (reduced, contracted or
     selected away) mixes its instances: they must share one transform. Replace it by a plain
-    factor of the unified members."""
-    ids = present(dims)
+    factor of the unified members. `present_in`: look for the index there instead."""
+    ids = present(dims if present_in is None else present_in)
     out = []
     for d in dims:
         new = []

@@ -100,16 +100,20 @@ class SpaceTable:
             b.parent = a
             return
         sa, sb = a.struct, b.struct
-        b.parent = a  # a keeps its structure; b's children are unified into a's
         if sa[0] == sb[0] == "prod" and sa[1].size == sb[1].size:
+            b.parent = a  # a keeps its structure; b's children are unified into a's
             self.unify(sa[1], sb[1], why)
             for x, y in zip(sa[2], sb[2]):
                 self.unify(x, y, why)
         elif sa[0] == sb[0] == "sum" and [p.size for p in sa[1]] == [p.size for p in sb[1]]:
+            b.parent = a
             for x, y in zip(sa[1], sb[1]):
                 self.unify(x, y, why)
-        else:
-            self.fix(a, f"incompatible structures of one space at {why}")
+        else:  # two incompatible refinements of the same units: neither can move
+            reason = f"incompatible structures of one space at {why}"
+            self.fix(a, reason)
+            self.fix(b, reason)
+            b.parent = a
 
     def split(self, s: Space, outer_size: int, why: str = "") -> Optional[tuple[Space, list[Space]]]:
         """Views s as `outer_size` consecutive blocks: returns (outer, inners), where inners[b] is

@@ -19,7 +19,7 @@ import torch
 
 from .layout import (Factor, Layout, family, fix_layout, opaque, plain, prune_families, replica, reshape_layout,
                      size_of, unify_layouts)
-from .spaces import SpaceTable
+from .spaces import SpaceTable, find
 from .types import MergeSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,8 @@ class Info:
 
     dims: list
     shape: tuple
-    param: str | None = None  # state-dict name when the value is a parameter/buffer itself
+    param: str | None = None  # state-dict name when the value is a parameter/buffer (or a view of one)
+    param_axes: tuple | None = None  # for each dim, the parameter axis it is (None: not an axis of it)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class TraceResult:
     unknown_ops: dict = field(default_factory=dict)
 
 
-_TAP_PREFERENCE = {"Linear": 0, "Conv1d": 0, "Conv2d": 0, "Conv3d": 0, "LayerNorm": 1, "RMSNorm": 1,
+_TAP_PREFERENCE = {"Linear": 0, "Conv1d": 0, "Conv2d": 0, "Conv3d": 0, "Conv1D": 0, "LayerNorm": 1, "RMSNorm": 1,
                    "BatchNorm1d": 1, "BatchNorm2d": 1, "BatchNorm3d": 1, "GroupNorm": 1}
 
 
@@ -60,8 +61,8 @@ def trace_spec(model: torch.nn.Module, example_inputs: tuple, example_kwargs: di
     """Derives the merge spec of `model` from one traced forward pass.
 
     Args:
-        model: any nn.Module that torch.export can capture; it is traced in eval mode on a copy
-            of its mode flags (the model itself is left as it was).
+        model: any nn.Module that torch.export can capture; it is traced in eval mode, and every
+            submodule's train/eval flag is restored afterwards.
         example_inputs: positional inputs for one forward pass (shapes matter, values do not).
         example_kwargs: keyword inputs (e.g. a tokenizer's attention_mask).
 
@@ -80,7 +81,7 @@ def trace_spec(model: torch.nn.Module, example_inputs: tuple, example_kwargs: di
 
 
 def trace_model(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> TraceResult:
-    was_training = model.training
+    modes = {name: m.training for name, m in model.named_modules()}
     model.eval()
     try:
         with torch.no_grad():
@@ -92,7 +93,8 @@ def trace_model(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
             "describe the groups by hand with fastmerge.spec.SpecBuilder or a YAML spec"
         ) from exc
     finally:
-        model.train(was_training)
+        for name, m in model.named_modules():
+            m.training = modes[name]
     return _Tracer(model, program).run()
 
 
@@ -109,6 +111,12 @@ class _Tracer:
         self.state_names = set(model.state_dict().keys())
         sig = program.graph_signature
         self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+        # names that share one tensor (tied weights): every alias is a member wherever one is
+        by_storage: dict = {}
+        for n, t in model.state_dict(keep_vars=True).items():
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            by_storage.setdefault(key, []).append(n)
+        self.aliases = {n: names for names in by_storage.values() for n in names if len(names) > 1}
 
     # ------------------------------------------------------------------ walking
     def run(self) -> TraceResult:
@@ -150,13 +158,16 @@ class _Tracer:
         if name is None or name not in self.state_names or not val.is_floating_point():
             # user inputs, non-persistent buffers, integer buffers: not permutable
             return Info([opaque(n) for n in shape], shape)
+        if not node.users:  # e.g. the second name of a tied parameter: export uses the first
+            return Info([opaque(n) for n in shape], shape)
         dims = []
         for axis, n in enumerate(shape):
             space = self.table.new(n)
             if n > 1:
-                self.members.append((name, axis, space))
+                for alias in self.aliases.get(name, [name]):  # tied parameters: one tensor, several names
+                    self.members.append((alias, axis, space))
             dims.append(plain(space))
-        return Info(dims, shape, param=name)
+        return Info(dims, shape, param=name, param_axes=tuple(range(len(shape))))
 
     def constant(self, node) -> Info | None:
         val = node.meta.get("val")
@@ -180,8 +191,28 @@ class _Tracer:
                 return None
             return self.unknown_op(name, args, kwargs, out_meta)
         self.node = node
+        self.bound = _bind(target, args, kwargs)
         result = handler(self, args, kwargs, out_meta)
+        self.check_shapes(result, out_meta, name)
         return self.prune(result, name)
+
+    def check_shapes(self, value, meta, name):
+        """A handler's layouts must match the real shapes; if they ever drift (an op form the
+        handler did not expect), the safe answer is to fix what the op touched."""
+        if isinstance(value, Info) and isinstance(meta, torch.Tensor):
+            shape = _shape(meta)
+            ok = len(value.dims) == len(shape) and all(size_of(d) == n for d, n in zip(value.dims, shape))
+            if not ok:
+                for v in _flatten([self.lookup(a) for a in self.node.args]):
+                    if isinstance(v, Info):
+                        for d in v.dims:
+                            self.fix(d, f"{name}: layout out of step with the shapes")
+                for d in value.dims:
+                    self.fix(d, f"{name}: layout out of step with the shapes")
+                value.dims, value.shape = [opaque(n) for n in shape], shape
+        elif isinstance(value, (list, tuple)) and isinstance(meta, (list, tuple)):
+            for v, m in zip(value, meta):
+                self.check_shapes(v, m, name)
 
     def prune(self, value, name):
         if isinstance(value, Info):
@@ -201,9 +232,12 @@ class _Tracer:
 
     # ------------------------------------------------------------------ helpers for handlers
     def role(self, info, axis: int, role: str) -> None:
-        if isinstance(info, Info) and info.param is not None and info.shape:
-            key = (info.param, axis % len(info.shape))
-            self.roles.setdefault(key, set()).add(role)
+        """Records how a parameter axis is used (for dense transforms), through views of it."""
+        if isinstance(info, Info) and info.param is not None and info.shape and info.param_axes is not None:
+            param_axis = info.param_axes[axis % len(info.shape)]
+            if param_axis is not None:
+                for alias in self.aliases.get(info.param, [info.param]):
+                    self.roles.setdefault((alias, param_axis), set()).add(role)
 
     def unify(self, a: Layout, b: Layout) -> Layout:
         return unify_layouts(self.table, a, b, self.where())
@@ -223,6 +257,22 @@ class _Tracer:
         cls = str(type_name).rsplit(".", 1)[-1].strip("'>")
         if cls in _TAP_PREFERENCE and path:
             self.taps.append(TapCandidate(_TAP_PREFERENCE[cls], self.order, path, dim, list(x.dims[dim])))
+
+
+def _bind(target, args, kwargs) -> dict:
+    """Arguments by schema name (positional or keyword, defaults filled in)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return dict(kwargs)
+    out = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+    return out
 
 
 def _op_name(target) -> str:
@@ -292,7 +342,10 @@ def _unary(t: _Tracer, args, kwargs, meta):
     x = args[0]
     if not isinstance(x, Info):
         return opaque_like(meta)
-    return Info([list(d) for d in x.dims], x.shape)
+    others = [v for v in list(args[1:]) + list(kwargs.values()) if isinstance(v, Info)]
+    if others:  # clamp(x, min=tensor), ...: elementwise in every tensor operand
+        return _broadcast(t, [x] + others, meta)
+    return Info([list(d) for d in x.dims], x.shape, x.param, x.param_axes)
 
 
 @handles("native_dropout")
@@ -318,10 +371,10 @@ def _broadcast(t: _Tracer, operands, meta, param_role: str = "param") -> Info:
             continue
         offset = ndim - len(x.shape)
         for i, d in enumerate(x.dims):
-            t.role(x, i, param_role) if x.shape[i] > 1 else None
             j = offset + i
             if x.shape[i] == 1:
                 continue
+            t.role(x, i, param_role)
             dims[j] = list(d) if dims[j] is None else t.unify(dims[j], d)
     return Info([d if d is not None else [] for d in dims], shape)
 
@@ -367,47 +420,64 @@ def _opaque_creation(t, args, kwargs, meta):
 
 # reductions ------------------------------------------------------------------------------
 @handles("sum", "mean", "amax", "amin", "var", "std", "logsumexp", "norm", "prod", "all", "any", "nansum",
-         "linalg_vector_norm")
+         "linalg_vector_norm", "max", "min", "var_mean", "std_mean", "median", "nanmedian", "mode")
 def _reduce(t, args, kwargs, meta):
-    """Sum/mean/max over a feature axis is invariant to permuting it; the axis disappears."""
+    """Sum/mean/max over a feature axis is invariant to permuting it; the axis disappears. When
+    indices come out too (max.dim, median), they name positions: the reduced axes are fixed."""
     x = args[0]
     if not isinstance(x, Info):
         return opaque_like(meta)
-    dims_arg = args[1] if len(args) > 1 else kwargs.get("dim")
-    if dims_arg is None or dims_arg == [] or isinstance(dims_arg, (float, str)):
-        reduced = set(range(len(x.shape)))
+    if len(args) > 1 and isinstance(args[1], Info):  # elementwise max(a, b) / min(a, b)
+        return _broadcast(t, args[:2], meta)
+    dims_arg = t.bound.get("dim")
+    n = len(x.shape)
+    if dims_arg is None or dims_arg == []:
+        reduced = set(range(n))
     else:
-        dims_arg = [dims_arg] if isinstance(dims_arg, int) else dims_arg
-        reduced = {_dim(d, len(x.shape)) for d in dims_arg}
-    out_shape = _shape(meta if isinstance(meta, torch.Tensor) else meta[0])
-    keep = [list(d) for i, d in enumerate(x.dims) if i not in reduced]
-    if len(out_shape) == len(x.shape):  # keepdim
+        reduced = {_dim(d, n) for d in ([dims_arg] if isinstance(dims_arg, int) else dims_arg)}
+    first = meta if isinstance(meta, torch.Tensor) else meta[0]
+    out_shape = _shape(first)
+    if len(out_shape) == n and n:  # keepdim
         keep = [[] if i in reduced else list(d) for i, d in enumerate(x.dims)]
-    out = Info(keep, out_shape)
-    if isinstance(meta, (list, tuple)):  # (values, indices) or (var, mean)
-        return [out] + [Info([list(d) for d in keep], out_shape) for _ in meta[1:]]
-    return out
+    else:
+        keep = [list(d) for i, d in enumerate(x.dims) if i not in reduced]
+    if not isinstance(meta, torch.Tensor):
+        name = _op_name(t.node.target)
+        if name not in ("var_mean", "std_mean"):  # (values, indices)
+            for i in reduced:
+                t.fix(x.dims[i], f"{t.where()}: indices along the reduced axis")
+        return [Info([list(d) for d in keep], _shape(m)) for m in meta]
+    return Info(keep, out_shape)
 
 
-@handles("max", "min", "var_mean", "std_mean")
-def _reduce_pair(t, args, kwargs, meta):
-    if isinstance(meta, torch.Tensor):
-        if len(args) > 1 and isinstance(args[1], Info):  # elementwise max(a, b)
-            return _broadcast(t, args[:2], meta)
-        return _reduce(t, args, kwargs, meta)
-    return _reduce(t, args, kwargs, meta)
-
-
-@handles("argmax", "argmin", "sort", "topk", "cumsum", "cumprod", "cummax", "flip", "roll")
+@handles("argmax", "argmin", "sort", "topk", "cumsum", "cumprod", "cummax", "cummin", "flip", "roll", "argsort",
+         "kthvalue")
 def _order_dependent(t, args, kwargs, meta):
-    """Results that depend on the order of units along an axis: that axis cannot move."""
+    """Results that depend on the order of units along some axes: those axes are fixed (and
+    become non-features); the other axes keep their layout."""
     x = args[0]
-    if isinstance(x, Info):
-        dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim")
-        dims = range(len(x.shape)) if dim is None or isinstance(dim, (list, tuple)) else [_dim(dim, len(x.shape))]
-        for i in dims:
-            t.fix(x.dims[i], f"{t.where()}: depends on the order of units")
-    return opaque_like(meta)
+    if not isinstance(x, Info):
+        return opaque_like(meta)
+    n = len(x.shape)
+    dims_arg = t.bound.get("dims", t.bound.get("dim"))
+    if dims_arg is None or dims_arg == []:
+        touched = set(range(n))
+    else:
+        touched = {_dim(d, n) for d in ([dims_arg] if isinstance(dims_arg, int) else dims_arg)}
+    for i in touched:
+        t.fix(x.dims[i], f"{t.where()}: depends on the order of units")
+    metas = meta if isinstance(meta, (list, tuple)) else [meta]
+    outs = []
+    for m in metas:
+        shape = _shape(m)
+        if len(shape) == n:
+            dims = [opaque(shape[i]) if i in touched else list(x.dims[i]) for i in range(n)]
+        else:  # the axis was reduced (argmax without keepdim)
+            dims = [list(x.dims[i]) for i in range(n) if i not in touched]
+            if len(dims) != len(shape):
+                dims = [opaque(k) for k in shape]
+        outs.append(Info(dims, shape))
+    return outs if isinstance(meta, (list, tuple)) else outs[0]
 
 
 # shape ops -------------------------------------------------------------------------------
@@ -419,7 +489,13 @@ def _reshape(t, args, kwargs, meta):
     if not isinstance(x, Info):
         return opaque_like(meta)
     if out_shape == x.shape:
-        return Info([list(d) for d in x.dims], out_shape)
+        return Info([list(d) for d in x.dims], out_shape, x.param, x.param_axes)
+    if x.param_axes is not None and [n for n in out_shape if n != 1] == [n for n in x.shape if n != 1]:
+        # only size-1 axes added or removed: still the parameter's axes, in order
+        kept = iter([a for a, n in zip(x.param_axes, x.shape) if n != 1])
+        axes = tuple(next(kept) if n != 1 else None for n in out_shape)
+        dims = iter([d for d, n in zip(x.dims, x.shape) if n != 1])
+        return Info([list(next(dims)) if n != 1 else [] for n in out_shape], out_shape, x.param, axes)
     dims = reshape_layout(t.table, x.dims, list(out_shape), t.where())
     if dims is None:
         for d in x.dims:
@@ -453,7 +529,8 @@ def _permute(t, args, kwargs, meta):
             order[d] = s
         it = iter(rest)
         order = [o if o is not None else next(it) for o in order]
-    return Info([list(x.dims[i]) for i in order], _shape(meta))
+    axes = tuple(x.param_axes[i] for i in order) if x.param_axes is not None else None
+    return Info([list(x.dims[i]) for i in order], _shape(meta), x.param, axes)
 
 
 @handles("expand", "expand_copy", "broadcast_to")
@@ -625,13 +702,16 @@ def _cat(t, args, kwargs, meta):
                 t.role(x, dim, "out")
                 layout = x.dims[i]
                 n = x.shape[i]
-                if layout and all(f.opaque for f in layout):
+                if layout and all(f.opaque or all(find(sp).fixed for sp in f.spaces()) for f in layout):
                     parts.append(t.table.new(n, fixed=True, why=f"{t.where()}: concatenated with non-features"))
                     continue
                 part = t.table.new(n)
                 unify_layouts(t.table, plain(part), layout, t.where())
                 parts.append(part)
-            dims.append(plain(t.table.concat(parts)) if len(parts) > 1 else plain(parts[0]))
+            if all(find(p).fixed for p in parts):
+                dims.append(opaque(out_shape[i]))  # nothing here can move (e.g. rotary tables)
+            else:
+                dims.append(plain(t.table.concat(parts)) if len(parts) > 1 else plain(parts[0]))
         else:
             merged = None
             for x in tensors:
@@ -656,27 +736,42 @@ def _stack(t, args, kwargs, meta):
     return Info(merged, out_shape)
 
 
-@handles("index_select", "gather", "index", "take_along_dim", "scatter", "index_put", "scatter_add")
+@handles("index_select", "gather", "index", "take_along_dim", "scatter", "index_put", "scatter_add", "index_add",
+         "index_copy", "masked_select", "masked_scatter")
 def _indexing(t, args, kwargs, meta):
-    """Indexing by data: the indexed axes cannot move (the index values name positions)."""
+    """Indexing by data: the indexed axes cannot move (the index values name positions) and become
+    non-features; the untouched axes keep their layout where the result keeps them."""
     x = args[0]
     name = _op_name(t.node.target)
-    if isinstance(x, Info):
-        if name == "index":
-            for i, idx in enumerate(args[1]):
-                if idx is not None:
-                    t.fix(x.dims[i], f"{t.where()}: indexed by data")
-        elif name in ("index_select", "gather", "take_along_dim", "scatter", "scatter_add"):
-            dim = args[1] if len(args) > 1 and isinstance(args[1], int) else None
-            for i in range(len(x.shape)) if dim is None else [_dim(dim, len(x.shape))]:
-                t.fix(x.dims[i], f"{t.where()}: indexed by data")
-        else:
-            return t.unknown_op(name, args, kwargs, meta)
-    for other in args[1:]:
+    for other in args[1:]:  # index tensors and sources: their values are not permuted with us
         for v in _flatten(other):
             if isinstance(v, Info):
                 for d in v.dims:
-                    t.fix(d)
+                    t.fix(d, f"{t.where()}: used as an index or a scattered source")
+    if not isinstance(x, Info):
+        return opaque_like(meta)
+    n, out_shape = len(x.shape), _shape(meta)
+    if name == "index":
+        indexed = [i for i, idx in enumerate(args[1]) if idx is not None]
+        for i in indexed:
+            t.fix(x.dims[i], f"{t.where()}: indexed by data")
+        rest = [i for i in range(n) if i not in indexed]
+        k = len(out_shape) - len(rest)  # dims of the broadcast index
+        if indexed and indexed == list(range(indexed[0], indexed[-1] + 1)):
+            lead = [i for i in rest if i < indexed[0]]
+            dims = [list(x.dims[i]) for i in lead] + [opaque(m) for m in out_shape[len(lead) : len(lead) + k]]
+            dims += [list(x.dims[i]) for i in rest if i > indexed[-1]]
+        else:
+            dims = [opaque(m) for m in out_shape[:k]] + [list(x.dims[i]) for i in rest]
+        return Info(dims, out_shape)
+    if name == "index_select":
+        dim = _dim(t.bound.get("dim", 0), n)
+        t.fix(x.dims[dim], f"{t.where()}: indexed by data")
+        dims = [list(d) for d in x.dims]
+        dims[dim] = opaque(out_shape[dim])
+        return Info(dims, out_shape)
+    for d in x.dims:  # gather/scatter/masked ops: positions follow the data
+        t.fix(d, f"{t.where()}: indexed by data")
     return opaque_like(meta)
 
 
@@ -701,27 +796,37 @@ def _linear(t, args, kwargs, meta):
     t.role(w, 1, "in")
     t.role(b, 0, "out")
     t.tap(x, -1)
-    x_last = t.unify(x.dims[-1], w.dims[1])
+    t.unify(x.dims[-1], w.dims[1])
     out = [list(d) for d in x.dims[:-1]] + [list(w.dims[0])]
     if isinstance(b, Info):
         out[-1] = t.unify(out[-1], b.dims[0])
-    del x_last
     return Info(out, _shape(meta))
 
 
 @handles("addmm")
 def _addmm(t, args, kwargs, meta):
     bias, a, b = args[0], args[1], args[2]
+    t.role(b, 0, "in")
+    t.role(b, 1, "out")
+    t.role(bias, -1, "out")
+    t.tap(a, -1)
     out = _matmul_dims(t, a, b)
     if isinstance(bias, Info) and bias.shape and bias.shape[-1] > 1:
         out[-1] = t.unify(out[-1], bias.dims[-1])
     return Info(out, _shape(meta))
 
 
+def _shared_families(t: _Tracer, contracted: list, batch: list) -> list:
+    """A contracted axis pairs element (.., e) of one operand with (.., e) of the other for every
+    row/column combination; per-block (family) transforms on it are consistent only when the
+    block index is a batch dim both operands share. Otherwise the blocks must share one."""
+    return prune_families(t.table, contracted, t.where(), present_in=batch)
+
+
 def _matmul_dims(t: _Tracer, a: Info, b: Info) -> list:
     """Layouts of a @ b with numpy broadcasting of batch dims; the contracted axes unify."""
     if not isinstance(a, Info) or not isinstance(b, Info):
-        raise SpecError("matmul of a non-tensor")
+        raise SpecError(f"{t.where()}: matrix product with an operand that is not a tensor")
     a_dims, b_dims = [list(d) for d in a.dims], [list(d) for d in b.dims]
     a_shape, b_shape = list(a.shape), list(b.shape)
     squeeze_a = squeeze_b = False
@@ -744,6 +849,7 @@ def _matmul_dims(t: _Tracer, a: Info, b: Info) -> list:
             batch.append(da)
         else:
             batch.append(t.unify(da, db))
+    a_dims[-1], b_dims[-2] = _shared_families(t, [a_dims[-1], b_dims[-2]], batch)
     t.unify(a_dims[-1], b_dims[-2])
     out = batch + [a_dims[-2], b_dims[-1]]
     if squeeze_b:
@@ -756,8 +862,12 @@ def _matmul_dims(t: _Tracer, a: Info, b: Info) -> list:
 @handles("mm", "bmm", "matmul")
 def _mm(t, args, kwargs, meta):
     a, b = args[0], args[1]
-    t.role(b, -2, "in") if isinstance(b, Info) and len(b.shape) >= 2 else None
-    t.role(b, -1, "out") if isinstance(b, Info) and len(b.shape) >= 2 else None
+    if isinstance(b, Info) and len(b.shape) >= 2:  # x @ W: W's rows meet x's units
+        t.role(b, -2, "in")
+        t.role(b, -1, "out")
+    if isinstance(a, Info) and len(a.shape) >= 2:  # W @ x
+        t.role(a, -2, "out")
+        t.role(a, -1, "in")
     return Info(_matmul_dims(t, a, b), _shape(meta))
 
 
@@ -788,8 +898,10 @@ def _sdpa(t, args, kwargs, meta):
             dv = list(dv) + replica(nq // nk)
         merged = t.unify(t.unify(list(dq), dk), dv) if nq > 1 else list(dq)
         batch.append(merged)
-    t.unify(q.dims[-1], k.dims[-1])
-    t.unify(k.dims[-2], v.dims[-2])
+    qd, kd = _shared_families(t, [list(q.dims[-1]), list(k.dims[-1])], batch)
+    t.unify(qd, kd)
+    kd2, vd = _shared_families(t, [list(k.dims[-2]), list(v.dims[-2])], batch)
+    t.unify(kd2, vd)
     mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
     if isinstance(mask, Info):
         ref = Info(batch + [list(q.dims[-2]), list(k.dims[-2])], tuple(q.shape[:-1]) + (k.shape[-2],))
@@ -803,35 +915,32 @@ def _sdpa(t, args, kwargs, meta):
 @handles("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
 def _conv(t, args, kwargs, meta):
     x, w = args[0], args[1]
-    b = args[2] if len(args) > 2 else None
-    name = _op_name(t.node.target)
-    groups = 1
-    if name in ("conv1d", "conv2d", "conv3d"):
-        groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
-    else:
-        if (args[6] if len(args) > 6 else False):  # transposed convolution
-            return t.unknown_op("conv_transpose", args, kwargs, meta)
-        groups = args[8] if len(args) > 8 else 1
+    b = t.bound.get("bias")
+    if t.bound.get("transposed", False):
+        return t.unknown_op("conv_transpose", args, kwargs, meta)
+    groups = t.bound.get("groups", 1)
     out_shape = _shape(meta)
+    batched = len(x.shape) == len(w.shape)
+    c = 1 if batched else 0  # channel axis
     t.role(w, 0, "out")
     t.role(w, 1, "in")
     t.role(b, 0, "out")
-    t.tap(x, 1)
-    for d in w.dims[2:]:  # kernel taps are positions, not units
-        t.fix(d, f"{t.where()}: convolution kernel positions")
+    t.tap(x, c)
+    for d in list(w.dims[2:]) + list(x.dims[c + 1 :]):  # kernel taps and input positions
+        t.fix(d, f"{t.where()}: convolution positions")
     if groups == 1:
-        t.unify(x.dims[1], w.dims[1])
+        t.unify(x.dims[c], w.dims[1])
         channels = list(w.dims[0])
     else:
-        c_in, c_out = x.shape[1], w.shape[0]
+        c_in, c_out = x.shape[c], w.shape[0]
         x_space = t.table.new(c_in)
-        t.unify(plain(x_space), x.dims[1])
+        t.unify(plain(x_space), x.dims[c])
         split_in = t.table.split(x_space, groups)
         w_space = t.table.new(c_out)
         t.unify(plain(w_space), w.dims[0])
         split_out = t.table.split(w_space, groups)
         if split_in is None or split_out is None:
-            t.fix(x.dims[1])
+            t.fix(x.dims[c])
             t.fix(w.dims[0])
         else:
             t.table.unify(split_in[0], split_out[0], t.where())
@@ -840,7 +949,7 @@ def _conv(t, args, kwargs, meta):
         channels = plain(w_space)
     if isinstance(b, Info):
         channels = t.unify(channels, b.dims[0])
-    dims = [list(x.dims[0]), channels] + [opaque(n) for n in out_shape[2:]]
+    dims = ([list(x.dims[0])] if batched else []) + [channels] + [opaque(n) for n in out_shape[c + 1 :]]
     return Info(dims, out_shape)
 
 
@@ -855,22 +964,30 @@ def _pool(t, args, kwargs, meta):
     spatial = {"1d": 1, "2d": 2, "3d": 3}
     name = _op_name(t.node.target)
     n_spatial = next((v for k, v in spatial.items() if k in name), 2)
+    keep = len(x.shape) - n_spatial
+    for d in x.dims[keep:]:  # the pooled axes are positions
+        t.fix(d, f"{t.where()}: pooled positions")
     results = []
     for m in outs:
         shape = _shape(m)
-        keep = len(shape) - n_spatial
         dims = [list(d) for d in x.dims[:keep]] + [opaque(n) for n in shape[keep:]]
         results.append(Info(dims, shape))
     return results if isinstance(meta, (list, tuple)) else results[0]
 
 
 # normalisation ---------------------------------------------------------------------------
-def _norm_params(t: _Tracer, x: Info, axes: list, params: list) -> None:
-    for p in params:
-        if isinstance(p, Info):
-            for pa, xa in enumerate(axes):
+def _norm_params(t: _Tracer, x: Info, axes: list, params: list) -> Info:
+    """Per-unit parameters of a norm share the normalised units with each other and with x; the
+    output is laid out like them (a copied input axis stops being a copy after the affine)."""
+    dims = [list(d) for d in x.dims]
+    for pa, xa in enumerate(axes):
+        layout = dims[xa]
+        for p in params:
+            if isinstance(p, Info):
                 t.role(p, pa, "param")
-                t.unify(x.dims[xa], p.dims[pa])
+                layout = t.unify(layout, p.dims[pa])
+        dims[xa] = layout
+    return Info(dims, x.shape)
 
 
 @handles("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm")
@@ -880,8 +997,7 @@ def _layer_norm(t, args, kwargs, meta):
     axes = list(range(len(x.shape) - k, len(x.shape)))
     t.tap(x, -1)
     params = [a for a in args[2:4] if isinstance(a, Info)]
-    _norm_params(t, x, axes, params)
-    out = Info([list(d) for d in x.dims], x.shape)
+    out = _norm_params(t, x, axes, params)
     if isinstance(meta, (list, tuple)):
         return [out] + [opaque_like(m) for m in meta[1:]]
     return out
@@ -893,8 +1009,7 @@ def _batch_norm(t, args, kwargs, meta):
     x = args[0]
     t.tap(x, 1)
     params = [a for a in args[1:5] if isinstance(a, Info)]
-    _norm_params(t, x, [1], params)
-    out = Info([list(d) for d in x.dims], x.shape)
+    out = _norm_params(t, x, [1], params)
     if isinstance(meta, (list, tuple)):
         return [out] + [opaque_like(m) for m in meta[1:]]
     return out
@@ -915,8 +1030,7 @@ def _group_norm(t, args, kwargs, meta):
     t.unify(plain(space), x.dims[1])
     if t.table.split(space, groups) is None:
         t.fix(x.dims[1], f"{t.where()}: channel groups across an existing structure")
-    _norm_params(t, x, [1], params)
-    out = Info([list(d) for d in x.dims], x.shape)
+    out = _norm_params(t, x, [1], params)
     if isinstance(meta, (list, tuple)):
         return [out] + [opaque_like(m) for m in meta[1:]]
     return out
