@@ -18,15 +18,14 @@ def match_permutation(rho: torch.Tensor) -> tuple[torch.Tensor, float]:
     return cols[None, :], float(rho[torch.arange(rho.shape[0]), cols].mean()) if rho.numel() else 0.0
 
 
-def _sym_power(s: torch.Tensor, power: float, floor: float) -> torch.Tensor:
-    """S^power of a symmetric PSD matrix through eigh (float64), eigenvalues clamped at floor."""
-    evals, evecs = torch.linalg.eigh(s)
-    evals = evals.clamp_min(floor)
-    return (evecs * evals.pow(power)) @ evecs.T
+def _powers(evals: torch.Tensor, evecs: torch.Tensor, shift: float, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S + shift I)^(1/2) and ^(-1/2) from S's eigendecomposition, eigenvalues clamped at floor."""
+    lam = (evals + shift).clamp_min(floor)
+    return (evecs * lam.sqrt()) @ evecs.T, (evecs * lam.rsqrt()) @ evecs.T
 
 
 def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *, reg: float = 0.1,
-                  relative: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  relative: bool = True, eigh_xx=None, eigh_yy=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CCA Merge transform of model y's units into the reference x's basis.
 
     With S_xx = Sigma_xx + g I and S_yy = Sigma_yy + g I (g = reg * mean variance when relative),
@@ -34,6 +33,9 @@ def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *,
     T = S_xx^1/2 U V^T S_yy^-1/2 and its inverse T^-1 = S_yy^1/2 V U^T S_xx^-1/2 (built from the
     factors, never by inverting T). g -> 0 is exact CCA whitening; g -> inf gives the orthogonal
     Procrustes rotation U V^T of S_xy.
+
+    eigh_xx / eigh_yy: eigendecompositions of Sigma_xx / Sigma_yy to reuse (the inverse square
+    roots come from them through eigh, never from three SVDs).
 
     Returns:
         (T, T^-1, canonical correlations r), float64.
@@ -44,11 +46,11 @@ def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *,
         raise InvalidArgumentError(f"CCA regularisation must be >= 0, got {reg}")
     scale = float((s_xx.diagonal().mean() + s_yy.diagonal().mean()) / 2) if c else 1.0
     g = reg * scale if relative else reg
-    eye = torch.eye(c, dtype=torch.float64)
-    a, b = s_xx + g * eye, s_yy + g * eye
     floor = 1e-12 * max(scale, 1e-300)
-    a_half, a_inv_half = _sym_power(a, 0.5, floor), _sym_power(a, -0.5, floor)
-    b_half, b_inv_half = _sym_power(b, 0.5, floor), _sym_power(b, -0.5, floor)
+    ex, vx = eigh_xx if eigh_xx is not None else torch.linalg.eigh(s_xx)
+    ey, vy = eigh_yy if eigh_yy is not None else torch.linalg.eigh(s_yy)
+    a_half, a_inv_half = _powers(ex.double(), vx.double(), g, floor)
+    b_half, b_inv_half = _powers(ey.double(), vy.double(), g, floor)
     u, r, vh = torch.linalg.svd(a_inv_half @ s_xy @ b_inv_half)
     rotation = u @ vh
     t = a_half @ rotation @ b_inv_half

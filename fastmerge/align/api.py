@@ -59,6 +59,7 @@ def _distance_from_identity(t) -> float:
 def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: MergeSpec, stats=None,
           data: Iterable | None = None, reference: int = 0, reg: float = 0.1, relative_reg: bool = True,
           alpha: float = 0.5, beta: float = 0.0, max_iter: int = 100, seed: int = 0, merge_many: bool | None = None,
+          restarts: int = 1,
           stats_options: dict | None = None, progress: bool = True) -> Alignment:
     """Aligns every model to the reference (units of the other models re-ordered or transformed
     into the reference's basis).
@@ -72,7 +73,8 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
         reference: the model the others are aligned to.
         reg, relative_reg: CCA regularisation (relative: times the mean unit variance).
         alpha, beta: ZipIt's similarity decay and within-model merge budget.
-        max_iter, seed, merge_many: weight matching options.
+        max_iter, seed, merge_many, restarts: weight matching options (restarts: coordinate
+            descents from different random group orders, the best objective is kept).
     """
     if method not in METHODS:
         raise InvalidArgumentError(f"unknown alignment method {method!r}; choose one of {METHODS}")
@@ -116,7 +118,9 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
                         continue
                     t, t_inv, r = cca_transform(stats.covariance(g.name, reference, reference),
                                                 stats.covariance(g.name, i, i), stats.covariance(g.name, reference, i),
-                                                reg=reg, relative=relative_reg)
+                                                reg=reg, relative=relative_reg,
+                                                eigh_xx=stats.covariance_eigh(g.name, reference),
+                                                eigh_yy=stats.covariance_eigh(g.name, i))
                     transforms[i][g.name] = Dense(out=t[None], inp=t_inv[None])
                     info.setdefault("canonical_correlations", {})[i] = r
             elif method == "zipit" and dense_ok(g):
@@ -133,7 +137,7 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
     remaining = [g for g in spec.groups if g.name not in frozen]
     if remaining:
         perms, info = weight_matching(spec, states, reference=reference, max_iter=max_iter, seed=seed,
-                                      merge_many=merge_many, frozen=frozen)
+                                      merge_many=merge_many, restarts=restarts, frozen=frozen)
         for g in remaining:
             for i in range(n):
                 transforms[i][g.name] = perms[i][g.name]

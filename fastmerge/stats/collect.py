@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +34,15 @@ class Stats:
 
     states: dict[str, CovarianceState]
     num_models: int
+    _eigh: dict = field(default_factory=dict, repr=False)
+
+    def covariance_eigh(self, group: str, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """eigh of model i's covariance (float64), computed once: CCA needs it for every
+        regularisation value it tries, and (S + g I)^p shares S's eigenvectors."""
+        key = (group, i)
+        if key not in self._eigh:
+            self._eigh[key] = torch.linalg.eigh(self.covariance(group, i, i).double())
+        return self._eigh[key]
 
     def correlation(self, group: str, i: int, j: int) -> torch.Tensor:
         return self.states[group].correlation(i, j)
