@@ -160,8 +160,10 @@ def merge_tuned(models, method: str, split: Split, *, spec=None) -> tuple[nn.Mod
     from .stats import collect_stats
 
     data = batches(split.x_fit)
-    grid: list[dict] = [{"restarts": 5}] if method == "weight_matching" else [{}]
-    if method == "cca":
+    grid: list[dict] = [{}]
+    if method == "weight_matching":  # all-to-one or MergeMany for more than two models
+        grid = [{"restarts": 5, "merge_many": mm} for mm in ((False, True) if len(models) > 2 else (False,))]
+    elif method == "cca":
         grid = [{"reg": r} for r in CCA_GRID]
     elif method == "zipit":
         grid = [{"alpha": a, "beta": b} for a, b in ZIPIT_GRID]
