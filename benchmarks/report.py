@@ -16,13 +16,19 @@ from collections import defaultdict
 def ratio(info: dict, t_ours: float, t_base: float) -> float:
     if info["ratio_kind"] == "bandwidth":
         return (info["ours_bytes"] / t_ours) / (info["baseline_bytes"] / t_base)
+    if info["ratio_kind"] == "overhead":
+        return t_ours / t_base
     return t_base / t_ours
 
 
 def table(data: dict) -> str:
     sides = defaultdict(dict)
+    notes = []
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
+        if "report" in info:  # a benchmark that reports its own lines
+            notes += info["report"]
+            continue
         sides[info["workload"]][info["side"]] = (bench["stats"]["min"], info)
     lines = ["| workload | fastmerge (s) | baseline | baseline (s) | ratio | target |", "|---|---|---|---|---|---|"]
     for name, pair in sides.items():
@@ -30,15 +36,21 @@ def table(data: dict) -> str:
             continue
         (t_ours, info), (t_base, _) = pair["fastmerge"], pair["baseline"]
         r = ratio(info, t_ours, t_base)
-        kind = "bandwidth" if info["ratio_kind"] == "bandwidth" else "speed"
+        overhead = info["ratio_kind"] == "overhead"
+        kind = {"bandwidth": "bandwidth", "overhead": "time"}.get(info["ratio_kind"], "speed")
         target = info.get("target")
-        verdict = "" if target is None else (" (met)" if r >= target else " (MISSED)")
+        met = None if target is None else (r <= target if overhead else r >= target)
+        verdict = "" if met is None else (" (met)" if met else " (MISSED)")
+        bound = "<= " if overhead else ">= "
         lines.append(f"| {name} | {t_ours:.4f} | {info['baseline_name']} | {t_base:.4f} | {r:.2f}x {kind}{verdict} | "
-                     f"{'>= ' + str(target) if target is not None else 'report'} |")
+                     f"{bound + str(target) if target is not None else 'report'} |")
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {}).get("brand_raw", "?")
     header = f"machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores; {data.get('datetime', '')}"
-    return header + "\n\n" + "\n".join(lines)
+    out = header + "\n\n" + "\n".join(lines)
+    if notes:
+        out += "\n\n" + "\n".join(notes)
+    return out
 
 
 if __name__ == "__main__":

@@ -54,9 +54,11 @@ def format_table(results: list[Result]) -> str:
     rows = ["| workload | fastmerge (s) | baseline | baseline (s) | ratio | target |", "|---|---|---|---|---|---|"]
     for r in results:
         w = r.workload
-        kind = "bandwidth" if w.ratio_kind == "bandwidth" else "speed"
-        target = f">= {w.target}" if w.target is not None else "report"
-        ok = "" if w.target is None else (" (met)" if r.ratio >= w.target else " (MISSED)")
+        kind = {"bandwidth": "bandwidth", "overhead": "time"}.get(w.ratio_kind, "speed")
+        bound = "<=" if w.ratio_kind == "overhead" else ">="
+        target = f"{bound} {w.target}" if w.target is not None else "report"
+        met = w.met(r.ratio)
+        ok = "" if met is None else (" (met)" if met else " (MISSED)")
         rows.append(
             f"| {w.name} | {r.t_ours:.4f} | {w.baseline_name} | {r.t_baseline:.4f} | {r.ratio:.2f}x {kind}{ok} | {target} |"
         )

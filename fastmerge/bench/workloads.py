@@ -25,7 +25,7 @@ class Workload:
     ours: Callable[[], object]
     baseline: Callable[[], object]
     baseline_name: str
-    ratio_kind: str  # "time" (t_base / t_ours) or "bandwidth"
+    ratio_kind: str  # "time" (t_base / t_ours), "bandwidth", or "overhead" (t_ours / t_base, lower is better)
     ours_bytes: float = 0.0  # bytes moved per call, for bandwidth ratios
     baseline_bytes: float = 0.0
     target: float | None = None  # the floor for the ratio
@@ -34,7 +34,14 @@ class Workload:
     def ratio(self, t_ours: float, t_baseline: float) -> float:
         if self.ratio_kind == "bandwidth":
             return (self.ours_bytes / t_ours) / (self.baseline_bytes / t_baseline)
+        if self.ratio_kind == "overhead":
+            return t_ours / t_baseline
         return t_baseline / t_ours
+
+    def met(self, ratio: float) -> bool | None:
+        if self.target is None:
+            return None
+        return ratio <= self.target if self.ratio_kind == "overhead" else ratio >= self.target
 
 
 def covariance(rows: int = 65536, cols: int = 2048, seed: int = 0) -> Workload:

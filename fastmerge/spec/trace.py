@@ -614,12 +614,17 @@ def _slice(t, args, kwargs, meta):
         start = max(0, start + size if start < 0 else start)
         stop = min(size, stop + size if stop < 0 else stop)
     dims = [list(d) for d in x.dims]
-    if step != 1:
-        t.fix(dims[dim], f"{t.where()}: strided slice")
+    partial = not (start <= 0 and stop >= size and step == 1)
+    if step != 1 or (partial and x.param is not None):
+        # A strided slice; or part of a parameter/buffer cut to the traced input's size (a causal
+        # mask cut to the sequence length): the units left out would be used by other input
+        # shapes, so the axis cannot move.
+        t.fix(dims[dim], f"{t.where()}: {'strided slice' if step != 1 else 'parameter cut to the input size'}")
         dims[dim] = opaque(len(range(start, stop, step)))
     else:
         dims[dim] = _slice_layout(t, dims[dim], size, start, stop, t.where())
-    return Info(dims, _shape(meta))
+    # still a view of the parameter: a later cut along another axis is a cut of the parameter too
+    return Info(dims, _shape(meta), x.param, x.param_axes)
 
 
 @handles("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split")

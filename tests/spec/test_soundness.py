@@ -176,3 +176,18 @@ def test_check_never_draws_identity_for_a_wrong_group():
     for seed in range(4):
         with pytest.raises(SpecError, match="'out'"):
             check_spec(wrong, model, (torch.randn(4, 3),), trials=1, seed=seed)
+
+
+def test_a_buffer_cut_to_the_input_length_is_not_permuted():
+    # GPT-2's causal mask (block_size x block_size) is cut to the traced length: the rows and
+    # columns left out would be used by longer inputs, so no group may contain them.
+    import fastmerge.zoo as zoo
+
+    torch.manual_seed(0)
+    model = zoo.gpt2(block_size=32).eval()
+    ids = (torch.randint(0, 64, (2, 16)),)
+    spec = trace_spec(model, ids)
+    assert not [m for g in spec.groups for m in g.members if m.tensor.split(".")[-2:] == ["attn", "bias"]]
+    check_spec(spec, model, ids)
+    longer = (torch.randint(0, 64, (2, 32)),)
+    check_spec(spec, model, longer)  # the spec traced at 16 tokens holds at 32
