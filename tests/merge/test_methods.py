@@ -5,7 +5,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import fastmerge
 import fastmerge.zoo as zoo
