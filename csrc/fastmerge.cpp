@@ -45,6 +45,10 @@ TORCH_LIBRARY(fastmerge, m) {
   m.def(
       "combine_backward(Tensor[] grad_outputs, Tensor[] tensors, Tensor[] coefficients, int num_models) -> "
       "Tensor[]");
+  // Two-parent NP Merge: out_t = sigmoid(l_t) a_t + (1 - sigmoid(l_t)) b_t, logits broadcast like combine's
+  // coefficients; the backward gives the logit gradients without weight-sized intermediates.
+  m.def("sigmoid_merge(Tensor[] a, Tensor[] b, Tensor[] logits) -> Tensor[]");
+  m.def("sigmoid_merge_backward(Tensor[] grad_outputs, Tensor[] a, Tensor[] b, Tensor[] logits) -> Tensor[]");
   // Exact linear assignment of a (n, m) cost matrix or a batch (b, n, m); returns (row_ind, col_ind)
   // of length min(n, m) each, rows ascending, as scipy.optimize.linear_sum_assignment.
   m.def("linear_assignment(Tensor cost, bool maximize=False) -> (Tensor, Tensor)");

@@ -7,7 +7,7 @@ works even when the library is missing (ops then fall back to pure-torch referen
 from . import errors, ops, spec
 from ._version import __version__
 from .align import Alignment, align
-from .merge import merge
+from .merge import merge, np_merge
 from .ops import AxisJob, CovarianceState, combine, linear_assignment, transform_axes
 from .spec import MergeSpec, check_spec, trace_spec
 from .stats import StatsCollector, collect_stats
@@ -26,6 +26,7 @@ __all__ = [
     "errors",
     "linear_assignment",
     "merge",
+    "np_merge",
     "ops",
     "spec",
     "trace_spec",

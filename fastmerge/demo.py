@@ -33,7 +33,8 @@ from .merge import merge
 
 CCA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 ZIPIT_GRID = tuple((a, b) for a in (0.5, 1.0) for b in (0.0, 0.25))
-METHOD_ROWS = ("average", "permute", "weight_matching", "zipit", "cca")
+METHOD_ROWS = ("average", "permute", "weight_matching", "zipit", "cca", "np_merge:permute", "np_merge:cca")
+NP_LR_GRID = (1e-2, 3e-2, 1e-1)
 # part of the cache key: bump when the data preparation or the training loop changes
 RECIPE_VERSION = 2
 
@@ -160,6 +161,8 @@ def merge_tuned(models, method: str, split: Split, *, spec=None) -> tuple[nn.Mod
     from .stats import collect_stats
 
     data = batches(split.x_fit)
+    if method.startswith("np_merge"):
+        return _np_merge_tuned(models, method.split(":")[1], split, spec=spec)
     grid: list[dict] = [{}]
     if method == "weight_matching":  # all-to-one or MergeMany for more than two models
         grid = [{"restarts": 5, "merge_many": mm} for mm in ((False, True) if len(models) > 2 else (False,))]
@@ -181,6 +184,24 @@ def merge_tuned(models, method: str, split: Split, *, spec=None) -> tuple[nn.Mod
     _, merged, alignment, options = best
     repaired = merge(models, method, data=data, spec=spec, alignment=alignment, repair_mode="repair", progress=False)
     return merged, repaired, options
+
+
+def _np_merge_tuned(models, align_method: str, split: Split, *, spec) -> tuple[nn.Module, None, dict]:
+    """NP Merge after `align_method`, the learning rate and the step count chosen on validation
+    (the step count inside np_merge, the rate here)."""
+    from .stats import collect_stats
+
+    train = list(zip(batches(split.x_fit, 64), batches(split.y_fit, 64)))
+    val = list(zip(batches(split.x_val), batches(split.y_val)))
+    stats = collect_stats(models, batches(split.x_fit), spec, progress=False)
+    best = None
+    for lr in NP_LR_GRID:
+        merged = merge(models, "np_merge", align=align_method, data=train, val_data=val, spec=spec, stats=stats,
+                       np_options={"steps": 300, "lr": lr}, progress=False)
+        score = accuracy(merged, split.x_val, split.y_val)
+        if best is None or score > best[0]:
+            best = (score, merged, {"lr": lr})
+    return best[1], None, best[2]
 
 
 @dataclass
@@ -207,8 +228,11 @@ class DemoResult:
         lines.append(f"| parents / ensemble | {statistics.fmean(self.parents):.1f} / "
                      f"{statistics.fmean(self.ensemble2):.1f} | | - / {e4} | |")
         names = {"average": "direct average", "permute": "permute", "weight_matching": "weight matching",
-                 "zipit": "ZipIt (alpha/beta on validation)", "cca": "CCA (regularisation on validation)"}
+                 "zipit": "ZipIt (alpha/beta on validation)", "cca": "CCA (regularisation on validation)",
+                 "np_merge:permute": "NP Merge after permute", "np_merge:cca": "NP Merge after CCA"}
         for method in METHOD_ROWS:
+            if not any(key[0] == method for key in self.rows):
+                continue
             cells = []
             for n, rep in ((2, False), (2, True), (4, False), (4, True)):
                 cells.append(f"{self.mean(method, n, rep):.1f}" if (method, n, rep) in self.rows else "-")
@@ -243,7 +267,8 @@ def run_demo(dataset: str = "digits", *, hidden: int = 32, seeds: int = 4, metho
         merged, repaired, options = merge_tuned([models[i] for i in g], method, split,
                                                 spec=None if method == "average" else spec)
         for rep, model in ((False, merged), (True, repaired)):
-            result.rows.setdefault((method, len(g), rep), []).append(accuracy(model, split.x_test, split.y_test))
+            if model is not None:
+                result.rows.setdefault((method, len(g), rep), []).append(accuracy(model, split.x_test, split.y_test))
         result.chosen.setdefault((method, len(g)), []).append(options)
     result.seconds = time.perf_counter() - start
     return result

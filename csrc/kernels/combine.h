@@ -172,3 +172,57 @@ double dot_range(const G* grad, const T* w, int64_t begin, int64_t end) {
 
 }  // namespace kernels
 }  // namespace fastmerge
+
+namespace fastmerge {
+namespace kernels {
+
+// Two-parent NP Merge with alpha = sigmoid(a): out = alpha * w_a + (1 - alpha) * w_b (in this
+// order, so that alpha = 0.5 reproduces the uniform average of the combine op bit for bit).
+// `alpha_or_out` holds alpha on entry (one value per element) and the merged weight on exit, so
+// the forward needs no memory besides its output.
+template <typename T, typename Acc>
+void sigmoid_merge_inplace(const T* w_a, const T* w_b, T* alpha_or_out, int64_t begin, int64_t end) {
+  for (int64_t e = begin; e < end; ++e) {
+    const Acc s = static_cast<Acc>(alpha_or_out[e]);
+    alpha_or_out[e] = static_cast<T>(s * static_cast<Acc>(w_a[e]) + (Acc(1) - s) * static_cast<Acc>(w_b[e]));
+  }
+}
+
+// The same with one alpha per run of `inner` elements (per channel / per tensor).
+template <typename T, typename C, typename Acc>
+void sigmoid_merge_runs(const T* w_a, const T* w_b, const C* alpha, int64_t inner, int64_t begin, int64_t end,
+                        T* out) {
+  for (int64_t e = begin; e < end; ++e) {
+    const Acc s = static_cast<Acc>(alpha[e / inner]);
+    out[e] = static_cast<T>(s * static_cast<Acc>(w_a[e]) + (Acc(1) - s) * static_cast<Acc>(w_b[e]));
+  }
+}
+
+// Gradient with respect to the logit, one per element: d out / d a = (w_a - w_b) alpha (1 - alpha).
+// `alpha_or_grad` holds alpha on entry and the logit gradient on exit.
+template <typename T, typename G, typename C>
+void sigmoid_merge_grad_inplace(const G* grad, const T* w_a, const T* w_b, C* alpha_or_grad, int64_t begin,
+                                int64_t end) {
+  for (int64_t e = begin; e < end; ++e) {
+    const double s = static_cast<double>(alpha_or_grad[e]);
+    alpha_or_grad[e] = static_cast<C>(static_cast<double>(grad[e]) *
+                                      (static_cast<double>(w_a[e]) - static_cast<double>(w_b[e])) * s * (1.0 - s));
+  }
+}
+
+// sum_{e in [begin, end)} grad[e] * (w_a[e] - w_b[e]), in double: the logit gradient of a run,
+// before the alpha (1 - alpha) factor.
+template <typename T, typename G>
+double diff_dot_range(const G* grad, const T* w_a, const T* w_b, int64_t begin, int64_t end) {
+  double s0 = 0, s1 = 0;
+  int64_t e = begin;
+  for (; e + 2 <= end; e += 2) {
+    s0 += static_cast<double>(grad[e]) * (static_cast<double>(w_a[e]) - static_cast<double>(w_b[e]));
+    s1 += static_cast<double>(grad[e + 1]) * (static_cast<double>(w_a[e + 1]) - static_cast<double>(w_b[e + 1]));
+  }
+  for (; e < end; ++e) s0 += static_cast<double>(grad[e]) * (static_cast<double>(w_a[e]) - static_cast<double>(w_b[e]));
+  return s0 + s1;
+}
+
+}  // namespace kernels
+}  // namespace fastmerge

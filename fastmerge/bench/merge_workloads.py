@@ -121,3 +121,75 @@ def reference_sweep(spec, target, state, perms: dict, groups) -> dict:
         _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
         perms[name] = torch.as_tensor(cols)[None]
     return perms
+
+
+def np_merge_step(model: str = "resnet20x4", variant: str = "fastmerge", steps: int = 3, part: str = "step") -> dict:
+    """Times NP Merge optimisation steps (merged weights, forward, backward, Adam) and measures the
+    peak memory they add, for our fused combination or a straightforward implementation that
+    materialises alpha * W_A + (1 - alpha) * W_B with per-tensor autograd operations. Run each
+    variant in its own process (peak RSS is per process). part="merge" times the merging machinery
+    alone (merged weights and the logit gradients for a fixed upstream gradient, no model)."""
+    import resource
+    import time
+
+    from .. import zoo
+    from ..merge.np_merge import CoefficientMerger
+
+    torch.manual_seed(0)
+    if model == "resnet20x4":
+        parents = [zoo.resnet20(in_channels=3, width=4).eval() for _ in range(2)]
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    elif model == "gpt2-small":
+        parents = [zoo.gpt2(vocab_size=50257, block_size=64, dim=768, depth=12, heads=12).eval() for _ in range(2)]
+        x = torch.randint(0, 50257, (1, 32))
+        y = torch.randint(0, 50257, (1, 32))
+    else:
+        raise ValueError(model)
+    template = parents[0]
+    weights = [{k: v.detach() for k, v in p.named_parameters()} for p in parents]
+    names = list(weights[0])
+    buffers = dict(template.named_buffers())
+    merger = CoefficientMerger(weights, names)
+    opt = torch.optim.Adam(list(merger.logits.values()), lr=1e-2)
+
+    if variant == "fastmerge":
+        def merged():
+            return merger.merged_params()
+    else:
+        def merged():  # per-tensor autograd: alpha * W_A + (1 - alpha) * W_B
+            out = {}
+            for k in names:
+                alpha = torch.sigmoid(merger.logits[k][0])
+                out[k] = alpha * weights[0][k] + (1 - alpha) * weights[1][k]
+            return out
+
+    upstream = {k: torch.randn_like(w) for k, w in weights[0].items()} if part == "merge" else None
+
+    def step():
+        if part == "merge":
+            m = merged()
+            grads = torch.autograd.grad([m[k] for k in names], [merger.logits[k] for k in names],
+                                        [upstream[k] for k in names])
+            del grads
+            return
+        out = torch.func.functional_call(template, {**merged(), **buffers}, (x,))
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def rss_kb() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+
+    step()  # warm-up (allocator, Adam state)
+    before = rss_kb()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"model": model, "variant": variant, "part": part, "seconds": min(times),
+            "peak_added_mb": max(0, peak - before) / 1024,
+            "params_millions": sum(w.numel() for w in weights[0].values()) / 1e6}

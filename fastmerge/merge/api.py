@@ -12,7 +12,7 @@ from ..ops import combine
 from ..spec.types import MergeSpec
 from .repair import has_batch_norm, repair, reset_batch_norm
 
-MERGE_METHODS = ("average", "permute", "weight_matching", "cca", "zipit")
+MERGE_METHODS = ("average", "permute", "weight_matching", "cca", "zipit", "np_merge")
 REPAIRS = ("auto", "none", "reset", "repair")
 
 
@@ -56,10 +56,45 @@ def _first_batch_inputs(data: Iterable):
     raise InvalidArgumentError("data is empty")
 
 
+def _align(models, method, *, spec, data, example_inputs, reference, progress, align_options):
+    from ..align import align
+    from ..spec import trace_spec
+
+    if spec is None:
+        if example_inputs is not None:
+            args, kwargs = tuple(example_inputs), {}
+        elif data is not None:
+            args, kwargs = _first_batch_inputs(data)
+        else:
+            raise InvalidArgumentError("merge needs data= or example_inputs= to trace the model's spec")
+        spec = trace_spec(models[reference], args, kwargs)
+    return align(models, method, spec=spec, data=data, reference=reference, progress=progress, **align_options)
+
+
+def _np_merge(models, states, *, data, spec, example_inputs, reference, alignment, align_method, val_data,
+              np_options, return_alignment, progress, align_options):
+    """Align with `align_method`, then learn per-parameter coefficients (fastmerge.np_merge)."""
+    from .np_merge import np_merge
+
+    if data is None:
+        raise InvalidArgumentError("method 'np_merge' needs data= (training batches of (inputs, targets))")
+    if alignment is None and align_method != "average":
+        alignment = _align(models, align_method, spec=spec, data=data, example_inputs=example_inputs,
+                           reference=reference, progress=progress, align_options=align_options)
+    parents = []
+    for i, s in enumerate(states):
+        p = copy.deepcopy(models[reference])
+        p.load_state_dict(alignment.apply(i, s) if alignment is not None else s)
+        parents.append(p)
+    result = np_merge(parents, data, val_data=val_data, progress=progress, **np_options)
+    return (result.model, alignment) if return_alignment else result.model
+
+
 def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterable | None = None,
           spec: MergeSpec | None = None, example_inputs: tuple | None = None, weights: Sequence[float] | None = None,
           repair_mode: str = "auto", reference: int = 0, alignment=None, repair_batches: int | None = None,
-          return_alignment: bool = False, progress: bool = True, **align_options):
+          return_alignment: bool = False, progress: bool = True, align: str = "permute",
+          val_data: Iterable | None = None, np_options: dict | None = None, **align_options):
     """A new model merging `models` (which are left untouched).
 
     Args:
@@ -73,6 +108,10 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         repair_mode: "auto" (reset BatchNorm statistics when the model has BatchNorm and data is
             given), "none", "reset", or "repair" (REPAIR, for networks without BatchNorm).
         alignment: a precomputed fastmerge.align result to reuse.
+        align: for method="np_merge", the alignment method first applied ("average": none).
+        val_data: for method="np_merge", held-out batches to pick the step count on.
+        np_options: for method="np_merge", options of fastmerge.np_merge (steps, lr, granularity,
+            mode...).
         align_options: passed to fastmerge.align (reg, alpha, beta, max_iter, seed, stats...).
 
     Returns:
@@ -91,23 +130,16 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         raise InvalidArgumentError(f"weights has {len(weights)} entries for {n} models")
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
 
+    if method == "np_merge":
+        return _np_merge(models, states, data=data, spec=spec, example_inputs=example_inputs, reference=reference,
+                         alignment=alignment, align_method=align, val_data=val_data, np_options=np_options or {},
+                         return_alignment=return_alignment, progress=progress, align_options=align_options)
     if method == "average":
         aligned = states
     else:
         if alignment is None:
-            from ..align import align
-            from ..spec import trace_spec
-
-            if spec is None:
-                if example_inputs is not None:
-                    args, kwargs = tuple(example_inputs), {}
-                elif data is not None:
-                    args, kwargs = _first_batch_inputs(data)
-                else:
-                    raise InvalidArgumentError("merge needs data= or example_inputs= to trace the model's spec")
-                spec = trace_spec(models[reference], args, kwargs)
-            alignment = align(models, method, spec=spec, data=data, reference=reference, progress=progress,
-                              **align_options)
+            alignment = _align(models, method, spec=spec, data=data, example_inputs=example_inputs,
+                               reference=reference, progress=progress, align_options=align_options)
         spec = alignment.spec
         aligned = [alignment.apply(i, s) for i, s in enumerate(states)]
 

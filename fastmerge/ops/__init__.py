@@ -2,6 +2,7 @@
 
 from .assignment import linear_assignment, linear_assignment_reference
 from .combine import combine, combine_reference
+from .sigmoid_merge import sigmoid_merge
 from .covariance import CovarianceState, correlation_from_covariance, cov_update_reference, resolve_pairs
 from .transform import AxisJob, transform_axes, transform_axes_reference
 
@@ -15,6 +16,7 @@ __all__ = [
     "linear_assignment",
     "linear_assignment_reference",
     "resolve_pairs",
+    "sigmoid_merge",
     "transform_axes",
     "transform_axes_reference",
 ]

@@ -78,3 +78,35 @@ def _combine_backward(ctx, grads):
 
 
 torch.library.register_autograd("fastmerge::combine", _combine_backward, setup_context=_combine_setup_context)
+
+
+@torch.library.register_fake("fastmerge::sigmoid_merge")
+def _sigmoid_merge_fake(a, b, logits):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in a]
+
+
+@torch.library.register_fake("fastmerge::sigmoid_merge_backward")
+def _sigmoid_merge_backward_fake(grad_outputs, a, b, logits):
+    return [torch.empty_like(x) for x in logits]
+
+
+def _sigmoid_merge_setup_context(ctx, inputs, output):
+    a, b, logits = inputs
+    ctx.num = len(a)
+    ctx.save_for_backward(*a, *b, *logits)
+
+
+def _sigmoid_merge_backward(ctx, grads):
+    saved = ctx.saved_tensors
+    n = ctx.num
+    a, b, logits = list(saved[:n]), list(saved[n : 2 * n]), list(saved[2 * n :])
+    grads = [g if g is not None else torch.zeros_like(a[t]) for t, g in enumerate(grads)]
+    grad_logits = [None] * n
+    if any(ctx.needs_input_grad[2]):
+        grad_logits = torch.ops.fastmerge.sigmoid_merge_backward(grads, a, b, logits)
+    # the parents are frozen in NP Merge; their gradients are not computed
+    return [None] * n, [None] * n, grad_logits
+
+
+torch.library.register_autograd("fastmerge::sigmoid_merge", _sigmoid_merge_backward,
+                                setup_context=_sigmoid_merge_setup_context)

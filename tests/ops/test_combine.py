@@ -224,3 +224,42 @@ def test_out_must_not_alias_inputs_and_tensors_must_be_floating(gen):
         combine([[a], [b]], out=[a])
     with pytest.raises(ShapeMismatchError, match="floating-point"):
         combine([[torch.arange(4)], [torch.arange(4)]])
+
+
+def test_sigmoid_merge_forward_and_gradient(gen):
+    from fastmerge.ops import sigmoid_merge
+
+    shapes = [(6, 5), (7,), (3, 2, 2), (0, 4)]
+    a = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    b = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    logits = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in shapes[:2]]
+    logits += [torch.randn(3, 1, 1, generator=gen, dtype=torch.float64, requires_grad=True),
+               torch.randn((), generator=gen, dtype=torch.float64, requires_grad=True)]
+    out = sigmoid_merge(a, b, logits)
+    plain = [y + torch.sigmoid(l) * (x - y) for x, y, l in zip(a, b, logits)]
+    for got, want in zip(out, plain):
+        assert torch.allclose(got, want, atol=1e-14)
+    upstream = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    fused = torch.autograd.grad(out, logits, upstream, allow_unused=True)
+    ref = torch.autograd.grad(plain, logits, upstream, allow_unused=True)
+    for got, want in zip(fused, ref):
+        assert torch.allclose(got, want, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda l0, l2: sigmoid_merge(a[:1] + a[2:3], b[:1] + b[2:3], [l0, l2]),
+                                    (logits[0], logits[2]))
+    # float32 weights with float32 logits (the NP Merge case), and half weights
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = torch.randn(8, 3, generator=gen).to(dtype), torch.randn(8, 3, generator=gen).to(dtype)
+        lg = torch.randn(8, 3, generator=gen)
+        got = sigmoid_merge([x], [y], [lg])[0]
+        want = y.double() + torch.sigmoid(lg.double()) * (x.double() - y.double())
+        assert got.dtype == dtype and rel_fro(got, want) < TOL[dtype]
+
+
+def test_sigmoid_merge_opcheck(gen):
+    a = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    b = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    logits = [torch.randn(4, 3, generator=gen, requires_grad=True), torch.randn(1, generator=gen, requires_grad=True)]
+    torch.library.opcheck(torch.ops.fastmerge.sigmoid_merge.default, (a, b, logits))
+    grads = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    torch.library.opcheck(torch.ops.fastmerge.sigmoid_merge_backward.default,
+                          (grads, a, b, [l.detach() for l in logits]))

@@ -1,0 +1,260 @@
+"""NP Merge: a learned merging coefficient for every parameter (ALGORITHMS.md section 6).
+
+For two aligned parents, W = alpha * W_A + (1 - alpha) * W_B with alpha = sigmoid(a), a = 0 at the
+start (uniform averaging), trained by gradient descent on a task loss with the parents frozen. For
+n parents either the joint form (alpha = softmax over the models per entry) or successive pairwise
+merges (the paper's way). The merged weights are computed inside every forward pass from the frozen
+parents and the coefficients through the fused multi-tensor combination op (its backward gives the
+coefficient gradients); only the logits are trainable.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import InvalidArgumentError
+from ..ops import combine, sigmoid_merge
+from .repair import has_batch_norm, reset_batch_norm
+
+GRANULARITIES = ("entry", "channel", "tensor")
+MODES = ("joint", "pairwise")
+
+
+@dataclass
+class NPMergeResult:
+    """The merged model and, per parameter, the learned coefficients (n, *coefficient shape): how
+    much of each parent the merge keeps (they sum to 1 over the models)."""
+
+    model: nn.Module
+    coefficients: dict[str, torch.Tensor]
+    history: list = field(default_factory=list)  # (step, train loss, validation accuracy or None)
+    best_step: int = 0
+
+    def summary(self) -> str:
+        """Per-layer mean coefficient of each parent (where each parent dominates)."""
+        lines = ["| parameter | " + " | ".join(f"parent {i}" for i in range(self._n())) + " |",
+                 "|---|" + "---|" * self._n()]
+        for name, c in self.coefficients.items():
+            means = c.reshape(c.shape[0], -1).mean(1)
+            lines.append(f"| {name} | " + " | ".join(f"{float(v):.3f}" for v in means) + " |")
+        return "\n".join(lines)
+
+    def _n(self) -> int:
+        return next(iter(self.coefficients.values())).shape[0] if self.coefficients else 0
+
+
+def _coefficient_shape(shape: torch.Size, granularity: str) -> tuple:
+    if granularity == "entry" or len(shape) == 0:
+        return tuple(shape)
+    if granularity == "channel":
+        return (shape[0],) + (1,) * (len(shape) - 1)
+    return (1,) * len(shape)
+
+
+def _batches(data: Iterable):
+    from ..stats.collect import _split_batch
+
+    while True:
+        produced = False
+        for batch in data:
+            produced = True
+            args, kwargs = _split_batch(batch)
+            target = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+            yield args, kwargs, target
+        if not produced:
+            raise InvalidArgumentError("np_merge: the training data is empty")
+
+
+@torch.no_grad()
+def _accuracy(forward, data: Iterable) -> float:
+    from ..stats.collect import _split_batch
+
+    correct = total = 0
+    for batch in data:
+        args, kwargs = _split_batch(batch)
+        target = batch[1]
+        pred = forward(args, kwargs).argmax(-1)
+        correct += int((pred == target).sum())
+        total += int(target.numel())
+    return correct / max(total, 1)
+
+
+def _set_bn_batch_stats(model: nn.Module) -> None:
+    """Eval mode everywhere but BatchNorm, which normalises with the batch's statistics: the merged
+    weights change every step, so running statistics of the parents would be stale."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+
+
+def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, lr: float = 1e-2,
+             optimizer: str | Callable = "adam", val_data: Iterable | None = None, eval_every: int = 25,
+             patience: int | None = None, loss_fn: Callable | None = None, granularity: str = "entry",
+             mode: str = "joint", seed: int = 0, progress: bool = True, reset_bn: bool = True) -> NPMergeResult:
+    """Learns per-parameter merging coefficients for already aligned models.
+
+    Args:
+        models: two or more aligned models of one architecture (fastmerge.align / merge(..., "np_merge")).
+        data: training batches (inputs, targets), cycled for `steps` steps; a small training subset.
+        steps, lr, optimizer: "adam" (default), "sgd", or a callable params -> torch.optim.Optimizer.
+        val_data: held-out batches; the coefficients with the best validation accuracy (checked every
+            `eval_every` steps) are returned, and training stops after `patience` checks without
+            improvement. Without it, the last step's coefficients are returned.
+        loss_fn: loss(output, target), cross-entropy by default.
+        granularity: one coefficient per "entry" (default), per output "channel", or per "tensor".
+        mode: for more than two models, "joint" (softmax over models per entry) or "pairwise"
+            (successive two-model merges, the running merge weighted k/(k+1) at the start).
+        seed: offsets the seeds of the successive pairwise merges (the optimisation itself is
+            deterministic: coefficients start at uniform, batches come in order).
+        reset_bn: recompute BatchNorm statistics of the merged model on `data` at the end.
+
+    Returns:
+        NPMergeResult (merged model in eval mode, coefficients, history).
+    """
+    if len(models) < 2:
+        raise InvalidArgumentError(f"np_merge needs at least two models, got {len(models)}")
+    if granularity not in GRANULARITIES:
+        raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if mode not in MODES:
+        raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
+    if steps < 0:
+        raise InvalidArgumentError(f"steps must be >= 0, got {steps}")
+    if mode == "pairwise" and len(models) > 2:
+        merged = models[0]
+        coefficients: dict[str, list] = {}
+        history = []
+        for k, model in enumerate(models[1:], start=1):
+            prior = math.log(k)  # sigmoid(log k) = k/(k+1): the running merge stands for k models
+            result = _optimise([merged, model], data, steps=steps, lr=lr, optimizer=optimizer, val_data=val_data,
+                               eval_every=eval_every, patience=patience, loss_fn=loss_fn, granularity=granularity,
+                               seed=seed + k, progress=progress, reset_bn=reset_bn, prior=prior)
+            merged = result.model
+            history += result.history
+            for name, c in result.coefficients.items():
+                previous = coefficients.get(name)
+                if previous is None:
+                    coefficients[name] = [c[0], c[1]]
+                else:  # the running merge's share splits among the models it holds
+                    coefficients[name] = [p * c[0] for p in previous] + [c[1]]
+        return NPMergeResult(merged, {k: torch.stack(v) for k, v in coefficients.items()}, history, steps)
+    return _optimise(models, data, steps=steps, lr=lr, optimizer=optimizer, val_data=val_data, eval_every=eval_every,
+                     patience=patience, loss_fn=loss_fn, granularity=granularity, seed=seed, progress=progress,
+                     reset_bn=reset_bn, prior=0.0)
+
+
+class CoefficientMerger:
+    """The trainable part of NP Merge: logits per parameter and the merged parameters they give.
+
+    Two parents: alpha = sigmoid(a) and 1 - alpha (a single logit tensor, started at `prior`);
+    more: a softmax over one logit tensor per parent. merged_params() runs the fused multi-tensor
+    combination (for two parents the fused sigmoid merge), so one call makes every merged tensor
+    and its backward gives every logit's gradient in one pass."""
+
+    def __init__(self, parents: Sequence[dict], names: Sequence[str], granularity: str = "entry",
+                 prior: float = 0.0) -> None:
+        self.parents, self.names, self.n = parents, list(names), len(parents)
+        lead = (self.n if self.n > 2 else 1,)
+        self.logits = {k: torch.full(lead + _coefficient_shape(parents[0][k].shape, granularity),
+                                     prior if self.n == 2 else 0.0, dtype=torch.float32, requires_grad=True)
+                       for k in self.names}
+
+    def coefficients(self) -> list[list[torch.Tensor]]:
+        per_model: list[list[torch.Tensor]] = [[] for _ in range(self.n)]
+        for k in self.names:
+            a = self.logits[k]
+            probs = torch.cat([torch.sigmoid(a), 1 - torch.sigmoid(a)]) if self.n == 2 else torch.softmax(a, dim=0)
+            for i in range(self.n):
+                per_model[i].append(probs[i])
+        return per_model
+
+    def merged_params(self) -> dict[str, torch.Tensor]:
+        if self.n == 2:  # the fused sigmoid merge: no weight-sized intermediates forward or backward
+            out = sigmoid_merge([self.parents[0][k] for k in self.names], [self.parents[1][k] for k in self.names],
+                                [self.logits[k][0] for k in self.names])
+        else:
+            out = combine([[p[k] for k in self.names] for p in self.parents], coefficients=self.coefficients())
+        return dict(zip(self.names, out))
+
+
+def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patience, loss_fn, granularity, seed,
+              progress, reset_bn, prior) -> NPMergeResult:
+    n = len(models)
+    template = copy.deepcopy(models[0])
+    parents = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
+    names = [k for k, v in parents[0].items() if v.is_floating_point()]
+    buffers = {k: sum(dict(m.named_buffers())[k].to(torch.float64) for m in models).div(n).to(b.dtype)
+               if b.is_floating_point() else b.clone()
+               for k, b in template.named_buffers()}
+    merger = CoefficientMerger(parents, names, granularity, prior)
+    logits, coefficients, merged_params = merger.logits, merger.coefficients, merger.merged_params
+
+    def forward(args, kwargs):
+        return torch.func.functional_call(template, ({**merged_params(), **buffers}), args, kwargs)
+
+    if optimizer == "adam":
+        opt = torch.optim.Adam(list(logits.values()), lr=lr)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(list(logits.values()), lr=lr, momentum=0.9)
+    elif callable(optimizer):
+        opt = optimizer(list(logits.values()))
+    else:
+        raise InvalidArgumentError(f"optimizer must be 'adam', 'sgd' or a callable, got {optimizer!r}")
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    history = []
+    best = (-1.0, 0, {k: v.detach().clone() for k, v in logits.items()})
+    checks_without_gain = 0
+    _set_bn_batch_stats(template)
+    batches = _batches(data)
+    bar = tqdm(range(steps), desc="NP Merge", disable=not progress, leave=False)
+    if val_data is not None:
+        template.eval()
+        best = (_accuracy(forward, val_data), 0, best[2])
+        _set_bn_batch_stats(template)
+    for step in bar:
+        args, kwargs, target = next(batches)
+        if target is None:
+            raise InvalidArgumentError("np_merge: training batches must be (inputs, targets)")
+        loss = loss_fn(forward(args, kwargs), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss = loss.item()
+        val = None
+        if val_data is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            template.eval()
+            val = _accuracy(forward, val_data)
+            _set_bn_batch_stats(template)
+            if val > best[0]:
+                best = (val, step + 1, {k: v.detach().clone() for k, v in logits.items()})
+                checks_without_gain = 0
+            else:
+                checks_without_gain += 1
+            bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{100 * val:.1f}")
+        else:
+            bar.set_postfix(loss=f"{loss:.4f}")
+        history.append((step + 1, loss, val))
+        if patience is not None and checks_without_gain >= patience:
+            break
+    bar.close()
+    if val_data is None:
+        best = (0.0, len(history), {k: v.detach().clone() for k, v in logits.items()})
+    with torch.no_grad():
+        for k, v in best[2].items():
+            logits[k].copy_(v)
+        final = merged_params()
+        probs = coefficients()
+    merged = copy.deepcopy(models[0])
+    merged.load_state_dict({**{k: v.detach() for k, v in final.items()}, **buffers}, strict=False)
+    merged.eval()
+    if reset_bn and has_batch_norm(merged):
+        reset_batch_norm(merged, data)
+    coefs = {k: torch.stack([probs[i][j].detach() for i in range(n)]) for j, k in enumerate(names)}
+    return NPMergeResult(merged, coefs, history, best[1])

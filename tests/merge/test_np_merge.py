@@ -1,0 +1,94 @@
+"""NP Merge: learned per-parameter coefficients on top of any alignment."""
+
+import copy
+
+import pytest
+import torch
+
+import fastmerge
+import fastmerge.zoo as zoo
+from fastmerge.demo import TrainConfig, accuracy, batches, load_dataset, train
+from fastmerge.errors import InvalidArgumentError
+from fastmerge.merge import np_merge
+
+
+@pytest.fixture(scope="module")
+def digits():
+    split = load_dataset("digits")
+    models = [train(TrainConfig(epochs=30), split, s) for s in range(4)]
+    data = list(zip(batches(split.x_fit, 64), batches(split.y_fit, 64)))
+    val = list(zip(batches(split.x_val), batches(split.y_val)))
+    return split, models, data, val
+
+
+def test_zero_steps_is_uniform_averaging_exactly(digits):
+    split, models, data, _ = digits
+    result = np_merge(models[:2], data, steps=0, progress=False)
+    average = fastmerge.merge(models[:2], "average")
+    for key, value in average.state_dict().items():
+        assert torch.equal(result.model.state_dict()[key], value), key
+    for c in result.coefficients.values():
+        assert torch.all(c == 0.5)
+    joint = np_merge(models, data, steps=0, progress=False)
+    for c in joint.coefficients.values():
+        assert torch.allclose(c, torch.full_like(c, 0.25))
+
+
+def test_np_merge_beats_uniform_after_the_same_alignment(digits):
+    split, models, data, val = digits
+    gains = []
+    for i, j in [(0, 1), (0, 2), (1, 3)]:
+        pair = [models[i], models[j]]
+        uniform = fastmerge.merge(pair, "permute", data=batches(split.x_fit), repair_mode="none", progress=False)
+        learned = fastmerge.merge(pair, "np_merge", align="permute", data=data, val_data=val,
+                                  np_options={"steps": 200, "lr": 3e-2}, progress=False)
+        gains.append(accuracy(learned, split.x_test, split.y_test) - accuracy(uniform, split.x_test, split.y_test))
+    print("test accuracy gains of NP Merge over uniform after permute:", gains)
+    assert sum(gains) / len(gains) > 1.0
+
+
+@pytest.mark.parametrize("mode", ["joint", "pairwise"])
+def test_four_models_both_forms(digits, mode):
+    split, models, data, val = digits
+    uniform = fastmerge.merge(models, "permute", data=batches(split.x_fit), repair_mode="none", progress=False)
+    aligned = fastmerge.align(models, "permute", spec=fastmerge.trace_spec(models[0], (split.x_fit[:4],)),
+                              data=batches(split.x_fit), progress=False)
+    parents = []
+    for i, m in enumerate(models):
+        p = copy.deepcopy(m)
+        p.load_state_dict(aligned.apply(i, m.state_dict()))
+        parents.append(p)
+    result = np_merge(parents, data, val_data=val, steps=150, lr=3e-2, mode=mode, progress=False)
+    assert accuracy(result.model, split.x_test, split.y_test) > accuracy(uniform, split.x_test, split.y_test) + 1
+    for name, c in result.coefficients.items():
+        assert c.shape[0] == 4
+        assert torch.all(c > 0) and torch.all(c < 1), name
+        assert torch.allclose(c.sum(0), torch.ones_like(c[0]), atol=1e-5), name
+    assert "layers.0.weight" in result.summary()
+
+
+@pytest.mark.parametrize("granularity,shape", [("entry", (32, 64)), ("channel", (32, 1)), ("tensor", (1, 1))])
+def test_granularity(digits, granularity, shape):
+    _, models, data, _ = digits
+    result = np_merge(models[:2], data, steps=5, granularity=granularity, progress=False)
+    c = result.coefficients["layers.0.weight"]
+    assert c.shape == (2,) + shape
+    assert torch.all(c > 0) and torch.all(c < 1)
+    assert torch.allclose(c.sum(0), torch.ones(shape))
+
+
+def test_batch_norm_model_and_errors():
+    torch.manual_seed(0)
+    models = [zoo.resnet20().eval(), zoo.resnet20().eval()]
+    data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
+    merged = fastmerge.merge(models, "np_merge", align="weight_matching", data=data,
+                             example_inputs=(torch.randn(2, 1, 8, 8),), np_options={"steps": 3}, progress=False)
+    with torch.no_grad():  # BatchNorm statistics recomputed on the data at the end
+        pre = torch.cat([merged.conv1(x) for x, _ in data])
+    assert torch.allclose(merged.bn1.running_mean, pre.mean((0, 2, 3)), atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="granularity"):
+        np_merge(models, data, granularity="row")
+    with pytest.raises(InvalidArgumentError, match="needs data"):
+        fastmerge.merge(models, "np_merge")
+    with pytest.raises(InvalidArgumentError, match=r"\(inputs, targets\)"):
+        np_merge(models, [torch.randn(4, 1, 8, 8)], steps=1, progress=False)
