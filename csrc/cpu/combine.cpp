@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "combine_checks.h"
 #include "kernels/combine.h"
 
 namespace fastmerge {
@@ -22,50 +23,6 @@ namespace {
 // Elements per parallel work item: big enough to amortise scheduling, small enough that the last
 // tensors of a list still spread over all threads.
 constexpr int64_t kChunk = 1 << 15;
-
-struct Layout {
-  int64_t num_tensors;
-  int64_t num_models;
-};
-
-// Elements of a weight that share one coefficient value, after checking that the coefficient
-// broadcasts along trailing axes only (shape W.shape[:r] + (1,) * (ndim - r), or one element).
-int64_t coefficient_inner(const at::Tensor& coef, const at::Tensor& weight, int64_t index) {
-  TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
-              "combine: coefficients[", index, "] must be float32 or float64, got ", coef.scalar_type());
-  if (coef.numel() == 1) return std::max<int64_t>(weight.numel(), 1);
-  bool ok = coef.dim() == weight.dim();
-  bool in_prefix = true;
-  for (int64_t d = 0; ok && d < coef.dim(); ++d) {
-    if (in_prefix && coef.size(d) == weight.size(d)) continue;
-    in_prefix = false;
-    ok = coef.size(d) == 1;
-  }
-  TORCH_CHECK(ok, "combine: coefficients[", index, "] of shape ", coef.sizes(), " does not fit weight of shape ",
-              weight.sizes(), "; use one value, the full shape, or the leading axes with trailing 1s (per channel)");
-  return coef.numel() == 0 ? 1 : weight.numel() / coef.numel();
-}
-
-Layout check_layout(at::TensorList tensors, at::TensorList coefficients, int64_t num_models, const char* op) {
-  TORCH_CHECK(num_models >= 1, op, ": num_models must be >= 1, got ", num_models);
-  const int64_t n = static_cast<int64_t>(tensors.size());
-  TORCH_CHECK(n % num_models == 0, op, ": got ", n, " tensors, not a multiple of num_models=", num_models);
-  TORCH_CHECK(coefficients.empty() || static_cast<int64_t>(coefficients.size()) == n, op,
-              ": coefficients must be empty or one per tensor (", n, "), got ", coefficients.size());
-  const Layout layout{n / num_models, num_models};
-  for (int64_t t = 0; t < layout.num_tensors; ++t) {
-    const at::Tensor& first = tensors[t * num_models];
-    TORCH_CHECK(at::isFloatingType(first.scalar_type()), op, ": tensors[", t * num_models,
-                "] must be floating point, got ", first.scalar_type());
-    for (int64_t j = 1; j < num_models; ++j) {
-      const at::Tensor& w = tensors[t * num_models + j];
-      TORCH_CHECK(w.sizes() == first.sizes() && w.scalar_type() == first.scalar_type(), op, ": tensor ", t,
-                  " of model ", j, " has shape ", w.sizes(), " and dtype ", w.scalar_type(), " but model 0 has ",
-                  first.sizes(), " and ", first.scalar_type(), "; every model must provide the same tensor");
-    }
-  }
-  return layout;
-}
 
 // Type-erased view of one tensor's operands, resolved to typed pointers inside the dtype dispatch.
 struct TensorJob {

@@ -14,33 +14,13 @@
 
 #include <vector>
 
+#include "combine_checks.h"
 #include "kernels/combine.h"
 
 namespace fastmerge {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;
-
-// Elements sharing one logit (logits broadcast along trailing axes, as the combine op's
-// coefficients), after checking shapes and dtypes.
-int64_t logit_inner(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit, size_t t) {
-  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), "sigmoid_merge: tensor ", t,
-              " has shapes/dtypes ", a.sizes(), " ", a.scalar_type(), " and ", b.sizes(), " ", b.scalar_type());
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "sigmoid_merge: tensor ", t, " must be floating point");
-  TORCH_CHECK(logit.scalar_type() == at::kFloat || logit.scalar_type() == at::kDouble, "sigmoid_merge: logits[", t,
-              "] must be float32 or float64");
-  if (logit.numel() == 1) return std::max<int64_t>(a.numel(), 1);
-  bool ok = logit.dim() == a.dim();
-  bool prefix = true;
-  for (int64_t d = 0; ok && d < logit.dim(); ++d) {
-    if (prefix && logit.size(d) == a.size(d)) continue;
-    prefix = false;
-    ok = logit.size(d) == 1;
-  }
-  TORCH_CHECK(ok, "sigmoid_merge: logits[", t, "] of shape ", logit.sizes(), " does not fit tensor of shape ",
-              a.sizes());
-  return logit.numel() == 0 ? 1 : a.numel() / logit.numel();
-}
 
 bool elementwise_in_place(const at::Tensor& w, const at::Tensor& logit, int64_t inner) {
   return inner == 1 && logit.numel() == w.numel() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble);

@@ -8,10 +8,15 @@
 //                                one dense transform per attention head.
 // Several jobs on one tensor apply in list order. Jobs of one round (the r-th job of every tensor)
 // run together: all gathers in one parallel loop, and dense jobs of equal shapes in one batched GEMM.
+//
+// The same function serves CUDA tensors (registered below when built with CUDA): the dense jobs are
+// ATen products either way, and the gathers become index_select on the device after one check of
+// every index's range (a single synchronisation per call).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/stack.h>
 #include <torch/library.h>
 
@@ -58,7 +63,7 @@ Job make_job(at::TensorList tensors, const at::Tensor& transform, int64_t tensor
   if (at::isIntegralType(transform.scalar_type(), /*includeBool=*/false)) {
     TORCH_CHECK(transform.dim() == 1, "transform_axes: job ", q, ": an index transform must be 1-D, got shape ",
                 transform.sizes());
-    job.transform = transform.to(at::kLong).contiguous();
+    job.transform = transform.to(tensors[tensor].device(), at::kLong).contiguous();
   } else {
     TORCH_CHECK(at::isFloatingType(transform.scalar_type()) && (transform.dim() == 2 || transform.dim() == 3),
                 "transform_axes: job ", q, ": a transform must be an integer index (m,), a float matrix (m, n) or ",
@@ -66,6 +71,7 @@ Job make_job(at::TensorList tensors, const at::Tensor& transform, int64_t tensor
     TORCH_CHECK(at::isFloatingType(tensors[tensor].scalar_type()), "transform_axes: job ", q,
                 ": a dense transform needs a floating-point tensor, tensor ", tensor, " is ",
                 tensors[tensor].scalar_type());
+    job.transform = transform.to(tensors[tensor].device());
   }
   return job;
 }
@@ -89,9 +95,27 @@ int64_t prod(at::IntArrayRef shape, int64_t begin, int64_t end) {
   return p;
 }
 
+// Gathers of one round on a GPU: every index range checked with one synchronisation, then
+// index_select per job.
+void run_gathers_device(std::vector<at::Tensor>& current, const std::vector<std::pair<Job, int64_t>>& jobs) {
+  std::vector<at::Tensor> bad;
+  for (const auto& [job, q] : jobs) {
+    const int64_t n = current[job.tensor].size(job.axis);
+    bad.push_back(job.transform.lt(0).logical_or(job.transform.ge(n)).any());
+  }
+  const at::Tensor flags = at::stack(bad).cpu();
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (!flags[i].item<bool>()) continue;
+    const Job& job = jobs[i].first;
+    check_index_range(job.transform.cpu(), current[job.tensor].size(job.axis), jobs[i].second);
+  }
+  for (const auto& [job, q] : jobs) current[job.tensor] = at::index_select(current[job.tensor], job.axis, job.transform);
+}
+
 // All gathers of one round in a single parallel loop over output rows.
 void run_gathers(std::vector<at::Tensor>& current, const std::vector<std::pair<Job, int64_t>>& jobs) {
   if (jobs.empty()) return;
+  if (!current[jobs.front().first.tensor].is_cpu()) return run_gathers_device(current, jobs);
   std::vector<kernels::GatherJob> work;
   std::vector<at::Tensor> outputs;
   std::vector<int64_t> row_start{0};
@@ -185,7 +209,7 @@ void run_dense(std::vector<at::Tensor>& current, const std::vector<std::pair<Job
   }
 }
 
-std::vector<at::Tensor> transform_axes_cpu(at::TensorList tensors, at::TensorList transforms,
+std::vector<at::Tensor> transform_axes_any(at::TensorList tensors, at::TensorList transforms,
                                            at::IntArrayRef tensor_index, at::IntArrayRef axis) {
   const size_t num_jobs = transforms.size();
   TORCH_CHECK(tensor_index.size() == num_jobs && axis.size() == num_jobs,
@@ -218,6 +242,9 @@ std::vector<at::Tensor> transform_axes_cpu(at::TensorList tensors, at::TensorLis
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmerge, CPU, m) { m.impl("transform_axes", &transform_axes_cpu); }
+TORCH_LIBRARY_IMPL(fastmerge, CPU, m) { m.impl("transform_axes", &transform_axes_any); }
+#if FASTMERGE_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastmerge, CUDA, m) { m.impl("transform_axes", &transform_axes_any); }
+#endif
 
 }  // namespace fastmerge

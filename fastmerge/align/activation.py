@@ -15,7 +15,7 @@ def match_permutation(rho: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Permutation of model i's units (columns of the cross-correlation with the reference) that
     maximises the total matched correlation; returns it as (1, size) and the mean matched value."""
     _, cols = linear_assignment(rho, maximize=True)
-    return cols[None, :], float(rho[torch.arange(rho.shape[0]), cols].mean()) if rho.numel() else 0.0
+    return cols[None, :], float(rho[torch.arange(rho.shape[0], device=rho.device), cols].mean()) if rho.numel() else 0.0
 
 
 def _polar(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,9 +51,9 @@ def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _distance_from_identity(t) -> float:
     if isinstance(t, Dense):
-        eye = torch.eye(t.out.shape[-1], dtype=t.out.dtype)
+        eye = torch.eye(t.out.shape[-1], dtype=t.out.dtype, device=t.out.device)
         return float((t.out - eye).norm() / eye.norm())
-    return float((t != torch.arange(t.shape[-1])).double().mean())
+    return float((t != torch.arange(t.shape[-1], device=t.device)).double().mean())
 
 
 def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: MergeSpec, stats=None,
@@ -85,7 +85,8 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
         raise InvalidArgumentError(f"reference {reference} is outside [0, {n})")
     states = [_float_state(m) for m in models]
     diagnostics: dict = {}
-    transforms = [dict(identity_perms(spec)) for _ in range(n)]
+    device = next((v.device for v in states[0].values()), torch.device("cpu"))
+    transforms = [dict(identity_perms(spec, device)) for _ in range(n)]
     frozen: dict[str, torch.Tensor] = {}
 
     if method != "weight_matching":
@@ -104,7 +105,7 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
             perms = []
             for i in range(n):
                 if i == reference:
-                    perms.append(torch.arange(g.size)[None])
+                    perms.append(torch.arange(g.size, device=device)[None])
                     continue
                 perm, matched = match_permutation(stats.correlation(g.name, reference, i))
                 perms.append(perm)
@@ -125,12 +126,14 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
                     info.setdefault("canonical_correlations", {})[i] = r
             elif method == "zipit" and dense_ok(g):
                 state = stats.states[g.name]
-                merge, unmerge = zipit_matrices(state.joint_correlation().numpy(), n, g.size, alpha=alpha, beta=beta)
+                # the greedy matching is sequential: it runs on the host, whatever the statistics' device
+                merge, unmerge = zipit_matrices(state.joint_correlation().cpu().numpy(), n, g.size, alpha=alpha, beta=beta)
+                device = state.count.device
                 c = g.size
                 for i in range(n):
                     # n * M_i: the 1/n of ZipIt's average moves into the uniform combination
-                    out = torch.from_numpy(n * merge[:, i * c : (i + 1) * c])
-                    inp = torch.from_numpy(unmerge[i * c : (i + 1) * c, :])
+                    out = torch.from_numpy(n * merge[:, i * c : (i + 1) * c]).to(device)
+                    inp = torch.from_numpy(unmerge[i * c : (i + 1) * c, :]).to(device)
                     transforms[i][g.name] = Dense(out=out[None], inp=inp[None])
             diagnostics[g.name] = info
 

@@ -24,8 +24,13 @@ from ..spec.types import Group, MergeSpec
 from .structure import nested_groups, unfold
 
 
-def identity_perms(spec: MergeSpec) -> dict[str, torch.Tensor]:
-    return {g.name: torch.arange(g.size).repeat(g.count, 1) for g in spec.groups}
+def identity_perms(spec: MergeSpec, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    return {g.name: torch.arange(g.size, device=device).repeat(g.count, 1) for g in spec.groups}
+
+
+def _device_of(state: Mapping[str, torch.Tensor]) -> torch.device:
+    """Where the weights live: permutations and costs are made there (CPU for an empty state)."""
+    return next((v.device for v in state.values()), torch.device("cpu"))
 
 
 def _member_tensors(groups: Sequence[Group]) -> set[str]:
@@ -44,8 +49,10 @@ def _group_cost(spec: MergeSpec, group: Group, nested: list, target: Mapping[str
     others = {k: v for k, v in perms.items() if k not in skip}
     names = _member_tensors([group])
     moved = spec.apply_transforms({n: state[n] for n in names}, others)
-    cost = torch.zeros(group.count, group.size, group.size, dtype=torch.float64)
-    inner = {d.name: torch.zeros(group.size, group.size, d.size, d.size, dtype=torch.float64) for d, _ in nested}
+    device = _device_of(state)
+    cost = torch.zeros(group.count, group.size, group.size, dtype=torch.float64, device=device)
+    inner = {d.name: torch.zeros(group.size, group.size, d.size, d.size, dtype=torch.float64, device=device)
+             for d, _ in nested}
     for m in group.members:
         key = (m.tensor, m.axis, m.offset)
         # products in float32 (float64 weights stay float64), each member's C x C result summed in
@@ -79,7 +86,7 @@ def _solve_nested(group: Group, cost: torch.Tensor, inner: dict) -> tuple[torch.
         total += values
         solutions[name] = cols.reshape(size, size, d)
     _, perm = linear_assignment(total, maximize=True)
-    nested_perms = {name: cols[torch.arange(size), perm] for name, cols in solutions.items()}
+    nested_perms = {name: cols[torch.arange(size, device=perm.device), perm] for name, cols in solutions.items()}
     return perm[None, :], nested_perms
 
 
@@ -90,7 +97,7 @@ def signature_perms(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: 
     scaled per member), which no permutation of another group changes, and units are matched by
     the distance of their descriptions. Exact for a permuted copy; for independently trained
     models, better informed than the identity (which means nothing between two initialisations)."""
-    perms = identity_perms(spec)
+    perms = identity_perms(spec, _device_of(state))
     for g in spec.groups:
         if g.name in frozen or g.count != 1:
             continue
@@ -184,9 +191,9 @@ def weight_matching(spec: MergeSpec, states: Sequence[Mapping[str, torch.Tensor]
     perms = []
     for i in range(n):
         # start each model from the signature matching to the reference (see signature_perms)
-        p = identity_perms(spec) if i == reference else signature_perms(spec, states[reference], states[i], frozen_names)
+        p = identity_perms(spec, _device_of(states[i])) if i == reference else signature_perms(spec, states[reference], states[i], frozen_names)
         for name, stacked in frozen.items():
-            p[name] = stacked[i]
+            p[name] = stacked[i].to(_device_of(states[i]))
         perms.append(p)
     merge_many = n > 2 if merge_many is None else merge_many
     diagnostics: dict = {"history": {}}

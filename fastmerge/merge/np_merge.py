@@ -81,9 +81,9 @@ def _accuracy(forward, data: Iterable) -> float:
         args, kwargs = _split_batch(batch)
         target = batch[1]
         pred = forward(args, kwargs).argmax(-1)
-        correct += int((pred == target).sum())
+        correct = correct + (pred == target).sum()  # summed where the model runs, read once
         total += int(target.numel())
-    return correct / max(total, 1)
+    return int(correct) / max(total, 1)
 
 
 def _set_bn_batch_stats(model: nn.Module) -> None:
@@ -163,7 +163,8 @@ class CoefficientMerger:
         self.parents, self.names, self.n = parents, list(names), len(parents)
         lead = (self.n if self.n > 2 else 1,)
         self.logits = {k: torch.full(lead + _coefficient_shape(parents[0][k].shape, granularity),
-                                     prior if self.n == 2 else 0.0, dtype=torch.float32, requires_grad=True)
+                                     prior if self.n == 2 else 0.0, dtype=torch.float32,
+                                     device=parents[0][k].device, requires_grad=True)
                        for k in self.names}
 
     def coefficients(self) -> list[list[torch.Tensor]]:
@@ -226,7 +227,7 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
         opt.zero_grad()
         loss.backward()
         opt.step()
-        loss = loss.item()
+        loss = loss.detach()  # read back only at checks: no host round trip per step on a GPU
         val = None
         if val_data is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
             template.eval()
@@ -237,13 +238,15 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
                 checks_without_gain = 0
             else:
                 checks_without_gain += 1
-            bar.set_postfix(loss=f"{loss:.4f}", val_acc=f"{100 * val:.1f}")
-        else:
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", val_acc=f"{100 * val:.1f}")
+        elif progress and (step + 1) % eval_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         history.append((step + 1, loss, val))
         if patience is not None and checks_without_gain >= patience:
             break
     bar.close()
+    losses = torch.stack([h[1] for h in history]).tolist() if history else []
+    history = [(step, loss, val) for (step, _, val), loss in zip(history, losses)]
     if val_data is None:
         best = (0.0, len(history), {k: v.detach().clone() for k, v in logits.items()})
     with torch.no_grad():

@@ -100,9 +100,13 @@ class CovarianceState:
         and bfloat16 are read as they are; centred products run in float32 for large batches and
         in float64 for small ones (and for float64 input). The state is always float64.
 
+        On CUDA nothing waits for the host: a NaN or Inf in the batch is not detected here (that
+        would cost a synchronisation per batch) but poisons the state, and the first read
+        (``covariance``, ``correlation``) raises NonFiniteError.
+
         Raises:
             ShapeMismatchError: wrong number of blocks, widths or sample counts.
-            NonFiniteError: a NaN or Inf in the batch (the state is left unchanged).
+            NonFiniteError: a NaN or Inf in the batch (CPU: raised here, the state is left unchanged).
         """
         self._check_features(features)
         if _ext.load():
@@ -157,11 +161,21 @@ class CovarianceState:
         """Covariance block Sigma_{left,right} (C_left, C_right), float64; needs > ddof samples."""
         right = left if right is None else right
         p, transposed = self._index(left, right)
+        self._check_finite()
         n = self.count.item()
         if n <= ddof:
             raise InvalidArgumentError(f"covariance needs more than {ddof} samples, the state has {int(n)}")
         block = self.m2[p] / (n - ddof)
         return block.T.clone() if transposed else block
+
+    def _check_finite(self) -> None:
+        # CUDA updates do not check their batches (see update); a non-finite value reaches the means.
+        if self.count.device.type != "cpu" and not all(bool(torch.isfinite(m).all()) for m in self.mean):
+            bad = [b for b, m in enumerate(self.mean) if not bool(torch.isfinite(m).all())]
+            raise NonFiniteError(
+                f"the statistics hold non-finite values (NaN or Inf) in block(s) {bad}: a batch folded into this "
+                "state had NaN/Inf activations; check the model's weights and inputs, and capture in float32"
+            )
 
     def correlation(self, left: int = 0, right: int | None = None) -> torch.Tensor:
         """Correlation block rho_{left,right} in [-1, 1]; units with zero variance get 0, never NaN."""

@@ -57,45 +57,46 @@ class Member:
     def grid(self, axis_size: int) -> tuple[int, ...]:
         return self.factors if self.factors is not None else (axis_size - self.offset,)
 
-    def _instance_ids(self, grid: tuple[int, ...]) -> torch.Tensor:
+    def _instance_ids(self, grid: tuple[int, ...], device=None) -> torch.Tensor:
         """Instance id of every grid cell (row-major over the instance levels), broadcastable
         to the grid, with a size-1 unit level."""
         ndim = len(grid)
-        inst = torch.zeros([grid[j] if j in self.instance else 1 for j in range(ndim)], dtype=torch.long)
+        inst = torch.zeros([grid[j] if j in self.instance else 1 for j in range(ndim)], dtype=torch.long, device=device)
         stride = 1
         for j in reversed(self.instance):
             shape = [1] * ndim
             shape[j] = grid[j]
-            inst = inst + torch.arange(grid[j]).view(shape) * stride
+            inst = inst + torch.arange(grid[j], device=device).view(shape) * stride
             stride *= grid[j]
         return inst
 
-    def _selected(self, grid: tuple[int, ...]) -> torch.Tensor:
-        mask = torch.ones(grid, dtype=torch.bool)
+    def _selected(self, grid: tuple[int, ...], device=None) -> torch.Tensor:
+        mask = torch.ones(grid, dtype=torch.bool, device=device)
         for level, values in self.select:
             shape = [1] * len(grid)
             shape[level] = grid[level]
-            keep = torch.zeros(grid[level], dtype=torch.bool)
+            keep = torch.zeros(grid[level], dtype=torch.bool, device=device)
             keep[list(values)] = True
             mask = mask & keep.view(shape)
         return mask
 
-    def positions(self, axis_size: int) -> torch.Tensor:
+    def positions(self, axis_size: int, device=None) -> torch.Tensor:
         """Axis position of every grid cell (a tensor shaped like the grid)."""
         grid = self.grid(axis_size)
-        return torch.arange(self.offset, self.offset + math.prod(grid)).view(grid)
+        return torch.arange(self.offset, self.offset + math.prod(grid), device=device).view(grid)
 
     def gather_index(self, axis_size: int, perms: torch.Tensor) -> torch.Tensor:
         """Index for a gather along the axis that applies ``perms`` (count, size) to this member:
         ``new[..., pos(i, u), ...] = old[..., pos(i, perms[i, u]), ...]``."""
         grid = self.grid(axis_size)
-        index = torch.arange(axis_size)
-        positions = self.positions(axis_size)
+        device = perms.device  # built where the permutations are: no copies between devices
+        index = torch.arange(axis_size, device=device)
+        positions = self.positions(axis_size, device)
         # perms[inst] appends the unit axis; it replaces the (size-1) unit level.
-        table = perms[self._instance_ids(grid)].squeeze(self.unit).movedim(-1, self.unit)
+        table = perms[self._instance_ids(grid, device)].squeeze(self.unit).movedim(-1, self.unit)
         moved = torch.take_along_dim(positions, table.expand(grid), dim=self.unit)
         if self.select:
-            moved = torch.where(self._selected(grid), moved, positions)
+            moved = torch.where(self._selected(grid, device), moved, positions)
         index[self.offset : self.offset + positions.numel()] = moved.reshape(-1)
         return index
 
@@ -104,10 +105,11 @@ class Member:
         applies mats[i] (size x size) to the units of instance i, for every replica position, and
         leaves every other position as it is."""
         grid = self.grid(axis_size)
-        matrix = torch.eye(axis_size, dtype=mats.dtype)
-        positions = self.positions(axis_size)
-        inst = self._instance_ids(grid).expand(grid)
-        selected = self._selected(grid)
+        device = mats.device
+        matrix = torch.eye(axis_size, dtype=mats.dtype, device=device)
+        positions = self.positions(axis_size, device)
+        inst = self._instance_ids(grid, device).expand(grid)
+        selected = self._selected(grid, device)
         # one row per (instance, replica) cell with the unit level last
         pos = positions.movedim(self.unit, -1).reshape(-1, grid[self.unit])
         ids = inst.movedim(self.unit, -1).reshape(-1, grid[self.unit])[:, 0]

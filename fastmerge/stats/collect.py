@@ -107,8 +107,10 @@ class StatsCollector:
             if g.tap is None or g.count != 1:
                 raise InvalidArgumentError(f"group {g.name!r} has no single-instance tap point; statistics cannot observe it")
         n = len(self.models)
+        # the statistics live where the models run (features never leave that device)
+        device = next((t.device for t in self.models[0].state_dict().values()), torch.device("cpu"))
         self.stats = Stats({g.name: CovarianceState([g.size] * n, pairs=pairs if n > 1 else "diagonal",
-                                                    reference=reference) for g in self.groups}, n)
+                                                    reference=reference, device=device) for g in self.groups}, n)
         self.max_rows = max_rows
         self.generator = torch.Generator().manual_seed(seed)
         self._pending = {g.name: [None] * n for g in self.groups}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and a CUDA build of torch: builds the extension with its CUDA
+# kernels against that torch, runs the CUDA tests, then times every op against its baseline and
+# prints a table last (logs and the table in OUTDIR). Sized to fit one 10-minute run
+# on an H100 (about 2 minutes of build on 16 cores).
+#
+#   benchmarks/gpu_check.sh [OUTDIR]      (default OUTDIR: /tmp/fastmerge-gpu)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:-/tmp/fastmerge-gpu}
+mkdir -p "$OUTDIR"
+PY=${PYTHON:-python3}
+stamp() { echo "== $(date +%T) $*"; }
+
+stamp "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+stamp "build"
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} FASTMERGE_CUDA=1
+rm -f fastmerge/_C*.so
+if ! $PY setup.py -q build_ext --inplace > "$OUTDIR/build.log" 2>&1; then
+  tail -40 "$OUTDIR/build.log"; echo "BUILD FAILED"; exit 1
+fi
+$PY -c "import fastmerge, torch; fastmerge._ext.load(); print(torch.ops.fastmerge.build_info())"
+
+stamp "tests"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+timeout 300 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider tests/cuda > "$OUTDIR/tests.log" 2>&1
+tests_rc=$?
+tail -30 "$OUTDIR/tests.log"
+
+stamp "timings"
+timeout 420 $PY benchmarks/gpu_timings.py --out "$OUTDIR/gpu_table.md" > "$OUTDIR/timings.log" 2>&1
+timings_rc=$?
+grep -v "^|" "$OUTDIR/timings.log" | tail -15
+cat "$OUTDIR/gpu_table.md" 2>/dev/null
+stamp "done (CUDA tests exit code $tests_rc, timings exit code $timings_rc)"
+exit $tests_rc

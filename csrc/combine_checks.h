@@ -1,0 +1,77 @@
+// Argument checks shared by the CPU and CUDA kernels of combine / combine_backward /
+// sigmoid_merge: list layout, and how a coefficient (or logit) broadcasts over its weight.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+namespace fastmerge {
+
+struct Layout {
+  int64_t num_tensors;
+  int64_t num_models;
+};
+
+// Elements of a weight that share one coefficient value, after checking that the coefficient
+// broadcasts along trailing axes only (shape W.shape[:r] + (1,) * (ndim - r), or one element).
+inline int64_t coefficient_inner(const at::Tensor& coef, const at::Tensor& weight, int64_t index) {
+  TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
+              "combine: coefficients[", index, "] must be float32 or float64, got ", coef.scalar_type());
+  if (coef.numel() == 1) return std::max<int64_t>(weight.numel(), 1);
+  bool ok = coef.dim() == weight.dim();
+  bool in_prefix = true;
+  for (int64_t d = 0; ok && d < coef.dim(); ++d) {
+    if (in_prefix && coef.size(d) == weight.size(d)) continue;
+    in_prefix = false;
+    ok = coef.size(d) == 1;
+  }
+  TORCH_CHECK(ok, "combine: coefficients[", index, "] of shape ", coef.sizes(), " does not fit weight of shape ",
+              weight.sizes(), "; use one value, the full shape, or the leading axes with trailing 1s (per channel)");
+  return coef.numel() == 0 ? 1 : weight.numel() / coef.numel();
+}
+
+inline Layout check_layout(at::TensorList tensors, at::TensorList coefficients, int64_t num_models, const char* op) {
+  TORCH_CHECK(num_models >= 1, op, ": num_models must be >= 1, got ", num_models);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  TORCH_CHECK(n % num_models == 0, op, ": got ", n, " tensors, not a multiple of num_models=", num_models);
+  TORCH_CHECK(coefficients.empty() || static_cast<int64_t>(coefficients.size()) == n, op,
+              ": coefficients must be empty or one per tensor (", n, "), got ", coefficients.size());
+  const Layout layout{n / num_models, num_models};
+  for (int64_t t = 0; t < layout.num_tensors; ++t) {
+    const at::Tensor& first = tensors[t * num_models];
+    TORCH_CHECK(at::isFloatingType(first.scalar_type()), op, ": tensors[", t * num_models,
+                "] must be floating point, got ", first.scalar_type());
+    for (int64_t j = 1; j < num_models; ++j) {
+      const at::Tensor& w = tensors[t * num_models + j];
+      TORCH_CHECK(w.sizes() == first.sizes() && w.scalar_type() == first.scalar_type(), op, ": tensor ", t,
+                  " of model ", j, " has shape ", w.sizes(), " and dtype ", w.scalar_type(), " but model 0 has ",
+                  first.sizes(), " and ", first.scalar_type(), "; every model must provide the same tensor");
+    }
+  }
+  return layout;
+}
+
+// Elements sharing one logit (logits broadcast along trailing axes, as the combine op's
+// coefficients), after checking shapes and dtypes.
+inline int64_t logit_inner(const at::Tensor& a, const at::Tensor& b, const at::Tensor& logit, size_t t) {
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(), "sigmoid_merge: tensor ", t,
+              " has shapes/dtypes ", a.sizes(), " ", a.scalar_type(), " and ", b.sizes(), " ", b.scalar_type());
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "sigmoid_merge: tensor ", t, " must be floating point");
+  TORCH_CHECK(logit.scalar_type() == at::kFloat || logit.scalar_type() == at::kDouble, "sigmoid_merge: logits[", t,
+              "] must be float32 or float64");
+  if (logit.numel() == 1) return std::max<int64_t>(a.numel(), 1);
+  bool ok = logit.dim() == a.dim();
+  bool prefix = true;
+  for (int64_t d = 0; ok && d < logit.dim(); ++d) {
+    if (prefix && logit.size(d) == a.size(d)) continue;
+    prefix = false;
+    ok = logit.size(d) == 1;
+  }
+  TORCH_CHECK(ok, "sigmoid_merge: logits[", t, "] of shape ", logit.sizes(), " does not fit tensor of shape ",
+              a.sizes());
+  return logit.numel() == 0 ? 1 : a.numel() / logit.numel();
+}
+
+}  // namespace fastmerge
