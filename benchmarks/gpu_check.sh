@@ -29,7 +29,9 @@ $PY -c "import fastmerge, torch; fastmerge._ext.load(); print(torch.ops.fastmerg
 
 stamp "tests"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-timeout 300 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider tests/cuda > "$OUTDIR/tests.log" 2>&1
+# in 4 worker processes when pytest-xdist is there: a crashing test then fails alone
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
+timeout 300 $PY -m pytest -q -rfE --tb=short -p no:cacheprovider $XDIST tests/cuda > "$OUTDIR/tests.log" 2>&1
 tests_rc=$?
 tail -30 "$OUTDIR/tests.log"
 

@@ -51,10 +51,20 @@ def covariance(rows: int = 65536, cols: int = 4096):
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     base = torch.relu(torch.randn(rows, cols, device="cuda", generator=gen)) + 3.0  # post-ReLU-like, large mean
-    for dtype in (torch.float32, torch.bfloat16):
+    import os
+
+    for dtype, products in ((torch.float32, "auto"), (torch.float32, "float"), (torch.bfloat16, "auto")):
+        os.environ["FASTMERGE_COV_PRODUCTS"] = products  # read by the op at each call
         x = base.to(dtype)
         state = CovarianceState([cols], device="cuda")
         t_ours = gpu_time(lambda: state.update(x))
+        try:  # where the time goes (kernels of one update), for the log
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                state.update(x)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="device_time_total", row_limit=8), flush=True)
+        except Exception as exc:  # noqa: BLE001 - the profile is informative only
+            print(f"profile unavailable: {exc}")
         t_gemm = gpu_time(lambda: torch.mm(x.T, x))
         # accuracy: the same features streamed in 8 batches, against float64 on the device
         state = CovarianceState([cols], device="cuda")
@@ -70,7 +80,9 @@ def covariance(rows: int = 65536, cols: int = 4096):
         del xd, centred, ref, naive, xf
         torch.cuda.empty_cache()
         name = str(dtype).replace("torch.", "")
-        row(f"covariance update {rows}x{cols} {name}", f"{t_ours * 1e3:.2f} ms",
+        os.environ.pop("FASTMERGE_COV_PRODUCTS")
+        label = {"auto": "", "float": ", float32 products forced"}[products]
+        row(f"covariance update {rows}x{cols} {name}{label}", f"{t_ours * 1e3:.2f} ms",
             f"{t_gemm * 1e3:.2f} ms (torch.mm(x.T, x), {name})", f"{t_gemm / t_ours:.2f}x GEMM speed",
             f"target >= 0.8x; rel. error {err:.1e} (naive one-pass float32: {err_naive:.1e})")
 
@@ -210,8 +222,6 @@ def gpt2_pair():
 
 
 def transform():
-    from fastmerge.ops import transform_axes
-
     spec, state, _ = gpt2_pair()
     perms = spec.random_permutations(torch.Generator().manual_seed(3))
     names = list(state)
@@ -225,7 +235,7 @@ def transform():
                 jobs.append((names.index(m.tensor), m.axis, perms[g.name][0].cuda()))
     jobs.sort(key=lambda j: j[0])
     index, axis, mats = [j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs]
-    t_ours = gpu_time(lambda: transform_axes(tensors, mats, index, axis))
+    t_ours = gpu_time(lambda: torch.ops.fastmerge.transform_axes(tensors, mats, index, axis))
 
     def plain():
         out = list(tensors)

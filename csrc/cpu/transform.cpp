@@ -10,13 +10,12 @@
 // run together: all gathers in one parallel loop, and dense jobs of equal shapes in one batched GEMM.
 //
 // The same function serves CUDA tensors (registered below when built with CUDA): the dense jobs are
-// ATen products either way, and the gathers become index_select on the device after one check of
-// every index's range (a single synchronisation per call).
+// ATen products either way, and a round's gathers run in one CUDA launch that also checks every
+// index (one synchronisation per round).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/index_select.h>
 #include <ATen/ops/stack.h>
 #include <torch/library.h>
 
@@ -26,6 +25,9 @@
 #include <vector>
 
 #include "kernels/gather.h"
+#if FASTMERGE_WITH_CUDA
+#include "cuda/gather.h"
+#endif
 
 namespace fastmerge {
 namespace {
@@ -95,21 +97,24 @@ int64_t prod(at::IntArrayRef shape, int64_t begin, int64_t end) {
   return p;
 }
 
-// Gathers of one round on a GPU: every index range checked with one synchronisation, then
-// index_select per job.
+// Gathers of one round on a GPU: one launch for all of them, indices checked by the kernel.
 void run_gathers_device(std::vector<at::Tensor>& current, const std::vector<std::pair<Job, int64_t>>& jobs) {
-  std::vector<at::Tensor> bad;
+#if FASTMERGE_WITH_CUDA
+  std::vector<DeviceGather> work;
   for (const auto& [job, q] : jobs) {
-    const int64_t n = current[job.tensor].size(job.axis);
-    bad.push_back(job.transform.lt(0).logical_or(job.transform.ge(n)).any());
+    const at::Tensor src = current[job.tensor].contiguous();
+    const int64_t m = job.transform.size(0);
+    at::Tensor dst = at::empty(shape_with(src.sizes(), job.axis, m), src.options());
+    work.push_back({src, dst, job.transform, prod(src.sizes(), 0, job.axis), src.size(job.axis), m,
+                    prod(src.sizes(), job.axis + 1, src.dim()) * static_cast<int64_t>(src.element_size())});
   }
-  const at::Tensor flags = at::stack(bad).cpu();
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    if (!flags[i].item<bool>()) continue;
-    const Job& job = jobs[i].first;
-    check_index_range(job.transform.cpu(), current[job.tensor].size(job.axis), jobs[i].second);
-  }
-  for (const auto& [job, q] : jobs) current[job.tensor] = at::index_select(current[job.tensor], job.axis, job.transform);
+  const int64_t bad = gather_rows_cuda(work);
+  if (bad >= 0) check_index_range(jobs[bad].first.transform.cpu(), work[bad].n, jobs[bad].second);
+  for (size_t i = 0; i < jobs.size(); ++i) current[jobs[i].first.tensor] = work[i].dst;
+#else
+  TORCH_CHECK(false, "transform_axes: tensors on ", current[jobs.front().first.tensor].device(),
+              " but this build of fastmerge has no CUDA kernels");
+#endif
 }
 
 // All gathers of one round in a single parallel loop over output rows.

@@ -5,7 +5,7 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
-#include <ATen/ops/nonzero.h>
+#include <ATen/ops/argmax.h>
 #include <ATen/ops/sort.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,10 +40,10 @@ std::tuple<at::Tensor, at::Tensor> linear_assignment_cuda(const at::Tensor& cost
   const int64_t batch = cost.size(0), rows = cost.size(1), cols = cost.size(2);
   const int64_t k = std::min(rows, cols);
   // One synchronisation per call: the answer is needed anyway, and a NaN would never terminate.
-  const at::Tensor finite = at::isfinite(cost);
-  if (!finite.all().item<bool>()) {
-    const at::Tensor where = at::nonzero(finite.logical_not())[0].cpu();
-    const int64_t b = where[0].item<int64_t>(), i = where[1].item<int64_t>(), j = where[2].item<int64_t>();
+  const at::Tensor bad = at::isfinite(cost).logical_not().flatten();
+  if (bad.numel() > 0 && bad.any().item<bool>()) {
+    const int64_t flat = bad.to(at::kInt).argmax().item<int64_t>();  // the first non-finite entry
+    const int64_t b = flat / (rows * cols), i = flat / cols % rows, j = flat % cols;
     TORCH_CHECK_VALUE(false, "linear_assignment: cost", batched ? "[" + std::to_string(b) + "]" : std::string(),
                       " has a non-finite entry at (", i, ", ", j, "); costs must be finite");
   }

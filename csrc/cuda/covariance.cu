@@ -1,6 +1,6 @@
-// CUDA kernel of fastmerge::cov_update_: the batch's column means in double, each block centred
-// into a scratch buffer in the product's precision, the products X_l^T X_r in cuBLAS with float32
-// output (float32 inputs: SGEMM, or TF32 when torch allows it; float16/bfloat16 inputs: tensor-core
+// CUDA kernel of fastmerge::cov_update_: each block shifted by (about) its mean into a scratch
+// buffer in the product's precision while its column sums are taken (one pass), the products
+// X_l^T X_r in cuBLAS with float32 output (float32 inputs: SGEMM, or TF32 when torch allows it; float16/bfloat16 inputs: tensor-core
 // products with float32 accumulation), folded into the float64 state together with the Chan
 // correction. Diagonal blocks multiply only their upper tiles and mirror the result.
 //
@@ -13,13 +13,15 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/sub.h>
-#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "cuda/device_types.h"
@@ -43,16 +45,37 @@ int64_t symmetric_tile(int64_t n, bool tensor_cores) {
   return std::max<int64_t>(512, (n / parts + 127) / 128 * 128);
 }
 
-void fold(at::Tensor& state, int64_t i0, int64_t j0, const at::Tensor& tile, bool correct, const at::Tensor& dl,
-          const at::Tensor& dr, const at::Tensor& count, double n_b, cudaStream_t stream) {
+// float32 features are multiplied in float64 where the GPU runs float64 matrix products about as
+// fast as float32 ones (data-centre parts with FP64 tensor cores: compute capability 8.0, 9.0,
+// 10.0): the state is then exact to float64 rounding at no cost in time. Elsewhere (FP64 at 1/32
+// or 1/64 rate) SGEMM, or TF32 when torch allows it. FASTMERGE_COV_PRODUCTS=float|double overrides.
+bool fast_fp64(const c10::Device& device) {
+  const char* env = std::getenv("FASTMERGE_COV_PRODUCTS");
+  if (env != nullptr && std::string(env) == "float") return false;
+  if (env != nullptr && std::string(env) == "double") return true;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device.index());
+  return prop->minor == 0 && (prop->major == 8 || prop->major == 9 || prop->major == 10);
+}
+
+// The rank-one terms added with the last chunk's products (see fold_tile_kernel).
+struct Corrections {
+  bool apply;
+  at::Tensor delta_left, delta_right;  // batch mean - running mean
+  at::Tensor shift_left, shift_right;  // batch mean - shift
+};
+
+void fold(at::Tensor& state, int64_t i0, int64_t j0, const at::Tensor& tile, const Corrections& c,
+          const at::Tensor& count, double n_b, cudaStream_t stream) {
   const int64_t rows = tile.size(0), cols = tile.size(1);
   const dim3 block(ck::kFoldTile, 8);
   const dim3 grid(static_cast<unsigned>((cols + ck::kFoldTile - 1) / ck::kFoldTile),
                   static_cast<unsigned>((rows + ck::kFoldTile - 1) / ck::kFoldTile));
+  auto ptr = [&](const at::Tensor& t) { return c.apply ? t.const_data_ptr<double>() : nullptr; };
   AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "cov_fold_cuda", [&] {
     ck::fold_tile_kernel<scalar_t><<<grid, block, 0, stream>>>(
         state.data_ptr<double>(), state.size(1), i0, j0, tile.const_data_ptr<scalar_t>(), tile.stride(0), rows, cols,
-        correct, dl.const_data_ptr<double>(), dr.const_data_ptr<double>(), count.const_data_ptr<double>(), n_b);
+        c.apply, ptr(c.delta_left), ptr(c.delta_right), ptr(c.shift_left), ptr(c.shift_right),
+        count.const_data_ptr<double>(), n_b);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -105,13 +128,25 @@ void cov_update_cuda(const at::Tensor& count, at::TensorList mean, at::TensorLis
   }
   const bool small = rows * total_cols <= kSmallBatchElements;
   const bool tensor_cores = half_inputs && !small;
-  const at::ScalarType compute = (any_double || small) ? at::kDouble : (tensor_cores ? half_type : at::kFloat);
+  const bool double_products = any_double || small || (!half_inputs && fast_fp64(count.device()));
+  const at::ScalarType compute = double_products ? at::kDouble : (tensor_cores ? half_type : at::kFloat);
 
-  std::vector<at::Tensor> x(k), batch_mean(k), delta(k);
+  // Each block is shifted by s (the running mean, or the first row of the first batch) while its
+  // column sums are taken in the same pass; d = mean(X - s) then turns the product of shifted
+  // values into the centred one, and delta = batch mean - running mean is Chan's term.
+  std::vector<at::Tensor> x(k), shift(k), sums(k), offset_from_shift(k), delta(k);
   for (int64_t b = 0; b < k; ++b) {
     x[b] = features[b].stride(1) == 1 ? features[b] : features[b].contiguous();
-    batch_mean[b] = at::sum(x[b], {0}, false, at::kDouble).div_(static_cast<double>(rows));
-    delta[b] = at::sub(batch_mean[b], mean[b]);
+    const int64_t cols = x[b].size(1);
+    shift[b] = at::empty({cols}, count.options());
+    sums[b] = at::zeros({cols}, count.options());
+    if (cols == 0) continue;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[b].scalar_type(), "cov_shift_cuda", [&] {
+      ck::shift_kernel<device_t<scalar_t>><<<grid_for(cols, ck::kCentreThreads), ck::kCentreThreads, 0, stream>>>(
+          device_ptr(x[b].const_data_ptr<scalar_t>()), cols, mean[b].const_data_ptr<double>(),
+          count.const_data_ptr<double>(), shift[b].data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
 
   const int64_t element = at::elementSize(compute);
@@ -128,16 +163,35 @@ void cov_update_cuda(const at::Tensor& count, at::TensorList mean, at::TensorLis
       centred[b] = scratch.narrow(0, offset, (r1 - r0) * cols).view({r1 - r0, cols});
       offset += (r1 - r0) * cols;
       if (cols == 0) continue;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[b].scalar_type(), "cov_centre_cuda", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[b].scalar_type(), "cov_shift_rows_cuda", [&] {
         using In = scalar_t;
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute, "cov_centre_cuda_out", [&] {
-          ck::centre_rows_kernel<device_t<In>, device_t<scalar_t>>
-              <<<grid_for(r1 - r0, 1), ck::kCentreThreads, 0, stream>>>(
-                  device_ptr(x[b].const_data_ptr<In>()) + r0 * x[b].stride(0), x[b].stride(0), r1 - r0, cols,
-                  batch_mean[b].const_data_ptr<double>(), device_ptr(centred[b].data_ptr<scalar_t>()));
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, compute, "cov_shift_rows_cuda_out", [&] {
+          using I = device_t<In>;
+          using O = device_t<scalar_t>;
+          constexpr int kVec = 16 / sizeof(I);
+          const I* src = device_ptr(x[b].const_data_ptr<In>()) + r0 * x[b].stride(0);
+          O* dst = device_ptr(centred[b].data_ptr<scalar_t>());
+          const int64_t ld = x[b].stride(0);
+          const bool packed = cols % kVec == 0 && ld % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                              reinterpret_cast<uintptr_t>(dst) % (sizeof(O) * kVec) == 0;
+          if (packed) {
+            const unsigned blocks = static_cast<unsigned>((r1 - r0 + ck::kCentreRowsVec - 1) / ck::kCentreRowsVec);
+            ck::shift_rows_vec_kernel<I, O, kVec><<<blocks, ck::kCentreThreads, 0, stream>>>(
+                src, ld, r1 - r0, cols, shift[b].const_data_ptr<double>(), sums[b].data_ptr<double>(), dst);
+          } else {
+            const unsigned blocks = static_cast<unsigned>((r1 - r0 + ck::kCentreRows - 1) / ck::kCentreRows);
+            ck::shift_rows_kernel<I, O><<<blocks, ck::kCentreThreads, 0, stream>>>(
+                src, ld, r1 - r0, cols, shift[b].const_data_ptr<double>(), sums[b].data_ptr<double>(), dst);
+          }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
+    }
+    if (last) {
+      for (int64_t b = 0; b < k; ++b) {
+        offset_from_shift[b] = sums[b] / n_b;                                 // batch mean - shift
+        delta[b] = (shift[b] + offset_from_shift[b]).sub_(mean[b]);           // batch mean - running mean
+      }
     }
     for (size_t p = 0; p < m2.size(); ++p) {
       const int64_t l = pair_left[p], r = pair_right[p];
@@ -146,16 +200,17 @@ void cov_update_cuda(const at::Tensor& count, at::TensorList mean, at::TensorLis
       auto product = [&](const at::Tensor& a, const at::Tensor& b) {
         return tensor_cores ? at::mm(a.t(), b, at::kFloat) : at::mm(a.t(), b);
       };
+      const Corrections corrections{last, delta[l], delta[r], offset_from_shift[l], offset_from_shift[r]};
       if (l != r) {
-        fold(state, 0, 0, product(centred[l], centred[r]), last, delta[l], delta[r], count, n_b, stream);
+        fold(state, 0, 0, product(centred[l], centred[r]), corrections, count, n_b, stream);
         continue;
       }
       const int64_t n = centred[l].size(1), tile = symmetric_tile(n, tensor_cores);
       for (int64_t i0 = 0; i0 < n; i0 += tile)
         for (int64_t j0 = i0; j0 < n; j0 += tile) {
           const int64_t bi = std::min(tile, n - i0), bj = std::min(tile, n - j0);
-          fold(state, i0, j0, product(centred[l].narrow(1, i0, bi), centred[l].narrow(1, j0, bj)), last, delta[l],
-               delta[l], count, n_b, stream);
+          fold(state, i0, j0, product(centred[l].narrow(1, i0, bi), centred[l].narrow(1, j0, bj)), corrections, count,
+               n_b, stream);
         }
       {  // the GEMM of a diagonal tile is not exactly symmetric either: mirror everything
         const dim3 grid(static_cast<unsigned>((n + ck::kFoldTile - 1) / ck::kFoldTile),

@@ -30,6 +30,10 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False) -> tuple[to
         raise InvalidArgumentError(
             f"linear_assignment: cost must be a floating (n, m) or (b, n, m) tensor, got {cost.dtype} {tuple(cost.shape)}"
         )
+    if cost.device.type != "cpu" and not bool(torch.isfinite(cost).all()):
+        # checked here too on a GPU (the kernel checks as well): one place that names the entry
+        i = int(torch.nonzero(~torch.isfinite(cost))[0, -2]), int(torch.nonzero(~torch.isfinite(cost))[0, -1])
+        raise NonFiniteError(f"linear_assignment: cost has a non-finite entry at {i}; costs must be finite")
     if _ext.load():
         try:
             return torch.ops.fastmerge.linear_assignment(cost, maximize)

@@ -4,12 +4,15 @@ Skipped without a GPU or when the library was built without CUDA. The CPU tests 
 the semantics; here every case runs on the device and is compared with the same references.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from fastmerge import _ext
 from fastmerge.errors import NonFiniteError
-from fastmerge.ops import CovarianceState, combine, linear_assignment, transform_axes
+from fastmerge.ops import CovarianceState, combine, linear_assignment
 from fastmerge.ops.assignment import linear_assignment_reference
 from tests.helpers import rel_fro
 
@@ -142,8 +145,10 @@ def test_sigmoid_merge_at_zero_is_the_uniform_average_bitwise(gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("pairs", ["all_to_one", "full"])
-def test_covariance_streaming_matches_float64(gen, dtype, pairs):
-    widths = [37, 1100]  # the wide block is split into symmetric tiles
+@pytest.mark.parametrize("products", ["auto", "float"])  # float: SGEMM even where FP64 is fast
+def test_covariance_streaming_matches_float64(gen, dtype, pairs, products, monkeypatch):
+    monkeypatch.setenv("FASTMERGE_COV_PRODUCTS", products)
+    widths = [37, 1104]  # the wide block is split into symmetric tiles; 1104 takes the 16-byte loads
     batches = [[(randn(gen, rows, w) * 0.3 + 5.0).to(dtype) for w in widths] for rows in (3000, 1, 700, 5000)]
     state = CovarianceState(widths, pairs=pairs, device=CUDA)
     for batch in batches:
@@ -197,14 +202,12 @@ def test_transform_axes_matches_cpu(gen):
     blocks = randn(gen, 2, 3, 3)
     transforms = [perm, dense, blocks, perm, dense]
     index, axis = [0, 1, 1, 2, 2], [0, 1, 1, 1, 1]
-    want = transform_axes(tensors, transforms, index, axis)
-    got = transform_axes([t.to(CUDA) for t in tensors], [m.to(CUDA) for m in transforms], index, axis)
+    want = torch.ops.fastmerge.transform_axes(tensors, transforms, index, axis)
+    got = torch.ops.fastmerge.transform_axes([t.to(CUDA) for t in tensors], [m.to(CUDA) for m in transforms], index, axis)
     for g, w in zip(got, want):
         assert g.device.type == "cuda" and g.shape == w.shape
         assert rel_fro(g.cpu().double(), w.double()) < 1e-6
-    bad = torch.tensor([0, 1, 2, 3, 4, 6])
-    with pytest.raises(IndexError):
-        torch.ops.fastmerge.transform_axes([tensors[0].to(CUDA)], [bad.to(CUDA)], [0], [0])
+    # an index out of range: test_errors_raise_instead_of_crashing (in a child process)
 
 
 # ----------------------------------------------------------------------------- assignment
@@ -249,3 +252,38 @@ def test_assignment_non_finite_and_opcheck(gen):
     with pytest.raises(NonFiniteError, match=r"\(2, 4\)"):
         linear_assignment(cost.to(CUDA))
     torch.library.opcheck(torch.ops.fastmerge.linear_assignment.default, (torch.rand(6, 9, device=CUDA), True))
+
+
+def test_assignment_op_raises_on_non_finite_without_crashing():
+    """The compiled op itself (no Python check before it), in a child process so a crash shows as
+    a failure of this test instead of ending the run."""
+    code = (
+        "import torch, fastmerge; fastmerge._ext.load()\n"
+        "c = torch.rand(2, 5, 7, device='cuda'); c[1, 3, 4] = float('nan')\n"
+        "try:\n    torch.ops.fastmerge.linear_assignment(c, False)\nexcept ValueError as e:\n    print('raised', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "raised" in done.stdout and "cost[1]" in done.stdout and "(3, 4)" in done.stdout, done.stdout
+
+
+ERROR_CASES = {
+    "cpu combine, mismatched shapes": "torch.ops.fastmerge.combine([torch.ones(3), torch.ones(4)], [], [0.5, 0.5], 2)",
+    "cpu transform, index out of range": "torch.ops.fastmerge.transform_axes([torch.ones(3)], [torch.tensor([0, 5, 1])], [0], [0])",
+    "cuda transform, index out of range":
+        "torch.ops.fastmerge.transform_axes([torch.ones(3, device='cuda')], [torch.tensor([0, 5, 1], device='cuda')], [0], [0])",
+    "cuda combine, coefficient on another device":
+        "torch.ops.fastmerge.combine([torch.ones(3, device='cuda')] * 2, [torch.ones(3)] * 2, [], 2)",
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_raise_instead_of_crashing(case):
+    """Bad arguments raise a Python exception from the compiled library (run in a child process, so
+    a crash fails this test instead of ending the run)."""
+    code = (
+        "import torch, fastmerge; fastmerge._ext.load()\n"
+        f"try:\n    {ERROR_CASES[case]}\nexcept (RuntimeError, ValueError, IndexError) as e:\n    print('raised', type(e).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "raised" in done.stdout, (done.returncode, done.stderr[-1500:])

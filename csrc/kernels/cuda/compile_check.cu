@@ -24,9 +24,13 @@ void instantiate_elementwise() {
   ck::elementwise_grad_kernel<T, double, true><<<1, 1>>>(nullptr, nullptr, nullptr, nullptr, 0, nullptr);
   ck::run_sums_kernel<T, false><<<1, 1>>>(nullptr, nullptr, nullptr, 1, 0, nullptr);
   ck::run_sums_kernel<T, true><<<1, 1>>>(nullptr, nullptr, nullptr, 1, 0, nullptr);
-  ck::centre_rows_kernel<T, float><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr);
-  ck::centre_rows_kernel<T, double><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr);
-  ck::centre_rows_kernel<T, T><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr);
+  ck::shift_kernel<T><<<1, 1>>>(nullptr, 0, nullptr, nullptr, nullptr);
+  ck::shift_rows_kernel<T, float><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr, nullptr);
+  ck::shift_rows_kernel<T, double><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr, nullptr);
+  ck::shift_rows_kernel<T, T><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr, nullptr);
+  ck::shift_rows_vec_kernel<T, T, 16 / sizeof(T)><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr, nullptr);
+  ck::shift_rows_vec_kernel<T, float, 16 / sizeof(T)><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr, nullptr);
+  ck::shift_rows_vec_kernel<T, double, 16 / sizeof(T)><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, nullptr, nullptr);
 }
 
 void instantiate_all() {
@@ -34,8 +38,14 @@ void instantiate_all() {
   instantiate_elementwise<double>();
   instantiate_elementwise<__half>();
   instantiate_elementwise<__nv_bfloat16>();
-  ck::fold_tile_kernel<float><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, 0, 0, 0, false, nullptr, nullptr, nullptr, 0.0);
-  ck::fold_tile_kernel<double><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, 0, 0, 0, false, nullptr, nullptr, nullptr, 0.0);
+  ck::fold_tile_kernel<float><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, 0, 0, 0, false, nullptr, nullptr, nullptr, nullptr,
+                                        nullptr, 0.0);
+  ck::fold_tile_kernel<double><<<1, 1>>>(nullptr, 0, 0, 0, nullptr, 0, 0, 0, false, nullptr, nullptr, nullptr, nullptr,
+                                         nullptr, 0.0);
   ck::mirror_upper_kernel<<<1, 1>>>(nullptr, 0);
   ck::lap_solve_kernel<<<1, 1>>>(nullptr, 0, 0, false, nullptr, nullptr);
 }
+
+#include "kernels/cuda/gather.cuh"
+
+void instantiate_gather() { ck::gather_rows_kernel<<<1, 1>>>(nullptr, 0, 0, nullptr); }
