@@ -28,3 +28,8 @@ class NonFiniteError(FastmergeError, ValueError):
 
 class ExtensionError(FastmergeError, RuntimeError):
     """The compiled engine is required but could not be loaded."""
+
+
+class CheckpointError(FastmergeError, ValueError):
+    """A checkpoint file that cannot be read or written as asked (missing, corrupt, unsafe, would
+    overwrite an input)."""

@@ -1,17 +1,19 @@
 """The `fastmerge` command line: one subcommand per job.
 
-Errors fastmerge raises on purpose (fastmerge.errors.FastmergeError) print one line on stderr and
-exit with status 2; anything else is a bug and keeps its traceback.
+Exit codes: 0 done; 2 a problem with the inputs or options (fastmerge.errors.FastmergeError: one line
+on stderr naming the file/tensor and the fix); 130 interrupted (Ctrl-C or SIGTERM: partial outputs
+are removed); anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from ..errors import FastmergeError
-from . import bench, demo, info
+from . import bench, demo, info, merge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_parser(sub)
     demo.add_parser(sub)
     bench.add_parser(sub)
+    merge.add_parser(sub)
     return parser
 
 
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # SIGTERM unwinds like Ctrl-C, so writers remove their temporary files on the way out
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.run(args) or 0)
     except FastmergeError as exc:
@@ -36,3 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fastmerge {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

@@ -1,0 +1,180 @@
+"""Lazy, tensor-at-a-time reads of model checkpoints.
+
+Formats: a ``.safetensors`` file, a folder holding ``model.safetensors`` or a sharded
+``model.safetensors.index.json`` (or the index file itself), and torch ``.pt`` / ``.bin`` state
+dicts, which are opened with ``weights_only=True`` and memory-mapped (a pickle that wants to run
+code is refused, never executed). safetensors files are memory-mapped by the safetensors library:
+reading one tensor touches only its bytes, so memory stays bounded by the tensors in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterator
+
+import torch
+
+from ..errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TORCH_NAMES = ("pytorch_model.bin", "model.pt", "model.bin")
+
+
+class Checkpoint:
+    """A read-only view of one checkpoint: names, shapes and dtypes without reading data, and one
+    tensor at a time on request (``checkpoint[name]``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._files: dict[str, str] = {}  # tensor name -> file that holds it
+        self._handles: dict[str, object] = {}
+        self._torch_state: dict[str, torch.Tensor] | None = None
+        self.metadata: dict[str, str] = {}
+        self._open(path)
+
+    # ------------------------------------------------------------------ opening
+    def _open(self, path: str) -> None:
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no such file or folder")
+        if os.path.isdir(path):
+            for name in (INDEX_NAME, SINGLE_NAME, *TORCH_NAMES):
+                candidate = os.path.join(path, name)
+                if os.path.exists(candidate):
+                    return self._open(candidate)
+            raise CheckpointError(f"{path}: a folder without {INDEX_NAME}, {SINGLE_NAME} or a torch state dict")
+        if path.endswith(".index.json"):
+            self._open_index(path)
+        elif path.endswith(".safetensors"):
+            self._open_safetensors(path)
+        elif path.endswith((".pt", ".bin", ".pth")):
+            self._open_torch(path)
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint format (use .safetensors, an index.json, .pt or .bin)")
+
+    def _open_index(self, path: str) -> None:
+        try:
+            with open(path) as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors index ({exc}); expected a JSON object with a "
+                                  "'weight_map' of tensor name -> shard file") from None
+        folder = os.path.dirname(path)
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(folder, shard)
+            if os.path.basename(shard) != shard or not os.path.exists(shard_path):
+                raise CheckpointError(f"{path}: shard {shard!r} named by the index is missing from {folder}")
+            self._open_safetensors(shard_path)
+        missing = set(weight_map) - set(self._files)
+        if missing:
+            raise CheckpointError(f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, "
+                                  f"e.g. {sorted(missing)[:3]}")
+        self.metadata.update(index.get("metadata") or {})
+
+    def _open_safetensors(self, path: str) -> None:
+        from safetensors import safe_open
+
+        try:
+            handle = safe_open(path, framework="pt")
+            names = list(handle.keys())
+            self.metadata.update(handle.metadata() or {})
+        except Exception as exc:  # noqa: BLE001 - the library raises several types for bad files
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+        self._handles[path] = handle
+        for name in names:
+            if name in self._files:
+                raise CheckpointError(f"{path}: tensor {name!r} is also in {self._files[name]}")
+            self._files[name] = path
+
+    def _open_torch(self, path: str) -> None:
+        try:
+            try:  # memory-mapped when the file is a zip archive (torch.save's format since 1.6)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # a legacy file
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{path}: refused: the file holds pickled objects other than tensors ({exc}). fastmerge loads torch "
+                "files with weights_only=True and never runs code from a checkpoint; convert it to safetensors "
+                "where you trust it") from None
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a state dict of tensors")
+        self._torch_state = state
+        self._files = {name: path for name in state}
+
+    # ------------------------------------------------------------------ reading
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def _slice(self, name: str):
+        if name not in self._files:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        return self._handles[self._files[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._torch_state is not None:
+            return tuple(self._torch_state[name].shape)
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        if self._torch_state is not None:
+            return self._torch_state[name].dtype
+        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._torch_state is not None:
+            if name not in self._torch_state:
+                raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+            return self._torch_state[name]
+        if name not in self._files:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        return self._handles[self._files[name]].get_tensor(name)
+
+    def files(self) -> list[str]:
+        """Every file this checkpoint reads (shards and index), e.g. to refuse writing over one."""
+        found = set(self._files.values())
+        if self.path.endswith(".index.json") or (os.path.isdir(self.path) and os.path.exists(os.path.join(self.path, INDEX_NAME))):
+            found.add(self.path if self.path.endswith(".json") else os.path.join(self.path, INDEX_NAME))
+        return sorted(os.path.abspath(f) for f in found)
+
+    def nbytes(self) -> int:
+        total = 0
+        for name in self._files:
+            numel = 1
+            for s in self.shape(name):
+                numel *= s
+            total += numel * _itemsize(self.dtype(name))
+        return total
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    return Checkpoint(path)

@@ -1,0 +1,210 @@
+"""Streaming, sharded, atomic safetensors writes.
+
+The output's tensors (names, shapes, dtypes) are known before any is computed, so every shard's
+header is written first and each tensor's bytes are appended the moment it is ready: memory holds
+one tensor, never a shard. Everything is written under temporary names in the target folder and
+renamed at the end (shards first, the index last), after an fsync; an error, Ctrl-C or SIGTERM
+(the CLI turns it into an exception) removes the temporary files, so a crash leaves no output
+under the final names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import CheckpointError
+from .reader import INDEX_NAME, SINGLE_NAME
+
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB', '500MiB', '1e9' or an int -> bytes (None: no limit)."""
+    if text is None or isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise CheckpointError(f"cannot read the size {text!r}; write e.g. 5GB, 500MiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return numel * torch.empty((), dtype=dtype).element_size()
+
+
+class ShardedWriter:
+    """Writes the tensors of `plan` ((name, shape, dtype) in writing order) to `output`.
+
+    `output` ending in ``.safetensors`` is one file (the plan must fit one shard); anything else is a
+    folder that receives ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards of at
+    most `max_shard_bytes` each plus ``model.safetensors.index.json``. Use as a context manager:
+    ``write`` each tensor in plan order, and the files appear under their names on a clean exit.
+    """
+
+    def __init__(self, output: str, plan: Sequence[tuple[str, Sequence[int], torch.dtype]], *,
+                 max_shard_bytes: int | None = None, metadata: dict[str, str] | None = None,
+                 overwrite: bool = False, protected: Sequence[str] = ()) -> None:
+        self.output = output
+        self.plan = [(name, tuple(int(s) for s in shape), dtype) for name, shape, dtype in plan]
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        for name, _, dtype in self.plan:
+            if dtype not in _DTYPE_CODES:
+                raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+        self.single_file = output.endswith(".safetensors")
+        self.folder = os.path.dirname(os.path.abspath(output)) if self.single_file else os.path.abspath(output)
+        self.shards = self._plan_shards(max_shard_bytes)
+        if self.single_file and len(self.shards) > 1:
+            raise CheckpointError(f"{output}: the merged model needs {len(self.shards)} shards of at most "
+                                  f"{max_shard_bytes} bytes; give a folder as the output to write shards")
+        self.final_paths = self._final_paths()
+        self._check_targets(overwrite, protected)
+        self._next = 0
+        self._file = None
+        self._shard = -1
+        self._temps: list[str] = []
+
+    def _plan_shards(self, limit: int | None) -> list[list[tuple[str, tuple, torch.dtype]]]:
+        shards: list[list] = [[]]
+        size = 0
+        for entry in self.plan:
+            nbytes = _nbytes(entry[1], entry[2])
+            if limit is not None and shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        return shards
+
+    def _final_paths(self) -> list[str]:
+        if self.single_file:
+            return [os.path.abspath(self.output)]
+        n = len(self.shards)
+        if n == 1:
+            return [os.path.join(self.folder, SINGLE_NAME)]
+        return [os.path.join(self.folder, f"model-{k + 1:05d}-of-{n:05d}.safetensors") for k in range(n)] + [
+            os.path.join(self.folder, INDEX_NAME)]
+
+    def _check_targets(self, overwrite: bool, protected: Sequence[str]) -> None:
+        inputs = {os.path.realpath(p) for p in protected}
+        for path in self.final_paths:
+            if os.path.realpath(path) in inputs:
+                raise CheckpointError(f"{path}: refusing to write over an input of this merge; choose another output")
+        if os.path.isdir(self.folder) and any(os.path.realpath(p).startswith(os.path.realpath(self.folder) + os.sep)
+                                              for p in inputs) and not self.single_file:
+            raise CheckpointError(f"{self.output}: the output folder holds an input of this merge; choose another one")
+        if not overwrite:
+            existing = [p for p in self.final_paths if os.path.exists(p)]
+            if not self.single_file and os.path.isdir(self.folder):  # any model files of an earlier output
+                existing += [os.path.join(self.folder, n) for n in sorted(os.listdir(self.folder)) if _is_model_file(n)]
+            if existing:
+                raise CheckpointError(f"{existing[0]}: exists already; pass --overwrite (overwrite=True) to replace it")
+
+    # ------------------------------------------------------------------ writing
+    def __enter__(self) -> ShardedWriter:
+        os.makedirs(self.folder, exist_ok=True)
+        return self
+
+    def _open_shard(self, k: int) -> None:
+        entries = self.shards[k]
+        header: dict = {"__metadata__": self.metadata} if self.metadata else {}
+        offset = 0
+        for name, shape, dtype in entries:
+            nbytes = _nbytes(shape, dtype)
+            header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        temp = os.path.join(self.folder, f".{os.path.basename(self.final_paths[k])}.tmp-{os.getpid()}")
+        self._temps.append(temp)
+        self._file = open(temp, "wb")
+        self._file.write(struct.pack("<Q", len(text)))
+        self._file.write(text)
+        self._shard = k
+        self._left_in_shard = len(entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.plan):
+            raise CheckpointError(f"tensor {name!r} is not part of the planned output")
+        want_name, want_shape, want_dtype = self.plan[self._next]
+        if name != want_name or tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
+            raise CheckpointError(f"write order: expected {want_name!r} {want_shape} {want_dtype}, got {name!r} "
+                                  f"{tuple(tensor.shape)} {tensor.dtype}")
+        if self._file is None or self._left_in_shard == 0:
+            if self._file is not None:
+                self._finish_file()
+            self._open_shard(self._shard + 1)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            self._file.write(data.view(torch.uint8).numpy().data)
+        self._left_in_shard -= 1
+        self._next += 1
+
+    def _finish_file(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        incomplete = exc_type is None and self._next != len(self.plan)
+        if exc_type is not None or incomplete:
+            if self._file is not None:
+                self._file.close()
+            for temp in self._temps:
+                if os.path.exists(temp):
+                    os.remove(temp)
+            if incomplete:
+                raise CheckpointError(f"{self.output}: only {self._next} of {len(self.plan)} tensors were written")
+            return  # the original exception propagates
+        if self._file is not None:
+            self._finish_file()
+        if len(self.plan) == 0:  # an empty model: one shard with a header only
+            self._open_shard(0)
+            self._finish_file()
+        if not self.single_file and len(self.shards) > 1:
+            index = {"metadata": {**self.metadata, "total_size": sum(_nbytes(s, d) for _, s, d in self.plan)},
+                     "weight_map": {name: os.path.basename(self.final_paths[k])
+                                    for k, shard in enumerate(self.shards) for name, _, _ in shard}}
+            temp = os.path.join(self.folder, f".{INDEX_NAME}.tmp-{os.getpid()}")
+            self._temps.append(temp)
+            with open(temp, "w") as f:
+                json.dump(index, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        for temp, final in zip(self._temps, self.final_paths):  # shards first, the index last
+            os.replace(temp, final)
+        self._remove_stale_shards()
+        try:  # make the renames durable
+            fd = os.open(self.folder, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _remove_stale_shards(self) -> None:
+        """After replacing a sharded output: shards of the previous version that are not ours."""
+        if self.single_file:
+            return
+        keep = {os.path.basename(p) for p in self.final_paths}
+        for name in os.listdir(self.folder):
+            if _is_model_file(name) and name not in keep:
+                os.remove(os.path.join(self.folder, name))
+
+
+def _is_model_file(name: str) -> bool:
+    return bool(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name)) or name in (SINGLE_NAME, INDEX_NAME)

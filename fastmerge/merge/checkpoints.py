@@ -1,0 +1,125 @@
+"""Same-initialisation merges of checkpoint files, streamed tensor by tensor.
+
+Inputs are opened lazily (memory-mapped safetensors, weights-only torch files), checked against
+each other before any work (names, shapes, dtypes, with a diff of what differs), and the output
+is written as the tensors are computed (fastmerge.io.ShardedWriter): memory holds a few tensors,
+not models. A worker thread computes the next tensor while the main thread writes the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .._version import __version__
+from ..errors import CheckpointError, ShapeMismatchError
+from ..io import Checkpoint, ShardedWriter, parse_size
+from .same_init import SameInitOptions, merge_tensor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class MergePlan:
+    """What a checkpoint merge will do (printed by --dry-run)."""
+
+    inputs: list[str]
+    base: str | None
+    output: str
+    options: SameInitOptions
+    tensors: int
+    input_bytes: int
+    output_files: list[str]
+    out_dtype: str | None
+
+    def describe(self) -> str:
+        lines = [f"method: {self.options.method} ({', '.join(f'{k}={v}' for k, v in asdict(self.options).items() if k != 'method')})"]
+        lines += [f"model {i}: {p}" for i, p in enumerate(self.inputs)]
+        if self.base:
+            lines.append(f"base: {self.base}")
+        lines.append(f"tensors: {self.tensors} ({self.input_bytes / 1e9:.2f} GB per model)")
+        lines.append(f"dtype: {self.out_dtype or 'as the inputs'}")
+        lines += [f"writes: {p}" for p in self.output_files]
+        return "\n".join(lines)
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str]) -> None:
+    """Same tensor names, shapes and dtypes in every checkpoint; the error lists what differs."""
+    ref = checkpoints[0]
+    ref_keys = set(ref.keys())
+    for ckpt, label in zip(checkpoints[1:], labels[1:]):
+        keys = set(ckpt.keys())
+        if keys != ref_keys:
+            missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
+            raise ShapeMismatchError(
+                f"{label} does not have the tensors of {labels[0]}: missing {len(missing)} {missing[:3]}, "
+                f"extra {len(extra)} {extra[:3]}; merge checkpoints of one architecture")
+        bad = [(k, ref.shape(k), ckpt.shape(k)) for k in ref.keys() if ref.shape(k) != ckpt.shape(k)]
+        if bad:
+            name, a, b = bad[0]
+            raise ShapeMismatchError(f"{label}: {len(bad)} tensor(s) differ in shape from {labels[0]}, e.g. {name!r} "
+                                     f"{b} vs {a}; models with different widths cannot be merged entry by entry")
+
+
+def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,
+               dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False):
+    """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    checkpoints = [Checkpoint(p) for p in models]
+    base_ckpt = Checkpoint(base) if base else None
+    options.validate(len(checkpoints), base_ckpt is not None)
+    every = checkpoints + ([base_ckpt] if base_ckpt else [])
+    check_compatible(every, list(models) + ([base] if base else []))
+    names = checkpoints[0].keys()
+    out_dtype = DTYPES[dtype] if dtype else None
+
+    def target_dtype(name):
+        source = checkpoints[0].dtype(name)
+        return out_dtype if (out_dtype is not None and source.is_floating_point) else source
+
+    layout = [(name, checkpoints[0].shape(name), target_dtype(name)) for name in names]
+    metadata = {"format": "pt", "merged_by": f"fastmerge {__version__}", "merge_method": options.method,
+                "merge_options": json.dumps(asdict(options)), "merge_inputs": json.dumps([os.path.basename(os.path.abspath(m)) for m in models])}
+    protected = [f for c in every for f in c.files()]
+    writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
+                           overwrite=overwrite, protected=protected)
+    plan = MergePlan(list(models), base, output, options, len(names), checkpoints[0].nbytes(), writer.final_paths, dtype)
+    return plan, checkpoints, base_ckpt, writer
+
+
+def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptions | None = None, *,
+                      base: str | None = None, dtype: str | None = None, max_shard_size: str | int | None = "5GB",
+                      overwrite: bool = False, progress: bool = True) -> MergePlan:
+    """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
+
+    Raises:
+        CheckpointError: unreadable/unsafe input, output exists (without overwrite) or is an input.
+        ShapeMismatchError: the checkpoints do not hold the same tensors.
+        InvalidArgumentError: options that do not fit the method.
+    """
+    options = options or SameInitOptions()
+    plan, checkpoints, base_ckpt, writer = plan_merge(models, output, options, base=base, dtype=dtype,
+                                                      max_shard_size=max_shard_size, overwrite=overwrite)
+
+    def compute(entry):
+        name, _, out = entry
+        tensors = [c[name] for c in checkpoints]
+        return merge_tensor(name, tensors, base_ckpt[name] if base_ckpt else None, options, out)
+
+    with writer, ThreadPoolExecutor(max_workers=1) as pool:
+        bar = tqdm(total=len(writer.plan), desc=f"merge ({options.method})", unit="tensor", disable=not progress)
+        pending = pool.submit(compute, writer.plan[0]) if writer.plan else None
+        for i, entry in enumerate(writer.plan):
+            result = pending.result()
+            pending = pool.submit(compute, writer.plan[i + 1]) if i + 1 < len(writer.plan) else None
+            writer.write(entry[0], result)
+            bar.update()
+        bar.close()
+    return plan

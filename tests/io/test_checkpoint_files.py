@@ -1,0 +1,140 @@
+"""Reading and writing checkpoint files: safetensors (single, sharded), weights-only torch files."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastmerge.errors import CheckpointError
+from fastmerge.io import Checkpoint, ShardedWriter, parse_size
+
+
+def sample_state(gen):
+    return {
+        "emb.weight": torch.randn(50, 8, generator=gen),
+        "layer.0.w": torch.randn(16, 8, generator=gen).half(),
+        "layer.0.b": torch.randn(16, generator=gen).bfloat16(),
+        "layer.1.w": torch.randn(4, 16, generator=gen).double(),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 3),
+        "ids": torch.arange(7),
+        "mask": torch.tensor([True, False, True]),
+    }
+
+
+def write(path, state, **kwargs):
+    plan = [(k, v.shape, v.dtype) for k, v in state.items()]
+    with ShardedWriter(path, plan, **kwargs) as w:
+        for k, v in state.items():
+            w.write(k, v)
+    return w
+
+
+def assert_same(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_single_file_round_trip_with_the_safetensors_library(tmp_path, gen):
+    state = sample_state(gen)
+    write(str(tmp_path / "m.safetensors"), state, metadata={"merge_method": "linear"})
+    assert_same(load_file(str(tmp_path / "m.safetensors")), state)  # the reference reader agrees
+    ckpt = Checkpoint(str(tmp_path / "m.safetensors"))
+    assert_same({k: ckpt[k] for k in ckpt}, state)
+    assert ckpt.metadata["merge_method"] == "linear"
+    assert ckpt.shape("emb.weight") == (50, 8) and ckpt.dtype("layer.0.b") == torch.bfloat16
+
+
+def test_sharded_round_trip_and_index(tmp_path, gen):
+    state = sample_state(gen)
+    writer = write(str(tmp_path / "out"), state, max_shard_bytes=600)
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert "model.safetensors.index.json" in files and len(writer.shards) > 2
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(state)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
+    for shard in set(index["weight_map"].values()):
+        part = load_file(str(tmp_path / "out" / shard))
+        assert all(index["weight_map"][k] == shard for k in part)
+    for source in (tmp_path / "out", tmp_path / "out" / "model.safetensors.index.json"):
+        ckpt = Checkpoint(str(source))
+        assert_same({k: ckpt[k] for k in ckpt}, state)
+    assert not [f for f in files if ".tmp" in f]
+
+
+def test_overwrite_rules_and_stale_shards(tmp_path, gen):
+    state = sample_state(gen)
+    write(str(tmp_path / "out"), state, max_shard_bytes=600)
+    with pytest.raises(CheckpointError, match="exists already"):
+        write(str(tmp_path / "out"), state)
+    write(str(tmp_path / "out"), state, overwrite=True)  # now one shard: the old shards must go
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
+    assert_same(load_file(str(tmp_path / "out" / "model.safetensors")), state)
+    with pytest.raises(CheckpointError, match="input"):
+        write(str(tmp_path / "out" / "model.safetensors"), state, overwrite=True,
+              protected=[str(tmp_path / "out" / "model.safetensors")])
+
+
+def test_a_failed_write_leaves_nothing(tmp_path, gen):
+    state = sample_state(gen)
+    plan = [(k, v.shape, v.dtype) for k, v in state.items()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardedWriter(str(tmp_path / "out"), plan, max_shard_bytes=600) as w:
+            for i, (k, v) in enumerate(state.items()):
+                if i == 4:
+                    raise RuntimeError("boom")
+                w.write(k, v)
+    assert os.listdir(tmp_path / "out") == []
+    with pytest.raises(CheckpointError, match="only 1 of"):
+        with ShardedWriter(str(tmp_path / "out"), plan) as w:
+            w.write("emb.weight", state["emb.weight"])
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_torch_state_dicts_are_read_weights_only(tmp_path, gen):
+    state = {k: v for k, v in sample_state(gen).items()}
+    torch.save(state, tmp_path / "m.pt")
+    ckpt = Checkpoint(str(tmp_path / "m.pt"))
+    assert_same({k: ckpt[k] for k in ckpt}, state)
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # what a malicious checkpoint does: run code when unpickled
+        return (open, (self.path, "w"))
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"w": _Payload(str(marker))}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        Checkpoint(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+def test_bad_files_give_checkpoint_errors(tmp_path, gen):
+    save_file({"w": torch.randn(10, 10, generator=gen)}, str(tmp_path / "ok.safetensors"))
+    data = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    for name in ("cut.safetensors", "junk.safetensors", "missing.safetensors", "x.onnx"):
+        with pytest.raises(CheckpointError):
+            Checkpoint(str(tmp_path / name))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="missing"):
+        Checkpoint(str(tmp_path / "d"))
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
+    with pytest.raises(CheckpointError):
+        parse_size("lots")
