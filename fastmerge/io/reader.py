@@ -75,16 +75,10 @@ class Checkpoint:
         self.metadata.update(index.get("metadata") or {})
 
     def _open_safetensors(self, path: str) -> None:
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(path, framework="pt")
-            names = list(handle.keys())
-            self.metadata.update(handle.metadata() or {})
-        except Exception as exc:  # noqa: BLE001 - the library raises several types for bad files
-            raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
-        self._handles[path] = handle
-        for name in names:
+        header = SafetensorsFile(path)
+        self._handles[path] = header
+        self.metadata.update(header.metadata)
+        for name in header.entries:
             if name in self._files:
                 raise CheckpointError(f"{path}: tensor {name!r} is also in {self._files[name]}")
             self._files[name] = path
@@ -124,29 +118,39 @@ class Checkpoint:
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
-    def _slice(self, name: str):
+    def _entry(self, name: str):
         if name not in self._files:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
-        return self._handles[self._files[name]].get_slice(name)
+        return self._handles[self._files[name]].entries[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         if self._torch_state is not None:
             return tuple(self._torch_state[name].shape)
-        return tuple(self._slice(name).get_shape())
+        return self._entry(name)[1]
 
     def dtype(self, name: str) -> torch.dtype:
         if self._torch_state is not None:
             return self._torch_state[name].dtype
-        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+        return self._entry(name)[0]
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor; safetensors data goes into `buffer` (uint8, reused by the caller) when given."""
         if self._torch_state is not None:
             if name not in self._torch_state:
                 raise CheckpointError(f"{self.path}: no tensor named {name!r}")
             return self._torch_state[name]
-        if name not in self._files:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
-        return self._handles[self._files[name]].get_tensor(name)
+        self._entry(name)
+        return self._handles[self._files[name]].read(name, buffer)
+
+    def tensor_bytes(self, name: str) -> int:
+        dtype, shape = self.dtype(name), self.shape(name)
+        numel = 1
+        for s in shape:
+            numel *= s
+        return numel * _itemsize(dtype)
 
     def files(self) -> list[str]:
         """Every file this checkpoint reads (shards and index), e.g. to refuse writing over one."""
@@ -170,6 +174,83 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+class SafetensorsFile:
+    """The header of one safetensors file, validated before anything is read (an untrusted file
+    cannot make us read outside it or trust overlapping tensors), and tensor reads with pread into
+    fresh memory: no memory map, so the process holds only the tensors in flight (a map's touched
+    pages would count towards its resident memory until the whole file is closed)."""
+
+    def __init__(self, path: str) -> None:
+        import struct
+
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER_BYTES or 8 + n > size:
+                    raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} bytes, the file has {size})")
+                raw = f.read(n)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot read ({exc})") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        self.metadata = meta
+        self.data_start = 8 + n
+        data_size = size - self.data_start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        spans = []
+        for name, info in header.items():
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+                if any(s < 0 for s in shape) or not isinstance(info["shape"], list):
+                    raise ValueError("negative or malformed shape")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({exc})") from None
+            numel = 1
+            for s in shape:
+                numel *= s
+            if not 0 <= begin <= end <= data_size or end - begin != numel * _itemsize(dtype):
+                raise CheckpointError(f"{path}: tensor {name!r} has offsets [{begin}, {end}] that do not fit its "
+                                      f"shape {shape} {dtype} or the file ({data_size} data bytes); the file is corrupt")
+            self.entries[name] = (dtype, shape, begin, end)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0 and e1 > b1 and e0 > b0:
+                raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file; it is corrupt")
+
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, read into `buffer` (a uint8 tensor of at least its size, reused across calls
+        to skip the page faults of fresh memory) or into new memory."""
+        dtype, shape, begin, end = self.entries[name]
+        if buffer is None or buffer.numel() < end - begin:
+            buffer = torch.empty(end - begin, dtype=torch.uint8)
+        buffer = buffer[: end - begin]
+        if end > begin:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                got = f.readinto(buffer.numpy())
+            if got != end - begin:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is cut short (file truncated)")
+        return buffer.view(dtype).reshape(shape)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

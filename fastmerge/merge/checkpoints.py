@@ -3,7 +3,7 @@
 Inputs are opened lazily (memory-mapped safetensors, weights-only torch files), checked against
 each other before any work (names, shapes, dtypes, with a diff of what differs), and the output
 is written as the tensors are computed (fastmerge.io.ShardedWriter): memory holds a few tensors,
-not models. A worker thread computes the next tensor while the main thread writes the last one.
+not models, in buffers reused from tensor to tensor.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -108,18 +107,27 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     plan, checkpoints, base_ckpt, writer = plan_merge(models, output, options, base=base, dtype=dtype,
                                                       max_shard_size=max_shard_size, overwrite=overwrite)
 
-    def compute(entry):
-        name, _, out = entry
-        tensors = [c[name] for c in checkpoints]
-        return merge_tensor(name, tensors, base_ckpt[name] if base_ckpt else None, options, out)
+    # One reused buffer per input and one for the output, as large as the largest tensor: fresh
+    # memory for every tensor would cost a page fault per 4 KiB, more than the arithmetic.
+    largest = max((checkpoints[0].tensor_bytes(name) for name, _, _ in writer.plan), default=0)
+    largest_out = max((_nbytes(shape, dt) for _, shape, dt in writer.plan), default=0)
+    read_buffers = [torch.empty(largest, dtype=torch.uint8) for _ in checkpoints + ([base_ckpt] if base_ckpt else [])]
+    out_buffer = torch.empty(largest_out, dtype=torch.uint8)
 
-    with writer, ThreadPoolExecutor(max_workers=1) as pool:
+    with writer:
         bar = tqdm(total=len(writer.plan), desc=f"merge ({options.method})", unit="tensor", disable=not progress)
-        pending = pool.submit(compute, writer.plan[0]) if writer.plan else None
-        for i, entry in enumerate(writer.plan):
-            result = pending.result()
-            pending = pool.submit(compute, writer.plan[i + 1]) if i + 1 < len(writer.plan) else None
-            writer.write(entry[0], result)
+        for name, shape, out_dtype in writer.plan:
+            tensors = [c.read(name, buf) for c, buf in zip(checkpoints, read_buffers)]
+            base_tensor = base_ckpt.read(name, read_buffers[-1]) if base_ckpt else None
+            out = out_buffer[: _nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
+            writer.write(name, merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out))
             bar.update()
         bar.close()
     return plan
+
+
+def _nbytes(shape, dtype) -> int:
+    numel = 1
+    for s in shape:
+        numel *= s
+    return numel * torch.empty((), dtype=dtype).element_size()

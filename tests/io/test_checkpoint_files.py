@@ -138,3 +138,26 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
     with pytest.raises(CheckpointError):
         parse_size("lots")
+
+
+def _raw_file(path, header, data_size):
+    import struct
+
+    text = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"\0" * data_size)
+
+
+@pytest.mark.parametrize("header,data,match", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlap"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, "offsets"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "offsets"),
+    ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, 8, "corrupt header entry"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "corrupt header entry"),
+    ({"__metadata__": {"k": 3}}, 0, "__metadata__"),
+])
+def test_untrusted_headers_are_validated(tmp_path, header, data, match):
+    _raw_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=match):
+        Checkpoint(str(tmp_path / "bad.safetensors"))
