@@ -3,9 +3,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace fastmerge {
 
@@ -14,12 +16,13 @@ struct Layout {
   int64_t num_models;
 };
 
-// Elements of a weight that share one coefficient value, after checking that the coefficient
-// broadcasts along trailing axes only (shape W.shape[:r] + (1,) * (ndim - r), or one element).
-inline int64_t coefficient_inner(const at::Tensor& coef, const at::Tensor& weight, int64_t index) {
-  TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
-              "combine: coefficients[", index, "] must be float32 or float64, got ", coef.scalar_type());
-  if (coef.numel() == 1) return std::max<int64_t>(weight.numel(), 1);
+// Whether `coef` broadcasts over `weight` along trailing axes only (shape W.shape[:r] + (1,) *
+// (ndim - r), or one element), and if so how many consecutive elements share one value.
+inline bool trailing_broadcast(const at::Tensor& coef, const at::Tensor& weight, int64_t* inner) {
+  if (coef.numel() == 1) {
+    *inner = std::max<int64_t>(weight.numel(), 1);
+    return true;
+  }
   bool ok = coef.dim() == weight.dim();
   bool in_prefix = true;
   for (int64_t d = 0; ok && d < coef.dim(); ++d) {
@@ -27,9 +30,19 @@ inline int64_t coefficient_inner(const at::Tensor& coef, const at::Tensor& weigh
     in_prefix = false;
     ok = coef.size(d) == 1;
   }
-  TORCH_CHECK(ok, "combine: coefficients[", index, "] of shape ", coef.sizes(), " does not fit weight of shape ",
-              weight.sizes(), "; use one value, the full shape, or the leading axes with trailing 1s (per channel)");
-  return coef.numel() == 0 ? 1 : weight.numel() / coef.numel();
+  *inner = coef.numel() == 0 ? 1 : weight.numel() / coef.numel();
+  return ok;
+}
+
+// Elements of a weight that share one coefficient value, after checking the coefficient.
+inline int64_t coefficient_inner(const at::Tensor& coef, const at::Tensor& weight, int64_t index) {
+  TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble,
+              "combine: coefficients[", index, "] must be float32 or float64, got ", coef.scalar_type());
+  int64_t inner = 1;
+  TORCH_CHECK(trailing_broadcast(coef, weight, &inner), "combine: coefficients[", index, "] of shape ", coef.sizes(),
+              " does not fit weight of shape ", weight.sizes(),
+              "; use one value, the full shape, or the leading axes with trailing 1s (per channel)");
+  return inner;
 }
 
 inline Layout check_layout(at::TensorList tensors, at::TensorList coefficients, int64_t num_models, const char* op) {
@@ -61,17 +74,29 @@ inline int64_t logit_inner(const at::Tensor& a, const at::Tensor& b, const at::T
   TORCH_CHECK(at::isFloatingType(a.scalar_type()), "sigmoid_merge: tensor ", t, " must be floating point");
   TORCH_CHECK(logit.scalar_type() == at::kFloat || logit.scalar_type() == at::kDouble, "sigmoid_merge: logits[", t,
               "] must be float32 or float64");
-  if (logit.numel() == 1) return std::max<int64_t>(a.numel(), 1);
-  bool ok = logit.dim() == a.dim();
-  bool prefix = true;
-  for (int64_t d = 0; ok && d < logit.dim(); ++d) {
-    if (prefix && logit.size(d) == a.size(d)) continue;
-    prefix = false;
-    ok = logit.size(d) == 1;
-  }
-  TORCH_CHECK(ok, "sigmoid_merge: logits[", t, "] of shape ", logit.sizes(), " does not fit tensor of shape ",
-              a.sizes());
-  return logit.numel() == 0 ? 1 : a.numel() / logit.numel();
+  int64_t inner = 1;
+  TORCH_CHECK(trailing_broadcast(logit, a, &inner), "sigmoid_merge: logits[", t, "] of shape ", logit.sizes(),
+              " does not fit tensor of shape ", a.sizes());
+  return inner;
+}
+
+// The allocating and the out= forms of combine around one backend's "into" function.
+template <typename Into>
+std::vector<at::Tensor> combine_allocating(at::TensorList tensors, at::TensorList coefficients,
+                                           at::ArrayRef<double> weights, int64_t num_models, Into into) {
+  std::vector<at::Tensor> outputs;
+  for (size_t t = 0; num_models > 0 && t < tensors.size(); t += num_models)
+    outputs.push_back(at::empty(tensors[t].sizes(), tensors[t].options().memory_format(at::MemoryFormat::Contiguous)));
+  into(tensors, coefficients, weights, num_models, outputs);
+  return outputs;
+}
+
+template <typename Into>
+void combine_into_out(at::TensorList tensors, at::TensorList coefficients, at::ArrayRef<double> weights,
+                      int64_t num_models, at::TensorList out, Into into) {
+  TORCH_CHECK(num_models >= 1 && out.size() * num_models == tensors.size(), "combine_out: expected ",
+              num_models >= 1 ? tensors.size() / num_models : 0, " outputs, got ", out.size());
+  into(tensors, coefficients, weights, num_models, std::vector<at::Tensor>(out.begin(), out.end()));
 }
 
 }  // namespace fastmerge

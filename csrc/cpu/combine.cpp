@@ -110,18 +110,12 @@ void combine_into(at::TensorList tensors, at::TensorList coefficients, at::Array
 
 std::vector<at::Tensor> combine_cpu(at::TensorList tensors, at::TensorList coefficients, at::ArrayRef<double> weights,
                                     int64_t num_models) {
-  std::vector<at::Tensor> outputs;
-  for (size_t t = 0; num_models > 0 && t < tensors.size(); t += num_models)
-    outputs.push_back(at::empty(tensors[t].sizes(), tensors[t].options().memory_format(at::MemoryFormat::Contiguous)));
-  combine_into(tensors, coefficients, weights, num_models, outputs);
-  return outputs;
+  return combine_allocating(tensors, coefficients, weights, num_models, combine_into);
 }
 
 void combine_out_cpu(at::TensorList tensors, at::TensorList coefficients, at::ArrayRef<double> weights,
                      int64_t num_models, at::TensorList out) {
-  TORCH_CHECK(num_models >= 1 && out.size() * num_models == tensors.size(), "combine_out: expected ",
-              num_models >= 1 ? tensors.size() / num_models : 0, " outputs, got ", out.size());
-  combine_into(tensors, coefficients, weights, num_models, std::vector<at::Tensor>(out.begin(), out.end()));
+  combine_into_out(tensors, coefficients, weights, num_models, out, combine_into);
 }
 
 // grad_coef[r] = sum of grad * w over run r (runs of `inner` elements), split across threads.

@@ -118,19 +118,13 @@ void combine_into_cuda(at::TensorList tensors, at::TensorList coefficients, at::
 }
 
 std::vector<at::Tensor> combine_cuda(at::TensorList tensors, at::TensorList coefficients, at::ArrayRef<double> weights,
-                                     int64_t num_models) {
-  std::vector<at::Tensor> outputs;
-  for (size_t t = 0; num_models > 0 && t < tensors.size(); t += num_models)
-    outputs.push_back(at::empty(tensors[t].sizes(), tensors[t].options().memory_format(at::MemoryFormat::Contiguous)));
-  combine_into_cuda(tensors, coefficients, weights, num_models, outputs);
-  return outputs;
+                                    int64_t num_models) {
+  return combine_allocating(tensors, coefficients, weights, num_models, combine_into_cuda);
 }
 
 void combine_out_cuda(at::TensorList tensors, at::TensorList coefficients, at::ArrayRef<double> weights,
-                      int64_t num_models, at::TensorList out) {
-  TORCH_CHECK(num_models >= 1 && out.size() * num_models == tensors.size(), "combine_out: expected ",
-              num_models >= 1 ? tensors.size() / num_models : 0, " outputs, got ", out.size());
-  combine_into_cuda(tensors, coefficients, weights, num_models, std::vector<at::Tensor>(out.begin(), out.end()));
+                     int64_t num_models, at::TensorList out) {
+  combine_into_out(tensors, coefficients, weights, num_models, out, combine_into_cuda);
 }
 
 // Gradient of one coefficient (kDiff = false: sum of g w over each run) or of one logit

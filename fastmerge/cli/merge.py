@@ -36,6 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept (default 0.5)")
     p.add_argument("--t", type=float, help="slerp: position from the first model (0) to the second (1), default 0.5")
     p.add_argument("--seed", type=int, help="dare: seed of the random masks (default 0)")
+    p.add_argument("--align", choices=("weight_matching",),
+                   help="permute the models onto the first before merging (models from different initialisations; "
+                        "needs --spec)")
+    p.add_argument("--spec", help="the architecture's merge spec (YAML from fastmerge.spec.save_spec) for --align")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    help="dtype of the merged floating tensors (default: as the inputs)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         t=float(settings["t"]) if settings.get("t") is not None else defaults.t,
         seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed)
     common = dict(base=settings.get("base"), dtype=settings.get("dtype"), max_shard_size=args.max_shard_size,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, align=args.align, spec=args.spec)
     if args.dry_run:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())

@@ -67,7 +67,8 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str]) -
 
 
 def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,
-               dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False):
+               dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
+               align: str | None = None, spec: str | None = None):
     """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer)."""
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
@@ -76,6 +77,11 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
     options.validate(len(checkpoints), base_ckpt is not None)
     every = checkpoints + ([base_ckpt] if base_ckpt else [])
     check_compatible(every, list(models) + ([base] if base else []))
+    if align not in (None, "weight_matching"):
+        raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with --spec)")
+    if align and not spec:
+        raise CheckpointError("weight matching of checkpoint files needs the model's merge spec (--spec FILE.yaml, "
+                              "from fastmerge.spec.save_spec(trace_spec(model, inputs), ...))")
     names = checkpoints[0].keys()
     out_dtype = DTYPES[dtype] if dtype else None
 
@@ -85,6 +91,7 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
 
     layout = [(name, checkpoints[0].shape(name), target_dtype(name)) for name in names]
     metadata = {"format": "pt", "merged_by": f"fastmerge {__version__}", "merge_method": options.method,
+                "alignment": align or "none",
                 "merge_options": json.dumps(asdict(options)), "merge_inputs": json.dumps([os.path.basename(os.path.abspath(m)) for m in models])}
     protected = [f for c in every for f in c.files()]
     writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
@@ -95,8 +102,14 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
 
 def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptions | None = None, *,
                       base: str | None = None, dtype: str | None = None, max_shard_size: str | int | None = "5GB",
-                      overwrite: bool = False, progress: bool = True) -> MergePlan:
+                      overwrite: bool = False, progress: bool = True, align: str | None = None,
+                      spec: str | None = None) -> MergePlan:
     """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
+
+    With ``align="weight_matching"`` and `spec` (a YAML merge spec of the architecture) the models
+    (and the base, if any) are first permuted onto the first model by weight matching, from the
+    files alone ("align then merge", for models trained from different initialisations). That step
+    holds every model in memory; the plain merges stream.
 
     Raises:
         CheckpointError: unreadable/unsafe input, output exists (without overwrite) or is an input.
@@ -105,7 +118,11 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     """
     options = options or SameInitOptions()
     plan, checkpoints, base_ckpt, writer = plan_merge(models, output, options, base=base, dtype=dtype,
-                                                      max_shard_size=max_shard_size, overwrite=overwrite)
+                                                      max_shard_size=max_shard_size, overwrite=overwrite,
+                                                      align=align, spec=spec)
+    sources = [c.read for c in checkpoints] + ([base_ckpt.read] if base_ckpt else [])
+    if align:
+        sources = _aligned_sources(checkpoints + ([base_ckpt] if base_ckpt else []), spec, progress)
 
     # One reused buffer per input and one for the output, as large as the largest tensor: fresh
     # memory for every tensor would cost a page fault per 4 KiB, more than the arithmetic.
@@ -117,13 +134,35 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     with writer:
         bar = tqdm(total=len(writer.plan), desc=f"merge ({options.method})", unit="tensor", disable=not progress)
         for name, shape, out_dtype in writer.plan:
-            tensors = [c.read(name, buf) for c, buf in zip(checkpoints, read_buffers)]
-            base_tensor = base_ckpt.read(name, read_buffers[-1]) if base_ckpt else None
+            tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
+            base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
             out = out_buffer[: _nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
             writer.write(name, merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out))
             bar.update()
         bar.close()
     return plan
+
+
+def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str, progress: bool):
+    """Weight matching of every checkpoint onto the first (MergeMany for more than two), from the
+    files and the spec alone; returns one tensor getter per checkpoint, like Checkpoint.read."""
+    from ..align.weight_matching import weight_matching
+    from ..spec import spec_from_yaml
+
+    states = [{name: c[name] for name in c} for c in checkpoints]
+    try:
+        with open(spec_path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise CheckpointError(f"{spec_path}: cannot read the spec ({exc})") from None
+    spec = spec_from_yaml(text, {k: tuple(v.shape) for k, v in states[0].items()})
+    perms, _ = weight_matching(spec, states, reference=0)
+    aligned = [states[0]] + [spec.apply_permutations(states[i], perms[i]) for i in range(1, len(states))]
+
+    def getter(state):
+        return lambda name, buffer=None: state[name]
+
+    return [getter(s) for s in aligned]
 
 
 def _nbytes(shape, dtype) -> int:
