@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--align", choices=("weight_matching",),
                    help="permute the models onto the first before merging (models from different initialisations; "
                         "needs --spec)")
-    p.add_argument("--spec", help="the architecture's merge spec (YAML from fastmerge.spec.save_spec) for --align")
+    p.add_argument("--spec", help="for --align: the architecture's merge spec (YAML from fastmerge.spec.save_spec), "
+                                  "or 'auto' to infer it from the Hugging Face config.json next to the first model")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    help="dtype of the merged floating tensors (default: as the inputs)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")

@@ -27,7 +27,8 @@ class Checkpoint:
     """A read-only view of one checkpoint: names, shapes and dtypes without reading data, and one
     tensor at a time on request (``checkpoint[name]``)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = os.fspath(path)
         self.path = path
         self._files: dict[str, str] = {}  # tensor name -> file that holds it
         self._handles: dict[str, object] = {}

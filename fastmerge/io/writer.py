@@ -59,6 +59,7 @@ class ShardedWriter:
     def __init__(self, output: str, plan: Sequence[tuple[str, Sequence[int], torch.dtype]], *,
                  max_shard_bytes: int | None = None, metadata: dict[str, str] | None = None,
                  overwrite: bool = False, protected: Sequence[str] = ()) -> None:
+        output = os.fspath(output)
         self.output = output
         self.plan = [(name, tuple(int(s) for s in shape), dtype) for name, shape, dtype in plan]
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}

@@ -80,8 +80,9 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
     if align not in (None, "weight_matching"):
         raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with --spec)")
     if align and not spec:
-        raise CheckpointError("weight matching of checkpoint files needs the model's merge spec (--spec FILE.yaml, "
-                              "from fastmerge.spec.save_spec(trace_spec(model, inputs), ...))")
+        raise CheckpointError("weight matching of checkpoint files needs the model's merge spec: --spec FILE.yaml "
+                              "(fastmerge.spec.save_spec(trace_spec(model, inputs), ...)) or --spec auto (from the "
+                              "Hugging Face config.json next to the first model)")
     names = checkpoints[0].keys()
     out_dtype = DTYPES[dtype] if dtype else None
 
@@ -106,7 +107,8 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
                       spec: str | None = None) -> MergePlan:
     """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
 
-    With ``align="weight_matching"`` and `spec` (a YAML merge spec of the architecture) the models
+    With ``align="weight_matching"`` and `spec` (a YAML merge spec of the architecture, or "auto":
+    inferred from the Hugging Face config.json next to the first model) the models
     (and the base, if any) are first permuted onto the first model by weight matching, from the
     files alone ("align then merge", for models trained from different initialisations). That step
     holds every model in memory; the plain merges stream.
@@ -150,12 +152,18 @@ def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str, progress
     from ..spec import spec_from_yaml
 
     states = [{name: c[name] for name in c} for c in checkpoints]
-    try:
-        with open(spec_path) as f:
-            text = f.read()
-    except OSError as exc:
-        raise CheckpointError(f"{spec_path}: cannot read the spec ({exc})") from None
-    spec = spec_from_yaml(text, {k: tuple(v.shape) for k, v in states[0].items()})
+    shapes = {k: tuple(v.shape) for k, v in states[0].items()}
+    if spec_path == "auto":  # from the Hugging Face config.json next to the first model
+        from ..io.hf_spec import config_folder, spec_from_config
+
+        spec = spec_from_config(config_folder(checkpoints[0].path), shapes)
+    else:
+        try:
+            with open(spec_path) as f:
+                text = f.read()
+        except OSError as exc:
+            raise CheckpointError(f"{spec_path}: cannot read the spec ({exc})") from None
+        spec = spec_from_yaml(text, shapes)
     perms, _ = weight_matching(spec, states, reference=0)
     aligned = [states[0]] + [spec.apply_permutations(states[i], perms[i]) for i in range(1, len(states))]
 

@@ -1,0 +1,85 @@
+"""Merge specs for Hugging Face checkpoints without the user's model code.
+
+The architecture named by the checkpoint's ``config.json`` is built by the transformers library
+(random weights, no downloads), traced with fastmerge.trace_spec, and the spec is kept to the
+tensors the checkpoint holds (a tied ``lm_head.weight`` that the file leaves
+out, for instance). Works for the architectures the tracer handles (GPT-2, BERT and the
+LLaMA family with grouped-query attention among them).
+
+The model is built on the CPU at full size: a trace on the meta device (no memory) was tried and
+gave unsound specs for Hugging Face attention (check_spec failed on the real model), so this costs
+one model's memory in float32 while the spec is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from ..errors import CheckpointError
+
+
+def config_folder(path: str) -> str:
+    """The folder holding config.json for a checkpoint path (a folder, a file or an index in it)."""
+    path = os.fspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise CheckpointError(f"{path}: no config.json next to the checkpoint; give the spec as YAML (--spec FILE)")
+    return folder
+
+
+def spec_from_config(folder: str, shapes: Mapping[str, Sequence[int]]):
+    """The merge spec of the Hugging Face model in `folder`, restricted to the tensors in `shapes`."""
+    try:
+        import transformers
+    except ImportError:
+        raise CheckpointError("inferring a spec from config.json needs the transformers package "
+                              "(pip install transformers), or give the spec as YAML (--spec FILE)") from None
+    from ..spec import trace_spec
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{folder}/config.json: not a usable Hugging Face config ({exc})") from None
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    model, rename = _build_matching(transformers, config, set(shapes))
+    model.eval()
+    ids = torch.zeros((1, 8), dtype=torch.long)
+    spec = trace_spec(model, (ids,))
+    groups = []
+    for g in spec.groups:
+        members = tuple(dataclasses.replace(m, tensor=rename(m.tensor)) for m in g.members if rename(m.tensor) in shapes)
+        if members:
+            groups.append(dataclasses.replace(g, members=members))
+    spec = dataclasses.replace(spec, groups=groups)
+    spec.validate(shapes)
+    return spec
+
+
+def _build_matching(transformers, config, names: set[str]):
+    """The model class (from config.architectures, then the Auto classes) whose parameter names
+    cover the checkpoint's best, and the map from its names to the checkpoint's (a base-model
+    prefix such as 'bert.' or 'model.' added or removed)."""
+    candidates = [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
+    candidates += [transformers.AutoModelForCausalLM, transformers.AutoModel]
+    best = None
+    for cls in candidates:
+        try:
+            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        own = list(model.state_dict())
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        for rename in (lambda n: n, lambda n, p=prefix: n[len(p) + 1:] if p and n.startswith(p + ".") else n,
+                       lambda n, p=prefix: f"{p}.{n}" if p else n):
+            score = sum(rename(n) in names for n in own)
+            if best is None or score > best[0]:
+                best = (score, model, rename)
+    if best is None or best[0] == 0:
+        raise CheckpointError(f"config.json names {config.architectures}, but no model built from it has the "
+                              "checkpoint's tensor names; give the spec as YAML (--spec FILE)")
+    return best[1], best[2]
