@@ -99,4 +99,26 @@ void combine_into_out(at::TensorList tensors, at::TensorList coefficients, at::A
   into(tensors, coefficients, weights, num_models, std::vector<at::Tensor>(out.begin(), out.end()));
 }
 
+// combine_backward's checks and loop around one backend's gradient of a single coefficient,
+// grad_of(grad_output, weight, coefficient, index).
+template <typename GradOf>
+std::vector<at::Tensor> combine_backward_each(at::TensorList grad_outputs, at::TensorList tensors,
+                                              at::TensorList coefficients, int64_t num_models, GradOf grad_of) {
+  const Layout layout = check_layout(tensors, coefficients, num_models, "combine_backward");
+  TORCH_CHECK(static_cast<int64_t>(grad_outputs.size()) == layout.num_tensors, "combine_backward: expected ",
+              layout.num_tensors, " gradients, got ", grad_outputs.size());
+  TORCH_CHECK(!coefficients.empty(), "combine_backward: needs the coefficient tensors");
+  std::vector<at::Tensor> grads;
+  grads.reserve(tensors.size());
+  for (int64_t t = 0; t < layout.num_tensors; ++t) {
+    TORCH_CHECK(grad_outputs[t].sizes() == tensors[t * num_models].sizes(), "combine_backward: grad_outputs[", t,
+                "] has shape ", grad_outputs[t].sizes(), ", expected ", tensors[t * num_models].sizes());
+    for (int64_t j = 0; j < num_models; ++j) {
+      const int64_t index = t * num_models + j;
+      grads.push_back(grad_of(grad_outputs[t], tensors[index], coefficients[index], index));
+    }
+  }
+  return grads;
+}
+
 }  // namespace fastmerge

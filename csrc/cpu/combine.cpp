@@ -164,21 +164,7 @@ at::Tensor coefficient_grad(const at::Tensor& grad, const at::Tensor& weight, co
 
 std::vector<at::Tensor> combine_backward_cpu(at::TensorList grad_outputs, at::TensorList tensors,
                                              at::TensorList coefficients, int64_t num_models) {
-  const Layout layout = check_layout(tensors, coefficients, num_models, "combine_backward");
-  TORCH_CHECK(static_cast<int64_t>(grad_outputs.size()) == layout.num_tensors, "combine_backward: expected ",
-              layout.num_tensors, " gradients, got ", grad_outputs.size());
-  TORCH_CHECK(!coefficients.empty(), "combine_backward: needs the coefficient tensors");
-  std::vector<at::Tensor> grads;
-  grads.reserve(tensors.size());
-  for (int64_t t = 0; t < layout.num_tensors; ++t) {
-    TORCH_CHECK(grad_outputs[t].sizes() == tensors[t * num_models].sizes(), "combine_backward: grad_outputs[", t,
-                "] has shape ", grad_outputs[t].sizes(), ", expected ", tensors[t * num_models].sizes());
-    for (int64_t j = 0; j < num_models; ++j) {
-      const int64_t index = t * num_models + j;
-      grads.push_back(coefficient_grad(grad_outputs[t], tensors[index], coefficients[index], index));
-    }
-  }
-  return grads;
+  return combine_backward_each(grad_outputs, tensors, coefficients, num_models, coefficient_grad);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "combine_checks.h"
@@ -174,23 +175,12 @@ at::Tensor run_gradient(const at::Tensor& grad, const at::Tensor& a, const at::T
 
 std::vector<at::Tensor> combine_backward_cuda(at::TensorList grad_outputs, at::TensorList tensors,
                                               at::TensorList coefficients, int64_t num_models) {
-  const Layout layout = check_layout(tensors, coefficients, num_models, "combine_backward");
-  TORCH_CHECK(static_cast<int64_t>(grad_outputs.size()) == layout.num_tensors, "combine_backward: expected ",
-              layout.num_tensors, " gradients, got ", grad_outputs.size());
-  TORCH_CHECK(!coefficients.empty(), "combine_backward: needs the coefficient tensors");
-  std::vector<at::Tensor> grads;
-  if (tensors.empty()) return grads;
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  for (int64_t t = 0; t < layout.num_tensors; ++t) {
-    TORCH_CHECK(grad_outputs[t].sizes() == tensors[t * num_models].sizes(), "combine_backward: grad_outputs[", t,
-                "] has shape ", grad_outputs[t].sizes(), ", expected ", tensors[t * num_models].sizes());
-    for (int64_t j = 0; j < num_models; ++j) {
-      const int64_t index = t * num_models + j;
-      const int64_t inner = coefficient_inner(coefficients[index], tensors[index], index);
-      grads.push_back(run_gradient<false>(grad_outputs[t], tensors[index], tensors[index], coefficients[index], inner));
-    }
-  }
-  return grads;
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (!tensors.empty()) guard.emplace(tensors[0].device());
+  return combine_backward_each(grad_outputs, tensors, coefficients, num_models,
+                               [](const at::Tensor& grad, const at::Tensor& w, const at::Tensor& c, int64_t index) {
+                                 return run_gradient<false>(grad, w, w, c, coefficient_inner(c, w, index));
+                               });
 }
 
 std::vector<at::Tensor> sigmoid_merge_cuda(at::TensorList a, at::TensorList b, at::TensorList logits) {
