@@ -5,6 +5,7 @@
 # on an H100 (about 2 minutes of build on 16 cores).
 #
 #   benchmarks/gpu_check.sh [OUTDIR]      (default OUTDIR: /tmp/fastmerge-gpu)
+#   CXX=/usr/bin/g++ benchmarks/gpu_check.sh   builds with another host compiler
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-/tmp/fastmerge-gpu}
@@ -26,6 +27,11 @@ if ! $PY setup.py -q build_ext --inplace > "$OUTDIR/build.log" 2>&1; then
   tail -40 "$OUTDIR/build.log"; echo "BUILD FAILED"; exit 1
 fi
 $PY -c "import fastmerge, torch; fastmerge._ext.load(); print(torch.ops.fastmerge.build_info())"
+# which C++ runtime and unwinder the library links and the process actually loads: on the lent H100
+# (toolchain /opt/gcc, gcc 13.3) every exception thrown by the library crashed the process
+echo "compiler: ${CXX:-$(command -v c++)}"
+ldd fastmerge/_C*.so | grep -E "stdc\+\+|gcc_s|gomp" || true
+$PY -c "import fastmerge, torch; fastmerge._ext.load(); print('\n'.join(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc' in l or 'libgcc_s' in l})))"
 
 stamp "tests"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
