@@ -157,6 +157,40 @@ class CovarianceState:
         self.count.fill_(n)
         return self
 
+    def all_reduce_(self, group=None) -> CovarianceState:
+        """Combines the states of every rank of a torch.distributed process group into the state of
+        all their samples, on every rank (each rank accumulated its own shard of the data).
+
+        Exact, not a sum of float32 moments: with n = sum n_r and mean = sum n_r mean_r / n (two
+        float64 all_reduces), M2 = sum_r [M2_r + n_r (mean_r - mean)(mean_r' - mean')^T] (a third),
+        which is Chan's merge of all ranks at once. Every rank gets bit-identical results. The
+        state must live on a device the backend handles (CPU for gloo, CUDA for NCCL).
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise InvalidArgumentError("all_reduce_ needs an initialised torch.distributed process group")
+        n_r = self.count.clone()
+        total = self.count.clone()
+        dist.all_reduce(total, group=group)
+        if float(total) == 0:
+            return self
+        weighted = torch.cat([m * n_r for m in self.mean]) if self.mean else torch.zeros(0, dtype=torch.float64)
+        dist.all_reduce(weighted, group=group)
+        mean = list(torch.split(weighted / total, self.widths))
+        delta = [m_r - m for m_r, m in zip(self.mean, mean)]
+        parts = [m2 + torch.outer(delta[a], delta[b]) * n_r for m2, (a, b) in zip(self.m2, self.pairs)]
+        flat = torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0, dtype=torch.float64)
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for p, m2 in enumerate(self.m2):
+            m2.copy_(flat[offset : offset + m2.numel()].view_as(m2))
+            offset += m2.numel()
+        for m, new in zip(self.mean, mean):
+            m.copy_(new)
+        self.count.copy_(total)
+        return self
+
     def covariance(self, left: int = 0, right: int | None = None, *, ddof: int = 1) -> torch.Tensor:
         """Covariance block Sigma_{left,right} (C_left, C_right), float64; needs > ddof samples."""
         right = left if right is None else right

@@ -174,10 +174,14 @@ class StatsCollector:
 def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: MergeSpec, *,
                   groups: Sequence[Group] | None = None, pairs: str = "all_to_one", reference: int = 0,
                   max_batches: int | None = None, max_samples: int | None = None, max_rows: int | None = None,
-                  seed: int = 0, progress: bool = True) -> Stats:
+                  seed: int = 0, progress: bool = True, distributed: bool | None = None) -> Stats:
     """One pass over `data` (a DataLoader or any iterable of batches) with every model in eval mode
     and no gradients, accumulating each group's statistics. Stops after `max_batches` batches or
-    `max_samples` inputs. Models are returned in the mode they had."""
+    `max_samples` inputs. Models are returned in the mode they had.
+
+    Under an initialised torch.distributed process group (``distributed`` None: whenever one is
+    initialised) each rank passes its own shard of the data and the states are then reduced exactly
+    across ranks (CovarianceState.all_reduce_): every rank returns the statistics of all shards."""
     modes = [m.training for m in models]
     for m in models:
         m.eval()
@@ -202,6 +206,14 @@ def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: Merge
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        for state in collector.stats.states.values():
+            state.all_reduce_()
+        total = torch.tensor([float(seen)], dtype=torch.float64)
+        torch.distributed.all_reduce(total)
+        seen = int(total.item())
     if seen == 0:
         raise InvalidArgumentError("collect_stats got no batches: the data iterable is empty")
     return collector.stats

@@ -1,0 +1,64 @@
+"""Activation statistics under torch.distributed with real gloo processes on localhost: each rank
+takes a shard of real data (digits), and every rank ends with the statistics of the union, equal to
+one process's on all the data."""
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastmerge import collect_stats, zoo
+from fastmerge.demo import batches, load_dataset
+from fastmerge.spec import trace_spec
+
+
+def models_and_spec():
+    torch.manual_seed(0)
+    models = [zoo.mlp(in_features=64, hidden=(32, 32), out_features=10).eval() for _ in range(2)]
+    return models, trace_spec(models[0], (torch.zeros(2, 64),))
+
+
+def shards(world: int):
+    data = batches(load_dataset("digits").x_fit, 64)
+    return [data[r::world] for r in range(world)]  # uneven shards on purpose
+
+
+def _rank_main(rank: int, world: int, folder: str) -> None:
+    # a bounded timeout: a rank that waits for a missing peer fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        models, spec = models_and_spec()
+        stats = collect_stats(models, shards(world)[rank], spec, pairs="full", progress=False)
+        torch.save({g: (s.count, s.mean, s.m2) for g, s in stats.states.items()}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_statistics_equal_one_process_on_the_union(tmp_path, world):
+    mp.spawn(_rank_main, args=(world, str(tmp_path)), nprocs=world, join=True)  # raises if a rank fails
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    models, spec = models_and_spec()
+    union = [b for shard in shards(world) for b in shard]
+    single = collect_stats(models, union, spec, pairs="full", progress=False, distributed=False)
+    for group, state in single.states.items():
+        count, mean, m2 = results[0][group]
+        assert float(count) == float(state.count)
+        for got, want in zip(mean, state.mean):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-15)
+        for got, want in zip(m2, state.m2):
+            assert float((got - want).norm() / want.norm()) < 1e-12
+        for other in results[1:]:  # every rank holds the same bits
+            assert all(torch.equal(a, b) for a, b in zip(other[group][2], m2))
+            assert all(torch.equal(a, b) for a, b in zip(other[group][1], mean))
+
+
+def test_all_reduce_needs_a_process_group():
+    from fastmerge.errors import InvalidArgumentError
+    from fastmerge.ops import CovarianceState
+
+    with pytest.raises(InvalidArgumentError):
+        CovarianceState([3]).all_reduce_()
