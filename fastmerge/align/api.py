@@ -59,8 +59,38 @@ def _distance_from_identity(t) -> float:
 def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: MergeSpec, stats=None,
           data: Iterable | None = None, reference: int = 0, reg: float = 0.1, relative_reg: bool = True,
           alpha: float = 0.5, beta: float = 0.0, max_iter: int = 100, seed: int = 0, merge_many: bool | None = None,
-          restarts: int = 1,
-          stats_options: dict | None = None, progress: bool = True) -> Alignment:
+          restarts: int = 1, stats_options: dict | None = None, progress: bool = True,
+          distributed: bool | None = None) -> Alignment:
+    """Aligns every model to the reference; see _align_local for the arguments.
+
+    Under an initialised torch.distributed process group (``distributed`` None: whenever there is
+    one) every rank collects statistics on its shard of `data` (reduced across ranks), rank 0
+    computes the alignment and broadcasts it, so all ranks merge identically.
+    """
+    options = dict(spec=spec, reference=reference, reg=reg, relative_reg=relative_reg, alpha=alpha, beta=beta,
+                   max_iter=max_iter, seed=seed, merge_many=merge_many, restarts=restarts, progress=progress)
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed:
+        return _align_local(models, method, stats=stats, data=data, stats_options=stats_options, **options)
+    if method in METHODS and method != "weight_matching" and stats is None and data is not None:
+        from ..stats import collect_stats
+
+        stats = collect_stats(models, data, spec, groups=activation_groups(spec),  # a collective: every rank
+                              pairs="full" if method == "zipit" else "all_to_one", reference=reference,
+                              progress=progress, distributed=True, **(stats_options or {}))
+    payload = [None]
+    if torch.distributed.get_rank() == 0:
+        payload = [_align_local(models, method, stats=stats, data=data, stats_options=stats_options, **options)]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: MergeSpec, stats=None,
+                 data: Iterable | None = None, reference: int = 0, reg: float = 0.1, relative_reg: bool = True,
+                 alpha: float = 0.5, beta: float = 0.0, max_iter: int = 100, seed: int = 0,
+                 merge_many: bool | None = None, restarts: int = 1, stats_options: dict | None = None,
+                 progress: bool = True) -> Alignment:
     """Aligns every model to the reference (units of the other models re-ordered or transformed
     into the reference's basis).
 
