@@ -32,6 +32,28 @@ def _polar(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u @ vh, r
 
 
+def _polar_towards_identity(m: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
+    """The polar factor of a rank-deficient M~ (dead units: a zero row/column of S_xy) with a
+    deterministic null-space part. On M's range the polar factor is unique; on the null spaces any
+    orthogonal map would do, and an SVD picks one that jumps with rounding (measured: statistics
+    summed in another order changed T by more than its largest entry). Here the null spaces are
+    mapped by the orthogonal map closest to a fixed reference F = I + 0.1 G (G a fixed seeded
+    Gaussian matrix: the identity alone would leave the choice open when the dead units of the two
+    models differ), which depends only on the subspaces, not on the bases a decomposition returns."""
+    m_units = vx @ m @ vy.T  # the same matrix in unit coordinates
+    u, sing, vh = torch.linalg.svd(m_units)
+    k = int((sing > 1e-9 * sing[0]).sum()) if sing.numel() and sing[0] > 0 else 0
+    q = u[:, :k] @ vh[:k]
+    left, right = u[:, k:], vh[k:].T
+    if left.shape[1]:
+        n = m_units.shape[0]
+        gen = torch.Generator().manual_seed(12345)
+        reference = torch.eye(n, dtype=m_units.dtype) + 0.1 * torch.randn(n, n, generator=gen, dtype=m_units.dtype) / n**0.5
+        a, _, b = torch.linalg.svd(left.T @ reference.to(m_units.device) @ right)
+        q = q + left @ (a @ b) @ right.T
+    return vx.T @ q @ vy
+
+
 def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *, reg: float = 0.1,
                   relative: bool = True, eigh_xx=None, eigh_yy=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CCA Merge transform of model y's units into the reference x's basis.
@@ -65,6 +87,8 @@ def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *,
     # T = V_x l_x^1/2 R~ l_y^-1/2 V_y^T and T^-1 = V_y l_y^1/2 R~^T l_x^-1/2 V_x^T.
     m = (vx.T @ s_xy @ vy) * lx.rsqrt()[:, None] * ly.rsqrt()[None, :]
     rotation, r = _polar(m)
+    if r.numel() and r[-1] <= 1e-9 * r[0]:
+        rotation = _polar_towards_identity(m, vx, vy)
     t = (vx * lx.sqrt()) @ (rotation * ly.rsqrt()[None, :]) @ vy.T
     t_inv = (vy * ly.sqrt()) @ (rotation.T * lx.rsqrt()[None, :]) @ vx.T
     return t, t_inv, r

@@ -225,3 +225,30 @@ def test_repair_matches_the_parents_statistics():
     plain = fastmerge.merge(models, "average", data=data, repair_mode="none")
     repaired = fastmerge.merge(models, "average", data=data, repair_mode="repair")
     assert accuracy(repaired, split.x_val, split.y_val) > accuracy(plain, split.x_val, split.y_val)
+
+
+def test_cca_with_dead_units_is_stable_under_rounding_level_changes():
+    """Dead units (zero variance; different ones in the two models) leave CCA's polar factor free on
+    the null spaces; the transform must still be a continuous function of the statistics: changes at
+    the level of summation-order rounding must not move it (they moved it by more than its largest
+    entry before the null-space part was fixed)."""
+    from fastmerge.align.activation import cca_transform
+
+    gen = torch.Generator().manual_seed(0)
+    n, c = 400, 12
+    x = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(c, c, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    x[:, [2, 7]] = 0.0  # dead in model x
+    y[:, [4, 5, 9]] = 0.0  # other dead units in model y
+    joint = torch.cov(torch.cat([x, y], 1).T)
+    s_xx, s_yy, s_xy = joint[:c, :c], joint[c:, c:], joint[:c, c:]
+    t, t_inv, r = cca_transform(s_xx, s_yy, s_xy)
+    assert float(r[-1]) < 1e-9 * float(r[0])  # rank-deficient: the case under test
+    noise = 1e-13 * torch.randn(2 * c, 2 * c, generator=gen, dtype=torch.float64)
+    noise = (noise + noise.T) / 2
+    live = torch.cat([(x.std(0) > 0), (y.std(0) > 0)])
+    noise = noise * live[:, None] * live[None, :]  # rounding only touches the live units
+    jittered = joint + noise
+    t2, t2_inv, _ = cca_transform(jittered[:c, :c], jittered[c:, c:], jittered[:c, c:])
+    assert float((t - t2).abs().max()) < 1e-6 * float(t.abs().max())
+    assert torch.allclose(t @ t_inv, torch.eye(c, dtype=torch.float64), atol=1e-10)
