@@ -64,7 +64,7 @@ def test_all_reduce_needs_a_process_group():
         CovarianceState([3]).all_reduce_()
 
 
-def _merge_rank(rank: int, world: int, folder: str) -> None:
+def _merge_rank(rank: int, world: int, folder: str, method: str) -> None:
     from fastmerge import merge
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/store2", rank=rank, world_size=world,
@@ -73,18 +73,18 @@ def _merge_rank(rank: int, world: int, folder: str) -> None:
         models, _ = models_and_spec()
         for i, m in enumerate(models):
             m.load_state_dict(torch.load(f"{folder}/model{i}.pt"))
-        merged = merge(models, "permute", data=shards(world)[rank], progress=False)
+        merged = merge(models, method, data=shards(world)[rank], progress=False)
         torch.save(merged.state_dict(), f"{folder}/merged{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_alignment_is_computed_once_and_every_rank_merges_identically(tmp_path):
+@pytest.mark.parametrize("method", ["permute", "cca"])
+def test_alignment_is_computed_once_and_every_rank_merges_identically(tmp_path, method):
     """merge() under a process group: statistics from every rank's shard, the alignment computed on
     rank 0 and broadcast; all ranks hold the same merged model, the one a single process computes
-    on all the data (real digits models, trained here). With "cca" the ranks also agree with each
-    other, but not with one process to 1e-5 (the statistics agree to 1e-12): an open question about
-    CCA's sensitivity, noted in the closing note of this session."""
+    on all the data (real digits models, trained here; these have dead units, where CCA's transform
+    must not depend on rounding)."""
     from fastmerge import merge
     from fastmerge.demo import TrainConfig, train
 
@@ -94,9 +94,9 @@ def test_alignment_is_computed_once_and_every_rank_merges_identically(tmp_path):
         trained = train(TrainConfig(hidden=32, epochs=8), split, seed=i)
         models[i].load_state_dict(trained.state_dict())
         torch.save(trained.state_dict(), tmp_path / f"model{i}.pt")
-    mp.spawn(_merge_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_merge_rank, args=(2, str(tmp_path), method), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"merged{r}.pt") for r in range(2)]
-    single = merge(models, "permute", data=[b for s in shards(2) for b in s], progress=False, distributed=False)
+    single = merge(models, method, data=[b for s in shards(2) for b in s], progress=False, distributed=False)
     for k, v in single.state_dict().items():
         assert torch.equal(ranks[0][k], ranks[1][k]), k
         assert torch.allclose(ranks[0][k], v, rtol=1e-5, atol=1e-6), k
