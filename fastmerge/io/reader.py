@@ -10,6 +10,7 @@ reading one tensor touches only its bytes, so memory stays bounded by the tensor
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from collections.abc import Iterator
@@ -147,11 +148,7 @@ class Checkpoint:
         return self._handles[self._files[name]].read(name, buffer)
 
     def tensor_bytes(self, name: str) -> int:
-        dtype, shape = self.dtype(name), self.shape(name)
-        numel = 1
-        for s in shape:
-            numel *= s
-        return numel * _itemsize(dtype)
+        return tensor_nbytes(self.shape(name), self.dtype(name))
 
     def files(self) -> list[str]:
         """Every file this checkpoint reads (shards and index), e.g. to refuse writing over one."""
@@ -161,13 +158,7 @@ class Checkpoint:
         return sorted(os.path.abspath(f) for f in found)
 
     def nbytes(self) -> int:
-        total = 0
-        for name in self._files:
-            numel = 1
-            for s in self.shape(name):
-                numel *= s
-            total += numel * _itemsize(self.dtype(name))
-        return total
+        return sum(self.tensor_bytes(name) for name in self._files)
 
 
 _SAFETENSORS_DTYPES = {
@@ -225,10 +216,7 @@ class SafetensorsFile:
                     raise ValueError("negative or malformed shape")
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({exc})") from None
-            numel = 1
-            for s in shape:
-                numel *= s
-            if not 0 <= begin <= end <= data_size or end - begin != numel * _itemsize(dtype):
+            if not 0 <= begin <= end <= data_size or end - begin != tensor_nbytes(shape, dtype):
                 raise CheckpointError(f"{path}: tensor {name!r} has offsets [{begin}, {end}] that do not fit its "
                                       f"shape {shape} {dtype} or the file ({data_size} data bytes); the file is corrupt")
             self.entries[name] = (dtype, shape, begin, end)
@@ -254,9 +242,6 @@ class SafetensorsFile:
         return buffer.view(dtype).reshape(shape)
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def open_checkpoint(path: str) -> Checkpoint:
-    return Checkpoint(path)
+def tensor_nbytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of a dense tensor of this shape and dtype."""
+    return math.prod(int(s) for s in shape) * dtype.itemsize

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import CheckpointError
-from .reader import INDEX_NAME, SINGLE_NAME
+from .reader import INDEX_NAME, SINGLE_NAME, tensor_nbytes
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -38,13 +38,6 @@ def parse_size(text: str | int | None) -> int | None:
     if not match or match.group(2).upper() not in _UNITS:
         raise CheckpointError(f"cannot read the size {text!r}; write e.g. 5GB, 500MiB or a number of bytes")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-
-
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    return numel * torch.empty((), dtype=dtype).element_size()
 
 
 class ShardedWriter:
@@ -83,7 +76,7 @@ class ShardedWriter:
         shards: list[list] = [[]]
         size = 0
         for entry in self.plan:
-            nbytes = _nbytes(entry[1], entry[2])
+            nbytes = tensor_nbytes(entry[1], entry[2])
             if limit is not None and shards[-1] and size + nbytes > limit:
                 shards.append([])
                 size = 0
@@ -125,7 +118,7 @@ class ShardedWriter:
         header: dict = {"__metadata__": self.metadata} if self.metadata else {}
         offset = 0
         for name, shape, dtype in entries:
-            nbytes = _nbytes(shape, dtype)
+            nbytes = tensor_nbytes(shape, dtype)
             header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
@@ -178,7 +171,7 @@ class ShardedWriter:
             self._open_shard(0)
             self._finish_file()
         if not self.single_file and len(self.shards) > 1:
-            index = {"metadata": {**self.metadata, "total_size": sum(_nbytes(s, d) for _, s, d in self.plan)},
+            index = {"metadata": {**self.metadata, "total_size": sum(tensor_nbytes(s, d) for _, s, d in self.plan)},
                      "weight_map": {name: os.path.basename(self.final_paths[k])
                                     for k, shard in enumerate(self.shards) for name, _, _ in shard}}
             temp = os.path.join(self.folder, f".{INDEX_NAME}.tmp-{os.getpid()}")

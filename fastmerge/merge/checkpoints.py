@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..errors import CheckpointError, ShapeMismatchError
-from ..io import Checkpoint, ShardedWriter, parse_size
+from ..io import Checkpoint, ShardedWriter, parse_size, tensor_nbytes
 from .same_init import SameInitOptions, merge_tensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -122,15 +122,14 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     plan, checkpoints, base_ckpt, writer = plan_merge(models, output, options, base=base, dtype=dtype,
                                                       max_shard_size=max_shard_size, overwrite=overwrite,
                                                       align=align, spec=spec)
-    sources = [c.read for c in checkpoints] + ([base_ckpt.read] if base_ckpt else [])
-    if align:
-        sources = _aligned_sources(checkpoints + ([base_ckpt] if base_ckpt else []), spec, progress)
+    inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
+    sources = _aligned_sources(inputs, spec) if align else [c.read for c in inputs]
 
     # One reused buffer per input and one for the output, as large as the largest tensor: fresh
     # memory for every tensor would cost a page fault per 4 KiB, more than the arithmetic.
     largest = max((checkpoints[0].tensor_bytes(name) for name, _, _ in writer.plan), default=0)
-    largest_out = max((_nbytes(shape, dt) for _, shape, dt in writer.plan), default=0)
-    read_buffers = [torch.empty(largest, dtype=torch.uint8) for _ in checkpoints + ([base_ckpt] if base_ckpt else [])]
+    largest_out = max((tensor_nbytes(shape, dt) for _, shape, dt in writer.plan), default=0)
+    read_buffers = [torch.empty(largest, dtype=torch.uint8) for _ in inputs]
     out_buffer = torch.empty(largest_out, dtype=torch.uint8)
 
     with writer:
@@ -138,14 +137,14 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         for name, shape, out_dtype in writer.plan:
             tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
             base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
-            out = out_buffer[: _nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
+            out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
             writer.write(name, merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out))
             bar.update()
         bar.close()
     return plan
 
 
-def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str, progress: bool):
+def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
     """Weight matching of every checkpoint onto the first (MergeMany for more than two), from the
     files and the spec alone; returns one tensor getter per checkpoint, like Checkpoint.read."""
     from ..align.weight_matching import weight_matching
@@ -171,10 +170,3 @@ def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str, progress
         return lambda name, buffer=None: state[name]
 
     return [getter(s) for s in aligned]
-
-
-def _nbytes(shape, dtype) -> int:
-    numel = 1
-    for s in shape:
-        numel *= s
-    return numel * torch.empty((), dtype=dtype).element_size()

@@ -32,8 +32,9 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False) -> tuple[to
         )
     if cost.device.type != "cpu" and not bool(torch.isfinite(cost).all()):
         # checked here too on a GPU (the kernel checks as well): one place that names the entry
-        i = int(torch.nonzero(~torch.isfinite(cost))[0, -2]), int(torch.nonzero(~torch.isfinite(cost))[0, -1])
-        raise NonFiniteError(f"linear_assignment: cost has a non-finite entry at {i}; costs must be finite")
+        first = torch.nonzero(~torch.isfinite(cost))[0].tolist()
+        raise NonFiniteError(f"linear_assignment: cost has a non-finite entry at {tuple(first[-2:])}"
+                             f"{f' of problem {first[0]}' if cost.dim() == 3 else ''}; costs must be finite")
     if _ext.load():
         try:
             return torch.ops.fastmerge.linear_assignment(cost, maximize)
