@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import distributed as _distributed
 from ..errors import InvalidArgumentError
 from ..spec.types import Dense, MergeSpec
 from .activation import cca_transform, match_permutation, zipit_matrices
@@ -70,7 +71,7 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
     options = dict(spec=spec, reference=reference, reg=reg, relative_reg=relative_reg, alpha=alpha, beta=beta,
                    max_iter=max_iter, seed=seed, merge_many=merge_many, restarts=restarts, progress=progress)
     if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = _distributed.active()
     if not distributed:
         return _align_local(models, method, stats=stats, data=data, stats_options=stats_options, **options)
     if method in METHODS and method != "weight_matching" and stats is None and data is not None:

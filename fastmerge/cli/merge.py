@@ -1,5 +1,8 @@
 """`fastmerge merge`: merge checkpoint files of models that share a base (linear, task arithmetic,
-TIES, DARE, SLERP), streamed tensor by tensor into (sharded) safetensors.
+TIES, DARE, SLERP), streamed tensor by tensor into (sharded) safetensors; or of models trained from
+different initialisations, aligned first: by weight matching from the files (--align
+weight_matching --spec), or on data (--align permute|cca|zipit with --model and --data; also under
+torchrun, each rank passing its shard of the data).
 
 The flags and a YAML config (--config) are equivalent; the config follows mergekit's layout where
 the concepts match:
@@ -28,19 +31,33 @@ def add_parser(sub) -> None:
     p.add_argument("models", nargs="*", help="checkpoints: .safetensors files, folders (sharded or not), .pt/.bin")
     p.add_argument("-o", "--output", help="a .safetensors file, or a folder for model.safetensors / shards + index")
     p.add_argument("--config", help="YAML file with the merge (see above); flags given too override it")
-    p.add_argument("--method", choices=("linear", "task_arithmetic", "ties", "dare", "slerp"), default=None,
-                   help="default: linear")
+    p.add_argument("--method", choices=("linear", "task_arithmetic", "ties", "dare", "slerp", "np_merge"),
+                   default=None, help="default: linear (with --model: linear = weighted average, or np_merge)")
     p.add_argument("--base", help="the model the others were fine-tuned from (task_arithmetic, ties, dare)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per model")
     p.add_argument("--scale", type=float, help="lambda: factor of the summed task vectors (default 1)")
     p.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept (default 0.5)")
     p.add_argument("--t", type=float, help="slerp: position from the first model (0) to the second (1), default 0.5")
     p.add_argument("--seed", type=int, help="dare: seed of the random masks (default 0)")
-    p.add_argument("--align", choices=("weight_matching",),
-                   help="permute the models onto the first before merging (models from different initialisations; "
-                        "needs --spec)")
+    p.add_argument("--align", choices=("weight_matching", "permute", "cca", "zipit"),
+                   help="align the models onto the first before merging (models from different initialisations): "
+                        "weight_matching from the files with --spec, or any method with --model (and --data)")
     p.add_argument("--spec", help="for --align: the architecture's merge spec (YAML from fastmerge.spec.save_spec), "
                                   "or 'auto' to infer it from the Hugging Face config.json next to the first model")
+    data = p.add_argument_group("aligning on data (--model): the architecture from Python, statistics from batches")
+    data.add_argument("--model", metavar="MODULE:ATTR",
+                      help="builds the architecture: module:callable or file.py:callable returning an nn.Module")
+    data.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for --model, as a JSON object")
+    data.add_argument("--data", metavar="REF", help="batches: digits | mnist5k (built-in real data, ':val' for the "
+                                                    "validation split) or module:attr (an iterable, or a callable "
+                                                    "returning one); (inputs, targets) for np_merge")
+    data.add_argument("--val-data", metavar="REF", help="np_merge: held-out batches to choose the step count on")
+    data.add_argument("--batch-size", type=int, default=256, help="batch size of the built-in data (default 256)")
+    data.add_argument("--repair", choices=("auto", "none", "reset", "repair"), default="auto",
+                      help="after averaging: BatchNorm reset (auto when the model has BatchNorm), REPAIR, or none")
+    data.add_argument("--np-steps", type=int, default=300, help="np_merge: optimisation steps (default 300)")
+    data.add_argument("--np-lr", type=float, default=1e-2, help="np_merge: learning rate (default 0.01)")
+    data.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK, NCCL)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
                    help="dtype of the merged floating tensors (default: as the inputs)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -81,6 +98,10 @@ def _from_config(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model or args.align in ("permute", "cca", "zipit"):
+        return _run_with_data(args)
+    if args.method == "np_merge":
+        raise InvalidArgumentError("--method np_merge learns coefficients on data: give --model, --data and --align")
     from ..merge.checkpoints import merge_checkpoints, plan_merge
     from ..merge.same_init import SameInitOptions
 
@@ -111,4 +132,54 @@ def run(args: argparse.Namespace) -> int:
     plan = merge_checkpoints(models, settings["output"], options, progress=not args.quiet, **common)
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
+    return 0
+
+
+def _run_with_data(args: argparse.Namespace) -> int:
+    """--model: build the architecture, load the files, align on --data and merge (torchrun-aware)."""
+    import json
+
+    from .. import distributed
+    from ..merge.with_data import data_from, merge_files_with_data, model_factory
+
+    if not args.model:
+        raise InvalidArgumentError(f"--align {args.align} works on activations: give --model MODULE:ATTR (the "
+                                   "architecture) and --data (batches)")
+    if args.config or args.base or any(getattr(args, k) is not None for k in ("scale", "density", "t", "seed")):
+        raise InvalidArgumentError("--config, --base, --scale, --density, --t and --seed belong to the same-base "
+                                   "merges; with --model use --method linear|np_merge and --weights")
+    method = {None: "average", "linear": "average", "np_merge": "np_merge"}.get(args.method)
+    if method is None:
+        raise InvalidArgumentError(f"--method {args.method} with --model: use linear (weighted average after "
+                                   "alignment) or np_merge")
+    if not args.output:
+        raise InvalidArgumentError("no output: give -o PATH")
+    if args.data is None:
+        raise InvalidArgumentError("--model needs --data: the spec is traced, statistics collected (and np_merge "
+                                   "trained) on its batches")
+    if args.dry_run:
+        raise InvalidArgumentError("--dry-run is for the streamed merges; an aligned merge on data has no plan to print")
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"--model-kwargs is not valid JSON ({exc})") from None
+    if not isinstance(kwargs, dict):
+        raise InvalidArgumentError("--model-kwargs must be a JSON object of keyword arguments")
+    owned = distributed.init_from_environment(args.device)  # torchrun: join (or create) the process group
+    try:
+        files = merge_files_with_data(
+            args.models, args.output, build_model=model_factory(args.model, kwargs),
+            data=data_from(args.data, args.batch_size) if args.data else None, align=args.align or "none",
+            method=method, weights=args.weights, repair_mode=args.repair,
+            val_data=data_from(args.val_data, args.batch_size) if args.val_data else None,
+            np_options={"steps": args.np_steps, "lr": args.np_lr}, dtype=args.dtype,
+            max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
+            progress=not args.quiet)
+        if not args.quiet and distributed.rank() == 0:
+            print("\n".join(f"wrote {p}" for p in files))
+    finally:
+        if owned:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
     return 0

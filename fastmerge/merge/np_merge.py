@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import InvalidArgumentError
 from ..ops import combine, sigmoid_merge
 from .repair import has_batch_norm, reset_batch_norm
@@ -83,31 +84,20 @@ def _accuracy(forward, data: Iterable) -> float:
         pred = forward(args, kwargs).argmax(-1)
         correct = correct + (pred == target).sum()  # summed where the model runs, read once
         total += int(target.numel())
-    if _distributed():  # every rank scores its shard; all of them see the accuracy on the union
+    if distributed.active():  # every rank scores its shard; all of them see the accuracy on the union
         counts = torch.tensor([float(correct), float(total)], dtype=torch.float64)
         torch.distributed.all_reduce(counts)
         return float(counts[0]) / max(float(counts[1]), 1.0)
     return int(correct) / max(total, 1)
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def _average_gradients(params) -> None:
     """Data-parallel NP Merge: each rank's gradient of its shard's mean loss, averaged over ranks
     (the coefficients are the only trainable tensors, so this is all DDP would do)."""
-    world = torch.distributed.get_world_size()
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
+    distributed.all_reduce_sum_(grads)
     for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+        g /= distributed.world_size()
 
 
 def _set_bn_batch_stats(model: nn.Module) -> None:
@@ -256,7 +246,7 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
         loss = loss_fn(forward(args, kwargs), target)
         opt.zero_grad()
         loss.backward()
-        if _distributed():
+        if distributed.active():
             _average_gradients(list(logits.values()))
         opt.step()
         loss = loss.detach()  # read back only at checks: no host round trip per step on a GPU
@@ -290,11 +280,6 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
     merged.load_state_dict({**{k: v.detach() for k, v in final.items()}, **buffers}, strict=False)
     merged.eval()
     if reset_bn and has_batch_norm(merged):
-        reset_batch_norm(merged, data)
-        if _distributed():  # each rank reset on its shard: average, so every rank holds the same model
-            for b in merged.buffers():
-                if b.is_floating_point():
-                    torch.distributed.all_reduce(b)
-                    b /= torch.distributed.get_world_size()
+        reset_batch_norm(merged, data)  # under a process group: combined across the ranks' shards
     coefs = {k: torch.stack([probs[i][j].detach() for i in range(n)]) for j, k in enumerate(names)}
     return NPMergeResult(merged, coefs, history, best[1])

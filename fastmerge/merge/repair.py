@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from .. import distributed
+from ..errors import InvalidArgumentError
 from ..spec.types import Group, MergeSpec
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -36,7 +38,11 @@ def has_batch_norm(model: nn.Module) -> bool:
 @torch.no_grad()
 def reset_batch_norm(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> nn.Module:
     """Recomputes every BatchNorm's running statistics on `data` (cumulative average, one pass in
-    train mode); the affine parameters stay. The model is left in eval mode."""
+    train mode); the affine parameters stay. The model is left in eval mode.
+
+    Under a torch.distributed process group each rank passes its shard of the batches; the averages
+    are then combined across ranks weighted by each rank's batch count, which is exactly the
+    cumulative average over all the shards' batches, so every rank ends with the same statistics."""
     norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -47,7 +53,25 @@ def reset_batch_norm(model: nn.Module, data: Iterable, *, max_batches: int | Non
         model(*args, **kwargs)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
+    if distributed.active():
+        _combine_across_ranks(norms)
     return model.eval()
+
+
+def _combine_across_ranks(norms) -> None:
+    sums = []
+    for m in norms:
+        if m.running_mean is None:  # track_running_stats=False: nothing to reset
+            continue
+        n = m.num_batches_tracked.double()
+        sums.append((m, torch.cat([n.view(1), m.running_mean.double() * n, m.running_var.double() * n])))
+    distributed.all_reduce_sum_([s for _, s in sums])
+    for m, s in sums:
+        total, c = s[0], m.running_mean.numel()
+        if total > 0:
+            m.running_mean.copy_(s[1 : 1 + c] / total)
+            m.running_var.copy_(s[1 + c :] / total)
+            m.num_batches_tracked.fill_(int(total))
 
 
 def producer_of(group: Group, model: nn.Module) -> str | None:
@@ -62,7 +86,8 @@ def producer_of(group: Group, model: nn.Module) -> str | None:
 
 
 def _unit_stats(models: Sequence[nn.Module], paths: Sequence[str], data, max_batches) -> list[dict]:
-    """Per model and producer path: (mean, std) of every output unit, float64."""
+    """Per model and producer path: (mean, std) of every output unit, float64; under a process group,
+    of the union of every rank's batches (the float64 sums are all-reduced)."""
     sums = [{p: None for p in paths} for _ in models]
     handles = []
     for i, model in enumerate(models):
@@ -82,6 +107,10 @@ def _unit_stats(models: Sequence[nn.Module], paths: Sequence[str], data, max_bat
     finally:
         for h in handles:
             h.remove()
+    accumulated = [acc for per_model in sums for acc in per_model.values()]
+    if any(acc is None for acc in accumulated):
+        raise InvalidArgumentError("REPAIR got no batches (on this rank, under torch.distributed): give it data")
+    distributed.all_reduce_sum_(accumulated)
     out = []
     for per_model in sums:
         stats = {}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as _distributed
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from ..ops import CovarianceState
 from ..spec.types import Group, MergeSpec, TapPoint
@@ -49,6 +50,14 @@ class Stats:
 
     def covariance(self, group: str, i: int, j: int) -> torch.Tensor:
         return self.states[group].covariance(i, j)
+
+    def all_reduce_(self) -> Stats:
+        """Under torch.distributed: combines every rank's statistics exactly (a collective, call it
+        on every rank), e.g. after a StatsCollector watched each rank's own training steps."""
+        for state in self.states.values():
+            state.all_reduce_()
+        self._eigh.clear()
+        return self
 
 
 def tap_features(x: torch.Tensor, tap: TapPoint, size: int) -> torch.Tensor:
@@ -207,10 +216,9 @@ def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: Merge
         for m, mode in zip(models, modes):
             m.train(mode)
     if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        distributed = _distributed.active()
     if distributed:
-        for state in collector.stats.states.values():
-            state.all_reduce_()
+        collector.stats.all_reduce_()
         total = torch.tensor([float(seen)], dtype=torch.float64)
         torch.distributed.all_reduce(total)
         seen = int(total.item())

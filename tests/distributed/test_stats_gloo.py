@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastmerge import collect_stats, zoo
+from fastmerge import StatsCollector, collect_stats, zoo
 from fastmerge.demo import batches, load_dataset
 from fastmerge.spec import trace_spec
 
@@ -25,21 +25,28 @@ def shards(world: int):
     return [data[r::world] for r in range(world)]  # uneven shards on purpose
 
 
-def _rank_main(rank: int, world: int, folder: str) -> None:
+def _rank_main(rank: int, world: int, folder: str, how: str = "collect_stats") -> None:
     # a bounded timeout: a rank that waits for a missing peer fails the test instead of hanging it
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
         models, spec = models_and_spec()
-        stats = collect_stats(models, shards(world)[rank], spec, pairs="full", progress=False)
+        if how == "collect_stats":
+            stats = collect_stats(models, shards(world)[rank], spec, pairs="full", progress=False)
+        else:  # a training loop's own forward passes, watched by the collector, then reduced
+            with StatsCollector(models, spec, pairs="full") as collector, torch.no_grad():
+                for batch in shards(world)[rank]:
+                    for m in models:
+                        m(batch)
+            stats = collector.stats.all_reduce_()
         torch.save({g: (s.count, s.mean, s.m2) for g, s in stats.states.items()}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_distributed_statistics_equal_one_process_on_the_union(tmp_path, world):
-    mp.spawn(_rank_main, args=(world, str(tmp_path)), nprocs=world, join=True)  # raises if a rank fails
+@pytest.mark.parametrize("world,how", [(2, "collect_stats"), (3, "collect_stats"), (2, "collector")])
+def test_distributed_statistics_equal_one_process_on_the_union(tmp_path, world, how):
+    mp.spawn(_rank_main, args=(world, str(tmp_path), how), nprocs=world, join=True)  # raises if a rank fails
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     models, spec = models_and_spec()
     union = [b for shard in shards(world) for b in shard]
