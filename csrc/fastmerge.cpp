@@ -52,6 +52,8 @@ TORCH_LIBRARY(fastmerge, m) {
   // Exact linear assignment of a (n, m) cost matrix or a batch (b, n, m); returns (row_ind, col_ind)
   // of length min(n, m) each, rows ascending, as scipy.optimize.linear_sum_assignment.
   m.def("linear_assignment(Tensor cost, bool maximize=False) -> (Tensor, Tensor)");
+  // NaN/Inf entries of each tensor (int64 counts, one per tensor): the input guard of every merge.
+  m.def("count_nonfinite(Tensor[] tensors) -> Tensor");
 }
 
 }  // namespace fastmerge

@@ -30,6 +30,15 @@ class ExtensionError(FastmergeError, RuntimeError):
     """The compiled engine is required but could not be loaded."""
 
 
+class SpecError(InvalidArgumentError):
+    """A merge spec that does not fit its model (unknown tensors, wrong sizes, bad YAML), or that
+    fails the function-preservation check."""
+
+
+class DataError(InvalidArgumentError):
+    """Data that cannot give what was asked of it: no batches, too few samples for the statistics."""
+
+
 class CheckpointError(FastmergeError, ValueError):
     """A checkpoint file that cannot be read or written as asked (missing, corrupt, unsafe, would
     overwrite an input)."""

@@ -16,6 +16,8 @@ norm parameters or running statistics are permuted instead (ALGORITHMS.md sectio
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ from .structure import activation_groups, dense_ok
 from .weight_matching import identity_perms, weight_matching
 
 METHODS = ("permute", "weight_matching", "cca", "zipit")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +71,9 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
     one) every rank collects statistics on its shard of `data` (reduced across ranks), rank 0
     computes the alignment and broadcasts it, so all ranks merge identically.
     """
+    from ..merge.api import check_models
+
+    check_models(models)
     options = dict(spec=spec, reference=reference, reg=reg, relative_reg=relative_reg, alpha=alpha, beta=beta,
                    max_iter=max_iter, seed=seed, merge_many=merge_many, restarts=restarts, progress=progress)
     if distributed is None:
@@ -85,6 +91,18 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
         payload = [_align_local(models, method, stats=stats, data=data, stats_options=stats_options, **options)]
     torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0]
+
+
+def _data_report(stats, group, n: int) -> dict:
+    """Samples seen and, per model, the number of constant (zero-variance: dead) units of a group."""
+    state = stats.states[group.name]
+    report: dict = {"samples": state.num_samples}
+    for i in range(n):
+        var = state.covariance(i, i).diagonal()
+        dead = int((var <= 1e-12 * float(var.max().clamp_min(1e-300))).sum())
+        if dead:
+            report.setdefault("constant_units", {})[i] = dead
+    return report
 
 
 def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: MergeSpec, stats=None,
@@ -129,10 +147,13 @@ def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, 
 
             stats = collect_stats(models, data, spec, groups=groups, pairs="full" if method == "zipit" else "all_to_one",
                                   reference=reference, progress=progress, **(stats_options or {}))
+        short = []
         for g in groups:
             if g.name not in stats.states:
                 raise InvalidArgumentError(f"the statistics have no entry for group {g.name!r}")
-            info: dict = {}
+            info: dict = _data_report(stats, g, n)
+            if info["samples"] < g.size:
+                short.append(f"{g.name}: {info['samples']} samples for {g.size} units")
             perms = []
             for i in range(n):
                 if i == reference:
@@ -167,6 +188,14 @@ def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, 
                     inp = torch.from_numpy(unmerge[i * c : (i + 1) * c, :]).to(device)
                     transforms[i][g.name] = Dense(out=out[None], inp=inp[None])
             diagnostics[g.name] = info
+
+        if short:
+            warnings.warn(f"align({method!r}): {len(short)} group(s) saw fewer samples than units ({short[0]}"
+                          f"{', ...' if len(short) > 1 else ''}): their statistics are rank-deficient and the "
+                          "alignment leans on regularisation; pass more data", stacklevel=3)
+        constant = {name: d["constant_units"] for name, d in diagnostics.items() if d.get("constant_units")}
+        if constant:  # dead units: no activation to match on (correlation 0, CCA regularised), reported
+            logger.info("align(%r): constant (zero-variance) units on this data: %s", method, constant)
 
     remaining = [g for g in spec.groups if g.name not in frozen]
     if remaining:

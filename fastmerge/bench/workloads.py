@@ -127,6 +127,27 @@ def combine(num_models: int = 2, total_params: int = 100_000_000, tensor_params:
     )
 
 
+def nonfinite(total_params: int = 200_000_000, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Workload:
+    """The input guard of checkpoint merges: NaN/Inf counts of a model's tensors vs torch.isfinite."""
+    from ..ops import count_nonfinite
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(4_000_000, generator=gen).to(dtype) for _ in range(total_params // 4_000_000)]
+
+    def isfinite_all():
+        return [bool(torch.isfinite(t).all()) for t in tensors]
+
+    return Workload(
+        name=f"count_nonfinite {total_params / 1e6:.0f}M {str(dtype).replace('torch.', '')} params",
+        group="nonfinite",
+        ours=lambda: count_nonfinite(tensors),
+        baseline=isfinite_all,
+        baseline_name="torch.isfinite(t).all() per tensor",
+        ratio_kind="time",
+        target=None,
+    )
+
+
 def standard(quick: bool = False) -> list[Callable[[], Workload]]:
     """The issue's benchmark set (full) or a seconds-long smoke version (quick), as lazy factories."""
     if quick:
@@ -136,6 +157,7 @@ def standard(quick: bool = False) -> list[Callable[[], Workload]]:
             lambda: assignment(512, "correlation"),
             lambda: combine(2, 8_000_000, 1_000_000),
             lambda: combine(4, 8_000_000, 1_000_000),
+            lambda: nonfinite(8_000_000),
         ]
     return [
         lambda: covariance(65536, 2048),
@@ -144,4 +166,5 @@ def standard(quick: bool = False) -> list[Callable[[], Workload]]:
         lambda: assignment(1024, "uniform"),
         lambda: combine(2),
         lambda: combine(4),
+        lambda: nonfinite(),
     ]

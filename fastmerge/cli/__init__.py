@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except FastmergeError as exc:
-        print(f"fastmerge {args.command}: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever a library underneath wrote
+        print(f"fastmerge {args.command}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastmerge {args.command}: interrupted", file=sys.stderr)

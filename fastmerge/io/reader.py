@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -87,15 +88,20 @@ class Checkpoint:
 
     def _open_torch(self, path: str) -> None:
         try:
-            try:  # memory-mapped when the file is a zip archive (torch.save's format since 1.6)
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)  # a legacy file
+            with warnings.catch_warnings():  # torch's note on a legacy pickle protocol: the error below says more
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                try:  # memory-mapped when the file is a zip archive (torch.save's format since 1.6)
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc):
+                        raise
+                    state = torch.load(path, map_location="cpu", weights_only=True)  # a legacy file
         except pickle.UnpicklingError as exc:
+            # torch's message runs over many lines; the line naming the refused operation says it all
+            detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "global" in line),
+                          str(exc).splitlines()[0] if str(exc) else "")
             raise CheckpointError(
-                f"{path}: refused: the file holds pickled objects other than tensors ({exc}). fastmerge loads torch "
+                f"{path}: refused: the file holds pickled objects other than tensors ({detail}). fastmerge loads torch "
                 "files with weights_only=True and never runs code from a checkpoint; convert it to safetensors "
                 "where you trust it") from None
         except (RuntimeError, OSError, EOFError, ValueError) as exc:

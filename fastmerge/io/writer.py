@@ -110,8 +110,31 @@ class ShardedWriter:
 
     # ------------------------------------------------------------------ writing
     def __enter__(self) -> ShardedWriter:
-        os.makedirs(self.folder, exist_ok=True)
+        try:
+            self._created_folder = not os.path.isdir(self.folder)
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as exc:
+            raise self._io_error(exc) from None
         return self
+
+    def _io_error(self, exc: OSError) -> CheckpointError:
+        """A failed write (disk full, file too large, permissions) as the error the CLI reports in
+        one line; the temporary files are removed by __exit__ or _discard."""
+        return CheckpointError(f"{self.output}: cannot write the merged model ({exc.strerror or exc}); free space "
+                               "on that disk or choose another output (nothing was written)")
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()  # flushes the buffer: fails again on a full disk; the file goes anyway
+            except OSError:
+                pass
+            self._file = None
+        for temp in self._temps:
+            if os.path.exists(temp):
+                os.remove(temp)
+        if getattr(self, "_created_folder", False) and not os.listdir(self.folder):
+            os.rmdir(self.folder)  # a folder this failed run made: gone too
 
     def _open_shard(self, k: int) -> None:
         entries = self.shards[k]
@@ -138,13 +161,16 @@ class ShardedWriter:
         if name != want_name or tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
             raise CheckpointError(f"write order: expected {want_name!r} {want_shape} {want_dtype}, got {name!r} "
                                   f"{tuple(tensor.shape)} {tensor.dtype}")
-        if self._file is None or self._left_in_shard == 0:
-            if self._file is not None:
-                self._finish_file()
-            self._open_shard(self._shard + 1)
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            self._file.write(data.view(torch.uint8).numpy().data)
+        try:
+            if self._file is None or self._left_in_shard == 0:
+                if self._file is not None:
+                    self._finish_file()
+                self._open_shard(self._shard + 1)
+            if data.numel():
+                self._file.write(data.view(torch.uint8).numpy().data)
+        except OSError as exc:
+            raise self._io_error(exc) from None
         self._left_in_shard -= 1
         self._next += 1
 
@@ -157,14 +183,18 @@ class ShardedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         incomplete = exc_type is None and self._next != len(self.plan)
         if exc_type is not None or incomplete:
-            if self._file is not None:
-                self._file.close()
-            for temp in self._temps:
-                if os.path.exists(temp):
-                    os.remove(temp)
+            self._discard()
             if incomplete:
                 raise CheckpointError(f"{self.output}: only {self._next} of {len(self.plan)} tensors were written")
             return  # the original exception propagates
+        try:
+            self._finish()
+        except OSError as exc:
+            self._discard()
+            raise self._io_error(exc) from None
+
+    def _finish(self) -> None:
+        """Completes the last shard, writes the index, renames everything into place."""
         if self._file is not None:
             self._finish_file()
         if len(self.plan) == 0:  # an empty model: one shard with a header only

@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, ShapeMismatchError
-from ..ops import combine
+from ..errors import DataError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
+from ..ops import combine, count_nonfinite
 from ..spec.types import MergeSpec
 from .repair import has_batch_norm, repair, reset_batch_norm
 
@@ -35,6 +36,24 @@ def check_same_architecture(models: Sequence[nn.Module]) -> None:
             raise ShapeMismatchError(f"model {i} does not have model 0's architecture: " + "; ".join(parts))
 
 
+def check_models(models: Sequence[nn.Module]) -> None:
+    """What must hold before any work: one architecture (check_same_architecture), one device, and
+    finite floating weights (a NaN in one parent would silently spread into the merge)."""
+    check_same_architecture(models)
+    devices = [{t.device for t in m.state_dict().values()} for m in models]
+    if any(len(d) > 1 for d in devices) or len({d for ds in devices for d in ds}) > 1:
+        where = ", ".join(f"model {i}: {sorted(str(x) for x in d)}" for i, d in enumerate(devices))
+        raise ShapeMismatchError(f"the models are on different devices ({where}); move them to one device "
+                                 "(model.to(device)) before merging")
+    for i, m in enumerate(models):
+        state = m.state_dict()
+        counts = count_nonfinite(list(state.values()))  # one call, read back once
+        if bool(counts.any()):
+            bad = [(k, int(c)) for k, c in zip(state, counts.tolist()) if c]
+            raise NonFiniteError(f"model {i}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {bad[0][0]!r} ({bad[0][1]} "
+                                 "entries); that checkpoint is broken (diverged training?): fix or drop it")
+
+
 def combine_states(states: Sequence[dict], weights: Sequence[float], reference: int = 0) -> dict:
     """Weighted sum of the floating tensors of several state dicts (one fused op call); integer
     buffers (counters, ids) are taken from the reference."""
@@ -53,7 +72,7 @@ def _first_batch_inputs(data: Iterable):
 
     for batch in data:
         return _split_batch(batch)
-    raise InvalidArgumentError("data is empty")
+    raise DataError("data is empty: no batch to trace the model with; pass batches")
 
 
 def _align(models, method, *, spec, data, example_inputs, reference, progress, align_options):
@@ -124,7 +143,7 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
     n = len(models)
     if n < 2:
         raise InvalidArgumentError(f"merge needs at least two models, got {n}")
-    check_same_architecture(models)
+    check_models(models)
     weights = [1.0 / n] * n if weights is None else [float(w) for w in weights]
     if len(weights) != n:
         raise InvalidArgumentError(f"weights has {len(weights)} entries for {n} models")

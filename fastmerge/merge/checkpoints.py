@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..errors import CheckpointError, ShapeMismatchError
+from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from ..io import Checkpoint, ShardedWriter, parse_size, tensor_nbytes
+from ..ops import count_nonfinite
 from .same_init import SameInitOptions, merge_tensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -123,6 +124,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
                                                       max_shard_size=max_shard_size, overwrite=overwrite,
                                                       align=align, spec=spec)
     inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
+    labels = list(models) + ([base] if base_ckpt else [])
     sources = _aligned_sources(inputs, spec) if align else [c.read for c in inputs]
 
     # One reused buffer per input and one for the output, as large as the largest tensor: fresh
@@ -137,11 +139,31 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         for name, shape, out_dtype in writer.plan:
             tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
             base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
+            _check_finite(name, tensors + ([base_tensor] if base_ckpt else []), labels)
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
-            writer.write(name, merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out))
+            merged = merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out)
+            if out_dtype.is_floating_point and torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max:
+                _check_narrowing(name, merged, out_dtype)
+            writer.write(name, merged)
             bar.update()
         bar.close()
     return plan
+
+
+def _check_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+    """A NaN or Inf in an input would spread into the merge (or vanish under TIES' trimming):
+    refuse, naming the file and tensor. Bit tests at memory speed (fastmerge.ops.count_nonfinite)."""
+    counts = count_nonfinite(tensors)
+    if bool(counts.any()):
+        k = int(counts.nonzero()[0, 0])
+        raise NonFiniteError(f"{labels[k]}: tensor {name!r} holds {int(counts[k])} NaN/Inf entries; that checkpoint "
+                             "is broken (diverged training, a bad conversion): fix or drop it")
+
+
+def _check_narrowing(name: str, merged: torch.Tensor, dtype: torch.dtype) -> None:
+    if bool(count_nonfinite([merged]).any()):
+        raise NonFiniteError(f"tensor {name!r}: the merged values overflow {dtype} (|x| > {torch.finfo(dtype).max:g}); "
+                             "write a wider --dtype (bfloat16 or float32)")
 
 
 def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
@@ -151,6 +173,9 @@ def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
     from ..spec import spec_from_yaml
 
     states = [{name: c[name] for name in c} for c in checkpoints]
+    for c, state in zip(checkpoints, states):  # before matching: a NaN would poison every cost matrix
+        for name, tensor in state.items():
+            _check_finite(name, [tensor], [c.path])
     shapes = {k: tuple(v.shape) for k, v in states[0].items()}
     if spec_path == "auto":  # from the Hugging Face config.json next to the first model
         from ..io.hf_spec import config_folder, spec_from_config

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..errors import InvalidArgumentError
+from ..errors import DataError, InvalidArgumentError
 from ..ops import combine, sigmoid_merge
 from .repair import has_batch_norm, reset_batch_norm
 
@@ -70,7 +70,7 @@ def _batches(data: Iterable):
             target = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
             yield args, kwargs, target
         if not produced:
-            raise InvalidArgumentError("np_merge: the training data is empty")
+            raise DataError("np_merge: the training data is empty; pass (inputs, targets) batches")
 
 
 @torch.no_grad()
@@ -141,6 +141,9 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
     """
     if len(models) < 2:
         raise InvalidArgumentError(f"np_merge needs at least two models, got {len(models)}")
+    from .api import check_models
+
+    check_models(models)
     if granularity not in GRANULARITIES:
         raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if mode not in MODES:

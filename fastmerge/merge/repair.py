@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..errors import InvalidArgumentError
+from ..errors import DataError
 from ..spec.types import Group, MergeSpec
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -49,29 +49,37 @@ def reset_batch_norm(model: nn.Module, data: Iterable, *, max_batches: int | Non
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    seen = 0
     for args, kwargs in _batches(data, max_batches):
         model(*args, **kwargs)
+        seen += 1
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     if distributed.active():
-        _combine_across_ranks(norms)
+        seen = _combine_across_ranks(norms, seen)
+    if seen == 0:
+        raise DataError("BatchNorm reset got no batches: its running statistics would be left at 0 and 1; "
+                        "pass data")
     return model.eval()
 
 
-def _combine_across_ranks(norms) -> None:
-    sums = []
+def _combine_across_ranks(norms, seen: int) -> int:
+    """Count-weighted average of the ranks' running statistics; returns the batches of all ranks."""
+    device = next((b.device for m in norms for b in m.buffers()), torch.device("cpu"))  # NCCL: on the GPU
+    sums = [(None, torch.tensor([float(seen)], dtype=torch.float64, device=device))]
     for m in norms:
         if m.running_mean is None:  # track_running_stats=False: nothing to reset
             continue
         n = m.num_batches_tracked.double()
         sums.append((m, torch.cat([n.view(1), m.running_mean.double() * n, m.running_var.double() * n])))
     distributed.all_reduce_sum_([s for _, s in sums])
-    for m, s in sums:
+    for m, s in sums[1:]:
         total, c = s[0], m.running_mean.numel()
         if total > 0:
             m.running_mean.copy_(s[1 : 1 + c] / total)
             m.running_var.copy_(s[1 + c :] / total)
             m.num_batches_tracked.fill_(int(total))
+    return int(sums[0][1].item())
 
 
 def producer_of(group: Group, model: nn.Module) -> str | None:
@@ -109,7 +117,7 @@ def _unit_stats(models: Sequence[nn.Module], paths: Sequence[str], data, max_bat
             h.remove()
     accumulated = [acc for per_model in sums for acc in per_model.values()]
     if any(acc is None for acc in accumulated):
-        raise InvalidArgumentError("REPAIR got no batches (on this rank, under torch.distributed): give it data")
+        raise DataError("REPAIR got no batches (on this rank, under torch.distributed): give it data")
     distributed.all_reduce_sum_(accumulated)
     out = []
     for per_model in sums:

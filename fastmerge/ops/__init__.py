@@ -2,6 +2,7 @@
 
 from .assignment import linear_assignment, linear_assignment_reference
 from .combine import combine, combine_reference
+from .nonfinite import count_nonfinite, count_nonfinite_reference
 from .sigmoid_merge import sigmoid_merge
 from .covariance import CovarianceState, correlation_from_covariance, cov_update_reference, resolve_pairs
 from .transform import AxisJob, transform_axes, transform_axes_reference
@@ -12,6 +13,8 @@ __all__ = [
     "combine",
     "combine_reference",
     "correlation_from_covariance",
+    "count_nonfinite",
+    "count_nonfinite_reference",
     "cov_update_reference",
     "linear_assignment",
     "linear_assignment_reference",

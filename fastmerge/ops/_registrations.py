@@ -48,6 +48,11 @@ def _linear_assignment_fake(cost, maximize=False):
     return cost.new_empty(shape, dtype=torch.long), cost.new_empty(shape, dtype=torch.long)
 
 
+@torch.library.register_fake("fastmerge::count_nonfinite")
+def _count_nonfinite_fake(tensors):
+    return torch.empty(len(tensors), dtype=torch.long)
+
+
 def _combine_setup_context(ctx, inputs, output):
     tensors, coefficients, weights, num_models = inputs
     ctx.num_models = num_models

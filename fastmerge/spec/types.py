@@ -32,13 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InvalidArgumentError, ShapeMismatchError
+from ..errors import ShapeMismatchError, SpecError  # noqa: F401 (SpecError re-exported)
 
 ROLES = ("out", "in", "param")
-
-
-class SpecError(InvalidArgumentError):
-    """A merge spec that does not fit its model, or that fails the function-preservation check."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as _distributed
-from ..errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
+from ..errors import DataError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from ..ops import CovarianceState
 from ..spec.types import Group, MergeSpec, TapPoint
 
@@ -223,5 +223,9 @@ def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: Merge
         torch.distributed.all_reduce(total)
         seen = int(total.item())
     if seen == 0:
-        raise InvalidArgumentError("collect_stats got no batches: the data iterable is empty")
+        raise DataError("collect_stats got no batches: the data iterable is empty (on every rank); pass batches")
+    for name, state in collector.stats.states.items():
+        if state.num_samples < 2:
+            raise DataError(f"group {name!r} saw {state.num_samples} sample(s): statistics need at least 2 "
+                            "(feature rows); pass more data")
     return collector.stats
