@@ -61,6 +61,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
+    arch: str = "mlp"  # or "vgg": a small CNN on the images (widths hidden/2, hidden)
 
 
 def load_dataset(name: str, seed: int = 0) -> Split:
@@ -96,7 +97,22 @@ def batches(x: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
 
 
 def make_model(config: TrainConfig, in_features: int) -> nn.Module:
+    if config.arch == "vgg":
+        return zoo.vgg(in_channels=1, image_size=image_side(in_features), widths=(config.hidden // 2, config.hidden),
+                       fc_hidden=2 * config.hidden)
     return zoo.mlp(in_features=in_features, hidden=(config.hidden,) * config.depth, out_features=10)
+
+
+def image_side(in_features: int) -> int:
+    side = int(round(in_features**0.5))
+    if side * side != in_features or side % 4:
+        raise ValueError(f"a CNN needs square images with a side divisible by 4; got {in_features} features")
+    return side
+
+
+def model_inputs(config: TrainConfig, x: torch.Tensor) -> torch.Tensor:
+    """The split's flat rows as the model takes them: images (N, 1, side, side) for a CNN."""
+    return x.view(-1, 1, image_side(x.shape[1]), image_side(x.shape[1])) if config.arch == "vgg" else x
 
 
 def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
@@ -110,7 +126,7 @@ def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
         order = torch.randperm(n, generator=gen)
         for i in range(0, n, config.batch_size):
             idx = order[i : i + config.batch_size]
-            loss = nn.functional.cross_entropy(model(split.x_fit[idx]), split.y_fit[idx])
+            loss = nn.functional.cross_entropy(model(model_inputs(config, split.x_fit[idx])), split.y_fit[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -123,10 +139,13 @@ def cache_dir() -> str:
 
 def trained_model(config: TrainConfig, split: Split, seed: int) -> nn.Module:
     """Trains, or loads the cached result of the same configuration and seed."""
-    key = hashlib.sha256(json.dumps({**asdict(config), "seed": seed, "recipe": RECIPE_VERSION,
+    fields = asdict(config)
+    if fields["arch"] == "mlp":  # added later: MLP entries keep the keys they were cached under
+        del fields["arch"]
+    key = hashlib.sha256(json.dumps({**fields, "seed": seed, "recipe": RECIPE_VERSION,
                                      "torch": torch.__version__.split("+")[0]},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"{config.dataset}-h{config.hidden}-s{seed}-{key}.pt")
+    path = os.path.join(cache_dir(), f"{config.dataset}-{'h' if config.arch == 'mlp' else config.arch}{config.hidden}-s{seed}-{key}.pt")
     model = make_model(config, split.x_fit.shape[1])
     if os.path.exists(path):
         try:

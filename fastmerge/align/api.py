@@ -93,6 +93,27 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
     return payload[0]
 
 
+_TIE_BREAK = 1e-6  # far below any real correlation difference, far above rounding
+
+
+def _incoming_weight_similarity(spec: MergeSpec, group, ref_state: dict, state: dict, transforms: dict):
+    """(size, size) cosine similarity between the reference's and a model's units, from the rows
+    each unit's producer writes (with the model's earlier groups already aligned), or None when the
+    group has no plain producer rows."""
+    outs = [m for m in group.members if m.role == "out" and m.factors is None and m.tensor in state]
+    if not outs:
+        return None
+    names = sorted({m.tensor for m in outs})
+    aligned = spec.apply_transforms({n: state[n] for n in names}, transforms)
+
+    def rows(source):
+        parts = [source[m.tensor].detach().double().movedim(m.axis, 0).reshape(group.size, -1) for m in outs]
+        block = torch.cat(parts, dim=1)
+        return block / block.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+    return rows(ref_state) @ rows(aligned).T
+
+
 def _data_report(stats, group, n: int) -> dict:
     """Samples seen and, per model, the number of constant (zero-variance: dead) units of a group."""
     state = stats.states[group.name]
@@ -159,7 +180,15 @@ def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, 
                 if i == reference:
                     perms.append(torch.arange(g.size, device=device)[None])
                     continue
-                perm, matched = match_permutation(stats.correlation(g.name, reference, i))
+                rho = stats.correlation(g.name, reference, i)
+                if i in info.get("constant_units", {}) or reference in info.get("constant_units", {}):
+                    # dead units correlate with nothing: every pairing of them ties. Break the ties by
+                    # their incoming weights, so the result does not depend on how the units happen to
+                    # be ordered (the permutation of a function-identical model aligns identically)
+                    tie = _incoming_weight_similarity(spec, g, states[reference], states[i], transforms[i])
+                    if tie is not None:
+                        rho = rho + _TIE_BREAK * tie.to(rho)
+                perm, matched = match_permutation(rho)
                 perms.append(perm)
                 info.setdefault("matched_correlation", {})[i] = matched
             frozen[g.name] = torch.stack(perms)

@@ -13,7 +13,7 @@ import signal
 import sys
 
 from ..errors import FastmergeError
-from . import bench, demo, info, merge
+from . import bench, demo, eval, info, merge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     bench.add_parser(sub)
     merge.add_parser(sub)
+    eval.add_parser(sub)
     return parser
 
 

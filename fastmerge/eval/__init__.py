@@ -1,0 +1,10 @@
+"""fastmerge.eval: judge a merge. Accuracy/loss of a model and of an ensemble, the loss along the
+path between two models (with its barrier) and over the plane through three, feature pictures of
+matched units, and PNG figures of all of it (fastmerge.eval.plots)."""
+
+from .features import FeaturePictures, feature_pictures, maximise_unit
+from .interpolation import Curve, Plane, barrier, interpolate, loss_plane
+from .metrics import Metrics, ensemble, evaluate
+
+__all__ = ["Curve", "FeaturePictures", "Metrics", "Plane", "barrier", "ensemble", "evaluate", "feature_pictures",
+           "interpolate", "loss_plane", "maximise_unit"]

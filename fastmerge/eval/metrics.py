@@ -1,0 +1,77 @@
+"""Loss and accuracy of a model, or of an ensemble, on labelled batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+
+
+@dataclass(frozen=True)
+class Metrics:
+    loss: float       # mean per-sample loss
+    accuracy: float   # percent
+    samples: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _labelled(data: Iterable, max_batches: int | None):
+    from ..stats.collect import _split_batch
+
+    for b, batch in enumerate(data):
+        if max_batches is not None and b >= max_batches:
+            break
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise DataError("evaluation needs labelled batches (inputs, targets)")
+        args, kwargs = _split_batch(batch)
+        yield args, kwargs, batch[1]
+
+
+@torch.no_grad()
+def _score(predict: Callable, data: Iterable, max_batches: int | None) -> Metrics:
+    """predict(args, kwargs) -> log-probabilities; summed on the device, read back once."""
+    loss_sum, correct, total = None, None, 0
+    for args, kwargs, target in _labelled(data, max_batches):
+        logp = predict(args, kwargs)
+        batch_loss = nn.functional.nll_loss(logp, target, reduction="sum")
+        batch_correct = (logp.argmax(-1) == target).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
+        total += int(target.numel())
+    if total == 0:
+        raise DataError("evaluation got no batches; pass labelled data")
+    return Metrics(float(loss_sum) / total, 100.0 * float(correct) / total, total)
+
+
+def evaluate(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> Metrics:
+    """Cross-entropy and accuracy of a classifier (logits over the last axis) in eval mode; the
+    model is handed back in the mode it had."""
+    mode = model.training
+    model.eval()
+    try:
+        return _score(lambda a, k: torch.log_softmax(model(*a, **k).float(), -1), data, max_batches)
+    finally:
+        model.train(mode)
+
+
+def ensemble(models: Sequence[nn.Module], data: Iterable, *, max_batches: int | None = None) -> Metrics:
+    """The ensemble that averages the models' softmax outputs (the usual upper reference of a merge)."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+
+    def predict(args, kwargs):
+        probs = sum(torch.softmax(m(*args, **kwargs).float(), -1) for m in models) / len(models)
+        return probs.clamp_min(1e-30).log()
+
+    try:
+        return _score(predict, data, max_batches)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
