@@ -85,7 +85,8 @@ def _accuracy(forward, data: Iterable) -> float:
         correct = correct + (pred == target).sum()  # summed where the model runs, read once
         total += int(target.numel())
     if distributed.active():  # every rank scores its shard; all of them see the accuracy on the union
-        counts = torch.tensor([float(correct), float(total)], dtype=torch.float64)
+        device = correct.device if isinstance(correct, torch.Tensor) else torch.device("cpu")  # NCCL: the GPU
+        counts = torch.tensor([float(correct), float(total)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(counts)
         return float(counts[0]) / max(float(counts[1]), 1.0)
     return int(correct) / max(total, 1)

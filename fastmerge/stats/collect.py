@@ -219,7 +219,8 @@ def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: Merge
         distributed = _distributed.active()
     if distributed:
         collector.stats.all_reduce_()
-        total = torch.tensor([float(seen)], dtype=torch.float64)
+        device = next((st.count.device for st in collector.stats.states.values()), torch.device("cpu"))
+        total = torch.tensor([float(seen)], dtype=torch.float64, device=device)  # NCCL reduces on the GPU
         torch.distributed.all_reduce(total)
         seen = int(total.item())
     if seen == 0:
