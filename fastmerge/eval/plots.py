@@ -13,11 +13,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import ExtensionError, InvalidArgumentError
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ExtensionError("the figures need matplotlib: pip install matplotlib (or fastmerge[demo])") from None
 
     matplotlib.use("Agg", force=True)  # no display on servers and CI
     import matplotlib.pyplot as plt

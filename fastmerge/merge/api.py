@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 
-import torch
 from torch import nn
 
 from ..errors import DataError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
