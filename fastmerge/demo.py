@@ -265,16 +265,17 @@ class DemoResult:
 
 
 def run_demo(dataset: str = "digits", *, hidden: int = 32, seeds: int = 4, methods: Sequence[str] = METHOD_ROWS,
-             epochs: int | None = None, progress: bool = True) -> DemoResult:
-    """Trains `seeds` models, merges every pair and all of them with every method, with and
-    without REPAIR, and returns the test accuracies."""
+             epochs: int | None = None, progress: bool = True, first_seed: int = 0) -> DemoResult:
+    """Trains `seeds` models (seeds first_seed, first_seed + 1, ...), merges every pair and the
+    first four with every method, with and without REPAIR, and returns the test accuracies."""
     start = time.perf_counter()
     split = load_dataset(dataset)
     if epochs is None:  # measured: MNIST-5k reaches its plateau (validation) in 20 epochs
         epochs = 60 if dataset == "digits" else 20
     config = TrainConfig(dataset=dataset, hidden=hidden, epochs=epochs)
-    models = [trained_model(config, split, s) for s in tqdm(range(seeds), desc="train/load models",
-                                                             disable=not progress, leave=False)]
+    seed_range = range(first_seed, first_seed + seeds)
+    models = [trained_model(config, split, s)
+              for s in tqdm(seed_range, desc="train/load models", disable=not progress, leave=False)]
     result = DemoResult(dataset=dataset, hidden=hidden, seeds=seeds)
     result.parents = [accuracy(m, split.x_test, split.y_test) for m in models]
     pairs = list(itertools.combinations(range(seeds), 2))

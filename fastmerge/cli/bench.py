@@ -1,4 +1,6 @@
-"""`fastmerge bench`: time each engine op against its baseline and print the ratio table."""
+"""`fastmerge bench`: time each engine op against its baseline and print the ratio table; with
+--report, also measure merge quality over methods x models x seed sets and the pipeline workloads,
+and write the generated block of benchmarks/RESULTS.md with its PNG charts (quality.png, speed.png)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time the engine ops against their baselines")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of a few seconds")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (best is kept)")
+    p.add_argument("--report", nargs="?", const="benchmarks/RESULTS.md", metavar="PATH",
+                   help="write the report block (quality + speed) into PATH (default benchmarks/RESULTS.md) and "
+                        "the charts next to it; full: digits and MNIST-5k, 3 seed sets of 4 models (long)")
+    p.add_argument("--seed-sets", type=int, help="--report: seed sets for the quality tables (default 3, quick 1)")
     p.set_defaults(run=run)
 
 
@@ -17,6 +23,13 @@ def run(args: argparse.Namespace) -> int:
     from .. import _ext, bench
     from .info import report
 
+    if args.report:
+        from ..bench.report import run_report
+
+        path = run_report(args.report, quick=args.quick, repeats=args.repeats, seed_sets=args.seed_sets,
+                          progress=lambda name: print(f"  timing {name} ...", file=sys.stderr, flush=True))
+        print(f"wrote {path} (and quality.png, speed.png next to it)")
+        return 0
     print("\n".join(report()))
     if not _ext.load():
         print("note: timing the pure-torch fallbacks, not the compiled engine", file=sys.stderr)
