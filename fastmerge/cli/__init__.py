@@ -13,7 +13,7 @@ import signal
 import sys
 
 from ..errors import FastmergeError
-from . import bench, demo, eval, info, merge
+from . import bench, demo, eval, info, merge, spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     merge.add_parser(sub)
     eval.add_parser(sub)
+    spec.add_parser(sub)
     return parser
 
 

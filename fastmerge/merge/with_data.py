@@ -67,7 +67,11 @@ def model_factory(reference: str, kwargs: dict | None = None) -> Callable[[], nn
                                    "the model")
 
     def build() -> nn.Module:
-        model = target(**(kwargs or {}))
+        try:
+            model = target(**(kwargs or {}))
+        except TypeError as exc:  # the arguments do not fit the factory's signature
+            raise InvalidArgumentError(f"--model {reference!r} could not be called with --model-kwargs "
+                                       f"{kwargs or {}} ({exc})") from None
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"--model {reference!r} returned {type(model).__name__}, not a torch.nn.Module")
         return model
