@@ -47,29 +47,54 @@ def _group_cost(spec: MergeSpec, group: Group, nested: list, target: Mapping[str
     each nested group its (size, size, d, d) inner similarity blocks."""
     skip = {group.name} | {d.name for d, _ in nested}
     others = {k: v for k, v in perms.items() if k not in skip}
-    names = _member_tensors([group])
-    moved = spec.apply_transforms({n: state[n] for n in names}, others)
     device = _device_of(state)
     cost = torch.zeros(group.count, group.size, group.size, dtype=torch.float64, device=device)
     inner = {d.name: torch.zeros(group.size, group.size, d.size, d.size, dtype=torch.float64, device=device)
              for d, _ in nested}
-    for m in group.members:
-        key = (m.tensor, m.axis, m.offset)
-        # products in float32 (float64 weights stay float64), each member's C x C result summed in
-        # float64: twice the speed of float64 products on large models, same assignments
-        t, s = _compute_dtype(target[m.tensor]), _compute_dtype(moved[m.tensor])
-        if t.dtype != s.dtype:  # a float64 target (MergeMany's mean) against float32 weights
-            t, s = t.double(), s.double()
-        nests = [(d, dms[key]) for d, dms in nested if key in dms]
-        if not nests:
-            a, b = unfold(t, m), unfold(s, m)
-            cost += (a @ b.transpose(1, 2)).double()
-        for d, dm in nests:
-            # the part of the member that D covers (e.g. the q/k thirds of a fused projection)
-            part = replace(m, select=tuple(sorted(set(m.select) | set(dm.select))))
-            a, b = unfold(t, part, keep=dm.unit)[0], unfold(s, part, keep=dm.unit)[0]  # (size, d, rest)
-            inner[d.name] += torch.einsum("uer,vfr->uvef", a, b).double()
+    for chunk in _tensor_chunks(group, state):
+        # the member tensors with the other groups' permutations applied, a bounded chunk at a time
+        # (one batched op per chunk; a residual stream touches almost every tensor of a model)
+        moved = spec.apply_transforms({n: state[n] for n in chunk}, others)
+        for m in group.members:
+            if m.tensor in moved:
+                _add_member_cost(m, target[m.tensor], moved[m.tensor], nested, cost, inner)
     return cost, inner
+
+
+_CHUNK_BYTES = 256 << 20
+
+
+def _tensor_chunks(group: Group, state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """The group's member tensors in chunks of at most _CHUNK_BYTES (at least one tensor each)."""
+    sizes = state.tensor_bytes if hasattr(state, "tensor_bytes") else (lambda n: state[n].nbytes)
+    chunks, current, used = [], [], 0
+    for name in sorted(_member_tensors([group])):
+        nbytes = sizes(name)
+        if current and used + nbytes > _CHUNK_BYTES:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    return chunks + ([current] if current else [])
+
+
+def _add_member_cost(m, target_tensor: torch.Tensor, moved_tensor: torch.Tensor, nested: list, cost: torch.Tensor,
+                     inner: dict) -> None:
+    key = (m.tensor, m.axis, m.offset)
+    # products in float32 (float64 weights stay float64), each member's C x C result summed in
+    # float64: twice the speed of float64 products on large models, same assignments
+    t, s = _compute_dtype(target_tensor), _compute_dtype(moved_tensor)
+    if t.dtype != s.dtype:  # a float64 target (MergeMany's mean) against float32 weights
+        t, s = t.double(), s.double()
+    nests = [(d, dms[key]) for d, dms in nested if key in dms]
+    if not nests:
+        a, b = unfold(t, m), unfold(s, m)
+        cost += (a @ b.transpose(1, 2)).double()
+    for d, dm in nests:
+        # the part of the member that D covers (e.g. the q/k thirds of a fused projection)
+        part = replace(m, select=tuple(sorted(set(m.select) | set(dm.select))))
+        a, b = unfold(t, part, keep=dm.unit)[0], unfold(s, part, keep=dm.unit)[0]  # (size, d, rest)
+        inner[d.name] += torch.einsum("uer,vfr->uvef", a, b).double()
 
 
 def _solve_nested(group: Group, cost: torch.Tensor, inner: dict) -> tuple[torch.Tensor, dict]:
@@ -117,13 +142,16 @@ def signature_perms(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: 
 
 def objective(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
               perms: Mapping[str, torch.Tensor]) -> float:
-    """sum over every tensor of the spec of <target, permuted model>: what weight matching maximises."""
-    names = _member_tensors(spec.groups)
-    moved = spec.apply_transforms({n: state[n] for n in names}, perms)
-    return float(sum(torch.dot(_compute_dtype(target[n]).reshape(-1).double(), _compute_dtype(moved[n]).reshape(-1).double())
-                     if target[n].numel() < (1 << 20) else
-                     (_compute_dtype(target[n]) * _compute_dtype(moved[n])).sum(dtype=torch.float64)
-                     for n in names))
+    """sum over every tensor of the spec of <target, permuted model>: what weight matching maximises.
+
+    One tensor at a time (a permuted copy of the whole model would double the memory of a large
+    merge), in a fixed order so the float64 sum, and the convergence test on it, repeat exactly."""
+    total = 0.0
+    for n in sorted(_member_tensors(spec.groups)):
+        t, m = _compute_dtype(target[n]), _compute_dtype(spec.apply_transforms({n: state[n]}, perms)[n])
+        total += float(torch.dot(t.reshape(-1).double(), m.reshape(-1).double()) if t.numel() < (1 << 20)
+                       else (t * m).sum(dtype=torch.float64))
+    return total
 
 
 def match_to(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -166,17 +166,39 @@ def _check_narrowing(name: str, merged: torch.Tensor, dtype: torch.dtype) -> Non
                              "write a wider --dtype (bfloat16 or float32)")
 
 
+class _LazyState(Mapping):
+    """A checkpoint as a read-on-access state dict: weight matching reads each group's tensors when
+    it needs them (from the page cache after the first pass), so memory holds a few tensors, not
+    the models."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.checkpoint.read(name)
+
+    def __iter__(self):
+        return iter(self.checkpoint.keys())
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.keys())
+
+    def tensor_bytes(self, name: str) -> int:  # sizes without reading (weight matching's chunking)
+        return self.checkpoint.tensor_bytes(name)
+
+
 def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
     """Weight matching of every checkpoint onto the first (MergeMany for more than two), from the
-    files and the spec alone; returns one tensor getter per checkpoint, like Checkpoint.read."""
+    files and the spec alone, out of core for two models (tensors read when a group needs them);
+    returns one tensor getter per checkpoint, like Checkpoint.read, that permutes on the way out."""
     from ..align.weight_matching import weight_matching
     from ..spec import spec_from_yaml
 
-    states = [{name: c[name] for name in c} for c in checkpoints]
-    for c, state in zip(checkpoints, states):  # before matching: a NaN would poison every cost matrix
-        for name, tensor in state.items():
-            _check_finite(name, [tensor], [c.path])
-    shapes = {k: tuple(v.shape) for k, v in states[0].items()}
+    states = [_LazyState(c) for c in checkpoints]
+    for c in checkpoints:  # before matching: a NaN would poison every cost matrix (a tensor at a time)
+        for name in c.keys():
+            _check_finite(name, [c.read(name)], [c.path])
+    shapes = {k: tuple(checkpoints[0].shape(k)) for k in checkpoints[0].keys()}
     if spec_path == "auto":  # from the Hugging Face config.json next to the first model
         from ..io.hf_spec import config_folder, spec_from_config
 
@@ -189,9 +211,10 @@ def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
             raise CheckpointError(f"{spec_path}: cannot read the spec ({exc})") from None
         spec = spec_from_yaml(text, shapes)
     perms, _ = weight_matching(spec, states, reference=0)
-    aligned = [states[0]] + [spec.apply_permutations(states[i], perms[i]) for i in range(1, len(states))]
 
-    def getter(state):
-        return lambda name, buffer=None: state[name]
+    def getter(state, perm):
+        if perm is None:
+            return lambda name, buffer=None: state.checkpoint.read(name, buffer)
+        return lambda name, buffer=None: spec.apply_permutations({name: state.checkpoint.read(name, buffer)}, perm)[name]
 
-    return [getter(s) for s in aligned]
+    return [getter(s, None if i == 0 else perms[i]) for i, s in enumerate(states)]
