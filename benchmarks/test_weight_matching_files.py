@@ -7,7 +7,6 @@ that too. Target: peak memory growth under 2x one model.
 """
 
 import json
-import os
 import subprocess
 import sys
 
