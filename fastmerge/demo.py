@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import zoo
+from .errors import InvalidArgumentError
 from .merge import merge
 
 CCA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
@@ -106,7 +107,7 @@ def make_model(config: TrainConfig, in_features: int) -> nn.Module:
 def image_side(in_features: int) -> int:
     side = int(round(in_features**0.5))
     if side * side != in_features or side % 4:
-        raise ValueError(f"a CNN needs square images with a side divisible by 4; got {in_features} features")
+        raise InvalidArgumentError(f"a CNN needs square images with a side divisible by 4; got {in_features} features")
     return side
 
 

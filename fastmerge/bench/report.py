@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..io.atomic import write_text_atomic
+
 BEGIN = "<!-- fastmerge bench --report: begin (generated, replaced on every run) -->"
 END = "<!-- fastmerge bench --report: end -->"
 QUALITY_METHODS = ("average", "permute", "weight_matching", "zipit", "cca", "np_merge:permute")
@@ -186,8 +188,6 @@ def render(quality: QualityResult | None, speed: SpeedResult | None, figures: di
 
 def write_report(path: str, block: str) -> str:
     """Replaces the generated block of `path` (or appends it), atomically; the rest stays."""
-    import tempfile
-
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
@@ -195,13 +195,7 @@ def write_report(path: str, block: str) -> str:
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def run_report(path: str = "benchmarks/RESULTS.md", *, quick: bool = False, quality: bool = True, speed: bool = True,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from ..errors import ExtensionError, InvalidArgumentError
+from ..io.atomic import atomic_path
 
 
 def _pyplot():
@@ -29,26 +29,12 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a figure is as readable as any new file
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         _pyplot().close(fig)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return os.fspath(path)
 
 
 def plot_interpolation(curves: Mapping[str, object], path: str | os.PathLike, *, title: str = "") -> str:

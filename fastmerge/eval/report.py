@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..align import align as align_models
+from ..io.atomic import write_text_atomic
 from ..merge import merge, np_merge
 from ..spec import trace_spec
 from . import plots
@@ -120,12 +120,7 @@ def feature_report(models: Sequence[nn.Module], fit_inputs: Sequence[torch.Tenso
 
 
 def write_json(metrics: dict, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    os.chmod(tmp, 0o666 & ~plots._umask())
-    with os.fdopen(fd, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(metrics, indent=1))
 
 
 def builtin(dataset: str = "digits", folder: str = "eval", *, quick: bool = False,

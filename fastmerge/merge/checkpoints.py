@@ -139,7 +139,8 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         for name, shape, out_dtype in writer.plan:
             tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
             base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
-            _check_finite(name, tensors + ([base_tensor] if base_ckpt else []), labels)
+            if not align:  # aligned inputs were checked before matching (_aligned_sources)
+                _check_finite(name, tensors + ([base_tensor] if base_ckpt else []), labels)
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
             merged = merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out)
             if out_dtype.is_floating_point and torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max:

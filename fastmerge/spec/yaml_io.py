@@ -21,7 +21,6 @@ Format (defaults omitted when written)::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -198,19 +197,9 @@ def spec_from_yaml(text: str, shapes: Mapping[str, Sequence[int]] | None = None)
 
 def save_spec(spec: MergeSpec, path: str | os.PathLike) -> None:
     """Writes the YAML atomically (temporary file in the same folder, then rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(spec_to_yaml(spec))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ..io.atomic import write_text_atomic
+
+    write_text_atomic(path, spec_to_yaml(spec))
 
 
 def load_spec(path: str | os.PathLike, model: torch.nn.Module | None = None) -> MergeSpec:
