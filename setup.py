@@ -11,7 +11,11 @@ Environment switches (read at build time):
 
 import glob
 import os
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 
@@ -53,6 +57,42 @@ def want_cuda() -> bool:
     return mode != "0" and has_cuda_torch and has_toolkit and bool(cuda_sources())
 
 
+def links_libstdcxx_dynamically(cxx: str):
+    """Whether `cxx` links libstdc++ into a shared library as a shared library (None: cannot tell).
+
+    A toolchain that links it statically (seen on a GPU machine: a g++ wrapper in /opt/gcc) puts a
+    second copy of the C++ runtime into the extension; its iostreams then use the locale facets of
+    the copy torch loaded, and every error message the library formats crashes the process
+    (SIGSEGV inside std::ostream::_M_insert) instead of raising.
+    """
+    tool = shutil.which("readelf")
+    if sys.platform != "linux" or tool is None or shutil.which(shlex.split(cxx)[0]) is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write("#include <sstream>\n#include <string>\n"
+                    "std::string probe(long x) { std::ostringstream s; s << x; return s.str(); }\n")
+        try:
+            subprocess.run([*shlex.split(cxx), "-shared", "-fPIC", src, "-o", lib], check=True, capture_output=True,
+                           timeout=120)
+            dynamic = subprocess.run([tool, "-d", lib], check=True, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return "libstdc++" in dynamic
+
+
+def check_compiler() -> None:
+    cxx = os.environ.get("CXX", "c++")
+    if links_libstdcxx_dynamically(cxx) is False:
+        sys.exit(
+            f"fastmerge: the C++ compiler {cxx!r} links libstdc++ statically into shared libraries.\n"
+            "The extension would then carry its own C++ runtime beside torch's, and every error it raises\n"
+            "would crash Python instead. Build with a compiler that links it dynamically, for example:\n"
+            "    CXX=/usr/bin/g++ pip install --no-build-isolation .\n"
+        )
+
+
 def cuda_sources() -> list:
     return sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 
@@ -60,6 +100,7 @@ def cuda_sources() -> list:
 def make_extension():
     if torch_version_tuple() < MIN_TORCH:
         sys.exit(f"fastmerge needs torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}, found {torch.__version__}")
+    check_compiler()
     debug = os.environ.get("FASTMERGE_DEBUG", "0") == "1"
     use_cuda = want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))

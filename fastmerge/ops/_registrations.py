@@ -53,6 +53,21 @@ def _count_nonfinite_fake(tensors):
     return torch.empty(len(tensors), dtype=torch.long)
 
 
+@torch.library.register_fake("fastmerge::abs_delta_kth_largest")
+def _abs_delta_kth_largest_fake(model, base, k):
+    return torch.empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastmerge::ties_merge_out")
+def _ties_merge_out_fake(models, base, weights, thresholds, scale, out):
+    return None
+
+
+@torch.library.register_fake("fastmerge::dare_merge_out")
+def _dare_merge_out_fake(models, base, coefficients, seeds, keep_below, out):
+    return None
+
+
 def _combine_setup_context(ctx, inputs, output):
     tensors, coefficients, weights, num_models = inputs
     ctx.num_models = num_models

@@ -1,0 +1,152 @@
+// CPU kernels of fastmerge::abs_delta_kth_largest, ties_merge_out and dare_merge_out: the fused
+// same-initialisation merges of kernels/same_init.h, parallel over element ranges. Inputs are
+// float32, float16 or bfloat16 (all of one dtype), the output any of these.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "kernels/same_init.h"
+
+namespace fastmerge {
+namespace {
+
+namespace kn = kernels;
+constexpr int64_t kGrain = 1 << 15;
+
+bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+void check_inputs(const char* op, at::TensorList models, const at::Tensor& base) {
+  TORCH_CHECK(!models.empty(), op, ": needs at least one model tensor");
+  TORCH_CHECK(supported(base.scalar_type()), op, ": base must be float32, float16 or bfloat16, got ", base.scalar_type());
+  for (size_t k = 0; k < models.size(); ++k) {
+    TORCH_CHECK(models[k].scalar_type() == base.scalar_type() && models[k].sizes() == base.sizes(), op, ": models[",
+                k, "] is ", models[k].scalar_type(), " of shape ", models[k].sizes(), ", base is ",
+                base.scalar_type(), " of shape ", base.sizes(), "; they must match");
+    TORCH_CHECK(models[k].device().is_cpu(), op, ": models[", k, "] must be on the CPU");
+  }
+}
+
+void check_out(const char* op, const at::Tensor& base, const at::Tensor& out) {
+  TORCH_CHECK(supported(out.scalar_type()), op, ": out must be float32, float16 or bfloat16, got ", out.scalar_type());
+  TORCH_CHECK(out.sizes() == base.sizes() && out.is_contiguous(), op, ": out must be a contiguous tensor of shape ",
+              base.sizes(), ", got ", out.sizes());
+}
+
+// Contiguous views of the models (copies only for strided inputs, which checkpoints never are).
+std::vector<at::Tensor> contiguous(at::TensorList models) {
+  std::vector<at::Tensor> result;
+  result.reserve(models.size());
+  for (const at::Tensor& m : models) result.push_back(m.contiguous());
+  return result;
+}
+
+// Runs f(begin, end, bins) over [0, n) in one range per thread, each with its own zeroed histogram
+// of `num_bins`, and returns their sum.
+template <typename F>
+std::vector<int64_t> histogram(int64_t n, int num_bins, const F& f) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + kGrain - 1) / kGrain));
+  std::vector<std::vector<int64_t>> partial(parts, std::vector<int64_t>(num_bins, 0));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) f(n * p / parts, n * (p + 1) / parts, partial[p].data());
+  });
+  std::vector<int64_t> total(num_bins, 0);
+  for (const auto& h : partial)
+    for (int b = 0; b < num_bins; ++b) total[b] += h[b];
+  return total;
+}
+
+at::Tensor abs_delta_kth_largest_cpu(const at::Tensor& model, const at::Tensor& base, int64_t k) {
+  check_inputs("abs_delta_kth_largest", {model}, base);
+  const int64_t n = base.numel();
+  TORCH_CHECK(k >= 1 && k <= n, "abs_delta_kth_largest: k must be in [1, ", n, "], got ", k);
+  const at::Tensor m = model.contiguous(), b = base.contiguous();
+  uint32_t bits = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "abs_delta_kth_largest", [&] {
+    const scalar_t* mp = m.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    int64_t above_high = 0, above_low = 0;
+    const auto high_bins = histogram(n, kn::kHighBins, [&](int64_t s, int64_t e, int64_t* h) {
+      kn::abs_delta_histogram(mp, bp, s, e, -1, h);
+    });
+    const int32_t high = kn::bin_of_kth_largest(high_bins.data(), kn::kHighBins, k, &above_high);
+    const auto low_bins = histogram(n, kn::kLowBins, [&](int64_t s, int64_t e, int64_t* h) {
+      kn::abs_delta_histogram(mp, bp, s, e, high, h);
+    });
+    const int32_t low = kn::bin_of_kth_largest(low_bins.data(), kn::kLowBins, k - above_high, &above_low);
+    bits = (static_cast<uint32_t>(high) << 16) | static_cast<uint32_t>(low);
+  });
+  at::Tensor result = at::empty({}, at::TensorOptions().dtype(at::kFloat));
+  *result.data_ptr<float>() = kn::float_from_bits(bits);
+  return result;
+}
+
+// Pointers to the models' data as T, for the kernels.
+template <typename T>
+std::vector<const T*> data_of(const std::vector<at::Tensor>& models) {
+  std::vector<const T*> ptrs;
+  for (const at::Tensor& m : models) ptrs.push_back(m.const_data_ptr<T>());
+  return ptrs;
+}
+
+void ties_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::ArrayRef<double> weights,
+                        at::ArrayRef<double> thresholds, double scale, at::Tensor& out) {
+  check_inputs("ties_merge_out", models, base);
+  check_out("ties_merge_out", base, out);
+  TORCH_CHECK(weights.size() == models.size() && thresholds.size() == models.size(), "ties_merge_out: got ",
+              models.size(), " models, ", weights.size(), " weights and ", thresholds.size(), " thresholds");
+  const std::vector<at::Tensor> m = contiguous(models);
+  const at::Tensor b = base.contiguous();
+  const std::vector<float> w(weights.begin(), weights.end()), thr(thresholds.begin(), thresholds.end());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "ties_merge_out", [&] {
+    using in_t = scalar_t;
+    const std::vector<const in_t*> mp = data_of<in_t>(m);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "ties_merge_out", [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, b.numel(), kGrain, [&](int64_t s, int64_t e) {
+        kn::ties_merge(mp.data(), static_cast<int>(mp.size()), b.const_data_ptr<in_t>(), w.data(), thr.data(),
+                       static_cast<float>(scale), op, s, e);
+      });
+    });
+  });
+}
+
+void dare_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::ArrayRef<double> coefficients,
+                        at::IntArrayRef seeds, int64_t keep_below, at::Tensor& out) {
+  check_inputs("dare_merge_out", models, base);
+  check_out("dare_merge_out", base, out);
+  TORCH_CHECK(coefficients.size() == models.size() && seeds.size() == models.size(), "dare_merge_out: got ",
+              models.size(), " models, ", coefficients.size(), " coefficients and ", seeds.size(), " seeds");
+  TORCH_CHECK(keep_below >= 0 && keep_below <= kn::kDareDraws, "dare_merge_out: keep_below must be in [0, 2^24], got ",
+              keep_below);
+  const std::vector<at::Tensor> m = contiguous(models);
+  const at::Tensor b = base.contiguous();
+  const std::vector<float> c(coefficients.begin(), coefficients.end());
+  const std::vector<uint64_t> s(seeds.begin(), seeds.end());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "dare_merge_out", [&] {
+    using in_t = scalar_t;
+    const std::vector<const in_t*> mp = data_of<in_t>(m);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dare_merge_out", [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, b.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        kn::dare_merge(mp.data(), static_cast<int>(mp.size()), b.const_data_ptr<in_t>(), c.data(), s.data(),
+                       static_cast<uint32_t>(keep_below), op, begin, end);
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmerge, CPU, m) {
+  m.impl("abs_delta_kth_largest", &abs_delta_kth_largest_cpu);
+  m.impl("ties_merge_out", &ties_merge_out_cpu);
+  m.impl("dare_merge_out", &dare_merge_out_cpu);
+}
+
+}  // namespace fastmerge

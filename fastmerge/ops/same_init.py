@@ -1,0 +1,157 @@
+"""Fused TIES and DARE on one tensor of every model (fastmerge.merge.same_init calls these).
+
+The compiled kernels (csrc/kernels/same_init.h) form each task vector W_k - base in float32 per
+element and write the merged value in the output dtype: one read of every input and one write,
+instead of several float32 temporaries per model. They take float32/float16/bfloat16 CPU tensors;
+anything else (float64, CUDA tensors, no compiled library) runs the torch reference, which computes
+the same float32 operations in the same order and the same DARE masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .. import _ext
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DARE_DRAW_BITS = 24  # a DARE draw is a 24-bit integer: keep an entry when draw < density * 2^24
+CHUNK = 1 << 22  # elements per chunk of the reference: its float32 temporaries stay a few tens of MB
+_M32 = 0xFFFFFFFF
+_HASH_MULTIPLIER = 0x045D9F3B  # below 2^27: x * c fits in int64 for x < 2^32
+
+
+def _fused(tensors: Sequence[torch.Tensor], out_dtype: torch.dtype) -> bool:
+    dtype = tensors[0].dtype
+    return (dtype in FUSED_DTYPES and out_dtype in FUSED_DTYPES and all(t.dtype == dtype for t in tensors)
+            and all(t.device.type == "cpu" for t in tensors) and _ext.load())
+
+
+def _output(base: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if out is not None and out.shape == base.shape and out.dtype == out_dtype and out.is_contiguous():
+        return out
+    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+
+
+def keep_below(density: float) -> int:
+    """DARE keeps an entry when its draw is below this (density 1 keeps everything)."""
+    return min(1 << DARE_DRAW_BITS, int(round(density * (1 << DARE_DRAW_BITS))))
+
+
+def abs_delta_kth_largest(model: torch.Tensor, base: torch.Tensor, k: int) -> float:
+    """The k-th largest |model - base| (1 <= k <= numel), the difference taken in float32, exactly."""
+    if _fused([model, base], torch.float32) and 1 <= k <= base.numel():
+        return float(torch.ops.fastmerge.abs_delta_kth_largest(model, base, k))
+    return kth_largest_abs_reference(model.float() - base.float(), k)
+
+
+def ties_merge(models: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],
+               thresholds: Sequence[float], scale: float, out_dtype: torch.dtype | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """TIES on one tensor: each task vector trimmed to |W_k - base| >= thresholds[k], a sign elected
+    per entry by sum_k weights[k] * trimmed_k, the weighted mean of the agreeing trimmed entries;
+    returns base + scale * mean in `out_dtype` (default float32), written into `out` when it fits."""
+    out_dtype = out_dtype or torch.float32
+    if _fused([*models, base], out_dtype):
+        result = _output(base, out_dtype, out)
+        torch.ops.fastmerge.ties_merge_out(list(models), base, [float(w) for w in weights],
+                                           [float(t) for t in thresholds], float(scale), result)
+        return result
+    return ties_merge_reference(models, base, weights, thresholds, scale).to(out_dtype)
+
+
+def dare_merge(models: Sequence[torch.Tensor], base: torch.Tensor, coefficients: Sequence[float],
+               seeds: Sequence[int], density: float, out_dtype: torch.dtype | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """DARE on one tensor: base + sum_k coefficients[k] * keep_k * (W_k - base), entry i of model k
+    kept when dare_draws(seeds[k]) < density * 2^24 (seeds: non-negative, below 2^63)."""
+    out_dtype = out_dtype or torch.float32
+    if _fused([*models, base], out_dtype):
+        result = _output(base, out_dtype, out)
+        torch.ops.fastmerge.dare_merge_out(list(models), base, [float(c) for c in coefficients],
+                                           [int(s) for s in seeds], keep_below(density), result)
+        return result
+    return dare_merge_reference(models, base, coefficients, seeds, density).to(out_dtype)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    x = ((x ^ (x >> 16)) * _HASH_MULTIPLIER) & _M32
+    x = ((x ^ (x >> 16)) * _HASH_MULTIPLIER) & _M32
+    return x ^ (x >> 16)
+
+
+def dare_draws(seed: int, start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """DARE's 24-bit draws (int64) of entries [start, end) for `seed`: the kernel's hash in torch."""
+    i = torch.arange(start, end, dtype=torch.int64, device=device)
+    h = _hash32((i & _M32) ^ (seed & _M32))
+    return _hash32(h ^ (i >> 32) ^ ((seed >> 32) & _M32)) >> 8
+
+
+def kth_largest_abs_reference(values: torch.Tensor, k: int) -> float:
+    """The k-th largest |value| (k >= 1) of a float32 tensor, exactly, by a two-pass radix select
+    on the float32 bits (non-negative floats order like their bit patterns): two bincounts."""
+    bits = values.abs().reshape(-1).view(torch.int32)
+    high = bits >> 16
+    counts = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0)  # from the largest bin down
+    top = int(torch.searchsorted(counts, torch.tensor(k, device=counts.device)))  # first bin reaching k
+    bin_high = (1 << 15) - 1 - top
+    above = int(counts[top - 1]) if top > 0 else 0
+    low = bits[high == bin_high] & 0xFFFF
+    counts_low = torch.bincount(low, minlength=1 << 16).flip(0).cumsum(0)
+    pos = int(torch.searchsorted(counts_low, torch.tensor(k - above, device=counts.device)))
+    pattern = (bin_high << 16) | ((1 << 16) - 1 - pos)
+    return float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK):
+        yield start, min(n, start + CHUNK)
+
+
+def ties_merge_reference(models, base, weights, thresholds, scale) -> torch.Tensor:
+    """TIES in torch, chunk by chunk, in float32 (float64 for float64 inputs)."""
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    flat_b = base.reshape(-1)
+    flat = [t.reshape(-1) for t in models]
+    result = torch.empty(flat_b.numel(), dtype=dtype, device=base.device)
+    for s, e in _chunks(flat_b.numel()):
+        b = flat_b[s:e].to(dtype)
+        trimmed = []
+        for f, thr in zip(flat, thresholds):
+            d = f[s:e].to(dtype) - b
+            trimmed.append(torch.where(d.abs() >= thr, d, torch.zeros_like(d)))
+        weighted = [w * d for w, d in zip(weights, trimmed)]
+        elected = torch.sign(sum(weighted))
+        total = torch.zeros_like(b)
+        count = torch.zeros_like(b)
+        for w, d, wd in zip(weights, trimmed, weighted):
+            agree = (torch.sign(d) == elected) & (d != 0)
+            total += torch.where(agree, wd, 0.0)
+            count += agree * w
+        merged = torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
+        result[s:e] = b + scale * merged
+    return result.reshape(base.shape)
+
+
+def dare_merge_reference(models, base, coefficients, seeds, density) -> torch.Tensor:
+    """DARE in torch, chunk by chunk, in float32 (float64 for float64 inputs), with the kernel's masks."""
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    flat_b = base.reshape(-1)
+    flat = [t.reshape(-1) for t in models]
+    below = keep_below(density)
+    result = torch.empty(flat_b.numel(), dtype=dtype, device=base.device)
+    for s, e in _chunks(flat_b.numel()):
+        b = flat_b[s:e].to(dtype)
+        acc = torch.zeros_like(b)
+        for f, c, seed in zip(flat, coefficients, seeds):
+            keep = dare_draws(seed, s, e, base.device) < below
+            acc += (f[s:e].to(dtype) - b) * keep * c
+        result[s:e] = b + acc
+    return result.reshape(base.shape)
+
+
+def ties_threshold_count(numel: int, density: float) -> int:
+    """How many entries of a task vector TIES keeps at `density` (at least one)."""
+    return max(1, int(math.ceil(density * numel)))
