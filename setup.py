@@ -106,7 +106,10 @@ def make_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # The C++ standard is left to BuildExtension: it passes the one the installed torch needs.
-    cxx_flags = opt + ["-fopenmp", "-Wall", "-Wno-unused-parameter"]
+    # -fno-trapping-math: we never enable floating-point traps, and without it the compiler may not
+    # if-convert (so not vectorise) selects around float arithmetic (the TIES kernel: 2-3x slower).
+    # It changes no result: no reassociation, no change in rounding.
+    cxx_flags = opt + ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unused-parameter"]
     macros = [("FASTMERGE_WITH_CUDA", "1" if use_cuda else "0")]
     kwargs = dict(
         name="fastmerge._C",

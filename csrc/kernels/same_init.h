@@ -6,16 +6,20 @@
 //
 // TIES needs a threshold per model (the k-th largest |d_k| of the whole tensor): an exact radix
 // select on the float32 bits of |d| (non-negative floats order like their bit patterns), in two
-// histogram passes (the high 15 bits, then the low 16 bits inside the chosen bin).
+// histogram passes (the high 15 bits, then the low 16 bits inside the chosen bin). (Bracketing it
+// from a sample, to read the inputs once, was tried: task vectors of bfloat16 checkpoints take few
+// distinct values, so the bracket held whole tie classes and fell back to this select, slower.)
 //
 // DARE's masks come from a counter-based hash of (seed, element index), so an element's fate does
-// not depend on chunking or threads, and fastmerge.merge.same_init reproduces it with torch integer
+// not depend on chunking or threads, and fastmerge.ops.same_init reproduces it with torch integer
 // ops on any device.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace fastmerge {
 namespace kernels {
@@ -67,28 +71,53 @@ inline float float_from_bits(uint32_t bits) {
   return x;
 }
 
+// Elements processed together: the loops below run over a block of elements innermost, so the
+// compiler vectorises them (one element at a time, the per-model loops and branches did not).
+constexpr int64_t kBlock = 256;
+
 // TIES for entries [begin, end): task vectors trimmed to |d_k| >= threshold_k, the sign elected by
 // sum_k w_k d_k, the w-weighted mean of the kept entries that agree with it, out = base + scale *
-// mean. The order of the float operations is that of the torch reference (same_init._ties), so the
-// two agree to the bit.
+// mean. The order of the float operations is that of the torch reference
+// (fastmerge.ops.same_init.ties_merge_reference), so the two agree to the bit.
 template <typename T, typename O>
 void ties_merge(const T* const* models, int num_models, const T* base, const float* weights,
                 const float* thresholds, float scale, O* out, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float b = static_cast<float>(base[i]);
-    float elected = 0.0f;
-    for (int k = 0; k < num_models; ++k) {
-      const float d = static_cast<float>(models[k][i]) - b;
-      elected += weights[k] * (std::fabs(d) >= thresholds[k] ? d : 0.0f);
+  // the trimmed task vectors of one block, for every model (formed once, read twice)
+  std::vector<float> trimmed(static_cast<size_t>(num_models) * kBlock);
+  float b[kBlock], elected[kBlock], total[kBlock], count[kBlock];
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t len = end - i0 < kBlock ? end - i0 : kBlock;
+    for (int64_t j = 0; j < len; ++j) {
+      b[j] = static_cast<float>(base[i0 + j]);
+      elected[j] = total[j] = count[j] = 0.0f;
     }
-    float total = 0.0f, count = 0.0f;
     for (int k = 0; k < num_models; ++k) {
-      const float d = static_cast<float>(models[k][i]) - b;
-      const bool agree = std::fabs(d) >= thresholds[k] && d != 0.0f && elected != 0.0f && (d > 0.0f) == (elected > 0.0f);
-      total += agree ? weights[k] * d : 0.0f;
-      count += agree ? weights[k] : 0.0f;
+      const T* m = models[k] + i0;
+      float* t = trimmed.data() + k * kBlock;
+      const float w = weights[k], thr = thresholds[k];
+      for (int64_t j = 0; j < len; ++j) {
+        const float d = static_cast<float>(m[j]) - b[j];
+        t[j] = std::fabs(d) >= thr ? d : 0.0f;
+        elected[j] += w * t[j];
+      }
     }
-    out[i] = static_cast<O>(b + scale * (count != 0.0f ? total / count : 0.0f));
+    for (int k = 0; k < num_models; ++k) {
+      const float* t = trimmed.data() + k * kBlock;
+      const float w = weights[k];
+      for (int64_t j = 0; j < len; ++j) {
+        // nonzero and of the elected sign; bitwise & and | keep it branch-free (random signs
+        // mispredict every other branch) and vectorisable
+        const bool agree = ((t[j] > 0.0f) & (elected[j] > 0.0f)) | ((t[j] < 0.0f) & (elected[j] < 0.0f));
+        // select, then multiply: under -ftrapping-math (the default) the compiler will not
+        // if-convert, so not vectorise, a conditional float multiplication
+        total[j] += w * (agree ? t[j] : 0.0f);
+        count[j] += agree ? w : 0.0f;
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      const float mean = total[j] / (count[j] != 0.0f ? count[j] : 1.0f);  // total is 0 where count is
+      out[i0 + j] = static_cast<O>(b[j] + scale * mean);
+    }
   }
 }
 
@@ -101,10 +130,15 @@ inline uint32_t hash32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-// DARE's 24-bit draw for element i of the model whose 64-bit seed is `seed`.
+// DARE's key for the model with 64-bit seed `seed` and the indices whose high 32 bits are `high`.
+inline uint32_t dare_key(uint64_t seed, uint32_t high) {
+  return hash32(hash32(static_cast<uint32_t>(seed) ^ high) ^ static_cast<uint32_t>(seed >> 32));
+}
+
+// DARE's 24-bit draw for element i: one hash of the index's low word and the key (one multiply
+// pair per element and model; the key changes once every 2^32 elements).
 inline uint32_t dare_draw(uint64_t seed, uint64_t i) {
-  const uint32_t h = hash32(static_cast<uint32_t>(i) ^ static_cast<uint32_t>(seed));
-  return hash32(h ^ static_cast<uint32_t>(i >> 32) ^ static_cast<uint32_t>(seed >> 32)) >> 8;
+  return hash32(static_cast<uint32_t>(i) ^ dare_key(seed, static_cast<uint32_t>(i >> 32))) >> 8;
 }
 
 // DARE for entries [begin, end): out = base + sum_k c_k * keep_k * d_k with keep_k = draw < keep_below
@@ -112,14 +146,32 @@ inline uint32_t dare_draw(uint64_t seed, uint64_t i) {
 template <typename T, typename O>
 void dare_merge(const T* const* models, int num_models, const T* base, const float* coefficients,
                 const uint64_t* seeds, uint32_t keep_below, O* out, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float b = static_cast<float>(base[i]);
-    float acc = 0.0f;
-    for (int k = 0; k < num_models; ++k) {
-      const bool keep = dare_draw(seeds[k], static_cast<uint64_t>(i)) < keep_below;
-      acc += keep ? (static_cast<float>(models[k][i]) - b) * coefficients[k] : 0.0f;
+  float b[kBlock], acc[kBlock], keep[kBlock];
+  for (int64_t i0 = begin; i0 < end;) {
+    // blocks end at multiples of kBlock, so none crosses a multiple of 2^32 and the index's high
+    // word is one value per block: the hash loop is then pure 32-bit arithmetic and vectorises
+    const int64_t i1 = std::min(end, (i0 / kBlock + 1) * kBlock);
+    const int64_t len = i1 - i0;
+    const uint32_t high = static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32);
+    const uint32_t low0 = static_cast<uint32_t>(i0);
+    for (int64_t j = 0; j < len; ++j) {
+      b[j] = static_cast<float>(base[i0 + j]);
+      acc[j] = 0.0f;
     }
-    out[i] = static_cast<O>(b + acc);
+    for (int k = 0; k < num_models; ++k) {
+      const T* m = models[k] + i0;
+      const float c = coefficients[k];
+      const uint32_t key = dare_key(seeds[k], high);
+      // the mask first, in a loop of integer arithmetic alone, then the floats: fused into one
+      // loop, the compiler kept a branch per entry (taken at random: mispredicted half the time)
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t draw = hash32((low0 + static_cast<uint32_t>(j)) ^ key) >> 8;  // = dare_draw(seeds[k], i0 + j)
+        keep[j] = static_cast<int32_t>(draw) < static_cast<int32_t>(keep_below) ? 1.0f : 0.0f;  // both < 2^31
+      }
+      for (int64_t j = 0; j < len; ++j) acc[j] += ((static_cast<float>(m[j]) - b[j]) * keep[j]) * c;
+    }
+    for (int64_t j = 0; j < len; ++j) out[i0 + j] = static_cast<O>(b[j] + acc[j]);
+    i0 = i1;
   }
 }
 

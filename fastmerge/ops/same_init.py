@@ -85,8 +85,8 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def dare_draws(seed: int, start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's 24-bit draws (int64) of entries [start, end) for `seed`: the kernel's hash in torch."""
     i = torch.arange(start, end, dtype=torch.int64, device=device)
-    h = _hash32((i & _M32) ^ (seed & _M32))
-    return _hash32(h ^ (i >> 32) ^ ((seed >> 32) & _M32)) >> 8
+    key = _hash32(_hash32((i >> 32) ^ (seed & _M32)) ^ ((seed >> 32) & _M32))  # one value per 2^32 entries
+    return _hash32((i & _M32) ^ key) >> 8
 
 
 def kth_largest_abs_reference(values: torch.Tensor, k: int) -> float:
