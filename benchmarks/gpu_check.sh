@@ -32,8 +32,8 @@ if ! $PY setup.py -q build_ext --inplace > "$OUTDIR/build.log" 2>&1; then
 fi
 $PY -c "import fastmerge, torch; fastmerge._ext.load(); print(torch.ops.fastmerge.build_info())"
 # which C++ runtime and unwinder the library links and the process actually loads: on the lent H100
-# (toolchain /opt/gcc, gcc 13.3) every exception thrown by the library crashed the process;
-# gpu_throw_probe.sh below narrows down why
+# a build whose libstdc++ was linked statically crashed at every exception (benchmarks/RESULTS.md);
+# gpu_throw_probe.sh below checks that exceptions raise
 echo "compiler: ${CXX:-$(command -v c++)}"
 ldd fastmerge/_C*.so | grep -E "stdc\+\+|gcc_s|gomp" || true
 $PY -c "import fastmerge, torch; fastmerge._ext.load(); print('\n'.join(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc' in l or 'libgcc_s' in l})))"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Why does an exception thrown by the compiled library end the process (SIGSEGV) on the lent GPU
-# machine, while it raises properly here? Run by gpu_check.sh after the build: it tells the
-# toolchain, throws from a minimal torch op library built with each compiler found (with and
-# without -fopenmp, as ours links), and takes a backtrace of our library's crash with cuda-gdb
-# (the only debugger there). Everything it finds is printed; it never fails the check.
+# Do exceptions thrown by the compiled library raise in Python on this machine? On the lent GPU
+# machine they crashed (SIGSEGV) until the cause was found with this probe: its default compiler
+# linked libstdc++ statically (benchmarks/RESULTS.md). Run by gpu_check.sh after the build: it tells
+# the toolchain, throws from a minimal torch op library built with each compiler found (with and
+# without -fopenmp, as ours links) and from our library, and takes a backtrace of a crash with
+# cuda-gdb (the only debugger there). Everything it finds is printed; it never fails the check.
 #
 #   benchmarks/gpu_throw_probe.sh OUTDIR
 set -u
