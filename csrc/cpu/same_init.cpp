@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -61,6 +63,35 @@ std::vector<int64_t> histogram(int64_t n, int num_bins, const F& f) {
   return total;
 }
 
+// Sampled entries that predict the histogram bin of the k-th largest key, the most candidate bins
+// the first pass also counts by their low bits, and the size from which predicting pays.
+constexpr int64_t kSample = 1 << 14;
+constexpr int32_t kMaxGuess = 4;
+constexpr int64_t kGuessFrom = 1 << 20;
+
+// The candidate bins [*guess, *guess + *num_guess) of the k-th largest key: those of the sample's
+// keys four standard deviations of a sampled rank (binomial) either side of k's rank; none when
+// they span more than kMaxGuess bins.
+template <typename T>
+void guess_bins(const T* mp, const T* bp, int64_t n, int64_t k, int32_t* guess, int32_t* num_guess) {
+  std::vector<uint32_t> sample(kSample);
+  for (int64_t j = 0; j < kSample; ++j) {
+    const int64_t i = j * n / kSample;
+    sample[j] = kn::abs_bits(static_cast<float>(mp[i]) - static_cast<float>(bp[i]));
+  }
+  const double s = static_cast<double>(kSample), q = static_cast<double>(k) / static_cast<double>(n);
+  const double margin = 4.0 * std::sqrt(s * q * (1.0 - q)) + 2.0;
+  const auto rank = [&](double r) { return std::min<int64_t>(kSample - 1, std::max<int64_t>(0, static_cast<int64_t>(r))); };
+  const auto key_at = [&](int64_t r) {  // the (r+1)-th largest sampled key
+    std::nth_element(sample.begin(), sample.begin() + r, sample.end(), std::greater<uint32_t>());
+    return sample[r];
+  };
+  const int32_t top = static_cast<int32_t>(key_at(rank(q * s - margin)) >> 16);
+  const int32_t bottom = static_cast<int32_t>(key_at(rank(q * s + margin)) >> 16);
+  *guess = bottom;
+  *num_guess = top - bottom < kMaxGuess ? top - bottom + 1 : 0;
+}
+
 at::Tensor abs_delta_kth_largest_cpu(const at::Tensor& model, const at::Tensor& base, int64_t k) {
   check_inputs("abs_delta_kth_largest", {model}, base);
   const int64_t n = base.numel();
@@ -70,15 +101,24 @@ at::Tensor abs_delta_kth_largest_cpu(const at::Tensor& model, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "abs_delta_kth_largest", [&] {
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    int32_t guess = 0, num_guess = 0;
+    if (n >= kGuessFrom) guess_bins(mp, bp, n, k, &guess, &num_guess);
+    const auto bins = histogram(n, kn::kHighBins + num_guess * kn::kLowBins, [&](int64_t s, int64_t e, int64_t* h) {
+      kn::abs_delta_histogram(mp, bp, s, e, h, guess, num_guess);
+    });
     int64_t above_high = 0, above_low = 0;
-    const auto high_bins = histogram(n, kn::kHighBins, [&](int64_t s, int64_t e, int64_t* h) {
-      kn::abs_delta_histogram(mp, bp, s, e, -1, h);
-    });
-    const int32_t high = kn::bin_of_kth_largest(high_bins.data(), kn::kHighBins, k, &above_high);
-    const auto low_bins = histogram(n, kn::kLowBins, [&](int64_t s, int64_t e, int64_t* h) {
-      kn::abs_delta_histogram(mp, bp, s, e, high, h);
-    });
-    const int32_t low = kn::bin_of_kth_largest(low_bins.data(), kn::kLowBins, k - above_high, &above_low);
+    const int32_t high = kn::bin_of_kth_largest(bins.data(), kn::kHighBins, k, &above_high);
+    std::vector<int64_t> second;
+    const int64_t* low_bins = nullptr;
+    if (high >= guess && high < guess + num_guess) {
+      low_bins = bins.data() + kn::kHighBins + static_cast<int64_t>(high - guess) * kn::kLowBins;
+    } else {  // the prediction missed (or none was made): read the inputs again
+      second = histogram(n, kn::kLowBins, [&](int64_t s, int64_t e, int64_t* h) {
+        kn::abs_delta_low_histogram(mp, bp, s, e, high, h);
+      });
+      low_bins = second.data();
+    }
+    const int32_t low = kn::bin_of_kth_largest(low_bins, kn::kLowBins, k - above_high, &above_low);
     bits = (static_cast<uint32_t>(high) << 16) | static_cast<uint32_t>(low);
   });
   at::Tensor result = at::empty({}, at::TensorOptions().dtype(at::kFloat));

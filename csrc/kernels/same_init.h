@@ -5,10 +5,10 @@
 // (float, c10::Half, c10::BFloat16).
 //
 // TIES needs a threshold per model (the k-th largest |d_k| of the whole tensor): an exact radix
-// select on the float32 bits of |d| (non-negative floats order like their bit patterns), in two
-// histogram passes (the high 15 bits, then the low 16 bits inside the chosen bin). (Bracketing it
-// from a sample, to read the inputs once, was tried: task vectors of bfloat16 checkpoints take few
-// distinct values, so the bracket held whole tie classes and fell back to this select, slower.)
+// select on the float32 bits of |d| (non-negative floats order like their bit patterns): a
+// histogram of the high 15 bits, then one of the low 16 bits inside the chosen bin. A strided
+// sample predicts the chosen bin (a few candidates), so the first pass also counts the low bits
+// there and the second pass over the inputs is needed only when the prediction misses.
 //
 // DARE's masks come from a counter-based hash of (seed, element index), so an element's fate does
 // not depend on chunking or threads, and fastmerge.ops.same_init reproduces it with torch integer
@@ -34,16 +34,25 @@ inline uint32_t abs_bits(float x) {
   return u & 0x7FFFFFFFu;
 }
 
-// Counts |model - base| by its high bits (pass high < 0) or, among entries whose high bits equal
-// `high`, by its low bits. `bins` has kHighBins or kLowBins entries and is added to.
+// Counts |model - base| by its high bits into bins[0, kHighBins); entries whose high bits fall in
+// [guess, guess + num_guess) are also counted by their low bits into the following num_guess
+// blocks of kLowBins (the speculative second pass: when the k-th largest lands in a guessed bin,
+// the select needs no second read of the inputs). `bins` is added to.
 template <typename T>
-void abs_delta_histogram(const T* model, const T* base, int64_t begin, int64_t end, int32_t high, int64_t* bins) {
-  if (high < 0) {
-    for (int64_t i = begin; i < end; ++i) {
-      ++bins[abs_bits(static_cast<float>(model[i]) - static_cast<float>(base[i])) >> 16];
-    }
-    return;
+void abs_delta_histogram(const T* model, const T* base, int64_t begin, int64_t end, int64_t* bins, int32_t guess,
+                         int32_t num_guess) {
+  int64_t* low = bins + kHighBins;
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t bits = abs_bits(static_cast<float>(model[i]) - static_cast<float>(base[i]));
+    ++bins[bits >> 16];
+    const uint32_t g = (bits >> 16) - static_cast<uint32_t>(guess);  // wraps below the guess: no match
+    if (g < static_cast<uint32_t>(num_guess)) ++low[g * kLowBins + (bits & 0xFFFFu)];
   }
+}
+
+// Among entries whose high bits equal `high`, counts |model - base| by its low bits (kLowBins).
+template <typename T>
+void abs_delta_low_histogram(const T* model, const T* base, int64_t begin, int64_t end, int32_t high, int64_t* bins) {
   for (int64_t i = begin; i < end; ++i) {
     const uint32_t bits = abs_bits(static_cast<float>(model[i]) - static_cast<float>(base[i]));
     if (static_cast<int32_t>(bits >> 16) == high) ++bins[bits & 0xFFFFu];

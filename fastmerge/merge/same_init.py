@@ -30,8 +30,10 @@ class SameInitOptions:
 
     weights: one per model (linear: default uniform 1/n; task vectors: default 1 each).
     scale: lambda, the factor of the summed task vectors (task_arithmetic, ties, dare).
-    density: fraction of each task vector kept (ties: the largest magnitudes; dare: at random,
-        survivors rescaled by 1/density).
+    density: fraction of each task vector kept (ties: the largest magnitudes, every entry tied
+        with the smallest kept one included, so the choice is deterministic; bfloat16 task vectors
+        take few distinct values and keep about a point more than `density` (51.2 % at 0.5 on a
+        LLaMA-like checkpoint); dare: at random, survivors rescaled by 1/density).
     t: slerp's position from the first model (0) to the second (1).
     seed: dare's random masks (per model and tensor name, so reruns are bit-identical).
     """

@@ -50,6 +50,20 @@ def test_kth_largest_of_large_tensors_matches_sorting(gen, dtype):
         assert abs_delta_kth_largest(tune, base, k) == float(ordered[k - 1]), k
 
 
+def test_kth_largest_when_the_sample_mispredicts_the_bin(gen):
+    """The op predicts the k-th largest's histogram bin from a strided sample (every n/16384-th
+    entry); entries at exactly those positions made tiny send the prediction to the wrong bins,
+    and the op must fall back to a second pass and still be exact."""
+    n = (1 << 21) + 7
+    base = torch.randn(n, generator=gen)
+    delta = 0.01 * torch.randn(n, generator=gen)
+    delta[(torch.arange(1 << 14) * n) // (1 << 14)] = 1e-7
+    tune = base + delta
+    ordered = (tune - base).abs().double().sort(descending=True).values
+    for k in (n // 2, n // 5):
+        assert abs_delta_kth_largest(tune, base, k) == float(ordered[k - 1]), k
+
+
 def test_kth_largest_of_large_heavily_tied_tensors(gen):
     """Most task-vector entries zero (ties): both sides of the tie boundary come out exact."""
     n = (1 << 21) + 1
