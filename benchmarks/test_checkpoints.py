@@ -66,10 +66,15 @@ print(json.dumps({"seconds": time.perf_counter() - t, "rss_before_mb": before / 
 """
 
 
-def run_merge(models, out, method, base=None):
+def fresh_output(out):
+    """Every timed step writes a new file (no old one to unlink) with no earlier writeback pending."""
     if os.path.exists(out):
         os.remove(out)
     os.sync()
+
+
+def run_merge(models, out, method, base=None):
+    fresh_output(out)
     done = subprocess.run([sys.executable, "-c", RUN, json.dumps([models, out, method, base])],
                           capture_output=True, text=True, timeout=3600, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -79,9 +84,7 @@ def io_floor(a, b, out, durable=False):
     """Seconds to read both inputs and write an output of the same size with plain file copies;
     durable: and fsync the output, as fastmerge does before renaming its output into place (a
     merge that crashes or loses power then leaves the old file or the whole new one)."""
-    if os.path.exists(out):
-        os.remove(out)  # not timed: the merges write fresh outputs too
-    os.sync()  # no writeback of earlier runs in the timed part
+    fresh_output(out)  # not timed, as for the merges
     start = time.perf_counter()
     shutil.copyfile(a, out)  # read one input, write an output of the same size
     with open(b, "rb") as f:  # read the other

@@ -21,6 +21,12 @@ namespace {
 namespace kn = kernels;
 constexpr int64_t kGrain = 1 << 15;
 
+// The dtypes the ops take (float32, float16, bfloat16): no float64 instantiations, which the input
+// checks refuse anyway.
+#define FASTMERGE_DISPATCH_FUSED(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(__VA_ARGS__))
+
 bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 void check_inputs(const char* op, at::TensorList models, const at::Tensor& base) {
@@ -98,7 +104,7 @@ at::Tensor abs_delta_kth_largest_cpu(const at::Tensor& model, const at::Tensor& 
   TORCH_CHECK(k >= 1 && k <= n, "abs_delta_kth_largest: k must be in [1, ", n, "], got ", k);
   const at::Tensor m = model.contiguous(), b = base.contiguous();
   uint32_t bits = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "abs_delta_kth_largest", [&] {
+  FASTMERGE_DISPATCH_FUSED(b.scalar_type(), "abs_delta_kth_largest", [&] {
     const scalar_t* mp = m.const_data_ptr<scalar_t>();
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
     int32_t guess = 0, num_guess = 0;
@@ -126,12 +132,23 @@ at::Tensor abs_delta_kth_largest_cpu(const at::Tensor& model, const at::Tensor& 
   return result;
 }
 
-// Pointers to the models' data as T, for the kernels.
-template <typename T>
-std::vector<const T*> data_of(const std::vector<at::Tensor>& models) {
-  std::vector<const T*> ptrs;
-  for (const at::Tensor& m : models) ptrs.push_back(m.const_data_ptr<T>());
-  return ptrs;
+// Calls f(models, base, out, begin, end) with typed pointers over ranges of the entries, in
+// parallel, for the input and output dtypes the ops take (float32, float16, bfloat16: the callers
+// check them first, with the op's name in the message).
+template <typename F>
+void for_each_range(at::TensorList models, const at::Tensor& base, at::Tensor& out, const F& f) {
+  const std::vector<at::Tensor> m = contiguous(models);
+  const at::Tensor b = base.contiguous();
+  FASTMERGE_DISPATCH_FUSED(b.scalar_type(), "same_init_merge", [&] {
+    using in_t = scalar_t;
+    std::vector<const in_t*> mp;
+    for (const at::Tensor& t : m) mp.push_back(t.const_data_ptr<in_t>());
+    const in_t* bp = b.const_data_ptr<in_t>();
+    FASTMERGE_DISPATCH_FUSED(out.scalar_type(), "same_init_merge", [&] {
+      scalar_t* op = out.data_ptr<scalar_t>();
+      at::parallel_for(0, b.numel(), kGrain, [&](int64_t begin, int64_t end) { f(mp, bp, op, begin, end); });
+    });
+  });
 }
 
 void ties_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::ArrayRef<double> weights,
@@ -140,19 +157,10 @@ void ties_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::Array
   check_out("ties_merge_out", base, out);
   TORCH_CHECK(weights.size() == models.size() && thresholds.size() == models.size(), "ties_merge_out: got ",
               models.size(), " models, ", weights.size(), " weights and ", thresholds.size(), " thresholds");
-  const std::vector<at::Tensor> m = contiguous(models);
-  const at::Tensor b = base.contiguous();
   const std::vector<float> w(weights.begin(), weights.end()), thr(thresholds.begin(), thresholds.end());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "ties_merge_out", [&] {
-    using in_t = scalar_t;
-    const std::vector<const in_t*> mp = data_of<in_t>(m);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "ties_merge_out", [&] {
-      scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, b.numel(), kGrain, [&](int64_t s, int64_t e) {
-        kn::ties_merge(mp.data(), static_cast<int>(mp.size()), b.const_data_ptr<in_t>(), w.data(), thr.data(),
-                       static_cast<float>(scale), op, s, e);
-      });
-    });
+  for_each_range(models, base, out, [&](const auto& mp, auto bp, auto op, int64_t s, int64_t e) {
+    kn::ties_merge(mp.data(), static_cast<int>(mp.size()), bp, w.data(), thr.data(), static_cast<float>(scale), op,
+                   s, e);
   });
 }
 
@@ -164,20 +172,11 @@ void dare_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::Array
               models.size(), " models, ", coefficients.size(), " coefficients and ", seeds.size(), " seeds");
   TORCH_CHECK(keep_below >= 0 && keep_below <= kn::kDareDraws, "dare_merge_out: keep_below must be in [0, 2^24], got ",
               keep_below);
-  const std::vector<at::Tensor> m = contiguous(models);
-  const at::Tensor b = base.contiguous();
   const std::vector<float> c(coefficients.begin(), coefficients.end());
-  const std::vector<uint64_t> s(seeds.begin(), seeds.end());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.scalar_type(), "dare_merge_out", [&] {
-    using in_t = scalar_t;
-    const std::vector<const in_t*> mp = data_of<in_t>(m);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "dare_merge_out", [&] {
-      scalar_t* op = out.data_ptr<scalar_t>();
-      at::parallel_for(0, b.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        kn::dare_merge(mp.data(), static_cast<int>(mp.size()), b.const_data_ptr<in_t>(), c.data(), s.data(),
-                       static_cast<uint32_t>(keep_below), op, begin, end);
-      });
-    });
+  const std::vector<uint64_t> sd(seeds.begin(), seeds.end());
+  for_each_range(models, base, out, [&](const auto& mp, auto bp, auto op, int64_t s, int64_t e) {
+    kn::dare_merge(mp.data(), static_cast<int>(mp.size()), bp, c.data(), sd.data(), static_cast<uint32_t>(keep_below),
+                   op, s, e);
   });
 }
 

@@ -78,19 +78,17 @@ def merge_tensor(name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor 
         base = base.float() if base is not None else None
     n = len(tensors)
     method = options.method
-    if method in ("linear", "task_arithmetic"):
-        combine_out = None if out is None or out_dtype != tensors[0].dtype else [out]
-        if method == "linear":
-            models = [[t] for t in tensors]
-            coefs = list(options.weights) if options.weights is not None else [1.0 / n] * n
-        else:  # base + s * sum_k w_k (W_k - base) as one fused combination
-            models = [[base]] + [[t] for t in tensors]
-            weights = list(options.weights) if options.weights is not None else [1.0] * n
-            coefs = [1.0 - options.scale * sum(weights)] + [options.scale * w for w in weights]
-        return combine(models, weights=coefs, out=combine_out)[0].to(out_dtype)
+    combine_out = None if out is None or out_dtype != tensors[0].dtype else [out]  # combine writes the models' dtype
+    if method == "linear":
+        weights = list(options.weights) if options.weights is not None else [1.0 / n] * n
+        return combine([[t] for t in tensors], weights=weights, out=combine_out)[0].to(out_dtype)
     if method == "slerp":
         return _slerp(tensors[0], tensors[1], options.t).to(out_dtype)
     weights = list(options.weights) if options.weights is not None else [1.0] * n
+    if method == "task_arithmetic":
+        # base + s * sum_k w_k (W_k - base) as one fused combination
+        coefs = [1.0 - options.scale * sum(weights)] + [options.scale * w for w in weights]
+        return combine([[base]] + [[t] for t in tensors], weights=coefs, out=combine_out)[0].to(out_dtype)
     if method == "dare":
         coefs = [options.scale * w / options.density for w in weights]
         seeds = [_seed(options.seed, k, name) for k in range(n)]

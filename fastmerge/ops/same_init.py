@@ -29,12 +29,6 @@ def _fused(tensors: Sequence[torch.Tensor], out_dtype: torch.dtype) -> bool:
             and all(t.device.type == "cpu" for t in tensors) and _ext.load())
 
 
-def _output(base: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
-    if out is not None and out.shape == base.shape and out.dtype == out_dtype and out.is_contiguous():
-        return out
-    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
-
-
 def keep_below(density: float) -> int:
     """DARE keeps an entry when its draw is below this (density 1 keeps everything)."""
     return min(1 << DARE_DRAW_BITS, int(round(density * (1 << DARE_DRAW_BITS))))
@@ -53,13 +47,9 @@ def ties_merge(models: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequ
     """TIES on one tensor: each task vector trimmed to |W_k - base| >= thresholds[k], a sign elected
     per entry by sum_k weights[k] * trimmed_k, the weighted mean of the agreeing trimmed entries;
     returns base + scale * mean in `out_dtype` (default float32), written into `out` when it fits."""
-    out_dtype = out_dtype or torch.float32
-    if _fused([*models, base], out_dtype):
-        result = _output(base, out_dtype, out)
-        torch.ops.fastmerge.ties_merge_out(list(models), base, [float(w) for w in weights],
-                                           [float(t) for t in thresholds], float(scale), result)
-        return result
-    return ties_merge_reference(models, base, weights, thresholds, scale).to(out_dtype)
+    args = ([float(w) for w in weights], [float(t) for t in thresholds], float(scale))
+    return _run("ties_merge_out", args, lambda: ties_merge_reference(models, base, weights, thresholds, scale),
+                models, base, out_dtype, out)
 
 
 def dare_merge(models: Sequence[torch.Tensor], base: torch.Tensor, coefficients: Sequence[float],
@@ -67,13 +57,21 @@ def dare_merge(models: Sequence[torch.Tensor], base: torch.Tensor, coefficients:
                out: torch.Tensor | None = None) -> torch.Tensor:
     """DARE on one tensor: base + sum_k coefficients[k] * keep_k * (W_k - base), entry i of model k
     kept when dare_draws(seeds[k]) < density * 2^24 (seeds: non-negative, below 2^63)."""
+    args = ([float(c) for c in coefficients], [int(s) for s in seeds], keep_below(density))
+    return _run("dare_merge_out", args, lambda: dare_merge_reference(models, base, coefficients, seeds, density),
+                models, base, out_dtype, out)
+
+
+def _run(op_name, args, reference, models, base, out_dtype, out) -> torch.Tensor:
+    """The fused op `op_name`(models, base, *args, out) where it applies (into `out` when it fits),
+    else reference() in the output dtype."""
     out_dtype = out_dtype or torch.float32
-    if _fused([*models, base], out_dtype):
-        result = _output(base, out_dtype, out)
-        torch.ops.fastmerge.dare_merge_out(list(models), base, [float(c) for c in coefficients],
-                                           [int(s) for s in seeds], keep_below(density), result)
-        return result
-    return dare_merge_reference(models, base, coefficients, seeds, density).to(out_dtype)
+    if not _fused([*models, base], out_dtype):
+        return reference().to(out_dtype)
+    if out is None or out.shape != base.shape or out.dtype != out_dtype or not out.is_contiguous():
+        out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    getattr(torch.ops.fastmerge, op_name)(list(models), base, *args, out)
+    return out
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
