@@ -176,7 +176,10 @@ def spec_from_dict(data: Mapping) -> MergeSpec:
         groups.append(Group(name=name, size=_int(f"{where}.size", gd["size"], minimum=1), members=tuple(members),
                             count=_int(f"{where}.count", gd.get("count", 1), minimum=1), tap=tap))
     fixed = []
-    for fi, fd in enumerate(data.get("fixed") or []):
+    fixed_data = data.get("fixed") or []
+    if not isinstance(fixed_data, list):
+        raise SpecError(f"spec: 'fixed' must be a list, got {fixed_data!r}")
+    for fi, fd in enumerate(fixed_data):
         _check_keys(f"fixed[{fi}]", fd, {"tensor", "axis", "reason"})
         fixed.append((str(fd.get("tensor")), _int(f"fixed[{fi}].axis", fd.get("axis", 0)), str(fd.get("reason", ""))))
     return MergeSpec(groups=groups, fixed=fixed)

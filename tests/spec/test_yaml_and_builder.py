@@ -60,6 +60,7 @@ def test_hand_written_yaml_is_checked_against_the_model():
     (("format: fastmerge-spec/1", "format: other/2"), "unsupported format"),
     (("axis: 0, role: out}", "axis: zero, role: out}"), "expected an integer"),
     (("- name: hidden", "- name: [hidden"), "not valid YAML"),
+    (("format: fastmerge-spec/1", "format: fastmerge-spec/1\nfixed: true"), "'fixed' must be a list"),  # found by the fuzz test
 ])
 def test_bad_yaml_gives_a_clear_error(edit, message):
     torch.manual_seed(0)
