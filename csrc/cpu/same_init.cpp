@@ -27,6 +27,42 @@ constexpr int64_t kGrain = 1 << 15;
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
                                      AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(__VA_ARGS__))
 
+// Every vectorised kernel twice: for the baseline x86-64 instruction set (SSE2) and for AVX2,
+// chosen when the CPU has it. The kernels are always inlined (FASTMERGE_KERNEL), so each variant's
+// loops are vectorised for its own instruction set. Not FMA: a fused multiply-add rounds once where
+// the torch references round twice, and the kernels equal them to the bit.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTMERGE_TARGET_AVX2 __attribute__((target("avx2")))
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#else
+#define FASTMERGE_TARGET_AVX2
+bool cpu_has_avx2() { return false; }
+#endif
+
+#define FASTMERGE_ISA_VARIANTS(NAME, KERNEL)                                     \
+  template <typename... Args>                                                    \
+  void NAME##_baseline(Args... args) {                                           \
+    KERNEL(args...);                                                             \
+  }                                                                              \
+  template <typename... Args>                                                    \
+  FASTMERGE_TARGET_AVX2 void NAME##_avx2(Args... args) {                         \
+    KERNEL(args...);                                                             \
+  }                                                                              \
+  template <typename... Args>                                                    \
+  void NAME(Args... args) {                                                      \
+    if (cpu_has_avx2())                                                          \
+      NAME##_avx2(args...);                                                      \
+    else                                                                         \
+      NAME##_baseline(args...);                                                  \
+  }
+
+FASTMERGE_ISA_VARIANTS(window_pass, kn::abs_delta_window_pass)
+FASTMERGE_ISA_VARIANTS(ties_merge, kn::ties_merge)
+FASTMERGE_ISA_VARIANTS(dare_merge, kn::dare_merge)
+
 bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 void check_inputs(const char* op, at::TensorList models, const at::Tensor& base) {
@@ -69,66 +105,145 @@ std::vector<int64_t> histogram(int64_t n, int num_bins, const F& f) {
   return total;
 }
 
-// Sampled entries that predict the histogram bin of the k-th largest key, the most candidate bins
-// the first pass also counts by their low bits, and the size from which predicting pays.
-constexpr int64_t kSample = 1 << 14;
-constexpr int32_t kMaxGuess = 4;
-constexpr int64_t kGuessFrom = 1 << 20;
+// Below this many entries a threshold is selected from all the keys directly.
+constexpr int64_t kSelectAllBelow = 1 << 16;
+// The window of the sampled select: the sampled keys this many standard deviations of a sampled
+// rank (binomial) either side of k's rank.
+constexpr double kWindowSigmas = 4.0;
 
-// The candidate bins [*guess, *guess + *num_guess) of the k-th largest key: those of the sample's
-// keys four standard deviations of a sampled rank (binomial) either side of k's rank; none when
-// they span more than kMaxGuess bins.
+// The keys of every model on `num` entries: one per stratum of n / num entries, at a hashed
+// offset inside it (a strided sample could alias with the rows of a weight matrix).
 template <typename T>
-void guess_bins(const T* mp, const T* bp, int64_t n, int64_t k, int32_t* guess, int32_t* num_guess) {
-  std::vector<uint32_t> sample(kSample);
-  for (int64_t j = 0; j < kSample; ++j) {
-    const int64_t i = j * n / kSample;
-    sample[j] = kn::abs_bits(static_cast<float>(mp[i]) - static_cast<float>(bp[i]));
+std::vector<std::vector<uint32_t>> sample_keys(const std::vector<const T*>& models, const T* base, int64_t n,
+                                               int64_t num) {
+  std::vector<std::vector<uint32_t>> keys(models.size(), std::vector<uint32_t>(num));
+  for (int64_t j = 0; j < num; ++j) {
+    const int64_t start = j * n / num, stride = (j + 1) * n / num - start;
+    const int64_t i = start + static_cast<int64_t>(kn::hash32(static_cast<uint32_t>(j)) % static_cast<uint64_t>(stride));
+    const float b = static_cast<float>(base[i]);
+    for (size_t k = 0; k < models.size(); ++k) keys[k][j] = kn::abs_bits(static_cast<float>(models[k][i]) - b);
   }
-  const double s = static_cast<double>(kSample), q = static_cast<double>(k) / static_cast<double>(n);
-  const double margin = 4.0 * std::sqrt(s * q * (1.0 - q)) + 2.0;
-  const auto rank = [&](double r) { return std::min<int64_t>(kSample - 1, std::max<int64_t>(0, static_cast<int64_t>(r))); };
-  const auto key_at = [&](int64_t r) {  // the (r+1)-th largest sampled key
-    std::nth_element(sample.begin(), sample.begin() + r, sample.end(), std::greater<uint32_t>());
-    return sample[r];
-  };
-  const int32_t top = static_cast<int32_t>(key_at(rank(q * s - margin)) >> 16);
-  const int32_t bottom = static_cast<int32_t>(key_at(rank(q * s + margin)) >> 16);
-  *guess = bottom;
-  *num_guess = top - bottom < kMaxGuess ? top - bottom + 1 : 0;
+  return keys;
 }
 
-at::Tensor abs_delta_kth_largest_cpu(const at::Tensor& model, const at::Tensor& base, int64_t k) {
-  check_inputs("abs_delta_kth_largest", {model}, base);
+// The (r+1)-th largest of `keys` (reorders them).
+uint32_t nth_largest(std::vector<uint32_t>& keys, int64_t r) {
+  std::nth_element(keys.begin(), keys.begin() + r, keys.end(), std::greater<uint32_t>());
+  return keys[r];
+}
+
+// The window [lo, hi] of the k-th largest key among n from a sample of keys.
+kn::SelectWindow window_from_sample(std::vector<uint32_t>& sample, int64_t n, int64_t k) {
+  const double s = static_cast<double>(sample.size()), q = static_cast<double>(k) / static_cast<double>(n);
+  const double margin = kWindowSigmas * std::sqrt(s * q * (1.0 - q)) + 2.0;
+  const double top = q * s - margin, bottom = q * s + margin;  // ranks counted from the largest
+  kn::SelectWindow w;
+  w.hi = top < 0.0 ? 0xFFFFFFFFu : nth_largest(sample, static_cast<int64_t>(top));
+  w.lo = bottom >= s - 1.0 ? 0u : nth_largest(sample, static_cast<int64_t>(bottom));
+  return w;
+}
+
+// The k-th largest key from the window pass's counts, or false where the window misses it (or
+// more keys than the pass would collect fell inside).
+bool select_in_window(const kn::SelectWindow& w, std::vector<kn::SelectPart>& parts, int64_t k, uint32_t* key) {
+  int64_t above = 0, at_hi = 0, at_lo = 0, inside = 0;
+  bool overflow = false;
+  for (const auto& p : parts) {
+    above += p.above, at_hi += p.at_hi, at_lo += p.at_lo, inside += static_cast<int64_t>(p.inside.size());
+    overflow |= p.overflow;
+  }
+  int64_t r = k - above;  // the rank of the k-th largest inside [lo, hi]
+  if (r <= 0) return false;
+  if (r <= at_hi) return *key = w.hi, true;
+  r -= at_hi;
+  if (w.lo == w.hi) return false;  // at_lo counted the same keys as at_hi
+  if (overflow) return false;      // (the inside keys are incomplete)
+  if (r <= inside) {
+    std::vector<uint32_t> all;
+    all.reserve(inside);
+    for (const auto& p : parts) all.insert(all.end(), p.inside.begin(), p.inside.end());
+    *key = nth_largest(all, r - 1);
+    return true;
+  }
+  r -= inside;
+  if (r <= at_lo) return *key = w.lo, true;
+  return false;
+}
+
+// The exact k-th largest key of one model by a radix select: two passes over the inputs.
+template <typename T>
+uint32_t radix_select(const T* mp, const T* bp, int64_t n, int64_t k) {
+  const auto high_bins = histogram(n, kn::kHighBins, [&](int64_t s, int64_t e, int64_t* h) {
+    kn::abs_delta_histogram(mp, bp, s, e, h);
+  });
+  int64_t above_high = 0, above_low = 0;
+  const int32_t high = kn::bin_of_kth_largest(high_bins.data(), kn::kHighBins, k, &above_high);
+  const auto low_bins = histogram(n, kn::kLowBins, [&](int64_t s, int64_t e, int64_t* h) {
+    kn::abs_delta_low_histogram(mp, bp, s, e, high, h);
+  });
+  const int32_t low = kn::bin_of_kth_largest(low_bins.data(), kn::kLowBins, k - above_high, &above_low);
+  return (static_cast<uint32_t>(high) << 16) | static_cast<uint32_t>(low);
+}
+
+// The k-th largest key of every model: small tensors from all their keys; larger ones by the
+// sampled window (`sample` entries, one pass for all models), with the radix select for a model
+// whose window missed; sample = 0: the radix select alone.
+template <typename T>
+std::vector<uint32_t> kth_largest_keys(const std::vector<const T*>& models, const T* base, int64_t n, int64_t k,
+                                       int64_t sample) {
+  const size_t num_models = models.size();
+  std::vector<uint32_t> result(num_models);
+  if (n < kSelectAllBelow) {
+    for (size_t m = 0; m < num_models; ++m) {
+      std::vector<uint32_t> keys = sample_keys(std::vector<const T*>{models[m]}, base, n, n)[0];
+      result[m] = nth_largest(keys, k - 1);
+    }
+    return result;
+  }
+  std::vector<char> found(num_models, 0);  // (not vector<bool>: written from threads)
+  if (sample > 0 && n >= 4 * sample) {
+    auto samples = sample_keys(models, base, n, sample);
+    std::vector<kn::SelectWindow> windows;
+    for (auto& s : samples) windows.push_back(window_from_sample(s, n, k));
+    // a window holds about 2 * margin / sample of the entries; collecting stops at 4x that
+    const double q = static_cast<double>(k) / static_cast<double>(n), s = static_cast<double>(sample);
+    const double expected = 2.0 * (kWindowSigmas * std::sqrt(s * q * (1.0 - q)) + 2.0) / s;
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + kGrain - 1) / kGrain));
+    const int64_t max_inside = static_cast<int64_t>(4.0 * expected * static_cast<double>(n) / parts) + kn::kBlock;
+    std::vector<std::vector<kn::SelectPart>> by_part(parts, std::vector<kn::SelectPart>(num_models));
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        window_pass(models.data(), static_cast<int>(num_models), base, windows.data(), max_inside,
+                                  by_part[p].data(), n * p / parts, n * (p + 1) / parts);
+    });
+    at::parallel_for(0, static_cast<int64_t>(num_models), 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        std::vector<kn::SelectPart> of_model;
+        for (auto& part : by_part) of_model.push_back(std::move(part[m]));
+        found[m] = select_in_window(windows[m], of_model, k, &result[m]);
+      }
+    });
+  }
+  for (size_t m = 0; m < num_models; ++m)
+    if (!found[m]) result[m] = radix_select(models[m], base, n, k);
+  return result;
+}
+
+at::Tensor abs_delta_kth_largest_cpu(at::TensorList models, const at::Tensor& base, int64_t k, int64_t sample) {
+  check_inputs("abs_delta_kth_largest", models, base);
   const int64_t n = base.numel();
   TORCH_CHECK(k >= 1 && k <= n, "abs_delta_kth_largest: k must be in [1, ", n, "], got ", k);
-  const at::Tensor m = model.contiguous(), b = base.contiguous();
-  uint32_t bits = 0;
+  TORCH_CHECK(sample >= 0, "abs_delta_kth_largest: sample must be >= 0, got ", sample);
+  const std::vector<at::Tensor> m = contiguous(models);
+  const at::Tensor b = base.contiguous();
+  std::vector<uint32_t> keys;
   FASTMERGE_DISPATCH_FUSED(b.scalar_type(), "abs_delta_kth_largest", [&] {
-    const scalar_t* mp = m.const_data_ptr<scalar_t>();
-    const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    int32_t guess = 0, num_guess = 0;
-    if (n >= kGuessFrom) guess_bins(mp, bp, n, k, &guess, &num_guess);
-    const auto bins = histogram(n, kn::kHighBins + num_guess * kn::kLowBins, [&](int64_t s, int64_t e, int64_t* h) {
-      kn::abs_delta_histogram(mp, bp, s, e, h, guess, num_guess);
-    });
-    int64_t above_high = 0, above_low = 0;
-    const int32_t high = kn::bin_of_kth_largest(bins.data(), kn::kHighBins, k, &above_high);
-    std::vector<int64_t> second;
-    const int64_t* low_bins = nullptr;
-    if (high >= guess && high < guess + num_guess) {
-      low_bins = bins.data() + kn::kHighBins + static_cast<int64_t>(high - guess) * kn::kLowBins;
-    } else {  // the prediction missed (or none was made): read the inputs again
-      second = histogram(n, kn::kLowBins, [&](int64_t s, int64_t e, int64_t* h) {
-        kn::abs_delta_low_histogram(mp, bp, s, e, high, h);
-      });
-      low_bins = second.data();
-    }
-    const int32_t low = kn::bin_of_kth_largest(low_bins, kn::kLowBins, k - above_high, &above_low);
-    bits = (static_cast<uint32_t>(high) << 16) | static_cast<uint32_t>(low);
+    std::vector<const scalar_t*> mp;
+    for (const at::Tensor& t : m) mp.push_back(t.const_data_ptr<scalar_t>());
+    keys = kth_largest_keys(mp, b.const_data_ptr<scalar_t>(), n, k, sample);
   });
-  at::Tensor result = at::empty({}, at::TensorOptions().dtype(at::kFloat));
-  *result.data_ptr<float>() = kn::float_from_bits(bits);
+  at::Tensor result = at::empty({static_cast<int64_t>(keys.size())}, at::TensorOptions().dtype(at::kFloat));
+  for (size_t i = 0; i < keys.size(); ++i) result.data_ptr<float>()[i] = kn::float_from_bits(keys[i]);
   return result;
 }
 
@@ -159,7 +274,7 @@ void ties_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::Array
               models.size(), " models, ", weights.size(), " weights and ", thresholds.size(), " thresholds");
   const std::vector<float> w(weights.begin(), weights.end()), thr(thresholds.begin(), thresholds.end());
   for_each_range(models, base, out, [&](const auto& mp, auto bp, auto op, int64_t s, int64_t e) {
-    kn::ties_merge(mp.data(), static_cast<int>(mp.size()), bp, w.data(), thr.data(), static_cast<float>(scale), op,
+    ties_merge(mp.data(), static_cast<int>(mp.size()), bp, w.data(), thr.data(), static_cast<float>(scale), op,
                    s, e);
   });
 }
@@ -175,7 +290,7 @@ void dare_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::Array
   const std::vector<float> c(coefficients.begin(), coefficients.end());
   const std::vector<uint64_t> sd(seeds.begin(), seeds.end());
   for_each_range(models, base, out, [&](const auto& mp, auto bp, auto op, int64_t s, int64_t e) {
-    kn::dare_merge(mp.data(), static_cast<int>(mp.size()), bp, c.data(), sd.data(), static_cast<uint32_t>(keep_below),
+    dare_merge(mp.data(), static_cast<int>(mp.size()), bp, c.data(), sd.data(), static_cast<uint32_t>(keep_below),
                    op, s, e);
   });
 }

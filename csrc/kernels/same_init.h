@@ -4,11 +4,11 @@
 // once. Header-only, no torch headers: T and O are any types with float conversions
 // (float, c10::Half, c10::BFloat16).
 //
-// TIES needs a threshold per model (the k-th largest |d_k| of the whole tensor): an exact radix
-// select on the float32 bits of |d| (non-negative floats order like their bit patterns): a
-// histogram of the high 15 bits, then one of the low 16 bits inside the chosen bin. A strided
-// sample predicts the chosen bin (a few candidates), so the first pass also counts the low bits
-// there and the second pass over the inputs is needed only when the prediction misses.
+// TIES needs a threshold per model (the k-th largest |d_k| of the whole tensor), selected exactly on
+// the float32 bits of |d| (non-negative floats order like their bit patterns): from a sample, a
+// window that holds it, one pass over the inputs for all models, the select inside the window
+// (abs_delta_window_pass). Where the window misses, a radix select: a histogram of the high 15
+// bits, then one of the low 16 bits inside the chosen bin (two more passes).
 //
 // DARE's masks come from a counter-based hash of (seed, element index), so an element's fate does
 // not depend on chunking or threads, and fastmerge.ops.same_init reproduces it with torch integer
@@ -20,6 +20,14 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+// The vectorised kernels below are always inlined into their callers, so that a caller compiled
+// for a wider instruction set (csrc/cpu/same_init.cpp's AVX2 variants) vectorises them for it.
+#if defined(__GNUC__)
+#define FASTMERGE_KERNEL inline __attribute__((always_inline))
+#else
+#define FASTMERGE_KERNEL inline
+#endif
 
 namespace fastmerge {
 namespace kernels {
@@ -34,20 +42,11 @@ inline uint32_t abs_bits(float x) {
   return u & 0x7FFFFFFFu;
 }
 
-// Counts |model - base| by its high bits into bins[0, kHighBins); entries whose high bits fall in
-// [guess, guess + num_guess) are also counted by their low bits into the following num_guess
-// blocks of kLowBins (the speculative second pass: when the k-th largest lands in a guessed bin,
-// the select needs no second read of the inputs). `bins` is added to.
+// Counts |model - base| by its high bits into bins[0, kHighBins) (added to).
 template <typename T>
-void abs_delta_histogram(const T* model, const T* base, int64_t begin, int64_t end, int64_t* bins, int32_t guess,
-                         int32_t num_guess) {
-  int64_t* low = bins + kHighBins;
-  for (int64_t i = begin; i < end; ++i) {
-    const uint32_t bits = abs_bits(static_cast<float>(model[i]) - static_cast<float>(base[i]));
-    ++bins[bits >> 16];
-    const uint32_t g = (bits >> 16) - static_cast<uint32_t>(guess);  // wraps below the guess: no match
-    if (g < static_cast<uint32_t>(num_guess)) ++low[g * kLowBins + (bits & 0xFFFFu)];
-  }
+void abs_delta_histogram(const T* model, const T* base, int64_t begin, int64_t end, int64_t* bins) {
+  for (int64_t i = begin; i < end; ++i)
+    ++bins[abs_bits(static_cast<float>(model[i]) - static_cast<float>(base[i])) >> 16];
 }
 
 // Among entries whose high bits equal `high`, counts |model - base| by its low bits (kLowBins).
@@ -84,12 +83,79 @@ inline float float_from_bits(uint32_t bits) {
 // compiler vectorises them (one element at a time, the per-model loops and branches did not).
 constexpr int64_t kBlock = 256;
 
+// The sampled select of TIES' thresholds: a sample of every model's keys (|d| as float32 bits)
+// gives a window [lo, hi] that holds the k-th largest key with near certainty; one pass over the
+// entries then counts the keys above hi, equal to hi and equal to lo (vectorised) and collects
+// those strictly inside (lo, hi), a few percent of them, where the exact k-th largest is selected.
+// Ties at either end are counted, not collected, so heavily tied tensors stay cheap.
+struct SelectWindow {
+  uint32_t lo, hi;
+};
+
+// What one range of entries contributed for one model.
+struct SelectPart {
+  int64_t above = 0, at_hi = 0, at_lo = 0;
+  std::vector<uint32_t> inside;  // the keys in (lo, hi)
+  bool overflow = false;         // more than `max_inside` keys were inside: collecting stopped
+};
+
+// One pass over entries [begin, end) of every model (the base read once per block) into parts[k].
+template <typename T>
+FASTMERGE_KERNEL void abs_delta_window_pass(const T* const* models, int num_models, const T* base, const SelectWindow* windows,
+                           int64_t max_inside, SelectPart* parts, int64_t begin, int64_t end) {
+  float b[kBlock];
+  uint32_t keys[kBlock], flags[kBlock];
+  std::vector<int64_t> used(num_models, 0);  // inside[k][0, used[k]) are collected keys
+  for (int k = 0; k < num_models; ++k) parts[k].inside.resize(kBlock);
+  for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+    const int64_t len = end - i0 < kBlock ? end - i0 : kBlock;
+    for (int64_t j = 0; j < len; ++j) b[j] = static_cast<float>(base[i0 + j]);
+    for (int k = 0; k < num_models; ++k) {
+      const T* m = models[k] + i0;
+      const uint32_t lo = windows[k].lo, hi = windows[k].hi;
+      // keys in (lo, hi): key - lo - 1 < hi - lo - 1 as unsigned; a few per block, flagged here
+      // and collected below from the groups of 8 that hold any (no branch per key)
+      const uint32_t width = hi > lo ? hi - lo - 1 : 0;
+      uint32_t above = 0, at_hi = 0, at_lo = 0, inside = 0;
+      for (int64_t j = 0; j < len; ++j) {
+        keys[j] = abs_bits(static_cast<float>(m[j]) - b[j]);
+        above += keys[j] > hi;
+        at_hi += keys[j] == hi;
+        at_lo += keys[j] == lo;
+        flags[j] = keys[j] - lo - 1 < width;
+        inside += flags[j];
+      }
+      SelectPart& part = parts[k];
+      part.above += above;
+      part.at_hi += at_hi;
+      part.at_lo += at_lo;
+      if (part.overflow || inside == 0) continue;
+      if (used[k] + kBlock > static_cast<int64_t>(part.inside.size())) part.inside.resize(2 * part.inside.size());
+      uint32_t* out = part.inside.data();
+      int64_t n = used[k];
+      for (int64_t j0 = 0; j0 < len; j0 += 8) {
+        const int64_t j1 = std::min<int64_t>(len, j0 + 8);
+        uint32_t any = 0;
+        for (int64_t j = j0; j < j1; ++j) any |= flags[j];
+        if (!any) continue;
+        for (int64_t j = j0; j < j1; ++j) {
+          out[n] = keys[j];  // written unconditionally, kept by advancing the count
+          n += flags[j];
+        }
+      }
+      used[k] = n;
+      if (n > max_inside) part.overflow = true;
+    }
+  }
+  for (int k = 0; k < num_models; ++k) parts[k].inside.resize(parts[k].overflow ? 0 : used[k]);
+}
+
 // TIES for entries [begin, end): task vectors trimmed to |d_k| >= threshold_k, the sign elected by
 // sum_k w_k d_k, the w-weighted mean of the kept entries that agree with it, out = base + scale *
 // mean. The order of the float operations is that of the torch reference
 // (fastmerge.ops.same_init.ties_merge_reference), so the two agree to the bit.
 template <typename T, typename O>
-void ties_merge(const T* const* models, int num_models, const T* base, const float* weights,
+FASTMERGE_KERNEL void ties_merge(const T* const* models, int num_models, const T* base, const float* weights,
                 const float* thresholds, float scale, O* out, int64_t begin, int64_t end) {
   // the trimmed task vectors of one block, for every model (formed once, read twice)
   std::vector<float> trimmed(static_cast<size_t>(num_models) * kBlock);
@@ -153,7 +219,7 @@ inline uint32_t dare_draw(uint64_t seed, uint64_t i) {
 // DARE for entries [begin, end): out = base + sum_k c_k * keep_k * d_k with keep_k = draw < keep_below
 // and c_k = scale * w_k / density (the rescale of the survivors).
 template <typename T, typename O>
-void dare_merge(const T* const* models, int num_models, const T* base, const float* coefficients,
+FASTMERGE_KERNEL void dare_merge(const T* const* models, int num_models, const T* base, const float* coefficients,
                 const uint64_t* seeds, uint32_t keep_below, O* out, int64_t begin, int64_t end) {
   float b[kBlock], acc[kBlock], keep[kBlock];
   for (int64_t i0 = begin; i0 < end;) {

@@ -3,14 +3,16 @@
 Formats: a ``.safetensors`` file, a folder holding ``model.safetensors`` or a sharded
 ``model.safetensors.index.json`` (or the index file itself), and torch ``.pt`` / ``.bin`` state
 dicts, which are opened with ``weights_only=True`` and memory-mapped (a pickle that wants to run
-code is refused, never executed). safetensors files are memory-mapped by the safetensors library:
-reading one tensor touches only its bytes, so memory stays bounded by the tensors in flight.
+code is refused, never executed). A safetensors tensor is a private memory map of its own bytes
+(no copy: the pages of the page cache), unmapped when the tensor is freed, so memory stays bounded
+by the tensors in flight.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import pickle
 import warnings
@@ -179,9 +181,13 @@ MAX_HEADER_BYTES = 100 * 2**20
 
 class SafetensorsFile:
     """The header of one safetensors file, validated before anything is read (an untrusted file
-    cannot make us read outside it or trust overlapping tensors), and tensor reads with pread into
-    fresh memory: no memory map, so the process holds only the tensors in flight (a map's touched
-    pages would count towards its resident memory until the whole file is closed)."""
+    cannot make us read outside it or trust overlapping tensors), and tensor reads.
+
+    A tensor is a copy-on-write map of its bytes alone (reading it copies nothing; writing to it
+    leaves the file alone), unmapped when the tensor is freed: one map of the whole file would
+    hold every page it touched in the process's resident memory until it was closed. A tensor
+    whose bytes are not aligned to its dtype (safetensors does not promise it) is read into
+    memory instead, as the vectorised kernels expect aligned elements."""
 
     def __init__(self, path: str) -> None:
         import struct
@@ -233,19 +239,38 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file; it is corrupt")
 
     def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor, read into `buffer` (a uint8 tensor of at least its size, reused across calls
-        to skip the page faults of fresh memory) or into new memory."""
+        """The tensor: a map of the file's bytes, or, where they are not aligned to the dtype, read
+        into `buffer` (a uint8 tensor of at least its size, reused across calls to skip the page
+        faults of fresh memory) or into new memory."""
         dtype, shape, begin, end = self.entries[name]
+        start = self.data_start + begin
+        if end > begin and start % dtype.itemsize == 0:
+            return self._map(name, start, end - begin).view(dtype).reshape(shape)
         if buffer is None or buffer.numel() < end - begin:
             buffer = torch.empty(end - begin, dtype=torch.uint8)
         buffer = buffer[: end - begin]
         if end > begin:
             with open(self.path, "rb") as f:
-                f.seek(self.data_start + begin)
+                f.seek(start)
                 got = f.readinto(buffer.numpy())
             if got != end - begin:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is cut short (file truncated)")
         return buffer.view(dtype).reshape(shape)
+
+    def _map(self, name: str, start: int, nbytes: int) -> torch.Tensor:
+        """[start, start + nbytes) of the file as a uint8 tensor over a private map. Its pages are
+        mapped as they are touched (MAP_POPULATE measured slower: it maps page by page, a fault
+        maps the 64 KiB around it)."""
+        offset = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(self.path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), start + nbytes - offset, access=mmap.ACCESS_COPY, offset=offset)
+        except ValueError:  # the map would end past the end of the file
+            raise CheckpointError(f"{self.path}: tensor {name!r} is cut short (file truncated)") from None
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({exc})") from None
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=start - offset)
+
 
 
 def tensor_nbytes(shape, dtype: torch.dtype) -> int:

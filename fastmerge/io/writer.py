@@ -20,6 +20,9 @@ import torch
 
 from ..errors import CheckpointError
 from .reader import INDEX_NAME, SINGLE_NAME, tensor_nbytes
+from .writeback import start_writeback
+
+WRITEBACK_BYTES = 64 << 20  # written bytes after which their writeback to disk is started
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -151,6 +154,7 @@ class ShardedWriter:
         self._file = open(temp, "wb")
         self._file.write(struct.pack("<Q", len(text)))
         self._file.write(text)
+        self._written_back = 0  # [0, _written_back) of this file is on its way to the disk
         self._shard = k
         self._left_in_shard = len(entries)
 
@@ -169,10 +173,19 @@ class ShardedWriter:
                 self._open_shard(self._shard + 1)
             if data.numel():
                 self._file.write(data.view(torch.uint8).numpy().data)
+                self._start_writeback()
         except OSError as exc:
             raise self._io_error(exc) from None
         self._left_in_shard -= 1
         self._next += 1
+
+    def _start_writeback(self) -> None:
+        """Every WRITEBACK_BYTES, the disk starts on what was written, while the merge goes on."""
+        end = self._file.tell()
+        if end - self._written_back >= WRITEBACK_BYTES:
+            self._file.flush()
+            start_writeback(self._file.fileno(), self._written_back, end - self._written_back)
+            self._written_back = end
 
     def _finish_file(self) -> None:
         self._file.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -127,26 +128,41 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     labels = list(models) + ([base] if base_ckpt else [])
     sources = _aligned_sources(inputs, spec) if align else [c.read for c in inputs]
 
-    # One reused buffer per input and one for the output, as large as the largest tensor: fresh
+    # Inputs are maps of the files (no copy); one reused buffer per input for tensors whose bytes
+    # are not aligned in the file, and two for the output, as large as the largest tensor: fresh
     # memory for every tensor would cost a page fault per 4 KiB, more than the arithmetic.
     largest = max((checkpoints[0].tensor_bytes(name) for name, _, _ in writer.plan), default=0)
     largest_out = max((tensor_nbytes(shape, dt) for _, shape, dt in writer.plan), default=0)
     read_buffers = [torch.empty(largest, dtype=torch.uint8) for _ in inputs]
-    out_buffer = torch.empty(largest_out, dtype=torch.uint8)
+    out_buffers = [torch.empty(largest_out, dtype=torch.uint8) for _ in range(2)]
 
-    with writer:
+    # A tensor merged into an output buffer is written by a thread while the next one is merged
+    # (writing to the page cache is a copy that takes as long as a merge); one write in flight, so
+    # a buffer is free again when the write of the tensor after it starts. The pool exits first:
+    # on an error the write in flight ends before the writer removes its temporary files.
+    with writer, ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write") as pool:
+        pending = None
         bar = tqdm(total=len(writer.plan), desc=f"merge ({options.method})", unit="tensor", disable=not progress)
-        for name, shape, out_dtype in writer.plan:
+        for i, (name, shape, out_dtype) in enumerate(writer.plan):
             tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
             base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
             if not align:  # aligned inputs were checked before matching (_aligned_sources)
                 _check_finite(name, tensors + ([base_tensor] if base_ckpt else []), labels)
+            out_buffer = out_buffers[i % 2]
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
             merged = merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out)
             if out_dtype.is_floating_point and torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max:
                 _check_narrowing(name, merged, out_dtype)
-            writer.write(name, merged)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write, name, merged)
+            if merged.numel() and merged.data_ptr() != out_buffer.data_ptr():
+                # not in an output buffer (it may be a view of an input buffer, reused next): now
+                pending.result()
+            del tensors, base_tensor, merged  # the inputs' maps go before the next ones are made
             bar.update()
+        if pending is not None:
+            pending.result()
         bar.close()
     return plan
 

@@ -96,7 +96,10 @@ def merge_tensor(name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor 
     # TIES: a threshold per model from the whole tensor (its `density` largest |task vector| entries)
     numel = base.numel()
     k = ties_threshold_count(numel, options.density)
-    thresholds = [abs_delta_kth_largest(t, base, k) if options.density < 1.0 and numel else 0.0 for t in tensors]
+    if options.density < 1.0 and numel:
+        thresholds = abs_delta_kth_largest(tensors, base, k)
+    else:
+        thresholds = [0.0] * n
     return ties_merge(tensors, base, weights, thresholds, options.scale, out_dtype, out)
 
 

@@ -18,6 +18,7 @@ from .. import _ext
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DARE_DRAW_BITS = 24  # a DARE draw is a 24-bit integer: keep an entry when draw < density * 2^24
+SELECT_SAMPLE = 1 << 15  # entries abs_delta_kth_largest samples to find its window
 CHUNK = 1 << 22  # elements per chunk of the reference: its float32 temporaries stay a few tens of MB
 _M32 = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x045D9F3B  # below 2^27: x * c fits in int64 for x < 2^32
@@ -34,11 +35,14 @@ def keep_below(density: float) -> int:
     return min(1 << DARE_DRAW_BITS, int(round(density * (1 << DARE_DRAW_BITS))))
 
 
-def abs_delta_kth_largest(model: torch.Tensor, base: torch.Tensor, k: int) -> float:
-    """The k-th largest |model - base| (1 <= k <= numel), the difference taken in float32, exactly."""
-    if _fused([model, base], torch.float32) and 1 <= k <= base.numel():
-        return float(torch.ops.fastmerge.abs_delta_kth_largest(model, base, k))
-    return kth_largest_abs_reference(model.float() - base.float(), k)
+def abs_delta_kth_largest(models: Sequence[torch.Tensor], base: torch.Tensor, k: int,
+                          sample: int = SELECT_SAMPLE) -> list[float]:
+    """The k-th largest |model - base| of every model (1 <= k <= numel), the difference taken in
+    float32, exactly. The compiled op reads the base and every model once for all of them: a
+    `sample` of entries narrows the select to a window (0: a radix select, more passes)."""
+    if _fused([*models, base], torch.float32) and 1 <= k <= base.numel():
+        return torch.ops.fastmerge.abs_delta_kth_largest(list(models), base, k, sample).tolist()
+    return [kth_largest_abs_reference(m.float() - base.float(), k) for m in models]
 
 
 def ties_merge(models: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],

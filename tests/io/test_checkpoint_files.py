@@ -50,6 +50,48 @@ def test_single_file_round_trip_with_the_safetensors_library(tmp_path, gen):
     assert ckpt.shape("emb.weight") == (50, 8) and ckpt.dtype("layer.0.b") == torch.bfloat16
 
 
+def test_tensors_map_the_file_copy_on_write_and_unaligned_ones_are_read(tmp_path, gen):
+    state = sample_state(gen)  # "ids" (int64) starts 4 bytes past a multiple of 8 in the file
+    path = tmp_path / "m.safetensors"
+    write(str(path), state)
+    before = path.read_bytes()
+    ckpt = Checkpoint(str(path))
+    buffer = torch.empty(1 << 12, dtype=torch.uint8)
+    ids = ckpt.read("ids", buffer)
+    assert torch.equal(ids, state["ids"]) and ids.data_ptr() == buffer.data_ptr()  # read into the buffer
+    weight = ckpt.read("emb.weight", buffer)
+    assert torch.equal(weight, state["emb.weight"]) and weight.data_ptr() != buffer.data_ptr()  # mapped
+    weight += 1.0  # changes the private map, not the file
+    del weight
+    assert path.read_bytes() == before
+    assert torch.equal(ckpt.read("emb.weight"), state["emb.weight"])
+
+
+def test_writes_start_their_writeback_as_they_go(tmp_path, gen, monkeypatch):
+    """Every WRITEBACK_BYTES the written range goes to the kernel (sync_file_range on Linux), the
+    ranges follow each other from the start of the file, and the output stays exact."""
+    import sys
+
+    from fastmerge.io import writeback
+    from fastmerge.io import writer as writer_module
+
+    assert writeback._sync_file_range is not None or not sys.platform.startswith("linux")
+    ranges = []
+
+    def record(fd, offset, nbytes):
+        ranges.append((offset, nbytes))
+        writeback.start_writeback(fd, offset, nbytes)
+
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 500)
+    monkeypatch.setattr(writer_module, "start_writeback", record)
+    state = sample_state(gen)
+    write(str(tmp_path / "m.safetensors"), state)
+    assert len(ranges) >= 2 and ranges[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+    assert all(n >= 500 for _, n in ranges)
+    assert_same(load_file(str(tmp_path / "m.safetensors")), state)
+
+
 def test_sharded_round_trip_and_index(tmp_path, gen):
     state = sample_state(gen)
     writer = write(str(tmp_path / "out"), state, max_shard_bytes=600)

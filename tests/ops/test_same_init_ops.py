@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fastmerge.ops.same_init import (
+    SELECT_SAMPLE,
+    _hash32,
     abs_delta_kth_largest,
     dare_draws,
     dare_merge,
@@ -29,39 +31,70 @@ def family(gen, dtype, n=200_003, models=3):
     return base.to(dtype), tunes
 
 
+def sorted_abs_deltas(tunes, base):
+    return [(t.float() - base.float()).abs().double().sort(descending=True).values for t in tunes]
+
+
+def assert_kth_largest_exact(tunes, base, ks, samples=(SELECT_SAMPLE, 0)):
+    """Every model's k-th largest |delta| for each k, in one call for all models, equal to sorting,
+    with the sampled window (default) and with the radix select alone (sample=0)."""
+    ordered = sorted_abs_deltas(tunes, base)
+    for k in ks:
+        want = [float(o[k - 1]) for o in ordered]
+        for sample in samples:
+            assert abs_delta_kth_largest(tunes, base, k, sample) == want, (k, sample)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kth_largest_matches_sorting(gen, dtype):
-    base, (tune, *_) = family(gen, dtype)
-    delta = (tune.float() - base.float()).abs().double()
-    ordered = delta.sort(descending=True).values
-    for k in (1, 2, 1000, 100_000, delta.numel() - 1, delta.numel()):
-        assert abs_delta_kth_largest(tune, base, k) == float(ordered[k - 1]), k
-        assert kth_largest_abs_reference(tune.float() - base.float(), k) == float(ordered[k - 1]), k
+    base, tunes = family(gen, dtype)
+    n = base.numel()
+    assert_kth_largest_exact(tunes, base, (1, 2, 1000, 100_000, n - 1, n))
+    ordered = sorted_abs_deltas(tunes[:1], base)[0]
+    for k in (1, 1000, n):
+        assert kth_largest_abs_reference(tunes[0].float() - base.float(), k) == float(ordered[k - 1]), k
+
+
+def test_kth_largest_of_small_tensors_selects_from_all_keys(gen):
+    base, tunes = family(gen, torch.bfloat16, n=5000)
+    assert_kth_largest_exact(tunes, base, (1, 17, 2500, 4999, 5000))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kth_largest_of_large_tensors_matches_sorting(gen, dtype):
-    """Several parallel parts, every histogram bin of the high pass in use somewhere."""
+    """Several parallel parts, every histogram bin of the radix pass in use somewhere."""
     n = (1 << 21) + 5
     base = torch.randn(n, generator=gen).to(dtype)
-    tune = (base.float() + 0.01 * torch.randn(n, generator=gen)).to(dtype)
-    ordered = (tune.float() - base.float()).abs().double().sort(descending=True).values
-    for k in (1, 7, n // 10, n // 2, n - 3, n):
-        assert abs_delta_kth_largest(tune, base, k) == float(ordered[k - 1]), k
+    tunes = [(base.float() + s * torch.randn(n, generator=gen)).to(dtype) for s in (0.01, 0.03)]
+    assert_kth_largest_exact(tunes, base, (1, 7, n // 10, n // 2, n - 3, n))
 
 
-def test_kth_largest_when_the_sample_mispredicts_the_bin(gen):
-    """The op predicts the k-th largest's histogram bin from a strided sample (every n/16384-th
-    entry); entries at exactly those positions made tiny send the prediction to the wrong bins,
-    and the op must fall back to a second pass and still be exact."""
+def test_kth_largest_with_a_small_sample_and_a_wide_window(gen):
+    """A sample of 64 entries: windows span most of the keys (many collected) and stay exact."""
+    n = (1 << 20) + 3
+    base = torch.randn(n, generator=gen)
+    tunes = [base + 0.01 * torch.randn(n, generator=gen)]
+    assert_kth_largest_exact(tunes, base, (1, n // 3, n), samples=(64, 4096))
+
+
+def sampled_positions(n, sample):
+    """The entries the op samples (csrc/cpu/same_init.cpp, sample_keys): one per stratum of
+    n / sample entries, at a hashed offset inside it."""
+    j = torch.arange(sample, dtype=torch.int64)
+    start = j * n // sample
+    stride = (j + 1) * n // sample - start
+    return start + _hash32(j) % stride
+
+
+def test_kth_largest_when_the_sample_misleads_the_window(gen):
+    """Every sampled entry made large and every other one small: the window drawn from the sample
+    holds no k-th largest, and the op must notice and fall back to the radix select, exact."""
     n = (1 << 21) + 7
     base = torch.randn(n, generator=gen)
-    delta = 0.01 * torch.randn(n, generator=gen)
-    delta[(torch.arange(1 << 14) * n) // (1 << 14)] = 1e-7
-    tune = base + delta
-    ordered = (tune - base).abs().double().sort(descending=True).values
-    for k in (n // 2, n // 5):
-        assert abs_delta_kth_largest(tune, base, k) == float(ordered[k - 1]), k
+    delta = 0.01 * torch.rand(n, generator=gen)
+    delta[sampled_positions(n, SELECT_SAMPLE)] = 1.0
+    tunes = [base + delta, base - delta]
+    assert_kth_largest_exact(tunes, base, (n // 2, n // 5, SELECT_SAMPLE + 1), samples=(SELECT_SAMPLE,))
 
 
 def test_kth_largest_of_large_heavily_tied_tensors(gen):
@@ -71,17 +104,17 @@ def test_kth_largest_of_large_heavily_tied_tensors(gen):
     tune = base.clone()
     changed = torch.rand(n, generator=gen) < 0.1
     tune[changed] += torch.randn(int(changed.sum()), generator=gen) * 0.01
-    ordered = (tune - base).abs().double().sort(descending=True).values
-    for k in (int(changed.sum()) // 2, int(changed.sum()), int(changed.sum()) + 1, n // 2, n):
-        assert abs_delta_kth_largest(tune, base, k) == float(ordered[k - 1]), k
+    quantised = base + ((tune - base) * 1000).round() / 1000  # few distinct values: ties at the window's ends
+    m = int(changed.sum())
+    assert_kth_largest_exact([tune, quantised], base, (m // 2, m, m + 1, n // 2, n))
 
 
 def test_kth_largest_with_ties_and_a_zero_task_vector():
     base = torch.zeros(1000)
     tune = torch.tensor([0.5] * 10 + [0.25] * 990)
-    assert abs_delta_kth_largest(tune, base, 10) == 0.5
-    assert abs_delta_kth_largest(tune, base, 11) == 0.25
-    assert abs_delta_kth_largest(base.clone(), base, 500) == 0.0
+    assert abs_delta_kth_largest([tune, base.clone()], base, 10) == [0.5, 0.0]
+    assert abs_delta_kth_largest([tune], base, 11) == [0.25]
+    assert abs_delta_kth_largest([base.clone()], base, 500) == [0.0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,7 +123,7 @@ def test_ties_fused_equals_reference_to_the_bit(gen, dtype, out_dtype):
     base, tunes = family(gen, dtype)
     weights = [1.0, 0.5, 2.0]
     k = base.numel() // 3
-    thresholds = [abs_delta_kth_largest(t, base, k) for t in tunes]
+    thresholds = abs_delta_kth_largest(tunes, base, k)
     got = ties_merge(tunes, base, weights, thresholds, 0.8, out_dtype)
     want = ties_merge_reference(tunes, base, weights, thresholds, 0.8).to(out_dtype)
     assert got.dtype == out_dtype
@@ -101,7 +134,7 @@ def test_ties_follows_its_definition(gen):
     """Small case against the definition written entry by entry in float64."""
     base, tunes = family(gen, torch.float32, n=501)
     weights, scale = [1.0, 0.5, 2.0], 1.3
-    thresholds = [abs_delta_kth_largest(t, base, 200) for t in tunes]
+    thresholds = abs_delta_kth_largest(tunes, base, 200)
     got = ties_merge(tunes, base, weights, thresholds, scale).double()
     for i in range(base.numel()):
         d = [float(t[i]) - float(base[i]) for t in tunes]
@@ -164,7 +197,9 @@ def test_bad_arguments_raise():
     with pytest.raises(RuntimeError, match="out must be"):
         torch.ops.fastmerge.dare_merge_out([base], base, [1.0], [1], 5, torch.empty(9))
     with pytest.raises(RuntimeError, match="k must be"):
-        torch.ops.fastmerge.abs_delta_kth_largest(base, base, 11)
+        torch.ops.fastmerge.abs_delta_kth_largest([base], base, 11)
+    with pytest.raises(RuntimeError, match="models\\[1\\]"):
+        torch.ops.fastmerge.abs_delta_kth_largest([base, torch.zeros(11)], base, 3)
     with pytest.raises(RuntimeError, match="weights"):
         torch.ops.fastmerge.ties_merge_out([base], base, [1.0, 2.0], [0.0], 1.0, torch.empty(10))
 
@@ -172,6 +207,6 @@ def test_bad_arguments_raise():
 def test_opcheck(gen):
     base, tunes = family(gen, torch.bfloat16, n=1000)
     out = torch.empty(1000)
-    torch.library.opcheck(torch.ops.fastmerge.abs_delta_kth_largest.default, (tunes[0], base, 10))
+    torch.library.opcheck(torch.ops.fastmerge.abs_delta_kth_largest.default, (tunes, base, 10))
     torch.library.opcheck(torch.ops.fastmerge.ties_merge_out.default, (tunes, base, [1.0] * 3, [0.01] * 3, 1.0, out))
     torch.library.opcheck(torch.ops.fastmerge.dare_merge_out.default, (tunes, base, [1.0] * 3, [1, 2, 3], 1 << 23, out))
