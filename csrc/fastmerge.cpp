@@ -55,9 +55,11 @@ TORCH_LIBRARY(fastmerge, m) {
   // NaN/Inf entries of each tensor (int64 counts, one per tensor): the input guard of every merge.
   m.def("count_nonfinite(Tensor[] tensors) -> Tensor");
   // Same-initialisation merges fused per element (kernels/same_init.h). The k-th largest
-  // |models[i] - base| of every model (float32, exact): TIES' trimming thresholds. `sample`: entries
-  // sampled to narrow the select to one pass (0: a radix select, three passes; same result).
-  m.def("abs_delta_kth_largest(Tensor[] models, Tensor base, int k, int sample=32768) -> Tensor");
+  // |models[i] - base| of every model (float32, exact): TIES' trimming thresholds; and how many of
+  // them are NaN/Inf (int64: the model or the base is not finite there), so TIES needs no separate
+  // pass to check its inputs. `sample`: the most entries sampled (at most 1 in 32) to narrow the
+  // select to one pass (0: a radix select, more passes; same result).
+  m.def("abs_delta_kth_largest(Tensor[] models, Tensor base, int k, int sample=65536) -> (Tensor, Tensor)");
   // TIES: out = base + scale * (w-weighted mean of the trimmed task vectors that agree with the elected sign).
   m.def(
       "ties_merge_out(Tensor[] models, Tensor base, float[] weights, float[] thresholds, float scale, Tensor(a!) out) "

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <cmath>
 #include <functional>
 #include <string>
@@ -108,8 +109,12 @@ std::vector<int64_t> histogram(int64_t n, int num_bins, const F& f) {
 // Below this many entries a threshold is selected from all the keys directly.
 constexpr int64_t kSelectAllBelow = 1 << 16;
 // The window of the sampled select: the sampled keys this many standard deviations of a sampled
-// rank (binomial) either side of k's rank.
+// rank (binomial) either side of k's rank. A sample takes at most one entry in kEntriesPerSample
+// (a sample's random reads cost several times a pass's sequential ones), and at least kMinSample
+// entries, or the radix select runs instead.
 constexpr double kWindowSigmas = 4.0;
+constexpr int64_t kEntriesPerSample = 32;
+constexpr int64_t kMinSample = 1024;
 
 // The keys of every model on `num` entries: one per stratum of n / num entries, at a hashed
 // offset inside it (a strided sample could alias with the rows of a weight matrix).
@@ -170,12 +175,15 @@ bool select_in_window(const kn::SelectWindow& w, std::vector<kn::SelectPart>& pa
   return false;
 }
 
-// The exact k-th largest key of one model by a radix select: two passes over the inputs.
+// The exact k-th largest key of one model by a radix select: two passes over the inputs. Adds the
+// number of non-finite keys (the top bins of the first pass) to *nonfinite when it is given.
 template <typename T>
-uint32_t radix_select(const T* mp, const T* bp, int64_t n, int64_t k) {
+uint32_t radix_select(const T* mp, const T* bp, int64_t n, int64_t k, int64_t* nonfinite) {
   const auto high_bins = histogram(n, kn::kHighBins, [&](int64_t s, int64_t e, int64_t* h) {
     kn::abs_delta_histogram(mp, bp, s, e, h);
   });
+  if (nonfinite != nullptr)
+    for (uint32_t b = kn::kInfBits >> 16; b < kn::kHighBins; ++b) *nonfinite += high_bins[b];
   int64_t above_high = 0, above_low = 0;
   const int32_t high = kn::bin_of_kth_largest(high_bins.data(), kn::kHighBins, k, &above_high);
   const auto low_bins = histogram(n, kn::kLowBins, [&](int64_t s, int64_t e, int64_t* h) {
@@ -185,23 +193,25 @@ uint32_t radix_select(const T* mp, const T* bp, int64_t n, int64_t k) {
   return (static_cast<uint32_t>(high) << 16) | static_cast<uint32_t>(low);
 }
 
-// The k-th largest key of every model: small tensors from all their keys; larger ones by the
-// sampled window (`sample` entries, one pass for all models), with the radix select for a model
-// whose window missed; sample = 0: the radix select alone.
+// The k-th largest key of every model, and its number of non-finite keys: small tensors from all
+// their keys; larger ones by the sampled window (min(sample, n / 32) entries, one pass for all
+// models), with the radix select for a model whose window missed; sample = 0: the radix select alone.
 template <typename T>
-std::vector<uint32_t> kth_largest_keys(const std::vector<const T*>& models, const T* base, int64_t n, int64_t k,
-                                       int64_t sample) {
+void kth_largest_keys(const std::vector<const T*>& models, const T* base, int64_t n, int64_t k, int64_t sample,
+                      uint32_t* result, int64_t* nonfinite) {
   const size_t num_models = models.size();
-  std::vector<uint32_t> result(num_models);
   if (n < kSelectAllBelow) {
     for (size_t m = 0; m < num_models; ++m) {
       std::vector<uint32_t> keys = sample_keys(std::vector<const T*>{models[m]}, base, n, n)[0];
+      nonfinite[m] = std::count_if(keys.begin(), keys.end(), [](uint32_t key) { return key >= kn::kInfBits; });
       result[m] = nth_largest(keys, k - 1);
     }
-    return result;
+    return;
   }
   std::vector<char> found(num_models, 0);  // (not vector<bool>: written from threads)
-  if (sample > 0 && n >= 4 * sample) {
+  sample = std::min(sample, n / kEntriesPerSample);
+  const bool windowed = sample >= kMinSample;
+  if (windowed) {
     auto samples = sample_keys(models, base, n, sample);
     std::vector<kn::SelectWindow> windows;
     for (auto& s : samples) windows.push_back(window_from_sample(s, n, k));
@@ -213,38 +223,45 @@ std::vector<uint32_t> kth_largest_keys(const std::vector<const T*>& models, cons
     std::vector<std::vector<kn::SelectPart>> by_part(parts, std::vector<kn::SelectPart>(num_models));
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p)
-        window_pass(models.data(), static_cast<int>(num_models), base, windows.data(), max_inside,
-                                  by_part[p].data(), n * p / parts, n * (p + 1) / parts);
+        window_pass(models.data(), static_cast<int>(num_models), base, windows.data(), max_inside, by_part[p].data(),
+                    n * p / parts, n * (p + 1) / parts);
     });
     at::parallel_for(0, static_cast<int64_t>(num_models), 1, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         std::vector<kn::SelectPart> of_model;
         for (auto& part : by_part) of_model.push_back(std::move(part[m]));
+        nonfinite[m] = 0;
+        for (const auto& part : of_model) nonfinite[m] += part.nonfinite;
         found[m] = select_in_window(windows[m], of_model, k, &result[m]);
       }
     });
   }
-  for (size_t m = 0; m < num_models; ++m)
-    if (!found[m]) result[m] = radix_select(models[m], base, n, k);
-  return result;
+  for (size_t m = 0; m < num_models; ++m) {
+    if (found[m]) continue;
+    if (!windowed) nonfinite[m] = 0;
+    result[m] = radix_select(models[m], base, n, k, windowed ? nullptr : &nonfinite[m]);
+  }
 }
 
-at::Tensor abs_delta_kth_largest_cpu(at::TensorList models, const at::Tensor& base, int64_t k, int64_t sample) {
+std::tuple<at::Tensor, at::Tensor> abs_delta_kth_largest_cpu(at::TensorList models, const at::Tensor& base, int64_t k,
+                                                             int64_t sample) {
   check_inputs("abs_delta_kth_largest", models, base);
   const int64_t n = base.numel();
   TORCH_CHECK(k >= 1 && k <= n, "abs_delta_kth_largest: k must be in [1, ", n, "], got ", k);
   TORCH_CHECK(sample >= 0, "abs_delta_kth_largest: sample must be >= 0, got ", sample);
   const std::vector<at::Tensor> m = contiguous(models);
   const at::Tensor b = base.contiguous();
-  std::vector<uint32_t> keys;
+  const int64_t num_models = static_cast<int64_t>(m.size());
+  std::vector<uint32_t> keys(num_models);
+  at::Tensor nonfinite = at::empty({num_models}, at::TensorOptions().dtype(at::kLong));
   FASTMERGE_DISPATCH_FUSED(b.scalar_type(), "abs_delta_kth_largest", [&] {
     std::vector<const scalar_t*> mp;
     for (const at::Tensor& t : m) mp.push_back(t.const_data_ptr<scalar_t>());
-    keys = kth_largest_keys(mp, b.const_data_ptr<scalar_t>(), n, k, sample);
+    kth_largest_keys(mp, b.const_data_ptr<scalar_t>(), n, k, sample, keys.data(), nonfinite.data_ptr<int64_t>());
   });
-  at::Tensor result = at::empty({static_cast<int64_t>(keys.size())}, at::TensorOptions().dtype(at::kFloat));
-  for (size_t i = 0; i < keys.size(); ++i) result.data_ptr<float>()[i] = kn::float_from_bits(keys[i]);
-  return result;
+  at::Tensor thresholds = at::empty({num_models}, at::TensorOptions().dtype(at::kFloat));
+  for (int64_t i = 0; i < num_models; ++i) thresholds.data_ptr<float>()[i] = kn::float_from_bits(keys[i]);
+  return {thresholds, nonfinite};
 }
 
 // Calls f(models, base, out, begin, end) with typed pointers over ranges of the entries, in

@@ -34,7 +34,8 @@ namespace kernels {
 
 constexpr int kHighBins = 1 << 15;  // |x| clears the sign bit: bits 30..16
 constexpr int kLowBins = 1 << 16;   // bits 15..0
-constexpr uint32_t kDareDraws = 1u << 24;  // a draw is 24 bits: keep when draw < density * 2^24
+constexpr uint32_t kDareDraws = 1u << 24;
+constexpr uint32_t kInfBits = 0x7F800000u;  // keys from here up are Inf and NaN  // a draw is 24 bits: keep when draw < density * 2^24
 
 inline uint32_t abs_bits(float x) {
   uint32_t u;
@@ -95,6 +96,7 @@ struct SelectWindow {
 // What one range of entries contributed for one model.
 struct SelectPart {
   int64_t above = 0, at_hi = 0, at_lo = 0;
+  int64_t nonfinite = 0;  // keys of NaN/Inf (the model or the base not finite there)
   std::vector<uint32_t> inside;  // the keys in (lo, hi)
   bool overflow = false;         // more than `max_inside` keys were inside: collecting stopped
 };
@@ -116,9 +118,10 @@ FASTMERGE_KERNEL void abs_delta_window_pass(const T* const* models, int num_mode
       // keys in (lo, hi): key - lo - 1 < hi - lo - 1 as unsigned; a few per block, flagged here
       // and collected below from the groups of 8 that hold any (no branch per key)
       const uint32_t width = hi > lo ? hi - lo - 1 : 0;
-      uint32_t above = 0, at_hi = 0, at_lo = 0, inside = 0;
+      uint32_t above = 0, at_hi = 0, at_lo = 0, inside = 0, nonfinite = 0;
       for (int64_t j = 0; j < len; ++j) {
         keys[j] = abs_bits(static_cast<float>(m[j]) - b[j]);
+        nonfinite += keys[j] >= kInfBits;
         above += keys[j] > hi;
         at_hi += keys[j] == hi;
         at_lo += keys[j] == lo;
@@ -129,6 +132,7 @@ FASTMERGE_KERNEL void abs_delta_window_pass(const T* const* models, int num_mode
       part.above += above;
       part.at_hi += at_hi;
       part.at_lo += at_lo;
+      part.nonfinite += nonfinite;
       if (part.overflow || inside == 0) continue;
       if (used[k] + kBlock > static_cast<int64_t>(part.inside.size())) part.inside.resize(2 * part.inside.size());
       uint32_t* out = part.inside.data();

@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -258,9 +259,7 @@ class SafetensorsFile:
         return buffer.view(dtype).reshape(shape)
 
     def _map(self, name: str, start: int, nbytes: int) -> torch.Tensor:
-        """[start, start + nbytes) of the file as a uint8 tensor over a private map. Its pages are
-        mapped as they are touched (MAP_POPULATE measured slower: it maps page by page, a fault
-        maps the 64 KiB around it)."""
+        """[start, start + nbytes) of the file as a uint8 tensor over a private map."""
         offset = start - start % mmap.ALLOCATIONGRANULARITY
         try:
             with open(self.path, "rb") as f:
@@ -269,8 +268,26 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} is cut short (file truncated)") from None
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({exc})") from None
+        _populate(mapped)
         return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=start - offset)
 
+
+_MADV_POPULATE_READ = 22  # Linux 5.14+; not in Python 3.11's mmap module
+
+
+def _populate(mapped: mmap.mmap) -> None:
+    """Maps a tensor's pages in one call, reading them from disk if the page cache lacks them:
+    measured faster than a page fault per 64 KiB on page-cached files, and faster than faults'
+    small read-aheads on cold ones. MADV_POPULATE_READ maps them without copying (populating a
+    writable private map would copy every page); older kernels: read-ahead (MADV_WILLNEED)."""
+    if sys.platform.startswith("linux"):
+        try:
+            mapped.madvise(_MADV_POPULATE_READ)
+            return
+        except OSError:
+            pass
+    if hasattr(mmap, "MADV_WILLNEED"):
+        mapped.madvise(mmap.MADV_WILLNEED)
 
 
 def tensor_nbytes(shape, dtype: torch.dtype) -> int:

@@ -21,7 +21,7 @@ from .._version import __version__
 from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from ..io import Checkpoint, ShardedWriter, parse_size, tensor_nbytes
 from ..ops import count_nonfinite
-from .same_init import SameInitOptions, merge_tensor
+from .same_init import SameInitOptions, checks_finite, merge_tensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -146,11 +146,17 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         for i, (name, shape, out_dtype) in enumerate(writer.plan):
             tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
             base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
-            if not align:  # aligned inputs were checked before matching (_aligned_sources)
-                _check_finite(name, tensors + ([base_tensor] if base_ckpt else []), labels)
+            every = tensors + ([base_tensor] if base_ckpt else [])
+            if not align and not checks_finite(options):  # aligned inputs were checked before matching
+                _check_finite(name, every, labels)
             out_buffer = out_buffers[i % 2]
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
-            merged = merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out)
+            try:
+                merged = merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out)
+            except NonFiniteError:
+                _check_finite(name, every, labels)  # names the file (finite inputs: the merge overflowed)
+                raise
+            del every
             if out_dtype.is_floating_point and torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max:
                 _check_narrowing(name, merged, out_dtype)
             if pending is not None:

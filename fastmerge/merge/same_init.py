@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, NonFiniteError
 from ..ops import combine
-from ..ops.same_init import abs_delta_kth_largest, dare_merge, ties_merge, ties_threshold_count
+from ..ops.same_init import dare_merge, ties_merge, ties_threshold_count, ties_thresholds
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare", "slerp")
 NEEDS_BASE = ("task_arithmetic", "ties", "dare")
@@ -97,10 +97,20 @@ def merge_tensor(name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor 
     numel = base.numel()
     k = ties_threshold_count(numel, options.density)
     if options.density < 1.0 and numel:
-        thresholds = abs_delta_kth_largest(tensors, base, k)
+        thresholds, nonfinite = ties_thresholds(tensors, base, k)
+        if any(nonfinite):  # (the pass that selects the thresholds also checks the inputs)
+            m = next(i for i, c in enumerate(nonfinite) if c)
+            raise NonFiniteError(f"tensor {name!r}: {nonfinite[m]} entries of model {m}'s task vector (model - base) "
+                                 "are NaN/Inf: a model or the base is broken there, or the difference overflows")
     else:
         thresholds = [0.0] * n
     return ties_merge(tensors, base, weights, thresholds, options.scale, out_dtype, out)
+
+
+def checks_finite(options: SameInitOptions) -> bool:
+    """Whether merge_tensor itself raises NonFiniteError for NaN/Inf inputs (TIES with trimming:
+    its threshold pass counts them), so a caller need not check them first."""
+    return options.method == "ties" and options.density < 1.0
 
 
 def _seed(seed: int, model: int, name: str) -> int:

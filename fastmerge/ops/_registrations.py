@@ -54,8 +54,8 @@ def _count_nonfinite_fake(tensors):
 
 
 @torch.library.register_fake("fastmerge::abs_delta_kth_largest")
-def _abs_delta_kth_largest_fake(models, base, k, sample=32768):
-    return torch.empty(len(models), dtype=torch.float32)
+def _abs_delta_kth_largest_fake(models, base, k, sample=65536):
+    return torch.empty(len(models), dtype=torch.float32), torch.empty(len(models), dtype=torch.long)
 
 
 @torch.library.register_fake("fastmerge::ties_merge_out")

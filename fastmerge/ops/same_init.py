@@ -18,7 +18,7 @@ from .. import _ext
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DARE_DRAW_BITS = 24  # a DARE draw is a 24-bit integer: keep an entry when draw < density * 2^24
-SELECT_SAMPLE = 1 << 15  # entries abs_delta_kth_largest samples to find its window
+SELECT_SAMPLE = 1 << 16  # the most entries abs_delta_kth_largest samples (at most 1 in 32) for its window
 CHUNK = 1 << 22  # elements per chunk of the reference: its float32 temporaries stay a few tens of MB
 _M32 = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x045D9F3B  # below 2^27: x * c fits in int64 for x < 2^32
@@ -40,9 +40,18 @@ def abs_delta_kth_largest(models: Sequence[torch.Tensor], base: torch.Tensor, k:
     """The k-th largest |model - base| of every model (1 <= k <= numel), the difference taken in
     float32, exactly. The compiled op reads the base and every model once for all of them: a
     `sample` of entries narrows the select to a window (0: a radix select, more passes)."""
+    return ties_thresholds(models, base, k, sample)[0]
+
+
+def ties_thresholds(models: Sequence[torch.Tensor], base: torch.Tensor, k: int,
+                    sample: int = SELECT_SAMPLE) -> tuple[list[float], list[int]]:
+    """abs_delta_kth_largest, and how many entries of each |model - base| are NaN/Inf (where the
+    model or the base is not finite), counted by the same pass."""
     if _fused([*models, base], torch.float32) and 1 <= k <= base.numel():
-        return torch.ops.fastmerge.abs_delta_kth_largest(list(models), base, k, sample).tolist()
-    return [kth_largest_abs_reference(m.float() - base.float(), k) for m in models]
+        thresholds, nonfinite = torch.ops.fastmerge.abs_delta_kth_largest(list(models), base, k, sample)
+        return thresholds.tolist(), nonfinite.tolist()
+    deltas = [m.float() - base.float() for m in models]
+    return [kth_largest_abs_reference(d, k) for d in deltas], [int((~torch.isfinite(d)).sum()) for d in deltas]
 
 
 def ties_merge(models: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmerge.errors import InvalidArgumentError, ShapeMismatchError
+from fastmerge.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from fastmerge.merge.checkpoints import merge_checkpoints
 from fastmerge.merge.same_init import SameInitOptions
 
@@ -139,3 +139,17 @@ def test_mismatched_inputs_and_bad_options(family, gen):
         merge_checkpoints([paths[0], paths[1], paths[2]], str(tmp_path / "x.safetensors"), SameInitOptions("slerp"),
                           progress=False)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_ties_refuses_a_nan_naming_the_file_and_tensor(family):
+    """TIES checks its inputs in the pass that selects its thresholds (no separate check): a NaN
+    in the base still names the base file and the tensor, and nothing is written."""
+    tmp_path, base, tunes, paths = family
+    broken = {k: v.clone() for k, v in base.items()}
+    broken["a.weight"][2, 3] = float("nan")
+    save_file(broken, str(tmp_path / "nan_base.safetensors"))
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(NonFiniteError, match=r"nan_base\.safetensors: tensor 'a\.weight' holds 1 NaN"):
+        merge_checkpoints([paths[0], paths[1]], str(out), SameInitOptions("ties", density=0.5),
+                          base=str(tmp_path / "nan_base.safetensors"), progress=False)
+    assert not out.exists()

@@ -14,6 +14,7 @@ from fastmerge.ops.same_init import (
     kth_largest_abs_reference,
     ties_merge,
     ties_merge_reference,
+    ties_thresholds,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -70,16 +71,17 @@ def test_kth_largest_of_large_tensors_matches_sorting(gen, dtype):
 
 
 def test_kth_largest_with_a_small_sample_and_a_wide_window(gen):
-    """A sample of 64 entries: windows span most of the keys (many collected) and stay exact."""
+    """A sample of 1024 entries (the fewest): wide windows, many keys collected, still exact."""
     n = (1 << 20) + 3
     base = torch.randn(n, generator=gen)
     tunes = [base + 0.01 * torch.randn(n, generator=gen)]
-    assert_kth_largest_exact(tunes, base, (1, n // 3, n), samples=(64, 4096))
+    assert_kth_largest_exact(tunes, base, (1, n // 3, n), samples=(1024, 4096))
 
 
 def sampled_positions(n, sample):
-    """The entries the op samples (csrc/cpu/same_init.cpp, sample_keys): one per stratum of
-    n / sample entries, at a hashed offset inside it."""
+    """The entries the op samples (csrc/cpu/same_init.cpp, sample_keys): min(sample, n / 32) of
+    them, one per stratum of n / that entries, at a hashed offset inside it."""
+    sample = min(sample, n // 32)
     j = torch.arange(sample, dtype=torch.int64)
     start = j * n // sample
     stride = (j + 1) * n // sample - start
@@ -94,7 +96,19 @@ def test_kth_largest_when_the_sample_misleads_the_window(gen):
     delta = 0.01 * torch.rand(n, generator=gen)
     delta[sampled_positions(n, SELECT_SAMPLE)] = 1.0
     tunes = [base + delta, base - delta]
-    assert_kth_largest_exact(tunes, base, (n // 2, n // 5, SELECT_SAMPLE + 1), samples=(SELECT_SAMPLE,))
+    assert_kth_largest_exact(tunes, base, (n // 2, n // 5, n // 32 + 1), samples=(SELECT_SAMPLE,))
+
+
+def test_kth_largest_when_the_window_is_flooded(gen):
+    """Sampled entries spread over [0.5, 1.5], all others packed just above 1: the window drawn
+    around the sample's median holds nearly every entry, more than the pass collects, and the op
+    falls back to the radix select, exact."""
+    n = (1 << 21) + 7
+    base = torch.zeros(n)
+    delta = 1.0 + 1e-4 * torch.rand(n, generator=gen)
+    positions = sampled_positions(n, SELECT_SAMPLE)
+    delta[positions] = 0.5 + torch.rand(len(positions), generator=gen)
+    assert_kth_largest_exact([base + delta], base, (n // 2, n // 3), samples=(SELECT_SAMPLE,))
 
 
 def test_kth_largest_of_large_heavily_tied_tensors(gen):
@@ -107,6 +121,22 @@ def test_kth_largest_of_large_heavily_tied_tensors(gen):
     quantised = base + ((tune - base) * 1000).round() / 1000  # few distinct values: ties at the window's ends
     m = int(changed.sum())
     assert_kth_largest_exact([tune, quantised], base, (m // 2, m, m + 1, n // 2, n))
+
+
+@pytest.mark.parametrize("n, sample", [(5000, SELECT_SAMPLE), ((1 << 20) + 3, SELECT_SAMPLE), ((1 << 20) + 3, 0)])
+def test_the_threshold_pass_counts_non_finite_task_vector_entries(gen, n, sample):
+    """From all keys (small), the window pass and the radix pass alike: NaN/Inf in a model or in
+    the base (which every model's task vector then has) are counted; the thresholds stay exact."""
+    base = torch.randn(n, generator=gen)
+    tune = base + 0.01 * torch.randn(n, generator=gen)
+    tune[5], tune[n // 2] = float("nan"), float("inf")
+    base[7] = float("-inf")
+    models = [tune, base.clone()]
+    thresholds, nonfinite = ties_thresholds(models, base, n // 2, sample)
+    assert nonfinite == [int((~torch.isfinite(m - base)).sum()) for m in models] == [3, 1]
+    assert thresholds == [float(o[n // 2 - 1]) for o in sorted_abs_deltas(models, base)]
+    finite = torch.randn(n, generator=gen)
+    assert ties_thresholds([finite + 1.0], finite, 3, sample)[1] == [0]
 
 
 def test_kth_largest_with_ties_and_a_zero_task_vector():
