@@ -8,10 +8,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 #include <cmath>
 #include <functional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/same_init.h"
@@ -202,6 +202,7 @@ void kth_largest_keys(const std::vector<const T*>& models, const T* base, int64_
   const size_t num_models = models.size();
   if (n < kSelectAllBelow) {
     for (size_t m = 0; m < num_models; ++m) {
+      // (a "sample" of n entries out of n is every key)
       std::vector<uint32_t> keys = sample_keys(std::vector<const T*>{models[m]}, base, n, n)[0];
       nonfinite[m] = std::count_if(keys.begin(), keys.end(), [](uint32_t key) { return key >= kn::kInfBits; });
       result[m] = nth_largest(keys, k - 1);
@@ -291,8 +292,8 @@ void ties_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::Array
               models.size(), " models, ", weights.size(), " weights and ", thresholds.size(), " thresholds");
   const std::vector<float> w(weights.begin(), weights.end()), thr(thresholds.begin(), thresholds.end());
   for_each_range(models, base, out, [&](const auto& mp, auto bp, auto op, int64_t s, int64_t e) {
-    ties_merge(mp.data(), static_cast<int>(mp.size()), bp, w.data(), thr.data(), static_cast<float>(scale), op,
-                   s, e);
+    ties_merge(mp.data(), static_cast<int>(mp.size()), bp, w.data(), thr.data(), static_cast<float>(scale), op, s,
+               e);
   });
 }
 
@@ -307,8 +308,8 @@ void dare_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::Array
   const std::vector<float> c(coefficients.begin(), coefficients.end());
   const std::vector<uint64_t> sd(seeds.begin(), seeds.end());
   for_each_range(models, base, out, [&](const auto& mp, auto bp, auto op, int64_t s, int64_t e) {
-    dare_merge(mp.data(), static_cast<int>(mp.size()), bp, c.data(), sd.data(), static_cast<uint32_t>(keep_below),
-                   op, s, e);
+    dare_merge(mp.data(), static_cast<int>(mp.size()), bp, c.data(), sd.data(), static_cast<uint32_t>(keep_below), op,
+               s, e);
   });
 }
 

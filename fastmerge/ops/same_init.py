@@ -50,8 +50,12 @@ def ties_thresholds(models: Sequence[torch.Tensor], base: torch.Tensor, k: int,
     if _fused([*models, base], torch.float32) and 1 <= k <= base.numel():
         thresholds, nonfinite = torch.ops.fastmerge.abs_delta_kth_largest(list(models), base, k, sample)
         return thresholds.tolist(), nonfinite.tolist()
-    deltas = [m.float() - base.float() for m in models]
-    return [kth_largest_abs_reference(d, k) for d in deltas], [int((~torch.isfinite(d)).sum()) for d in deltas]
+    thresholds, nonfinite = [], []
+    for m in models:  # one float32 task vector at a time
+        delta = m.float() - base.float()
+        thresholds.append(kth_largest_abs_reference(delta, k))
+        nonfinite.append(int((~torch.isfinite(delta)).sum()))
+    return thresholds, nonfinite
 
 
 def ties_merge(models: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],

@@ -123,19 +123,22 @@ def test_kth_largest_of_large_heavily_tied_tensors(gen):
     assert_kth_largest_exact([tune, quantised], base, (m // 2, m, m + 1, n // 2, n))
 
 
-@pytest.mark.parametrize("n, sample", [(5000, SELECT_SAMPLE), ((1 << 20) + 3, SELECT_SAMPLE), ((1 << 20) + 3, 0)])
-def test_the_threshold_pass_counts_non_finite_task_vector_entries(gen, n, sample):
-    """From all keys (small), the window pass and the radix pass alike: NaN/Inf in a model or in
-    the base (which every model's task vector then has) are counted; the thresholds stay exact."""
-    base = torch.randn(n, generator=gen)
-    tune = base + 0.01 * torch.randn(n, generator=gen)
+@pytest.mark.parametrize("n, sample, dtype", [(5000, SELECT_SAMPLE, torch.float32),
+                                              ((1 << 20) + 3, SELECT_SAMPLE, torch.float32),
+                                              ((1 << 20) + 3, 0, torch.float32), (5000, 0, torch.float64)])
+def test_the_threshold_pass_counts_non_finite_task_vector_entries(gen, n, sample, dtype):
+    """From all keys (small), the window pass, the radix pass and the torch reference (float64)
+    alike: NaN/Inf in a model or in the base (which every model's task vector then has) are
+    counted; the thresholds stay exact."""
+    base = torch.randn(n, generator=gen, dtype=dtype)
+    tune = base + 0.01 * torch.randn(n, generator=gen, dtype=dtype)
     tune[5], tune[n // 2] = float("nan"), float("inf")
     base[7] = float("-inf")
     models = [tune, base.clone()]
     thresholds, nonfinite = ties_thresholds(models, base, n // 2, sample)
     assert nonfinite == [int((~torch.isfinite(m - base)).sum()) for m in models] == [3, 1]
     assert thresholds == [float(o[n // 2 - 1]) for o in sorted_abs_deltas(models, base)]
-    finite = torch.randn(n, generator=gen)
+    finite = torch.randn(n, generator=gen, dtype=dtype)
     assert ties_thresholds([finite + 1.0], finite, 3, sample)[1] == [0]
 
 
