@@ -148,6 +148,31 @@ def nonfinite(total_params: int = 200_000_000, dtype: torch.dtype = torch.bfloat
     )
 
 
+def ties_thresholds(entries: int = 5504 * 2048, models: int = 3, density: float = 0.5,
+                    dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Workload:
+    """TIES' trimming thresholds of one tensor (the k-th largest |model - base| of each fine-tune):
+    the sampled one-pass select of every model at once vs torch.kthvalue per model."""
+    from ..ops.same_init import abs_delta_kth_largest, ties_threshold_count
+
+    gen = torch.Generator().manual_seed(seed)
+    base = (0.02 * torch.randn(entries, generator=gen)).to(dtype)
+    tunes = [(base.float() + 0.002 * torch.randn(entries, generator=gen)).to(dtype) for _ in range(models)]
+    k = ties_threshold_count(entries, density)
+
+    def kthvalue_each():
+        return [float((t.float() - base.float()).abs().kthvalue(entries - k + 1).values) for t in tunes]
+
+    return Workload(
+        name=f"TIES thresholds {models} x {entries / 1e6:.1f}M {str(dtype).replace('torch.', '')}, density {density}",
+        group="ties_thresholds",
+        ours=lambda: abs_delta_kth_largest(tunes, base, k),
+        baseline=kthvalue_each,
+        baseline_name="torch.kthvalue of |model - base| per model",
+        ratio_kind="time",
+        target=None,
+    )
+
+
 def standard(quick: bool = False) -> list[Callable[[], Workload]]:
     """The issue's benchmark set (full) or a seconds-long smoke version (quick), as lazy factories."""
     if quick:
@@ -158,6 +183,7 @@ def standard(quick: bool = False) -> list[Callable[[], Workload]]:
             lambda: combine(2, 8_000_000, 1_000_000),
             lambda: combine(4, 8_000_000, 1_000_000),
             lambda: nonfinite(8_000_000),
+            lambda: ties_thresholds(1 << 20),
         ]
     return [
         lambda: covariance(65536, 2048),
@@ -167,4 +193,5 @@ def standard(quick: bool = False) -> list[Callable[[], Workload]]:
         lambda: combine(2),
         lambda: combine(4),
         lambda: nonfinite(),
+        lambda: ties_thresholds(),
     ]

@@ -21,7 +21,7 @@ def test_quick_report_sections_charts_and_rerun(tmp_path):
     assert text.startswith("# Benchmark results\n\nHand-written notes that must survive.\n")
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     for section in ("## Merge quality", "### digits: MLP 32-32", "| direct average |", "| permute |", "| CCA |",
-                    "| parents (mean) / ensemble |", "## Speed", "| combine 2 models", "| count_nonfinite",
+                    "| parents (mean) / ensemble |", "## Speed", "| combine 2 models", "| count_nonfinite", "| TIES thresholds",
                     "| activation statistics", "![merge quality](quality.png)", "![speed ratios](speed.png)"):
         assert section in text, section
     for chart in ("quality.png", "speed.png"):
