@@ -7,7 +7,8 @@
 // TIES needs a threshold per model (the k-th largest |d_k| of the whole tensor), selected exactly on
 // the float32 bits of |d| (non-negative floats order like their bit patterns): from a sample, a
 // window that holds it, one pass over the inputs for all models, the select inside the window
-// (abs_delta_window_pass). Where the window misses, a radix select: a histogram of the high 15
+// (abs_delta_window_pass; ties at the window's ends are counted, not collected, so the few distinct
+// values of bfloat16 task vectors do not flood it). Where the window misses, a radix select: a histogram of the high 15
 // bits, then one of the low 16 bits inside the chosen bin (two more passes).
 //
 // DARE's masks come from a counter-based hash of (seed, element index), so an element's fate does
@@ -34,8 +35,8 @@ namespace kernels {
 
 constexpr int kHighBins = 1 << 15;  // |x| clears the sign bit: bits 30..16
 constexpr int kLowBins = 1 << 16;   // bits 15..0
-constexpr uint32_t kDareDraws = 1u << 24;
-constexpr uint32_t kInfBits = 0x7F800000u;  // keys from here up are Inf and NaN  // a draw is 24 bits: keep when draw < density * 2^24
+constexpr uint32_t kDareDraws = 1u << 24;  // a draw is 24 bits: keep when draw < density * 2^24
+constexpr uint32_t kInfBits = 0x7F800000u;  // keys from here up are Inf and NaN
 
 inline uint32_t abs_bits(float x) {
   uint32_t u;
@@ -103,8 +104,9 @@ struct SelectPart {
 
 // One pass over entries [begin, end) of every model (the base read once per block) into parts[k].
 template <typename T>
-FASTMERGE_KERNEL void abs_delta_window_pass(const T* const* models, int num_models, const T* base, const SelectWindow* windows,
-                           int64_t max_inside, SelectPart* parts, int64_t begin, int64_t end) {
+FASTMERGE_KERNEL void abs_delta_window_pass(const T* const* models, int num_models, const T* base,
+                                           const SelectWindow* windows, int64_t max_inside, SelectPart* parts,
+                                           int64_t begin, int64_t end) {
   float b[kBlock];
   uint32_t keys[kBlock], flags[kBlock];
   std::vector<int64_t> used(num_models, 0);  // inside[k][0, used[k]) are collected keys
@@ -160,7 +162,7 @@ FASTMERGE_KERNEL void abs_delta_window_pass(const T* const* models, int num_mode
 // (fastmerge.ops.same_init.ties_merge_reference), so the two agree to the bit.
 template <typename T, typename O>
 FASTMERGE_KERNEL void ties_merge(const T* const* models, int num_models, const T* base, const float* weights,
-                const float* thresholds, float scale, O* out, int64_t begin, int64_t end) {
+                                 const float* thresholds, float scale, O* out, int64_t begin, int64_t end) {
   // the trimmed task vectors of one block, for every model (formed once, read twice)
   std::vector<float> trimmed(static_cast<size_t>(num_models) * kBlock);
   float b[kBlock], elected[kBlock], total[kBlock], count[kBlock];
@@ -224,7 +226,7 @@ inline uint32_t dare_draw(uint64_t seed, uint64_t i) {
 // and c_k = scale * w_k / density (the rescale of the survivors).
 template <typename T, typename O>
 FASTMERGE_KERNEL void dare_merge(const T* const* models, int num_models, const T* base, const float* coefficients,
-                const uint64_t* seeds, uint32_t keep_below, O* out, int64_t begin, int64_t end) {
+                                 const uint64_t* seeds, uint32_t keep_below, O* out, int64_t begin, int64_t end) {
   float b[kBlock], acc[kBlock], keep[kBlock];
   for (int64_t i0 = begin; i0 < end;) {
     // blocks end at multiples of kBlock, so none crosses a multiple of 2^32 and the index's high

@@ -156,7 +156,6 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             except NonFiniteError:
                 _check_finite(name, every, labels)  # names the file (finite inputs: the merge overflowed)
                 raise
-            del every
             if out_dtype.is_floating_point and torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max:
                 _check_narrowing(name, merged, out_dtype)
             if pending is not None:
@@ -165,7 +164,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             if merged.numel() and merged.data_ptr() != out_buffer.data_ptr():
                 # not in an output buffer (it may be a view of an input buffer, reused next): now
                 pending.result()
-            del tensors, base_tensor, merged  # the inputs' maps go before the next ones are made
+            del tensors, base_tensor, every, merged  # the inputs' maps go before the next ones are made
             bar.update()
         if pending is not None:
             pending.result()
