@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+from fastmerge.spec.transforms import apply_permutations
 
 ROWS: list[tuple[str, str, str, str, str]] = []  # (op, fastmerge, baseline, ratio, target / note)
 
@@ -249,7 +250,7 @@ def transform():
 
 
 def weight_matching_gpt2():
-    from fastmerge.align.weight_matching import weight_matching
+    from fastmerge.alignment.weight_matching import weight_matching
 
     spec, state, permuted = gpt2_pair()
     gs = {k: v.cuda() for k, v in state.items()}
@@ -260,7 +261,7 @@ def weight_matching_gpt2():
     torch.cuda.synchronize()
     t = time.perf_counter() - start
     sweeps = len(diag["history"][1]) - 1
-    aligned = spec.apply_permutations(gp, {k: v.cuda() if torch.is_tensor(v) else v for k, v in perms[1].items()})
+    aligned = apply_permutations(spec, gp, {k: v.cuda() if torch.is_tensor(v) else v for k, v in perms[1].items()})
     ok = all(bool((aligned[k] == gs[k]).all()) for k in gs)
     row("weight matching GPT-2-small, all 49 groups to convergence", f"{t:.1f} s ({sweeps} sweeps)",
         "CPU (2-core EPYC, benchmarks/RESULTS.md): 64.4 s", f"{64.4 / t:.1f}x", f"permutation recovered: {ok}")
@@ -268,7 +269,7 @@ def weight_matching_gpt2():
 
 def np_merge_step_gpt2():
     from fastmerge import zoo
-    from fastmerge.merge.np_merge import CoefficientMerger
+    from fastmerge.merging.np_merge import CoefficientMerger
 
     torch.manual_seed(0)
     parents = [zoo.gpt2(vocab_size=50257, block_size=64, dim=768, depth=12, heads=12).cuda().eval() for _ in range(2)]

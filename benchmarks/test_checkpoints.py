@@ -52,8 +52,8 @@ def make_checkpoint(path, seed, base=None):
 
 RUN = """
 import json, sys, time
-from fastmerge.merge.checkpoints import merge_checkpoints
-from fastmerge.merge.same_init import SameInitOptions
+from fastmerge.merging.checkpoints import merge_checkpoints
+from fastmerge.merging.same_init import SameInitOptions
 models, out, method, base = json.loads(sys.argv[1])
 import os
 def peak_kib():  # VmHWM: this image's high-water mark (ru_maxrss inherits the forking parent's RSS)

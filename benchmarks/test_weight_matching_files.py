@@ -13,6 +13,7 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
+from fastmerge.spec.transforms import apply_permutations
 from fastmerge import zoo
 from fastmerge.spec import save_spec, trace_spec
 
@@ -20,8 +21,8 @@ MEDIUM = dict(dim=1024, depth=24, heads=16)
 
 RUN = """
 import json, os, sys, time
-from fastmerge.merge.checkpoints import merge_checkpoints
-from fastmerge.merge.same_init import SameInitOptions
+from fastmerge.merging.checkpoints import merge_checkpoints
+from fastmerge.merging.same_init import SameInitOptions
 a, b, spec, out = json.loads(sys.argv[1])
 def peak_kib():  # VmHWM: this image's high-water mark (ru_maxrss inherits the forking parent's RSS)
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -47,7 +48,7 @@ def test_weight_matching_gpt2_medium_from_files(benchmark, tmp_path):
     size = sum(v.numel() * v.element_size() for v in state.values())
     perms = spec.random_permutations(torch.Generator().manual_seed(1))
     save_file(state, str(tmp_path / "a.safetensors"))
-    save_file(spec.apply_permutations(state, perms), str(tmp_path / "b.safetensors"))
+    save_file(apply_permutations(spec, state, perms), str(tmp_path / "b.safetensors"))
     out = tmp_path / "merged.safetensors"
     args = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), str(tmp_path / "gpt2-medium.spec.yaml"),
             str(out)]

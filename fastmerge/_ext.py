@@ -11,6 +11,7 @@ import glob
 import os
 import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -27,6 +28,17 @@ class _State:
 
 _state = _State()
 _lock = threading.Lock()
+# Python parts of the ops (fake kernels, autograd formulas) that need the compiled ops to exist:
+# fastmerge.ops registers them here, so this loader imports nothing of fastmerge (no cycle).
+_after_load: list[Callable[[], None]] = []
+
+
+def after_load(callback: Callable[[], None]) -> None:
+    """Runs `callback` once the library has loaded (at once when it already has)."""
+    if _state.loaded:
+        callback()
+    else:
+        _after_load.append(callback)
 
 
 def _find_library() -> str | None:
@@ -57,8 +69,8 @@ def load() -> bool:
             _state.loaded = False
             return False
         _state.path = path
-        from .ops import _registrations  # noqa: F401  (fake kernels and autograd for the ops)
-
+        for callback in _after_load:
+            callback()
         _state.loaded = True
         return True
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import zoo
 from .errors import InvalidArgumentError
-from .merge import merge
+from .merging import merge
 
 CCA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)
 ZIPIT_GRID = tuple((a, b) for a in (0.5, 1.0) for b in (0.0, 0.25))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..spec.transforms import apply_permutations
 from .workloads import Workload
 
 
@@ -49,7 +50,7 @@ def _three_svd_cca(s_xx: np.ndarray, s_yy: np.ndarray, s_xy: np.ndarray, g: floa
 
 def cca_all_groups(widths=(512, 512, 1024), seed: int = 0) -> Workload:
     """CCA Merge transforms for every group of a model pair (correlated random statistics)."""
-    from ..align import cca_transform
+    from ..alignment import cca_transform
 
     rng = np.random.default_rng(seed)
     problems = []
@@ -85,7 +86,7 @@ def gpt2_small_pair(seed: int = 0):
     model = zoo.gpt2(vocab_size=50257, block_size=64, dim=768, depth=12, heads=12).eval()
     spec = trace_spec(model, (torch.randint(0, 50257, (1, 16)),))
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    permuted = spec.apply_permutations(state, spec.random_permutations(torch.Generator().manual_seed(seed + 1)))
+    permuted = apply_permutations(spec, state, spec.random_permutations(torch.Generator().manual_seed(seed + 1)))
     return spec, state, permuted
 
 
@@ -133,7 +134,7 @@ def np_merge_step(model: str = "resnet20x4", variant: str = "fastmerge", steps: 
     import time
 
     from .. import zoo
-    from ..merge.np_merge import CoefficientMerger
+    from ..merging.np_merge import CoefficientMerger
 
     torch.manual_seed(0)
     if model == "resnet20x4":

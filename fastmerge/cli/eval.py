@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 def _from_files(args, methods, eval_report):
     import json
 
-    from ..merge.with_data import BUILTIN_DATA, data_from, load_models, model_factory
+    from ..merging.with_data import BUILTIN_DATA, data_from, load_models, model_factory
 
     if not 2 <= len(args.models) <= 3:
         raise InvalidArgumentError(f"eval takes 2 or 3 checkpoints, got {len(args.models)}")

@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_with_data(args)
     if args.method == "np_merge":
         raise InvalidArgumentError("--method np_merge learns coefficients on data: give --model, --data and --align")
-    from ..merge.checkpoints import merge_checkpoints, plan_merge
-    from ..merge.same_init import SameInitOptions
+    from ..merging.checkpoints import merge_checkpoints, plan_merge
+    from ..merging.same_init import SameInitOptions
 
     settings = _from_config(args.config) if args.config else {}
     for key in ("method", "base", "weights", "scale", "density", "t", "seed", "dtype", "output"):
@@ -140,7 +140,7 @@ def _run_with_data(args: argparse.Namespace) -> int:
     import json
 
     from .. import distributed
-    from ..merge.with_data import data_from, merge_files_with_data, model_factory
+    from ..merging.with_data import data_from, merge_files_with_data, model_factory
 
     if not args.model:
         raise InvalidArgumentError(f"--align {args.align} works on activations: give --model MODULE:ATTR (the "

@@ -17,8 +17,9 @@ import json
 import os
 
 from ..errors import CheckpointError, InvalidArgumentError
+from ..io.dtypes import DTYPES as FLOAT_DTYPES
 
-DTYPES = ("float32", "float64", "float16", "bfloat16", "long")
+DTYPES = (*FLOAT_DTYPES, "long")  # --input-dtype: the float dtypes, or token ids
 
 
 def add_parser(sub) -> None:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        from ..merge.with_data import model_factory
+        from ..merging.with_data import model_factory
         from ..spec import trace_spec
 
         try:

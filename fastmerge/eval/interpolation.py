@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..checks import check_models
 from ..errors import InvalidArgumentError
-from ..merge.repair import has_batch_norm, reset_batch_norm
+from ..merging.repair import has_batch_norm, reset_batch_norm
 from .metrics import Metrics, evaluate
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -83,8 +84,6 @@ def _floating_names(model: nn.Module) -> list[str]:
 
 
 def _check_pair(a: nn.Module, b: nn.Module) -> None:
-    from ..merge.api import check_models
-
     check_models([a, b])
 
 
@@ -148,8 +147,6 @@ def loss_plane(models: Sequence[nn.Module], data: Iterable, *, grid: int = 11, m
     `margin` (a fraction of the span) on every side."""
     if len(models) != 3:
         raise InvalidArgumentError(f"loss_plane needs exactly three models, got {len(models)}")
-    from ..merge.api import check_models
-
     check_models(models)
     names = _floating_names(models[0])
     states = [m.state_dict() for m in models]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..batches import iterate_batches
 from ..errors import DataError
 
 
@@ -21,23 +22,11 @@ class Metrics:
         return asdict(self)
 
 
-def _labelled(data: Iterable, max_batches: int | None):
-    from ..stats.collect import _split_batch
-
-    for b, batch in enumerate(data):
-        if max_batches is not None and b >= max_batches:
-            break
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise DataError("evaluation needs labelled batches (inputs, targets)")
-        args, kwargs = _split_batch(batch)
-        yield args, kwargs, batch[1]
-
-
 @torch.no_grad()
 def _score(predict: Callable, data: Iterable, max_batches: int | None) -> Metrics:
     """predict(args, kwargs) -> log-probabilities; summed on the device, read back once."""
     loss_sum, correct, total = None, None, 0
-    for args, kwargs, target in _labelled(data, max_batches):
+    for args, kwargs, target in iterate_batches(data, max_batches=max_batches, labelled=True):
         logp = predict(args, kwargs)
         batch_loss = nn.functional.nll_loss(logp, target, reduction="sum")
         batch_correct = (logp.argmax(-1) == target).sum()

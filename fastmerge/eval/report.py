@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..align import align as align_models
+from ..alignment import align as align_models
 from ..io.atomic import write_text_atomic
-from ..merge import merge, np_merge
+from ..merging import merge, np_merge
 from ..spec import trace_spec
 from . import plots
 from .features import feature_pictures

@@ -15,9 +15,10 @@ import math
 import mmap
 import os
 import pickle
+import struct
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -28,9 +29,15 @@ SINGLE_NAME = "model.safetensors"
 TORCH_NAMES = ("pytorch_model.bin", "model.pt", "model.bin")
 
 
-class Checkpoint:
+class Checkpoint(Mapping[str, torch.Tensor]):
     """A read-only view of one checkpoint: names, shapes and dtypes without reading data, and one
-    tensor at a time on request (``checkpoint[name]``)."""
+    tensor at a time on request (``checkpoint[name]``).
+
+    A read-on-access state dict (a Mapping of tensor name -> tensor): code that takes a state
+    dict, weight matching for one, reads each tensor when it needs it, so memory holds a few
+    tensors, not the model. Unlike a dict, a missing name raises CheckpointError (naming the
+    file), and two checkpoints are equal only when they are the same object (comparing them would
+    read every tensor)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = os.fspath(path)
@@ -117,11 +124,17 @@ class Checkpoint:
         self._files = {name: path for name in state}
 
     # ------------------------------------------------------------------ reading
-    def keys(self) -> list[str]:
+    def keys(self) -> list[str]:  # a list, as before Checkpoint was a Mapping (not a view)
         return list(self._files)
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
         return name in self._files
+
+    def get(self, name: str, default=None):
+        return self.read(name) if name in self._files else default
+
+    __eq__ = object.__eq__  # identity: Mapping's would read and compare every tensor
+    __hash__ = object.__hash__
 
     def __len__(self) -> int:
         return len(self._files)
@@ -191,8 +204,6 @@ class SafetensorsFile:
     memory instead, as the vectorised kernels expect aligned elements."""
 
     def __init__(self, path: str) -> None:
-        import struct
-
         self.path = path
         try:
             size = os.path.getsize(path)

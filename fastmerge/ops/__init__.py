@@ -1,5 +1,7 @@
 """The engine's ops: typed wrappers over the compiled kernels, each with a pure-torch reference."""
 
+from .. import _ext
+
 from .assignment import linear_assignment, linear_assignment_reference
 from .combine import combine, combine_reference
 from .nonfinite import count_nonfinite, count_nonfinite_reference
@@ -27,3 +29,11 @@ __all__ = [
     "transform_axes",
     "transform_axes_reference",
 ]
+
+
+def _register_python_parts() -> None:
+    # imported only once the library has loaded: register_autograd needs the compiled ops to exist
+    from . import _registrations  # noqa: F401
+
+
+_ext.after_load(_register_python_parts)

@@ -1,6 +1,6 @@
 """Fake (meta) kernels and autograd formulas of the compiled ops.
 
-Imported by fastmerge._ext right after the library loads: the fakes let torch.compile and
+Imported by fastmerge.ops once the library has loaded (fastmerge._ext.after_load): the fakes let torch.compile and
 torch.library.opcheck reason about shapes without running the kernels; the autograd formula makes
 ``combine`` differentiable for NP Merge.
 """

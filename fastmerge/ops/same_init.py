@@ -1,4 +1,4 @@
-"""Fused TIES and DARE on one tensor of every model (fastmerge.merge.same_init calls these).
+"""Fused TIES and DARE on one tensor of every model (fastmerge.merging.same_init calls these).
 
 The compiled kernels (csrc/kernels/same_init.h) form each task vector W_k - base in float32 per
 element and write the merged value in the output dtype: one read of every input and one write,

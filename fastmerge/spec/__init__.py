@@ -7,8 +7,10 @@
 
 from .check import CheckReport, check_spec
 from .trace import trace_spec
+from .transforms import Dense, apply_permutations, apply_transforms
 from .types import Group, Member, MergeSpec, SpecError, TapPoint
 from .yaml_io import SpecBuilder, load_spec, save_spec, spec_from_yaml, spec_to_yaml
 
-__all__ = ["CheckReport", "Group", "Member", "MergeSpec", "SpecBuilder", "SpecError", "TapPoint", "check_spec",
-           "load_spec", "save_spec", "spec_from_yaml", "spec_to_yaml", "trace_spec"]
+__all__ = ["CheckReport", "Dense", "Group", "Member", "MergeSpec", "SpecBuilder", "SpecError", "TapPoint",
+           "apply_permutations", "apply_transforms", "check_spec", "load_spec", "save_spec", "spec_from_yaml",
+           "spec_to_yaml", "trace_spec"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .transforms import apply_permutations
 from .types import MergeSpec, SpecError
 
 
@@ -87,7 +88,7 @@ def check_spec(
     gen = torch.Generator().manual_seed(seed)
 
     def run(perms) -> tuple[float, float]:
-        probe.load_state_dict(spec.apply_permutations(state, perms))
+        probe.load_state_dict(apply_permutations(spec, state, perms))
         with torch.no_grad():
             got = _outputs(probe(*inputs, **kwargs))
         if any(not torch.equal(g, e) for g, e in zip(got, expected) if not g.is_floating_point()):

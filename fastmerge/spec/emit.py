@@ -16,7 +16,7 @@ import numpy as np
 
 from .layout import plain, size_of, unify_layouts
 from .spaces import Space, find
-from .trace import TraceResult
+from .trace_types import TraceResult
 from .types import Group, MergeSpec, Member, TapPoint
 
 Levels = list  # list[(size, np.ndarray of Space, shape = sizes of the levels before)]

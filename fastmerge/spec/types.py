@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ShapeMismatchError, SpecError  # noqa: F401 (SpecError re-exported)
+from ..errors import SpecError
 
 ROLES = ("out", "in", "param")
 
@@ -116,16 +116,6 @@ class Member:
 
 
 @dataclass(frozen=True)
-class Dense:
-    """A dense transform of a group, per instance: ``out`` (count, size, size) acts on producer rows
-    and per-unit parameters (W <- A W); ``inp`` (count, size, size) on consumer columns
-    (W <- W B). For an invertible T: out = T, inp = T^-1 (CCA); ZipIt: merge / unmerge matrices."""
-
-    out: torch.Tensor
-    inp: torch.Tensor
-
-
-@dataclass(frozen=True)
 class TapPoint:
     """Where a group's features can be observed: an input (or output) of a module, the axis `dim`
     of that tensor laid out like a member (grid `factors`, units on level `unit`...)."""
@@ -181,60 +171,10 @@ class MergeSpec:
             for m in g.members:
                 _validate_member(g, m, shapes)
 
-    def transform_jobs(self, shapes: Mapping[str, Sequence[int]], transforms: Mapping[str, object]):
-        """Yields (tensor name, axis, transform) in application order: a gather index for a
-        permutation ((count, size) LongTensor), a matrix for a Dense transform. Groups missing
-        from `transforms` stay; members on tensors missing from `shapes` are skipped."""
-        for g in self.groups:
-            t = transforms.get(g.name)
-            if t is None:
-                continue
-            if isinstance(t, Dense):
-                if tuple(t.out.shape) != (g.count, g.size, g.size) or tuple(t.inp.shape) != (g.count, g.size, g.size):
-                    raise ShapeMismatchError(f"dense transform of group {g.name!r} must be ({g.count}, {g.size}, {g.size})")
-            elif tuple(t.shape) != (g.count, g.size):
-                raise ShapeMismatchError(f"permutations for group {g.name!r} must have shape ({g.count}, {g.size}), got {tuple(t.shape)}")
-            for m in g.members:
-                if m.tensor not in shapes:
-                    continue
-                n = shapes[m.tensor][m.axis]
-                if not isinstance(t, Dense):
-                    yield m.tensor, m.axis, m.gather_index(n, t)
-                elif m.role == "in":  # W <- W B: new[.., u] = sum_v old[.., v] B[v, u]
-                    yield m.tensor, m.axis, m.dense_matrix(n, t.inp.transpose(-1, -2))
-                else:  # producer rows and per-unit parameters: new = A old
-                    yield m.tensor, m.axis, m.dense_matrix(n, t.out)
-
-    def apply_transforms(self, state: Mapping[str, torch.Tensor], transforms: Mapping[str, object]) -> dict[str, torch.Tensor]:
-        """A new state dict with every group's transform applied (one batched op call)."""
-        from ..ops import AxisJob, transform_axes
-
-        names = list(state)
-        position = {n: i for i, n in enumerate(names)}
-        shapes = {n: tuple(t.shape) for n, t in state.items()}
-        jobs = [AxisJob(position[t], axis, m) for t, axis, m in self.transform_jobs(shapes, transforms)]
-        out = transform_axes([state[n] for n in names], jobs)
-        return dict(zip(names, out))
-
-    def apply_permutations(self, state: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A new state dict with every group's permutations applied (one batched op call)."""
-        return self.apply_transforms(state, perms)
-
     def random_permutations(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One random permutation per group instance: the transforms check_spec draws."""
         return {g.name: torch.stack([torch.randperm(g.size, generator=generator) for _ in range(g.count)])
                 for g in self.groups}
-
-    def to_yaml(self) -> str:
-        from .yaml_io import spec_to_yaml
-
-        return spec_to_yaml(self)
-
-    @staticmethod
-    def from_yaml(text: str, shapes: Mapping[str, Sequence[int]] | None = None) -> MergeSpec:
-        from .yaml_io import spec_from_yaml
-
-        return spec_from_yaml(text, shapes)
 
     def summary(self) -> str:
         lines = [f"{len(self.groups)} groups"]

@@ -17,15 +17,17 @@ states with the streaming covariance op; only the block pairs the method needs a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as _distributed
+from ..batches import batch_samples, iterate_batches
 from ..errors import DataError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from ..ops import CovarianceState
+from ..spec.structure import activation_groups
 from ..spec.types import Group, MergeSpec, TapPoint
 
 
@@ -76,18 +78,6 @@ def tap_features(x: torch.Tensor, tap: TapPoint, size: int) -> torch.Tensor:
     return x.reshape(-1, size)
 
 
-def _split_batch(batch):
-    """(args, kwargs) for a model call from a data-loader batch: a tensor, an (inputs, targets)
-    pair (inputs first), or a dict of keyword inputs."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}
-    if isinstance(batch, Mapping):
-        return (), dict(batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        return (batch[0],), {}
-    raise InvalidArgumentError(f"cannot use a batch of type {type(batch).__name__}; yield tensors, (inputs, targets) or dicts")
-
-
 class StatsCollector:
     """Accumulates group statistics from forward passes of all models on the same inputs.
 
@@ -108,8 +98,6 @@ class StatsCollector:
                  pairs: str = "all_to_one", reference: int = 0, max_rows: int | None = None, seed: int = 0) -> None:
         if len(models) < 1:
             raise InvalidArgumentError("StatsCollector needs at least one model")
-        from ..align.structure import activation_groups
-
         self.models = list(models)
         self.groups = list(groups) if groups is not None else activation_groups(spec)
         for g in self.groups:
@@ -201,14 +189,10 @@ def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: Merge
     try:
         with torch.no_grad(), collector, tqdm(total=total, desc="activation statistics", disable=not progress,
                                               leave=False) as bar:
-            for b, batch in enumerate(data):
-                if max_batches is not None and b >= max_batches:
-                    break
-                args, kwargs = _split_batch(batch)
+            for batch in iterate_batches(data, max_batches=max_batches):
                 for m in models:
-                    m(*args, **kwargs)
-                first = args[0] if args else next(iter(kwargs.values()))
-                seen += int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+                    m(*batch.args, **batch.kwargs)
+                seen += batch_samples(batch)
                 bar.update(1)
                 if max_samples is not None and seen >= max_samples:
                     break

@@ -8,12 +8,13 @@ import struct
 import pytest
 import torch
 
+from fastmerge.spec.transforms import apply_permutations
 import fastmerge
 from fastmerge import zoo
 from fastmerge.demo import TrainConfig, load_dataset, train
 from fastmerge.eval import ensemble, evaluate, feature_pictures, interpolate, loss_plane
 from fastmerge.eval import plots
-from fastmerge.merge.repair import reset_batch_norm
+from fastmerge.merging.repair import reset_batch_norm
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_barrier_after_alignment_is_invariant_to_permuting_one_endpoint(split, p
     gen = torch.Generator().manual_seed(3)
     perms = {g.name: torch.stack([torch.randperm(g.size, generator=gen) for _ in range(g.count)]) for g in spec.groups}
     shuffled = copy.deepcopy(b)
-    shuffled.load_state_dict(spec.apply_permutations(b.state_dict(), perms))
+    shuffled.load_state_dict(apply_permutations(spec, b.state_dict(), perms))
     assert torch.allclose(shuffled(split.x_test), b(split.x_test), atol=1e-5)  # the same function
     fit = [x for x, _ in labelled(split, "fit")]
     curves = []

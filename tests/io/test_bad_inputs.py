@@ -20,9 +20,9 @@ import fastmerge
 import fastmerge.zoo
 from fastmerge.cli import main
 from fastmerge.errors import CheckpointError, DataError, NonFiniteError, ShapeMismatchError, SpecError
-from fastmerge.merge.checkpoints import merge_checkpoints
-from fastmerge.merge.same_init import SameInitOptions
-from fastmerge.merge.with_data import data_from, merge_files_with_data, model_factory
+from fastmerge.merging.checkpoints import merge_checkpoints
+from fastmerge.merging.same_init import SameInitOptions
+from fastmerge.merging.with_data import data_from, merge_files_with_data, model_factory
 from fastmerge.spec import save_spec, trace_spec
 
 

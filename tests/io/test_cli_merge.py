@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmerge.merge.checkpoints import merge_checkpoints
-from fastmerge.merge.same_init import SameInitOptions
+from fastmerge.spec.transforms import apply_permutations
+from fastmerge.merging.checkpoints import merge_checkpoints
+from fastmerge.merging.same_init import SameInitOptions
 
 
 def cli(*args, **kwargs):
@@ -121,7 +122,7 @@ def test_weight_matching_of_files_recovers_a_permuted_copy(tmp_path, arch):
     model = zoo.gpt2() if arch == "gpt2" else zoo.llama()
     spec = trace_spec(model, (torch.randint(0, 64, (1, 8)),))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    permuted = spec.apply_permutations(state, spec.random_permutations(torch.Generator().manual_seed(5)))
+    permuted = apply_permutations(spec, state, spec.random_permutations(torch.Generator().manual_seed(5)))
     assert any(not torch.equal(permuted[k], state[k]) for k in state)
     _save_state(tmp_path / "a.safetensors", state)
     _save_state(tmp_path / "b.safetensors", permuted)

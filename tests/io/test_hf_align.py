@@ -10,10 +10,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from fastmerge.spec.transforms import apply_permutations
 from fastmerge.io import Checkpoint, ShardedWriter  # noqa: E402
 from fastmerge.io.hf_spec import spec_from_config  # noqa: E402
-from fastmerge.merge.checkpoints import merge_checkpoints  # noqa: E402
-from fastmerge.merge.same_init import SameInitOptions  # noqa: E402
+from fastmerge.merging.checkpoints import merge_checkpoints  # noqa: E402
+from fastmerge.merging.same_init import SameInitOptions  # noqa: E402
 
 
 def write_folder(folder, config_src, state):
@@ -71,7 +72,7 @@ def test_permuted_copy_is_recovered_from_files_with_an_inferred_spec(tmp_path, k
     ckpt = Checkpoint(source)
     state = {k: ckpt[k] for k in ckpt}
     spec = spec_from_config(source, {k: tuple(v.shape) for k, v in state.items()})
-    permuted = spec.apply_permutations(state, spec.random_permutations(torch.Generator().manual_seed(1)))
+    permuted = apply_permutations(spec, state, spec.random_permutations(torch.Generator().manual_seed(1)))
     assert sum(not torch.equal(permuted[k], state[k]) for k in state) >= 8
     write_folder(tmp_path / "b", source, permuted)
     out = tmp_path / "merged"

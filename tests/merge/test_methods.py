@@ -8,9 +8,9 @@ import torch
 
 import fastmerge
 import fastmerge.zoo as zoo
-from fastmerge.align import cca_transform, zipit_matrices
+from fastmerge.alignment import cca_transform, zipit_matrices
 from fastmerge.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from fastmerge.merge import reset_batch_norm
+from fastmerge.merging import reset_batch_norm
 from fastmerge.spec import trace_spec
 from fastmerge.stats import StatsCollector, tap_features
 
@@ -232,7 +232,7 @@ def test_cca_with_dead_units_is_stable_under_rounding_level_changes():
     the null spaces; the transform must still be a continuous function of the statistics: changes at
     the level of summation-order rounding must not move it (they moved it by more than its largest
     entry before the null-space part was fixed)."""
-    from fastmerge.align.activation import cca_transform
+    from fastmerge.alignment.activation import cca_transform
 
     gen = torch.Generator().manual_seed(0)
     n, c = 400, 12

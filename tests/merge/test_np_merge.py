@@ -9,7 +9,7 @@ import fastmerge
 import fastmerge.zoo as zoo
 from fastmerge.demo import TrainConfig, accuracy, batches, load_dataset, train
 from fastmerge.errors import InvalidArgumentError
-from fastmerge.merge import np_merge
+from fastmerge.merging import np_merge
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
+from fastmerge.spec.transforms import apply_permutations
 import fastmerge
 import fastmerge.zoo as zoo
 from fastmerge.spec import trace_spec
-from fastmerge.spec.types import Dense
+from fastmerge.spec.transforms import Dense
 
 METHODS = ["permute", "weight_matching", "cca", "zipit"]
 
@@ -46,7 +47,7 @@ def setups():
             spec = trace_spec(model, inputs)
             true = spec.random_permutations(torch.Generator().manual_seed(1))
             copy = zoo.ZOO[name]().eval()
-            copy.load_state_dict(spec.apply_permutations(model.state_dict(), true))
+            copy.load_state_dict(apply_permutations(spec, model.state_dict(), true))
             cache[name] = (model, copy, spec, inputs, data)
         return cache[name]
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastmerge.errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from fastmerge.merge.checkpoints import merge_checkpoints
-from fastmerge.merge.same_init import SameInitOptions
+from fastmerge.merging.checkpoints import merge_checkpoints
+from fastmerge.merging.same_init import SameInitOptions
 
 SHAPES = {"a.weight": (48, 24), "a.bias": (48,), "b.weight": (10, 48), "scale": ()}
 

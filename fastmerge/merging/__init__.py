@@ -1,6 +1,7 @@
 """Merging: apply alignments, combine weights, repair statistics."""
 
-from .api import MERGE_METHODS, check_same_architecture, combine_states, merge
+from ..checks import check_same_architecture
+from .api import MERGE_METHODS, combine_states, merge
 from .np_merge import NPMergeResult, np_merge
 from .repair import repair, reset_batch_norm
 

@@ -7,50 +7,15 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from ..errors import DataError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from ..ops import combine, count_nonfinite
+from ..batches import first_batch
+from ..checks import check_models
+from ..errors import InvalidArgumentError
+from ..ops import combine
 from ..spec.types import MergeSpec
 from .repair import has_batch_norm, repair, reset_batch_norm
 
 MERGE_METHODS = ("average", "permute", "weight_matching", "cca", "zipit", "np_merge")
 REPAIRS = ("auto", "none", "reset", "repair")
-
-
-def check_same_architecture(models: Sequence[nn.Module]) -> None:
-    """Same tensor names, shapes and dtypes in every model; the error lists what differs."""
-    ref = {k: (tuple(v.shape), v.dtype) for k, v in models[0].state_dict().items()}
-    for i, m in enumerate(models[1:], start=1):
-        other = {k: (tuple(v.shape), v.dtype) for k, v in m.state_dict().items()}
-        missing, extra = sorted(set(ref) - set(other)), sorted(set(other) - set(ref))
-        differ = sorted(k for k in set(ref) & set(other) if ref[k] != other[k])
-        if missing or extra or differ:
-            parts = []
-            if missing:
-                parts.append(f"missing {missing[:3]}")
-            if extra:
-                parts.append(f"extra {extra[:3]}")
-            if differ:
-                k = differ[0]
-                parts.append(f"{len(differ)} tensors differ, e.g. {k}: {ref[k]} vs {other[k]}")
-            raise ShapeMismatchError(f"model {i} does not have model 0's architecture: " + "; ".join(parts))
-
-
-def check_models(models: Sequence[nn.Module]) -> None:
-    """What must hold before any work: one architecture (check_same_architecture), one device, and
-    finite floating weights (a NaN in one parent would silently spread into the merge)."""
-    check_same_architecture(models)
-    devices = [{t.device for t in m.state_dict().values()} for m in models]
-    if any(len(d) > 1 for d in devices) or len({d for ds in devices for d in ds}) > 1:
-        where = ", ".join(f"model {i}: {sorted(str(x) for x in d)}" for i, d in enumerate(devices))
-        raise ShapeMismatchError(f"the models are on different devices ({where}); move them to one device "
-                                 "(model.to(device)) before merging")
-    for i, m in enumerate(models):
-        state = m.state_dict()
-        counts = count_nonfinite(list(state.values()))  # one call, read back once
-        if bool(counts.any()):
-            bad = [(k, int(c)) for k, c in zip(state, counts.tolist()) if c]
-            raise NonFiniteError(f"model {i}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {bad[0][0]!r} ({bad[0][1]} "
-                                 "entries); that checkpoint is broken (diverged training?): fix or drop it")
 
 
 def combine_states(states: Sequence[dict], weights: Sequence[float], reference: int = 0) -> dict:
@@ -66,23 +31,15 @@ def combine_states(states: Sequence[dict], weights: Sequence[float], reference: 
     return {k: out[k] for k in names}
 
 
-def _first_batch_inputs(data: Iterable):
-    from ..stats.collect import _split_batch
-
-    for batch in data:
-        return _split_batch(batch)
-    raise DataError("data is empty: no batch to trace the model with; pass batches")
-
-
 def _align(models, method, *, spec, data, example_inputs, reference, progress, align_options):
-    from ..align import align
+    from ..alignment import align
     from ..spec import trace_spec
 
     if spec is None:
         if example_inputs is not None:
             args, kwargs = tuple(example_inputs), {}
         elif data is not None:
-            args, kwargs = _first_batch_inputs(data)
+            args, kwargs, _ = first_batch(data, "trace the model with")
         else:
             raise InvalidArgumentError("merge needs data= or example_inputs= to trace the model's spec")
         spec = trace_spec(models[reference], args, kwargs)
@@ -177,7 +134,8 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         if spec is None:  # direct average: REPAIR still needs to know each layer's producer
             from ..spec import trace_spec
 
-            args, kwargs = (tuple(example_inputs), {}) if example_inputs is not None else _first_batch_inputs(data)
+            args, kwargs = ((tuple(example_inputs), {}) if example_inputs is not None
+                            else first_batch(data, "trace the model with")[:2])
             spec = trace_spec(models[reference], args, kwargs)
         parents = []
         for s in aligned:

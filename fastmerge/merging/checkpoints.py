@@ -8,22 +8,21 @@ not models, in buffers reused from tensor to tensor.
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .._version import __version__
+from ..spec.transforms import apply_permutations
+from ..alignment.weight_matching import weight_matching
 from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
-from ..io import Checkpoint, ShardedWriter, parse_size, tensor_nbytes
+from ..io import Checkpoint, merge_metadata, parse_dtype, plan_output, tensor_nbytes
+from ..io.hf_spec import config_folder, spec_from_config
 from ..ops import count_nonfinite
+from ..spec import spec_from_yaml
 from .same_init import SameInitOptions, checks_finite, merge_tensor
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -72,8 +71,7 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
                dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
                align: str | None = None, spec: str | None = None):
     """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    out_dtype = parse_dtype(dtype)
     checkpoints = [Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base else None
     options.validate(len(checkpoints), base_ckpt is not None)
@@ -85,21 +83,11 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
         raise CheckpointError("weight matching of checkpoint files needs the model's merge spec: --spec FILE.yaml "
                               "(fastmerge.spec.save_spec(trace_spec(model, inputs), ...)) or --spec auto (from the "
                               "Hugging Face config.json next to the first model)")
-    names = checkpoints[0].keys()
-    out_dtype = DTYPES[dtype] if dtype else None
-
-    def target_dtype(name):
-        source = checkpoints[0].dtype(name)
-        return out_dtype if (out_dtype is not None and source.is_floating_point) else source
-
-    layout = [(name, checkpoints[0].shape(name), target_dtype(name)) for name in names]
-    metadata = {"format": "pt", "merged_by": f"fastmerge {__version__}", "merge_method": options.method,
-                "alignment": align or "none",
-                "merge_options": json.dumps(asdict(options)), "merge_inputs": json.dumps([os.path.basename(os.path.abspath(m)) for m in models])}
-    protected = [f for c in every for f in c.files()]
-    writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
-                           overwrite=overwrite, protected=protected)
-    plan = MergePlan(list(models), base, output, options, len(names), checkpoints[0].nbytes(), writer.final_paths, dtype)
+    metadata = merge_metadata(options.method, align or "none", models, options=asdict(options))
+    writer = plan_output(checkpoints[0], output, out_dtype=out_dtype, metadata=metadata,
+                         max_shard_size=max_shard_size, overwrite=overwrite, protected=every)
+    plan = MergePlan(list(models), base, output, options, len(checkpoints[0]), checkpoints[0].nbytes(),
+                     writer.final_paths, dtype)
     return plan, checkpoints, base_ckpt, writer
 
 
@@ -188,42 +176,19 @@ def _check_narrowing(name: str, merged: torch.Tensor, dtype: torch.dtype) -> Non
                              "write a wider --dtype (bfloat16 or float32)")
 
 
-class _LazyState(Mapping):
-    """A checkpoint as a read-on-access state dict: weight matching reads each group's tensors when
-    it needs them (from the page cache after the first pass), so memory holds a few tensors, not
-    the models."""
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        self.checkpoint = checkpoint
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.checkpoint.read(name)
-
-    def __iter__(self):
-        return iter(self.checkpoint.keys())
-
-    def __len__(self) -> int:
-        return len(self.checkpoint.keys())
-
-    def tensor_bytes(self, name: str) -> int:  # sizes without reading (weight matching's chunking)
-        return self.checkpoint.tensor_bytes(name)
-
-
 def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
     """Weight matching of every checkpoint onto the first (MergeMany for more than two), from the
     files and the spec alone, out of core for two models (tensors read when a group needs them);
-    returns one tensor getter per checkpoint, like Checkpoint.read, that permutes on the way out."""
-    from ..align.weight_matching import weight_matching
-    from ..spec import spec_from_yaml
+    returns one tensor getter per checkpoint, like Checkpoint.read, that permutes on the way out.
 
-    states = [_LazyState(c) for c in checkpoints]
+    The checkpoints are the states weight matching reads: read-on-access mappings, so it reads each
+    group's tensors when it needs them (from the page cache after the first pass) and memory holds a
+    few tensors, not the models; their tensor_bytes gives sizes without reading (its chunking)."""
     for c in checkpoints:  # before matching: a NaN would poison every cost matrix (a tensor at a time)
         for name in c.keys():
             _check_finite(name, [c.read(name)], [c.path])
     shapes = {k: tuple(checkpoints[0].shape(k)) for k in checkpoints[0].keys()}
     if spec_path == "auto":  # from the Hugging Face config.json next to the first model
-        from ..io.hf_spec import config_folder, spec_from_config
-
         spec = spec_from_config(config_folder(checkpoints[0].path), shapes)
     else:
         try:
@@ -232,11 +197,11 @@ def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
         except OSError as exc:
             raise CheckpointError(f"{spec_path}: cannot read the spec ({exc})") from None
         spec = spec_from_yaml(text, shapes)
-    perms, _ = weight_matching(spec, states, reference=0)
+    perms, _ = weight_matching(spec, checkpoints, reference=0)
 
-    def getter(state, perm):
+    def getter(checkpoint, perm):
         if perm is None:
-            return lambda name, buffer=None: state.checkpoint.read(name, buffer)
-        return lambda name, buffer=None: spec.apply_permutations({name: state.checkpoint.read(name, buffer)}, perm)[name]
+            return checkpoint.read
+        return lambda name, buffer=None: apply_permutations(spec, {name: checkpoint.read(name, buffer)}, perm)[name]
 
-    return [getter(s, None if i == 0 else perms[i]) for i, s in enumerate(states)]
+    return [getter(c, None if i == 0 else perms[i]) for i, c in enumerate(checkpoints)]

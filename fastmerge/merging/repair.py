@@ -15,20 +15,12 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..batches import iterate_batches
 from ..errors import DataError
 from ..spec.types import Group, MergeSpec
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def _batches(data: Iterable, max_batches: int | None):
-    from ..stats.collect import _split_batch
-
-    for b, batch in enumerate(data):
-        if max_batches is not None and b >= max_batches:
-            break
-        yield _split_batch(batch)
 
 
 def has_batch_norm(model: nn.Module) -> bool:
@@ -50,7 +42,7 @@ def reset_batch_norm(model: nn.Module, data: Iterable, *, max_batches: int | Non
         m.momentum = None
     model.train()
     seen = 0
-    for args, kwargs in _batches(data, max_batches):
+    for args, kwargs, _ in iterate_batches(data, max_batches=max_batches):
         model(*args, **kwargs)
         seen += 1
     for m, momentum in zip(norms, momenta):
@@ -109,7 +101,7 @@ def _unit_stats(models: Sequence[nn.Module], paths: Sequence[str], data, max_bat
             handles.append(modules[p].register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for args, kwargs in _batches(data, max_batches):
+            for args, kwargs, _ in iterate_batches(data, max_batches=max_batches):
                 for m in models:
                     m(*args, **kwargs)
     finally:

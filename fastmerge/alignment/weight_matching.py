@@ -19,9 +19,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from ..spec.transforms import apply_transforms
 from ..ops import linear_assignment
 from ..spec.types import Group, MergeSpec
-from .structure import nested_groups, unfold
+from ..spec.structure import nested_groups, unfold
 
 
 def identity_perms(spec: MergeSpec, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
@@ -54,7 +55,7 @@ def _group_cost(spec: MergeSpec, group: Group, nested: list, target: Mapping[str
     for chunk in _tensor_chunks(group, state):
         # the member tensors with the other groups' permutations applied, a bounded chunk at a time
         # (one batched op per chunk; a residual stream touches almost every tensor of a model)
-        moved = spec.apply_transforms({n: state[n] for n in chunk}, others)
+        moved = apply_transforms(spec, {n: state[n] for n in chunk}, others)
         for m in group.members:
             if m.tensor in moved:
                 _add_member_cost(m, target[m.tensor], moved[m.tensor], nested, cost, inner)
@@ -148,7 +149,7 @@ def objective(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mappin
     merge), in a fixed order so the float64 sum, and the convergence test on it, repeat exactly."""
     total = 0.0
     for n in sorted(_member_tensors(spec.groups)):
-        t, m = _compute_dtype(target[n]), _compute_dtype(spec.apply_transforms({n: state[n]}, perms)[n])
+        t, m = _compute_dtype(target[n]), _compute_dtype(apply_transforms(spec, {n: state[n]}, perms)[n])
         total += float(torch.dot(t.reshape(-1).double(), m.reshape(-1).double()) if t.numel() < (1 << 20)
                        else (t * m).sum(dtype=torch.float64))
     return total
@@ -237,7 +238,7 @@ def weight_matching(spec: MergeSpec, states: Sequence[Mapping[str, torch.Tensor]
     for round_ in range(max_iter):
         changed = False
         for i in others:
-            aligned = [spec.apply_transforms({k: states[j][k] for k in names}, perms[j]) for j in range(n) if j != i]
+            aligned = [apply_transforms(spec, {k: states[j][k] for k in names}, perms[j]) for j in range(n) if j != i]
             target = {k: sum(a[k].double() for a in aligned) / len(aligned) for k in names}
             new, hist = match_to(spec, target, states[i], init=perms[i], frozen=frozen_names, max_iter=max_iter,
                                  seed=seed + 1000 * round_ + i, restarts=restarts)

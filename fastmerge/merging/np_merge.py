@@ -20,6 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
+from ..batches import cycle_batches, iterate_batches
+from ..checks import check_models
 from ..errors import DataError, InvalidArgumentError
 from ..ops import combine, sigmoid_merge
 from .repair import has_batch_norm, reset_batch_norm
@@ -59,28 +61,10 @@ def _coefficient_shape(shape: torch.Size, granularity: str) -> tuple:
     return (1,) * len(shape)
 
 
-def _batches(data: Iterable):
-    from ..stats.collect import _split_batch
-
-    while True:
-        produced = False
-        for batch in data:
-            produced = True
-            args, kwargs = _split_batch(batch)
-            target = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
-            yield args, kwargs, target
-        if not produced:
-            raise DataError("np_merge: the training data is empty; pass (inputs, targets) batches")
-
-
 @torch.no_grad()
 def _accuracy(forward, data: Iterable) -> float:
-    from ..stats.collect import _split_batch
-
     correct = total = 0
-    for batch in data:
-        args, kwargs = _split_batch(batch)
-        target = batch[1]
+    for args, kwargs, target in iterate_batches(data, labelled=True):
         pred = forward(args, kwargs).argmax(-1)
         correct = correct + (pred == target).sum()  # summed where the model runs, read once
         total += int(target.numel())
@@ -142,8 +126,6 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
     """
     if len(models) < 2:
         raise InvalidArgumentError(f"np_merge needs at least two models, got {len(models)}")
-    from .api import check_models
-
     check_models(models)
     if granularity not in GRANULARITIES:
         raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -237,7 +219,7 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
     best = (-1.0, 0, {k: v.detach().clone() for k, v in logits.items()})
     checks_without_gain = 0
     _set_bn_batch_stats(template)
-    batches = _batches(data)
+    batches = cycle_batches(data, "np_merge")
     bar = tqdm(range(steps), desc="NP Merge", disable=not progress, leave=False)
     if val_data is not None:
         template.eval()

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import distributed as _distributed
+from ..checks import check_models
 from ..errors import InvalidArgumentError
-from ..spec.types import Dense, MergeSpec
+from ..spec.transforms import Dense, apply_transforms
+from ..spec.types import MergeSpec
 from .activation import cca_transform, match_permutation, zipit_matrices
-from .structure import activation_groups, dense_ok
+from ..spec.structure import activation_groups, dense_ok
 from .weight_matching import identity_perms, weight_matching
 
 METHODS = ("permute", "weight_matching", "cca", "zipit")
@@ -46,7 +48,7 @@ class Alignment:
     diagnostics: dict = field(default_factory=dict)
 
     def apply(self, model_index: int, state: dict) -> dict:
-        return self.spec.apply_transforms(state, self.transforms[model_index])
+        return apply_transforms(self.spec, state, self.transforms[model_index])
 
 
 def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -71,8 +73,6 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
     one) every rank collects statistics on its shard of `data` (reduced across ranks), rank 0
     computes the alignment and broadcasts it, so all ranks merge identically.
     """
-    from ..merge.api import check_models
-
     check_models(models)
     options = dict(spec=spec, reference=reference, reg=reg, relative_reg=relative_reg, alpha=alpha, beta=beta,
                    max_iter=max_iter, seed=seed, merge_many=merge_many, restarts=restarts, progress=progress)
@@ -104,7 +104,7 @@ def _incoming_weight_similarity(spec: MergeSpec, group, ref_state: dict, state: 
     if not outs:
         return None
     names = sorted({m.tensor for m in outs})
-    aligned = spec.apply_transforms({n: state[n] for n in names}, transforms)
+    aligned = apply_transforms(spec, {n: state[n] for n in names}, transforms)
 
     def rows(source):
         parts = [source[m.tensor].detach().double().movedim(m.axis, 0).reshape(group.size, -1) for m in outs]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -25,10 +24,8 @@ import torch
 from torch import nn
 
 from .. import distributed
-from .._version import __version__
 from ..errors import CheckpointError, InvalidArgumentError, ShapeMismatchError
-from ..io import Checkpoint, ShardedWriter, parse_size
-from .checkpoints import DTYPES
+from ..io import Checkpoint, merge_metadata, parse_dtype, plan_output
 
 ACTIVATION_ALIGNMENTS = ("permute", "cca", "zipit", "weight_matching", "none")
 COMBINATIONS = ("average", "np_merge")
@@ -148,21 +145,13 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
         raise InvalidArgumentError(f"unknown alignment {align!r}; choose one of {ACTIVATION_ALIGNMENTS}")
     if method not in COMBINATIONS:
         raise InvalidArgumentError(f"--method {method!r} does not apply to an aligned merge; use one of {COMBINATIONS}")
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    out_dtype = parse_dtype(dtype)
     if len(models) < 2:
         raise InvalidArgumentError(f"merging needs at least two checkpoints, got {len(models)}")
-    first = Checkpoint(models[0])
-    out_dtype = DTYPES[dtype] if dtype else None
-    layout = [(name, first.shape(name),
-               out_dtype if out_dtype is not None and first.dtype(name).is_floating_point else first.dtype(name))
-              for name in first.keys()]
-    protected = [f for p in models for f in Checkpoint(p).files()]
-    metadata = {"format": "pt", "merged_by": f"fastmerge {__version__}", "merge_method": method, "alignment": align,
-                "merge_inputs": json.dumps([os.path.basename(os.path.abspath(m)) for m in models])}
+    inputs = [Checkpoint(p) for p in models]
     # planned (and the output checked) on every rank before any work, so a bad output path fails fast
-    writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
-                           overwrite=overwrite, protected=protected)
+    writer = plan_output(inputs[0], output, out_dtype=out_dtype, metadata=merge_metadata(method, align, models),
+                         max_shard_size=max_shard_size, overwrite=overwrite, protected=inputs)
     loaded = load_models(models, build_model, distributed.rank_device(device))
     shard = distributed.shard(data)
     if method == "np_merge":

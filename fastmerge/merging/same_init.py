@@ -2,7 +2,7 @@
 (../shared/ALGORITHMS.md section 8): linear, task arithmetic, TIES, DARE and SLERP.
 
 Each works on one tensor of every model at a time, so checkpoints can be streamed
-(fastmerge.merge.checkpoints). Linear combinations (linear, task arithmetic) run through the fused
+(fastmerge.merging.checkpoints). Linear combinations (linear, task arithmetic) run through the fused
 combine op, TIES and DARE through their own fused ops (fastmerge.ops.same_init); all read 16-bit
 weights directly and round once.
 """

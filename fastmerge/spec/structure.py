@@ -1,4 +1,4 @@
-"""Views of a MergeSpec that the alignment methods need: member unfolding, nesting, tap groups."""
+"""Views of a MergeSpec that statistics and alignment need: member unfolding, nesting, tap groups."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..spec.types import Group, Member, MergeSpec
+from .types import Group, Member, MergeSpec
 
 
 def unfold(tensor: torch.Tensor, member: Member, keep: int | None = None) -> torch.Tensor:
@@ -55,9 +55,3 @@ def activation_groups(spec: MergeSpec) -> list[Group]:
     no group nested inside their units."""
     nested = nested_groups(spec)
     return [g for g in spec.groups if g.tap is not None and g.count == 1 and not nested[g.name]]
-
-
-def dense_ok(group: Group) -> bool:
-    """A dense transform is exact on linear producers/consumers only (not on norm parameters,
-    running statistics or other per-unit parameters)."""
-    return all(m.role in ("out", "in") for m in group.members)

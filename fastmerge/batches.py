@@ -1,0 +1,76 @@
+"""Batches as every stage reads them: one way to turn a data-loader batch into a model call.
+
+A batch is a tensor (the inputs), an (inputs, targets, ...) pair, or a dict of keyword inputs.
+Statistics, BatchNorm reset, REPAIR, NP Merge and evaluation all iterate through here, so they
+accept the same data and stop at the same limits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from .errors import DataError, InvalidArgumentError
+
+
+class Batch(NamedTuple):
+    """One batch as a model call (`model(*args, **kwargs)`) and its targets (None if unlabelled)."""
+
+    args: tuple
+    kwargs: dict
+    target: Any
+
+
+def split_batch(batch) -> tuple[tuple, dict]:
+    """(args, kwargs) for a model call from a data-loader batch: a tensor, an (inputs, targets)
+    pair (inputs first), or a dict of keyword inputs."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        return (batch[0],), {}
+    raise InvalidArgumentError(f"cannot use a batch of type {type(batch).__name__}; yield tensors, (inputs, targets) or dicts")
+
+
+def as_batch(batch, *, labelled: bool = False) -> Batch:
+    """The batch as a model call and its targets; `labelled` requires (inputs, targets)."""
+    has_target = isinstance(batch, (list, tuple)) and len(batch) > 1
+    if labelled and not has_target:
+        raise DataError("evaluation needs labelled batches (inputs, targets)")
+    args, kwargs = split_batch(batch)
+    return Batch(args, kwargs, batch[1] if has_target else None)
+
+
+def batch_samples(batch: Batch) -> int:
+    """Inputs in a batch: the leading size of its first input (1 for a scalar or non-tensor)."""
+    first = batch.args[0] if batch.args else next(iter(batch.kwargs.values()))
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+
+
+def iterate_batches(data: Iterable, *, max_batches: int | None = None, labelled: bool = False) -> Iterator[Batch]:
+    """The batches of `data` as model calls, at most `max_batches` of them."""
+    for b, batch in enumerate(data):
+        if max_batches is not None and b >= max_batches:
+            break
+        yield as_batch(batch, labelled=labelled)
+
+
+def cycle_batches(data: Iterable, what: str) -> Iterator[Batch]:
+    """The batches of `data` over and over (training steps); DataError naming `what` when empty."""
+    while True:
+        produced = False
+        for batch in data:
+            produced = True
+            yield as_batch(batch)
+        if not produced:
+            raise DataError(f"{what}: the training data is empty; pass (inputs, targets) batches")
+
+
+def first_batch(data: Iterable, what: str) -> Batch:
+    """The first batch of `data`; DataError saying what needed it when there is none."""
+    for batch in data:
+        return as_batch(batch)
+    raise DataError(f"data is empty: no batch to {what}; pass batches")

@@ -1,0 +1,76 @@
+"""Elementwise ops: unary, binary and ternary ops, add, pow, dropout, fills and tensor creation."""
+
+from __future__ import annotations
+
+from ..trace_types import Info
+from .base import _broadcast, handles, opaque_like, replica_like
+
+
+@handles("relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "leaky_relu", "elu", "selu", "celu",
+         "softplus", "mish", "hardswish", "hardsigmoid", "dropout", "feature_dropout", "alpha_dropout", "clone",
+         "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "neg", "abs", "exp", "log", "log1p",
+         "expm1", "sqrt", "rsqrt", "square", "reciprocal", "sin", "cos", "erf", "sign", "softmax", "_softmax",
+         "log_softmax", "_log_softmax", "lift_fresh_copy", "clamp", "clamp_min", "clamp_max", "round", "floor",
+         "ceil", "logical_not", "bitwise_not", "_softmax_backward_data", "nan_to_num")
+def _unary(t, args, kwargs, meta):
+    """Elementwise in its first operand (softmax acts along one axis but commutes with
+    permutations of it): the result is laid out like the input."""
+    x = args[0]
+    if not isinstance(x, Info):
+        return opaque_like(meta)
+    others = [v for v in list(args[1:]) + list(kwargs.values()) if isinstance(v, Info)]
+    if others:  # clamp(x, min=tensor), ...: elementwise in every tensor operand
+        return _broadcast(t, [x] + others, meta)
+    return Info([list(d) for d in x.dims], x.shape, x.param, x.param_axes)
+
+
+@handles("native_dropout")
+def _native_dropout(t, args, kwargs, meta):
+    out = _unary(t, args, kwargs, meta[0])
+    return [out, Info([list(d) for d in out.dims], out.shape)]
+
+
+@handles("pow")
+def _pow(t, args, kwargs, meta):
+    if isinstance(args[1], Info):
+        return _broadcast(t, args[:2], meta)
+    return _unary(t, args, kwargs, meta)
+
+
+@handles("add", "sub", "rsub", "add_", "sub_")
+def _add(t, args, kwargs, meta):
+    return _broadcast(t, [a for a in args[:2]], meta, param_role="out")
+
+
+@handles("mul", "div", "mul_", "div_", "maximum", "minimum", "eq", "ne", "gt", "ge", "lt", "le", "logical_and",
+         "logical_or", "bitwise_and", "bitwise_or", "__and__", "__or__", "fmod", "remainder", "atan2",
+         "floor_divide", "copysign")
+def _binary(t, args, kwargs, meta):
+    return _broadcast(t, [a for a in args[:2]], meta)
+
+
+@handles("where", "addcmul", "addcdiv", "lerp")
+def _ternary(t, args, kwargs, meta):
+    return _broadcast(t, [a for a in args[:3]], meta)
+
+
+@handles("masked_fill", "masked_fill_")
+def _masked_fill(t, args, kwargs, meta):
+    return _broadcast(t, [args[0], args[1]] + ([args[2]] if isinstance(args[2], Info) else []), meta)
+
+
+@handles("zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
+         "scalar_tensor", "fill")
+def _constant_fill(t, args, kwargs, meta):
+    """Same value everywhere: any permutation is consistent with it."""
+    return replica_like(meta)
+
+
+@handles("arange", "empty", "empty_like", "new_empty", "rand", "randn", "rand_like", "randn_like", "randint",
+         "tensor", "linspace", "tril", "triu")
+def _opaque_creation(t, args, kwargs, meta):
+    x = args[0] if args else None
+    if isinstance(x, Info):  # tril/triu of features: position-dependent
+        for d in x.dims:
+            t.fix(d)
+    return opaque_like(meta)
