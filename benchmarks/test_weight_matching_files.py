@@ -1,5 +1,5 @@
 """Weight matching of two GPT-2-medium-shaped checkpoints from files (issue 6): total time and peak
-memory of `merge_checkpoints(..., align="weight_matching", spec=YAML)` in a fresh process.
+memory of `merge_checkpoints(..., align="weight_matching", spec_file=YAML)` in a fresh process.
 
 The second checkpoint is a random permutation of the first (every group: residual stream, heads,
 head dims, MLP units), so the merge must give back the first model exactly: the benchmark checks
@@ -28,7 +28,7 @@ def peak_kib():  # VmHWM: this image's high-water mark (ru_maxrss inherits the f
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 t = time.perf_counter()
-merge_checkpoints([a, b], out, SameInitOptions("linear"), align="weight_matching", spec=spec, progress=False)
+merge_checkpoints([a, b], out, SameInitOptions("linear"), align="weight_matching", spec_file=spec, progress=False)
 print(json.dumps({"seconds": time.perf_counter() - t, "rss_before_mb": before / 1024,
                   "peak_mb": peak_kib() / 1024}))
 """

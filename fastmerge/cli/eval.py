@@ -17,14 +17,23 @@ from __future__ import annotations
 import argparse
 import os
 
+import json
+
+import torch
+
+from ..alignment import METHODS as ALIGNMENT_METHODS
+from ..datasets import BUILTIN
 from ..errors import InvalidArgumentError
+from ..eval import report as eval_report
+from ..io import load_models
+from .references import data_from, model_factory
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="numbers and figures of merges: barriers, loss plane, features",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="2 or 3 checkpoints (needs --model and --data); none: the built-in job")
-    p.add_argument("--dataset", choices=("digits", "mnist5k"), default="digits", help="built-in job's data")
+    p.add_argument("--dataset", choices=BUILTIN, default="digits", help="built-in job's data")
     p.add_argument("--out", default="eval", help="folder for metrics.json and the PNGs (default ./eval)")
     p.add_argument("--model", metavar="MODULE:ATTR", help="builds the architecture of the checkpoints")
     p.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for --model")
@@ -37,39 +46,31 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval import report as eval_report
-
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - {"permute", "weight_matching", "cca", "zipit"}
+    unknown = set(methods) - set(ALIGNMENT_METHODS)
     if unknown:
-        raise InvalidArgumentError(f"--methods: unknown {sorted(unknown)}; use permute, weight_matching, cca, zipit")
+        raise InvalidArgumentError(f"--methods: unknown {sorted(unknown)}; use {', '.join(ALIGNMENT_METHODS)}")
     if not args.models:
         report = eval_report.builtin(args.dataset, args.out, quick=args.quick, methods=methods)
     else:
-        report = _from_files(args, methods, eval_report)
+        report = _from_files(args, methods)
     print(report.table())
     print("\n".join(f"wrote {p}" for p in [os.path.join(args.out, "metrics.json"), *report.figures]))
     return 0
 
 
-def _from_files(args, methods, eval_report):
-    import json
-
-    from ..merging.with_data import BUILTIN_DATA, data_from, load_models, model_factory
-
+def _from_files(args, methods):
     if not 2 <= len(args.models) <= 3:
         raise InvalidArgumentError(f"eval takes 2 or 3 checkpoints, got {len(args.models)}")
     if not args.model or not args.data:
         raise InvalidArgumentError("evaluating checkpoints needs --model (the architecture) and --data (batches)")
-    test_ref = args.test_data or (f"{args.data}:val" if args.data in BUILTIN_DATA else None)
+    test_ref = args.test_data or (f"{args.data}:val" if args.data in BUILTIN else None)
     if test_ref is None:
         raise InvalidArgumentError("give --test-data: the numbers are measured on held-out batches")
     try:
         kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as exc:
         raise InvalidArgumentError(f"--model-kwargs is not valid JSON ({exc})") from None
-    import torch
-
     models = load_models(args.models, model_factory(args.model, kwargs), torch.device("cpu"))
     report = eval_report.evaluate_merges(models, list(data_from(args.data)), list(data_from(test_ref)), args.out,
                                          methods=methods, steps=6 if args.quick else 11,

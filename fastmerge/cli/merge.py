@@ -21,17 +21,29 @@ the concepts match:
 from __future__ import annotations
 
 import argparse
+import json
 
+import torch.distributed
+import yaml
+
+from .. import distributed
+from ..alignment import METHODS as ALIGNMENT_METHODS
 from ..errors import InvalidArgumentError
+from ..io import DTYPES
+from ..merging import METHODS as SAME_INIT_METHODS
+from ..merging.checkpoints import merge_checkpoints, plan_merge
+from ..merging.same_init import SameInitOptions
+from ..merging.with_data import merge_files_with_data
+from .references import data_from, model_factory
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("merge", help="merge checkpoint files (linear, task_arithmetic, ties, dare, slerp)",
+    p = sub.add_parser("merge", help=f"merge checkpoint files ({', '.join(SAME_INIT_METHODS)})",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="checkpoints: .safetensors files, folders (sharded or not), .pt/.bin")
     p.add_argument("-o", "--output", help="a .safetensors file, or a folder for model.safetensors / shards + index")
     p.add_argument("--config", help="YAML file with the merge (see above); flags given too override it")
-    p.add_argument("--method", choices=("linear", "task_arithmetic", "ties", "dare", "slerp", "np_merge"),
+    p.add_argument("--method", choices=(*SAME_INIT_METHODS, "np_merge"),
                    default=None, help="default: linear (with --model: linear = weighted average, or np_merge)")
     p.add_argument("--base", help="the model the others were fine-tuned from (task_arithmetic, ties, dare)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per model")
@@ -39,7 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept (default 0.5)")
     p.add_argument("--t", type=float, help="slerp: position from the first model (0) to the second (1), default 0.5")
     p.add_argument("--seed", type=int, help="dare: seed of the random masks (default 0)")
-    p.add_argument("--align", choices=("weight_matching", "permute", "cca", "zipit"),
+    p.add_argument("--align", choices=tuple(ALIGNMENT_METHODS),
                    help="align the models onto the first before merging (models from different initialisations): "
                         "weight_matching from the files with --spec, or any method with --model (and --data)")
     p.add_argument("--spec", help="for --align: the architecture's merge spec (YAML from fastmerge.spec.save_spec), "
@@ -58,7 +70,7 @@ def add_parser(sub) -> None:
     data.add_argument("--np-steps", type=int, default=300, help="np_merge: optimisation steps (default 300)")
     data.add_argument("--np-lr", type=float, default=1e-2, help="np_merge: learning rate (default 0.01)")
     data.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK, NCCL)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
+    p.add_argument("--dtype", choices=tuple(DTYPES),
                    help="dtype of the merged floating tensors (default: as the inputs)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -68,8 +80,6 @@ def add_parser(sub) -> None:
 
 
 def _from_config(path: str) -> dict:
-    import yaml
-
     try:
         with open(path) as f:
             config = yaml.safe_load(f)
@@ -98,13 +108,10 @@ def _from_config(path: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model or args.align in ("permute", "cca", "zipit"):
+    if args.model or (args.align is not None and ALIGNMENT_METHODS[args.align].statistics is not None):
         return _run_with_data(args)
     if args.method == "np_merge":
         raise InvalidArgumentError("--method np_merge learns coefficients on data: give --model, --data and --align")
-    from ..merging.checkpoints import merge_checkpoints, plan_merge
-    from ..merging.same_init import SameInitOptions
-
     settings = _from_config(args.config) if args.config else {}
     for key in ("method", "base", "weights", "scale", "density", "t", "seed", "dtype", "output"):
         value = getattr(args, key)
@@ -124,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         t=float(settings["t"]) if settings.get("t") is not None else defaults.t,
         seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed)
     common = dict(base=settings.get("base"), dtype=settings.get("dtype"), max_shard_size=args.max_shard_size,
-                  overwrite=args.overwrite, align=args.align, spec=args.spec)
+                  overwrite=args.overwrite, align=args.align, spec_file=args.spec)
     if args.dry_run:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())
@@ -137,11 +144,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_with_data(args: argparse.Namespace) -> int:
     """--model: build the architecture, load the files, align on --data and merge (torchrun-aware)."""
-    import json
-
-    from .. import distributed
-    from ..merging.with_data import data_from, merge_files_with_data, model_factory
-
     if not args.model:
         raise InvalidArgumentError(f"--align {args.align} works on activations: give --model MODULE:ATTR (the "
                                    "architecture) and --data (batches)")
@@ -179,7 +181,5 @@ def _run_with_data(args: argparse.Namespace) -> int:
             print("\n".join(f"wrote {p}" for p in files))
     finally:
         if owned:
-            import torch.distributed
-
             torch.distributed.destroy_process_group()
     return 0

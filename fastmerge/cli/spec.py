@@ -16,8 +16,14 @@ import argparse
 import json
 import os
 
+import torch
+
 from ..errors import CheckpointError, InvalidArgumentError
+from ..io import Checkpoint
 from ..io.dtypes import DTYPES as FLOAT_DTYPES
+from ..spec import check_spec, save_spec, trace_spec
+from ..spec.hf_config import config_folder, spec_from_config
+from .references import model_factory
 
 DTYPES = (*FLOAT_DTYPES, "long")  # --input-dtype: the float dtypes, or token ids
 
@@ -50,24 +56,14 @@ def _shape(text: str | None) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..spec import check_spec, save_spec
-
     if bool(args.checkpoint) == bool(args.model):
         raise InvalidArgumentError("give either a checkpoint (with config.json next to it) or --model, not both")
     if os.path.exists(args.output) and not args.overwrite:
         raise CheckpointError(f"{args.output}: exists already; pass --overwrite to replace it")
     if args.checkpoint:
-        from ..io import Checkpoint
-        from ..io.hf_spec import config_folder, spec_from_config
-
         ckpt = Checkpoint(args.checkpoint)
         spec = spec_from_config(config_folder(args.checkpoint), {k: ckpt.shape(k) for k in ckpt.keys()})
     else:
-        import torch
-
-        from ..merging.with_data import model_factory
-        from ..spec import trace_spec
-
         try:
             kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
         except json.JSONDecodeError as exc:

@@ -64,3 +64,18 @@ def ensemble(models: Sequence[nn.Module], data: Iterable, *, max_batches: int | 
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Percent of the rows of `x` whose argmax prediction is their label in `y` (one batch)."""
+    return float((model(x).argmax(1) == y).double().mean() * 100)
+
+
+@torch.no_grad()
+def ensemble_accuracy(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor) -> float:
+    """accuracy() of the ensemble that sums the models' softmax outputs."""
+    probs = sum(torch.softmax(m(x), dim=1) for m in models)
+    return float((probs.argmax(1) == y).double().mean() * 100)
+
+

@@ -109,7 +109,7 @@ class ShardedWriter:
             if not self.single_file and os.path.isdir(self.folder):  # any model files of an earlier output
                 existing += [os.path.join(self.folder, n) for n in sorted(os.listdir(self.folder)) if _is_model_file(n)]
             if existing:
-                raise CheckpointError(f"{existing[0]}: exists already; pass --overwrite (overwrite=True) to replace it")
+                raise CheckpointError(f"{existing[0]}: exists already; pass overwrite=True to replace it")
 
     # ------------------------------------------------------------------ writing
     def __enter__(self) -> ShardedWriter:

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from ..alignment import METHODS as ALIGNMENT_METHODS
+from ..alignment import align as align_models
 from ..batches import first_batch
 from ..checks import check_models
 from ..errors import InvalidArgumentError
 from ..ops import combine
+from ..spec import trace_spec
 from ..spec.types import MergeSpec
+from .np_merge import np_merge
 from .repair import has_batch_norm, repair, reset_batch_norm
 
-MERGE_METHODS = ("average", "permute", "weight_matching", "cca", "zipit", "np_merge")
+
+
+def merge_methods() -> tuple[str, ...]:
+    """What merge() takes as `method`: "average" (no alignment), every alignment method (align,
+    then average), and "np_merge" (align with `align_method`, then learn the coefficients)."""
+    return ("average", *ALIGNMENT_METHODS, "np_merge")
+
+
+MERGE_METHODS = merge_methods()  # as registered at import; merge() checks the live registry
 REPAIRS = ("auto", "none", "reset", "repair")
 
 
@@ -32,9 +45,6 @@ def combine_states(states: Sequence[dict], weights: Sequence[float], reference: 
 
 
 def _align(models, method, *, spec, data, example_inputs, reference, progress, align_options):
-    from ..alignment import align
-    from ..spec import trace_spec
-
     if spec is None:
         if example_inputs is not None:
             args, kwargs = tuple(example_inputs), {}
@@ -43,14 +53,13 @@ def _align(models, method, *, spec, data, example_inputs, reference, progress, a
         else:
             raise InvalidArgumentError("merge needs data= or example_inputs= to trace the model's spec")
         spec = trace_spec(models[reference], args, kwargs)
-    return align(models, method, spec=spec, data=data, reference=reference, progress=progress, **align_options)
+    return align_models(models, method, spec=spec, data=data, reference=reference, progress=progress,
+                        **align_options)
 
 
 def _np_merge(models, states, *, data, spec, example_inputs, reference, alignment, align_method, val_data,
               np_options, return_alignment, progress, align_options):
     """Align with `align_method`, then learn per-parameter coefficients (fastmerge.np_merge)."""
-    from .np_merge import np_merge
-
     if data is None:
         raise InvalidArgumentError("method 'np_merge' needs data= (training batches of (inputs, targets))")
     if alignment is None and align_method != "average":
@@ -68,13 +77,14 @@ def _np_merge(models, states, *, data, spec, example_inputs, reference, alignmen
 def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterable | None = None,
           spec: MergeSpec | None = None, example_inputs: tuple | None = None, weights: Sequence[float] | None = None,
           repair_mode: str = "auto", reference: int = 0, alignment=None, repair_batches: int | None = None,
-          return_alignment: bool = False, progress: bool = True, align: str = "permute",
+          return_alignment: bool = False, progress: bool = True, align_method: str = "permute",
           val_data: Iterable | None = None, np_options: dict | None = None, **align_options):
     """A new model merging `models` (which are left untouched).
 
     Args:
         models: two or more models with one architecture, trained from any initialisations.
-        method: "average" (no alignment) or an alignment method of fastmerge.align.METHODS.
+        method: one of merge_methods(): "average" (no alignment), an alignment method of
+            fastmerge.alignment.METHODS (align, then average), or "np_merge".
         data: batches for activation statistics, BatchNorm reset and REPAIR (an iterable or a
             DataLoader yielding inputs, (inputs, targets) or dicts of keyword inputs).
         spec: the merge spec; traced from the reference model when not given.
@@ -83,7 +93,8 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         repair_mode: "auto" (reset BatchNorm statistics when the model has BatchNorm and data is
             given), "none", "reset", or "repair" (REPAIR, for networks without BatchNorm).
         alignment: a precomputed fastmerge.align result to reuse.
-        align: for method="np_merge", the alignment method first applied ("average": none).
+        align_method: for method="np_merge", the alignment method first applied ("average": none);
+            `align=` is still accepted for it (deprecated: it shadowed fastmerge.align).
         val_data: for method="np_merge", held-out batches to pick the step count on.
         np_options: for method="np_merge", options of fastmerge.np_merge (steps, lr, granularity,
             mode...).
@@ -92,8 +103,11 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
     Returns:
         The merged model (eval mode), or (model, alignment) with return_alignment=True.
     """
-    if method not in MERGE_METHODS:
-        raise InvalidArgumentError(f"unknown merge method {method!r}; choose one of {MERGE_METHODS}")
+    if "align" in align_options:
+        warnings.warn("merge(align=...) is now merge(align_method=...)", DeprecationWarning, stacklevel=2)
+        align_method = align_options.pop("align")
+    if method not in merge_methods():
+        raise InvalidArgumentError(f"unknown merge method {method!r}; choose one of {merge_methods()}")
     if repair_mode not in REPAIRS:
         raise InvalidArgumentError(f"repair_mode must be one of {REPAIRS}, got {repair_mode!r}")
     n = len(models)
@@ -107,7 +121,7 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
 
     if method == "np_merge":
         return _np_merge(models, states, data=data, spec=spec, example_inputs=example_inputs, reference=reference,
-                         alignment=alignment, align_method=align, val_data=val_data, np_options=np_options or {},
+                         alignment=alignment, align_method=align_method, val_data=val_data, np_options=np_options or {},
                          return_alignment=return_alignment, progress=progress, align_options=align_options)
     if method == "average":
         aligned = states
@@ -132,8 +146,6 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         reset_batch_norm(merged, data, max_batches=repair_batches)
     elif mode == "repair":
         if spec is None:  # direct average: REPAIR still needs to know each layer's producer
-            from ..spec import trace_spec
-
             args, kwargs = ((tuple(example_inputs), {}) if example_inputs is not None
                             else first_batch(data, "trace the model with")[:2])
             spec = trace_spec(models[reference], args, kwargs)

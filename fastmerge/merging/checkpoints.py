@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..spec.transforms import apply_permutations
 from ..alignment.weight_matching import weight_matching
 from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from ..io import Checkpoint, merge_metadata, parse_dtype, plan_output, tensor_nbytes
-from ..io.hf_spec import config_folder, spec_from_config
 from ..ops import count_nonfinite
 from ..spec import spec_from_yaml
+from ..spec.hf_config import config_folder, spec_from_config
+from ..spec.transforms import apply_permutations
 from .same_init import SameInitOptions, checks_finite, merge_tensor
 
 
@@ -69,7 +69,7 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str]) -
 
 def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,
                dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
-               align: str | None = None, spec: str | None = None):
+               align: str | None = None, spec_file: str | None = None):
     """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer)."""
     out_dtype = parse_dtype(dtype)
     checkpoints = [Checkpoint(p) for p in models]
@@ -78,10 +78,10 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
     every = checkpoints + ([base_ckpt] if base_ckpt else [])
     check_compatible(every, list(models) + ([base] if base else []))
     if align not in (None, "weight_matching"):
-        raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with --spec)")
-    if align and not spec:
-        raise CheckpointError("weight matching of checkpoint files needs the model's merge spec: --spec FILE.yaml "
-                              "(fastmerge.spec.save_spec(trace_spec(model, inputs), ...)) or --spec auto (from the "
+        raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with spec_file=)")
+    if align and not spec_file:
+        raise CheckpointError("weight matching of checkpoint files needs the model's merge spec: spec_file=FILE.yaml "
+                              "(fastmerge.spec.save_spec(trace_spec(model, inputs), ...)) or spec_file=auto (from the "
                               "Hugging Face config.json next to the first model)")
     metadata = merge_metadata(options.method, align or "none", models, options=asdict(options))
     writer = plan_output(checkpoints[0], output, out_dtype=out_dtype, metadata=metadata,
@@ -94,10 +94,10 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
 def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptions | None = None, *,
                       base: str | None = None, dtype: str | None = None, max_shard_size: str | int | None = "5GB",
                       overwrite: bool = False, progress: bool = True, align: str | None = None,
-                      spec: str | None = None) -> MergePlan:
+                      spec_file: str | None = None) -> MergePlan:
     """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
 
-    With ``align="weight_matching"`` and `spec` (a YAML merge spec of the architecture, or "auto":
+    With ``align="weight_matching"`` and `spec_file` (a YAML merge spec of the architecture, or "auto":
     inferred from the Hugging Face config.json next to the first model) the models
     (and the base, if any) are first permuted onto the first model by weight matching, from the
     files alone ("align then merge", for models trained from different initialisations). That step
@@ -111,10 +111,10 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     options = options or SameInitOptions()
     plan, checkpoints, base_ckpt, writer = plan_merge(models, output, options, base=base, dtype=dtype,
                                                       max_shard_size=max_shard_size, overwrite=overwrite,
-                                                      align=align, spec=spec)
+                                                      align=align, spec_file=spec_file)
     inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
     labels = list(models) + ([base] if base_ckpt else [])
-    sources = _aligned_sources(inputs, spec) if align else [c.read for c in inputs]
+    sources = _aligned_sources(inputs, spec_file) if align else [c.read for c in inputs]
 
     # Inputs are maps of the files (no copy); one reused buffer per input for tensors whose bytes
     # are not aligned in the file, and two for the output, as large as the largest tensor: fresh

@@ -4,24 +4,22 @@
 Each works on one tensor of every model at a time, so checkpoints can be streamed
 (fastmerge.merging.checkpoints). Linear combinations (linear, task arithmetic) run through the fused
 combine op, TIES and DARE through their own fused ops (fastmerge.ops.same_init); all read 16-bit
-weights directly and round once.
+weights directly and round once. The methods themselves are one module each in
+fastmerge/merging/methods/ (the registry METHODS); this module holds their shared options and the
+work common to all of them.
 """
 
 from __future__ import annotations
 
-import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidArgumentError, NonFiniteError
-from ..ops import combine
-from ..ops.same_init import dare_merge, ties_merge, ties_threshold_count, ties_thresholds
+from ..errors import InvalidArgumentError
+from .methods import METHODS, get_method
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare", "slerp")
-NEEDS_BASE = ("task_arithmetic", "ties", "dare")
+__all__ = ["METHODS", "SameInitOptions", "checks_finite", "merge_tensor"]
 
 
 @dataclass(frozen=True)
@@ -46,14 +44,10 @@ class SameInitOptions:
     seed: int = 0
 
     def validate(self, num_models: int, has_base: bool) -> None:
-        if self.method not in METHODS:
-            raise InvalidArgumentError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.method in NEEDS_BASE and not has_base:
-            raise InvalidArgumentError(f"{self.method} needs the base model the others were fine-tuned from (--base)")
-        if num_models < (2 if self.method in ("linear", "slerp") else 1):
-            raise InvalidArgumentError(f"{self.method} needs at least {2 if self.method in ('linear', 'slerp') else 1} models")
-        if self.method == "slerp" and num_models != 2:
-            raise InvalidArgumentError(f"slerp interpolates exactly two models, got {num_models}")
+        method = get_method(self.method)
+        if method.needs_base and not has_base:
+            raise InvalidArgumentError(f"{self.method} needs the base model the others were fine-tuned from: pass base=PATH")
+        method.check_count(num_models)
         if self.weights is not None and len(self.weights) != num_models:
             raise InvalidArgumentError(f"got {len(self.weights)} weights for {num_models} models")
         if not 0.0 < self.density <= 1.0:
@@ -76,55 +70,10 @@ def merge_tensor(name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor 
     if len({t.dtype for t in tensors} | ({base.dtype} if base is not None else set())) > 1:
         tensors = [t.float() for t in tensors]  # mixed precisions: combine in float32
         base = base.float() if base is not None else None
-    n = len(tensors)
-    method = options.method
-    combine_out = None if out is None or out_dtype != tensors[0].dtype else [out]  # combine writes the models' dtype
-    if method == "linear":
-        weights = list(options.weights) if options.weights is not None else [1.0 / n] * n
-        return combine([[t] for t in tensors], weights=weights, out=combine_out)[0].to(out_dtype)
-    if method == "slerp":
-        return _slerp(tensors[0], tensors[1], options.t).to(out_dtype)
-    weights = list(options.weights) if options.weights is not None else [1.0] * n
-    if method == "task_arithmetic":
-        # base + s * sum_k w_k (W_k - base) as one fused combination
-        coefs = [1.0 - options.scale * sum(weights)] + [options.scale * w for w in weights]
-        return combine([[base]] + [[t] for t in tensors], weights=coefs, out=combine_out)[0].to(out_dtype)
-    if method == "dare":
-        coefs = [options.scale * w / options.density for w in weights]
-        seeds = [_seed(options.seed, k, name) for k in range(n)]
-        return dare_merge(tensors, base, coefs, seeds, options.density, out_dtype, out)
-    # TIES: a threshold per model from the whole tensor (its `density` largest |task vector| entries)
-    numel = base.numel()
-    k = ties_threshold_count(numel, options.density)
-    if options.density < 1.0 and numel:
-        thresholds, nonfinite = ties_thresholds(tensors, base, k)
-        if any(nonfinite):  # (the pass that selects the thresholds also checks the inputs)
-            m = next(i for i, c in enumerate(nonfinite) if c)
-            raise NonFiniteError(f"tensor {name!r}: {nonfinite[m]} entries of model {m}'s task vector (model - base) "
-                                 "are NaN/Inf: a model or the base is broken there, or the difference overflows")
-    else:
-        thresholds = [0.0] * n
-    return ties_merge(tensors, base, weights, thresholds, options.scale, out_dtype, out)
+    return get_method(options.method).merge(name, tensors, base, options, out_dtype, out)
 
 
 def checks_finite(options: SameInitOptions) -> bool:
     """Whether merge_tensor itself raises NonFiniteError for NaN/Inf inputs (TIES with trimming:
     its threshold pass counts them), so a caller need not check them first."""
-    return options.method == "ties" and options.density < 1.0
-
-
-def _seed(seed: int, model: int, name: str) -> int:
-    return (seed * 1_000_003 + model * 7919 + zlib.crc32(name.encode())) % (2**63)
-
-
-def _slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-6) -> torch.Tensor:
-    a32, b32 = a.float(), b.float()
-    na, nb = a32.norm(), b32.norm()
-    if na == 0 or nb == 0:
-        return (1 - t) * a32 + t * b32
-    cos = float((a32.reshape(-1) @ b32.reshape(-1)) / (na * nb))
-    if abs(cos) > 1 - eps:  # nearly parallel: the arc is a line
-        return (1 - t) * a32 + t * b32
-    omega = math.acos(max(-1.0, min(1.0, cos)))
-    s = math.sin(omega)
-    return (math.sin((1 - t) * omega) / s) * a32 + (math.sin(t * omega) / s) * b32
+    return get_method(options.method).checks_finite(options)

@@ -13,14 +13,8 @@ def unfold(tensor: torch.Tensor, member: Member, keep: int | None = None) -> tor
     """The member's units as rows: (count, size, rest), where rest runs over every replica level
     and every other axis of the tensor. With `keep` (a level of the member grid), that level is
     kept as its own axis: (count, size, size_keep, rest)."""
-    axis_size = tensor.shape[member.axis]
-    grid = member.grid(axis_size)
-    span = math.prod(grid)
-    w = tensor.movedim(member.axis, 0)[member.offset : member.offset + span]
-    w = w.reshape(*grid, -1)  # grid levels, then the other axes flattened
-    for level, values in member.select:
-        w = w.index_select(level, torch.tensor(values, dtype=torch.long, device=w.device))
-    ndim = len(grid)
+    w = member.cells(tensor, member.axis)  # selected grid levels, then the other axes flattened
+    ndim = w.dim() - 1
     front = list(member.instance) + [member.unit] + ([keep] if keep is not None else [])
     rest = [j for j in range(ndim) if j not in front] + [ndim]
     w = w.permute(*front, *rest)

@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import SpecError
+from .grid import AxisGrid
 
 ROLES = ("out", "in", "param")
 
 
 @dataclass(frozen=True)
-class Member:
+class Member(AxisGrid):
     """Where a group's units sit on one axis of one tensor (see the module docstring)."""
 
     tensor: str
@@ -50,37 +51,6 @@ class Member:
     select: tuple[tuple[int, tuple[int, ...]], ...] = ()
     offset: int = 0
 
-    def grid(self, axis_size: int) -> tuple[int, ...]:
-        return self.factors if self.factors is not None else (axis_size - self.offset,)
-
-    def _instance_ids(self, grid: tuple[int, ...], device=None) -> torch.Tensor:
-        """Instance id of every grid cell (row-major over the instance levels), broadcastable
-        to the grid, with a size-1 unit level."""
-        ndim = len(grid)
-        inst = torch.zeros([grid[j] if j in self.instance else 1 for j in range(ndim)], dtype=torch.long, device=device)
-        stride = 1
-        for j in reversed(self.instance):
-            shape = [1] * ndim
-            shape[j] = grid[j]
-            inst = inst + torch.arange(grid[j], device=device).view(shape) * stride
-            stride *= grid[j]
-        return inst
-
-    def _selected(self, grid: tuple[int, ...], device=None) -> torch.Tensor:
-        mask = torch.ones(grid, dtype=torch.bool, device=device)
-        for level, values in self.select:
-            shape = [1] * len(grid)
-            shape[level] = grid[level]
-            keep = torch.zeros(grid[level], dtype=torch.bool, device=device)
-            keep[list(values)] = True
-            mask = mask & keep.view(shape)
-        return mask
-
-    def positions(self, axis_size: int, device=None) -> torch.Tensor:
-        """Axis position of every grid cell (a tensor shaped like the grid)."""
-        grid = self.grid(axis_size)
-        return torch.arange(self.offset, self.offset + math.prod(grid), device=device).view(grid)
-
     def gather_index(self, axis_size: int, perms: torch.Tensor) -> torch.Tensor:
         """Index for a gather along the axis that applies ``perms`` (count, size) to this member:
         ``new[..., pos(i, u), ...] = old[..., pos(i, perms[i, u]), ...]``."""
@@ -89,10 +59,10 @@ class Member:
         index = torch.arange(axis_size, device=device)
         positions = self.positions(axis_size, device)
         # perms[inst] appends the unit axis; it replaces the (size-1) unit level.
-        table = perms[self._instance_ids(grid, device)].squeeze(self.unit).movedim(-1, self.unit)
+        table = perms[self.instance_ids(grid, device)].squeeze(self.unit).movedim(-1, self.unit)
         moved = torch.take_along_dim(positions, table.expand(grid), dim=self.unit)
         if self.select:
-            moved = torch.where(self._selected(grid, device), moved, positions)
+            moved = torch.where(self.selected(grid, device), moved, positions)
         index[self.offset : self.offset + positions.numel()] = moved.reshape(-1)
         return index
 
@@ -104,8 +74,8 @@ class Member:
         device = mats.device
         matrix = torch.eye(axis_size, dtype=mats.dtype, device=device)
         positions = self.positions(axis_size, device)
-        inst = self._instance_ids(grid, device).expand(grid)
-        selected = self._selected(grid, device)
+        inst = self.instance_ids(grid, device).expand(grid)
+        selected = self.selected(grid, device)
         # one row per (instance, replica) cell with the unit level last
         pos = positions.movedim(self.unit, -1).reshape(-1, grid[self.unit])
         ids = inst.movedim(self.unit, -1).reshape(-1, grid[self.unit])[:, 0]
@@ -116,7 +86,7 @@ class Member:
 
 
 @dataclass(frozen=True)
-class TapPoint:
+class TapPoint(AxisGrid):
     """Where a group's features can be observed: an input (or output) of a module, the axis `dim`
     of that tensor laid out like a member (grid `factors`, units on level `unit`...)."""
 

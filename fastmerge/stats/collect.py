@@ -65,14 +65,8 @@ class Stats:
 def tap_features(x: torch.Tensor, tap: TapPoint, size: int) -> torch.Tensor:
     """(samples, size) float32 features of a group from the tapped tensor: the unit level of the
     tap axis becomes the columns; batch, positions and replica levels become samples."""
-    x = x.detach().float().movedim(tap.dim, -1)
-    axis = x.shape[-1]
-    grid = tap.factors if tap.factors is not None else (axis - tap.offset,)
-    span = math.prod(grid)
-    x = x.reshape(-1, axis)[:, tap.offset : tap.offset + span].reshape(-1, *grid)
-    for level, values in tap.select:
-        x = x.index_select(level + 1, torch.tensor(values, dtype=torch.long, device=x.device))
-    x = x.movedim(tap.unit + 1, -1)
+    # samples: the other axes (batch-major), then the grid levels but the unit level, in order
+    x = tap.cells(x.detach().float(), tap.dim, grid_last=True).movedim(tap.unit + 1, -1)
     if x.shape[-1] != size:
         raise ShapeMismatchError(f"tap {tap.module}: unit level has {x.shape[-1]} entries, the group has {size}")
     return x.reshape(-1, size)

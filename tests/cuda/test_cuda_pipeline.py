@@ -6,7 +6,9 @@ import copy
 import pytest
 
 from fastmerge import merge
-from fastmerge.demo import TrainConfig, accuracy, batches, load_dataset, train
+from fastmerge.zoo.training import TrainConfig, train
+from fastmerge.eval.metrics import accuracy
+from fastmerge.datasets import batches, load_dataset
 from tests.cuda.test_cuda_ops import _cuda_ops_available
 
 pytestmark = pytest.mark.skipif(not _cuda_ops_available(), reason="needs a GPU and the library built with CUDA")

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmerge.demo import TrainConfig, accuracy, load_dataset, train
+from fastmerge.zoo.training import TrainConfig, train
+from fastmerge.eval.metrics import accuracy
+from fastmerge.datasets import load_dataset
 from fastmerge.zoo import mlp
 
 KWARGS = {"in_features": 64, "hidden": [32, 32], "out_features": 10}

@@ -8,7 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastmerge import np_merge
-from fastmerge.demo import TrainConfig, load_dataset, make_model, train
+from fastmerge.zoo.training import TrainConfig, make_model, train
+from fastmerge.datasets import load_dataset
 
 WORLD = 2
 

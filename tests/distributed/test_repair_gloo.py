@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastmerge import merge, zoo
-from fastmerge.demo import load_dataset
+from fastmerge.datasets import load_dataset
 
 WORLD = 2
 

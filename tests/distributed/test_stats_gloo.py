@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastmerge import StatsCollector, collect_stats, zoo
-from fastmerge.demo import batches, load_dataset
+from fastmerge.datasets import batches, load_dataset
 from fastmerge.spec import trace_spec
 
 
@@ -93,7 +93,7 @@ def test_alignment_is_computed_once_and_every_rank_merges_identically(tmp_path, 
     on all the data (real digits models, trained here; these have dead units, where CCA's transform
     must not depend on rounding)."""
     from fastmerge import merge
-    from fastmerge.demo import TrainConfig, train
+    from fastmerge.zoo.training import TrainConfig, train
 
     split = load_dataset("digits")
     models, _ = models_and_spec()

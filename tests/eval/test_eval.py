@@ -11,7 +11,8 @@ import torch
 from fastmerge.spec.transforms import apply_permutations
 import fastmerge
 from fastmerge import zoo
-from fastmerge.demo import TrainConfig, load_dataset, train
+from fastmerge.zoo.training import TrainConfig, train
+from fastmerge.datasets import load_dataset
 from fastmerge.eval import ensemble, evaluate, feature_pictures, interpolate, loss_plane
 from fastmerge.eval import plots
 from fastmerge.merging.repair import reset_batch_norm

@@ -6,7 +6,8 @@ import json
 from safetensors.torch import save_file
 
 from fastmerge.cli import main
-from fastmerge.demo import TrainConfig, load_dataset, train
+from fastmerge.zoo.training import TrainConfig, train
+from fastmerge.datasets import load_dataset
 
 FIGURES = {"interpolation.png", "alignment.png", "np_coefficients.png", "loss_plane.png"}
 

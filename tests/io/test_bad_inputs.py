@@ -22,7 +22,8 @@ from fastmerge.cli import main
 from fastmerge.errors import CheckpointError, DataError, NonFiniteError, ShapeMismatchError, SpecError
 from fastmerge.merging.checkpoints import merge_checkpoints
 from fastmerge.merging.same_init import SameInitOptions
-from fastmerge.merging.with_data import data_from, merge_files_with_data, model_factory
+from fastmerge.cli.references import data_from, model_factory
+from fastmerge.merging.with_data import merge_files_with_data
 from fastmerge.spec import save_spec, trace_spec
 
 
@@ -100,7 +101,7 @@ def build_corpus(folder):
     paths = [str(good), str(other)]
     spec = str(folder / "wrong.spec.yaml")
     corpus["wrong-spec"] = (paths, ["--align", "weight_matching", "--spec", spec],
-                            same_init(paths, align="weight_matching", spec=spec), SpecError, None)
+                            same_init(paths, align="weight_matching", spec_file=spec), SpecError, None)
     model_args = ["--align", "cca", "--model", f"{folder}/arch.py:build", "--data", f"{folder}/empty_data.py:BATCHES"]
     corpus["empty-data"] = (paths, model_args, lambda out: merge_files_with_data(
         paths, out, build_model=model_factory(f"{folder}/arch.py:build"),

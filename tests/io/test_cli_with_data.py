@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import fastmerge
 from fastmerge.cli import main
-from fastmerge.demo import load_dataset
+from fastmerge.datasets import load_dataset
 
 BUILD = """
 from fastmerge.zoo import mlp

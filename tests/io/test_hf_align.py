@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from fastmerge.spec.transforms import apply_permutations
 from fastmerge.io import Checkpoint, ShardedWriter  # noqa: E402
-from fastmerge.io.hf_spec import spec_from_config  # noqa: E402
+from fastmerge.spec.hf_config import spec_from_config  # noqa: E402
 from fastmerge.merging.checkpoints import merge_checkpoints  # noqa: E402
 from fastmerge.merging.same_init import SameInitOptions  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_permuted_copy_is_recovered_from_files_with_an_inferred_spec(tmp_path, k
     write_folder(tmp_path / "b", source, permuted)
     out = tmp_path / "merged"
     merge_checkpoints([source, str(tmp_path / "b")], str(out), SameInitOptions("linear"), align="weight_matching",
-                      spec="auto", progress=False)
+                      spec_file="auto", progress=False)
     merged = Checkpoint(str(out))
     for k, v in state.items():
         assert torch.equal(merged[k], v), k

@@ -201,7 +201,9 @@ def test_batch_norm_reset_recomputes_statistics():
 
 
 def test_repair_matches_the_parents_statistics():
-    from fastmerge.demo import accuracy, batches, load_dataset, TrainConfig, train
+    from fastmerge.eval.metrics import accuracy
+    from fastmerge.datasets import batches, load_dataset
+    from fastmerge.zoo.training import TrainConfig, train
 
     split = load_dataset("digits")
     config = TrainConfig(epochs=15)

@@ -7,7 +7,9 @@ import torch
 
 import fastmerge
 import fastmerge.zoo as zoo
-from fastmerge.demo import TrainConfig, accuracy, batches, load_dataset, train
+from fastmerge.zoo.training import TrainConfig, train
+from fastmerge.eval.metrics import accuracy
+from fastmerge.datasets import batches, load_dataset
 from fastmerge.errors import InvalidArgumentError
 from fastmerge.merging import np_merge
 
@@ -40,7 +42,7 @@ def test_np_merge_beats_uniform_after_the_same_alignment(digits):
     for i, j in [(0, 1), (0, 2), (1, 3)]:
         pair = [models[i], models[j]]
         uniform = fastmerge.merge(pair, "permute", data=batches(split.x_fit), repair_mode="none", progress=False)
-        learned = fastmerge.merge(pair, "np_merge", align="permute", data=data, val_data=val,
+        learned = fastmerge.merge(pair, "np_merge", align_method="permute", data=data, val_data=val,
                                   np_options={"steps": 200, "lr": 3e-2}, progress=False)
         gains.append(accuracy(learned, split.x_test, split.y_test) - accuracy(uniform, split.x_test, split.y_test))
     print("test accuracy gains of NP Merge over uniform after permute:", gains)
@@ -81,7 +83,7 @@ def test_batch_norm_model_and_errors():
     torch.manual_seed(0)
     models = [zoo.resnet20().eval(), zoo.resnet20().eval()]
     data = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(2)]
-    merged = fastmerge.merge(models, "np_merge", align="weight_matching", data=data,
+    merged = fastmerge.merge(models, "np_merge", align_method="weight_matching", data=data,
                              example_inputs=(torch.randn(2, 1, 8, 8),), np_options={"steps": 3}, progress=False)
     with torch.no_grad():  # BatchNorm statistics recomputed on the data at the end
         pre = torch.cat([merged.conv1(x) for x, _ in data])

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..errors import CheckpointError
+from .trace import trace_spec
 
 
 def config_folder(path: str) -> str:
@@ -27,19 +28,17 @@ def config_folder(path: str) -> str:
     path = os.fspath(path)
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     if not os.path.exists(os.path.join(folder, "config.json")):
-        raise CheckpointError(f"{path}: no config.json next to the checkpoint; give the spec as YAML (--spec FILE)")
+        raise CheckpointError(f"{path}: no config.json next to the checkpoint; give the spec as YAML (spec_file=FILE)")
     return folder
 
 
 def spec_from_config(folder: str, shapes: Mapping[str, Sequence[int]]):
     """The merge spec of the Hugging Face model in `folder`, restricted to the tensors in `shapes`."""
     try:
-        import transformers
+        import transformers  # optional dependency: only this path needs it
     except ImportError:
         raise CheckpointError("inferring a spec from config.json needs the transformers package "
-                              "(pip install transformers), or give the spec as YAML (--spec FILE)") from None
-    from ..spec import trace_spec
-
+                              "(pip install transformers), or give the spec as YAML (spec_file=FILE)") from None
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
@@ -81,5 +80,5 @@ def _build_matching(transformers, config, names: set[str]):
                 best = (score, model, rename)
     if best is None or best[0] == 0:
         raise CheckpointError(f"config.json names {config.architectures}, but no model built from it has the "
-                              "checkpoint's tensor names; give the spec as YAML (--spec FILE)")
+                              "checkpoint's tensor names; give the spec as YAML (spec_file=FILE)")
     return best[1], best[2]

@@ -1,0 +1,38 @@
+"""CCA Merge: a dense transform per model from canonical correlation analysis with the reference
+(regularised; relative regularisation scales with the mean unit variance)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...spec.transforms import Dense
+from ..activation import cca_transform
+from .base import AlignmentMethod, register
+
+
+@dataclass(frozen=True)
+class CCAOptions:
+    """reg: the regularisation of the covariances; relative_reg: reg times the mean unit variance."""
+
+    reg: float = 0.1
+    relative_reg: bool = True
+
+
+def cca_dense(group, stats, *, reference: int, n: int, options: CCAOptions, info: dict) -> list:
+    out: list = [None] * n
+    for i in range(n):
+        if i == reference:
+            continue
+        t, t_inv, r = cca_transform(stats.covariance(group.name, reference, reference),
+                                    stats.covariance(group.name, i, i), stats.covariance(group.name, reference, i),
+                                    reg=options.reg, relative=options.relative_reg,
+                                    eigh_xx=stats.covariance_eigh(group.name, reference),
+                                    eigh_yy=stats.covariance_eigh(group.name, i))
+        out[i] = Dense(out=t[None], inp=t_inv[None])
+        info.setdefault("canonical_correlations", {})[i] = r
+    return out
+
+
+register(AlignmentMethod(name="cca", label="CCA", options=CCAOptions, dense=cca_dense,
+                         grid=lambda n: [{"reg": r} for r in (0.01, 0.03, 0.1, 0.3, 1.0)],
+                         grid_label="regularisation"))

@@ -1,0 +1,15 @@
+"""Task arithmetic: base + scale * sum_k w_k (W_k - base), one fused combination."""
+
+from ...ops import combine
+from .base import SameInitMethod, combine_target, register, task_weights
+
+
+def merge_task_arithmetic(name, tensors, base, options, out_dtype, out):
+    weights = task_weights(options, len(tensors))
+    coefs = [1.0 - options.scale * sum(weights)] + [options.scale * w for w in weights]
+    return combine([[base]] + [[t] for t in tensors], weights=coefs,
+                   out=combine_target(out, out_dtype, tensors))[0].to(out_dtype)
+
+
+register(SameInitMethod(name="task_arithmetic", merge=merge_task_arithmetic, needs_base=True,
+                        uses=("weights", "scale")))

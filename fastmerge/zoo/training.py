@@ -1,0 +1,104 @@
+"""Small reference models trained on the built-in data, cached by their full configuration: the
+models the demo, the bench, `fastmerge eval` and the tests merge.
+
+Trained models are cached under ~/.cache/fastmerge/demo (FASTMERGE_CACHE overrides), keyed by the
+full training configuration, so a second run only loads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..datasets import Split
+from ..errors import InvalidArgumentError
+from .models import mlp, vgg
+
+# part of the cache key: bump when the data preparation or the training loop changes
+RECIPE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "digits"
+    hidden: int = 32
+    depth: int = 2
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    arch: str = "mlp"  # or "vgg": a small CNN on the images (widths hidden/2, hidden)
+
+
+def make_model(config: TrainConfig, in_features: int) -> nn.Module:
+    if config.arch == "vgg":
+        return vgg(in_channels=1, image_size=image_side(in_features), widths=(config.hidden // 2, config.hidden),
+                       fc_hidden=2 * config.hidden)
+    return mlp(in_features=in_features, hidden=(config.hidden,) * config.depth, out_features=10)
+
+
+def image_side(in_features: int) -> int:
+    side = int(round(in_features**0.5))
+    if side * side != in_features or side % 4:
+        raise InvalidArgumentError(f"a CNN needs square images with a side divisible by 4; got {in_features} features")
+    return side
+
+
+def model_inputs(config: TrainConfig, x: torch.Tensor) -> torch.Tensor:
+    """The split's flat rows as the model takes them: images (N, 1, side, side) for a CNN."""
+    return x.view(-1, 1, image_side(x.shape[1]), image_side(x.shape[1])) if config.arch == "vgg" else x
+
+
+def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
+    """Adam on the fit split from initialisation `seed` (data order seeded too)."""
+    torch.manual_seed(seed)
+    model = make_model(config, split.x_fit.shape[1])
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(split.x_fit)
+    for _ in range(config.epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, config.batch_size):
+            idx = order[i : i + config.batch_size]
+            loss = nn.functional.cross_entropy(model(model_inputs(config, split.x_fit[idx])), split.y_fit[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def cache_dir() -> str:
+    return os.environ.get("FASTMERGE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fastmerge", "demo"))
+
+
+def trained_model(config: TrainConfig, split: Split, seed: int) -> nn.Module:
+    """Trains, or loads the cached result of the same configuration and seed."""
+    fields = asdict(config)
+    if fields["arch"] == "mlp":  # added later: MLP entries keep the keys they were cached under
+        del fields["arch"]
+    key = hashlib.sha256(json.dumps({**fields, "seed": seed, "recipe": RECIPE_VERSION,
+                                     "torch": torch.__version__.split("+")[0]},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"{config.dataset}-{'h' if config.arch == 'mlp' else config.arch}{config.hidden}-s{seed}-{key}.pt")
+    model = make_model(config, split.x_fit.shape[1])
+    if os.path.exists(path):
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return model.eval()
+        except (RuntimeError, OSError, EOFError):
+            pass  # a damaged cache entry: train again
+    model = train(config, split, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
+
+
