@@ -18,6 +18,7 @@ demo: build
 	$(VENV)/bin/fastmerge demo
 
 test: build
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 bench: build

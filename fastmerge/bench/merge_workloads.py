@@ -3,18 +3,24 @@ weight matching on a GPT-2-small-shaped pair against a straightforward reference
 
 from __future__ import annotations
 
+import resource
+import time
+
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
+from .. import zoo
+from ..alignment import cca_transform
+from ..merging.np_merge import CoefficientMerger
+from ..spec import trace_spec
 from ..spec.transforms import apply_permutations
+from ..stats import collect_stats
 from .workloads import Workload
 
 
 def stats_overhead(width: int = 4, image: int = 32, batch: int = 32, batches: int = 2, seed: int = 0) -> Workload:
     """collect_stats for two ResNet-20xW models vs the plain forward passes over the same batches."""
-    from .. import collect_stats, zoo
-    from ..spec import trace_spec
-
     torch.manual_seed(seed)
     models = [zoo.resnet20(in_channels=3, width=width).eval() for _ in range(2)]
     gen = torch.Generator().manual_seed(seed)
@@ -50,8 +56,6 @@ def _three_svd_cca(s_xx: np.ndarray, s_yy: np.ndarray, s_xy: np.ndarray, g: floa
 
 def cca_all_groups(widths=(512, 512, 1024), seed: int = 0) -> Workload:
     """CCA Merge transforms for every group of a model pair (correlated random statistics)."""
-    from ..alignment import cca_transform
-
     rng = np.random.default_rng(seed)
     problems = []
     for c in widths:
@@ -79,9 +83,6 @@ def cca_all_groups(widths=(512, 512, 1024), seed: int = 0) -> Workload:
 def gpt2_small_pair(seed: int = 0):
     """A GPT-2-small-shaped model (12 layers, d=768, vocab 50257), a random permutation of a copy,
     and its spec."""
-    from .. import zoo
-    from ..spec import trace_spec
-
     torch.manual_seed(seed)
     model = zoo.gpt2(vocab_size=50257, block_size=64, dim=768, depth=12, heads=12).eval()
     spec = trace_spec(model, (torch.randint(0, 50257, (1, 16)),))
@@ -93,8 +94,6 @@ def gpt2_small_pair(seed: int = 0):
 def reference_sweep(spec, target, state, perms: dict, groups) -> dict:
     """One coordinate-descent sweep the straightforward way: dense permutation matrices applied to
     every other axis of each member, float64 costs, scipy's assignment per group."""
-    from scipy.optimize import linear_sum_assignment
-
     plain = {g.name: g for g in groups}
     axis_group = {}  # (tensor, axis) -> group name, for the plain groups
     for g in groups:
@@ -130,11 +129,6 @@ def np_merge_step(model: str = "resnet20x4", variant: str = "fastmerge", steps: 
     materialises alpha * W_A + (1 - alpha) * W_B with per-tensor autograd operations. Run each
     variant in its own process (peak RSS is per process). part="merge" times the merging machinery
     alone (merged weights and the logit gradients for a fixed upstream gradient, no model)."""
-    import resource
-    import time
-
-    from .. import zoo
-    from ..merging.np_merge import CoefficientMerger
 
     torch.manual_seed(0)
     if model == "resnet20x4":

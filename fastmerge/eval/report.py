@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from ..alignment import align as align_models
+from ..datasets import load_dataset
 from ..io.atomic import write_text_atomic
 from ..merging import merge, np_merge
 from ..spec import trace_spec
+from ..zoo.training import TrainConfig, model_inputs, trained_model
 from . import plots
 from .features import feature_pictures
 from .interpolation import interpolate, loss_plane
@@ -126,8 +128,6 @@ def write_json(metrics: dict, path: str) -> None:
 def builtin(dataset: str = "digits", folder: str = "eval", *, quick: bool = False,
             methods: Sequence[str] = ("permute", "weight_matching", "cca")) -> EvalReport:
     """The default job: three MLPs and two CNNs trained from different seeds on `dataset`."""
-    from ..demo import TrainConfig, load_dataset, model_inputs, trained_model
-
     split = load_dataset(dataset)
     hidden = 32 if dataset == "digits" else 128
     epochs = (15 if quick else 60) if dataset == "digits" else (5 if quick else 20)

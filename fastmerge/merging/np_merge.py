@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import distributed
 from ..batches import cycle_batches, iterate_batches
 from ..checks import check_models
-from ..errors import DataError, InvalidArgumentError
+from ..errors import InvalidArgumentError
 from ..ops import combine, sigmoid_merge
 from .repair import has_batch_norm, reset_batch_norm
 

@@ -48,7 +48,7 @@ def linear_assignment(cost: torch.Tensor, *, maximize: bool = False) -> tuple[to
 
 def linear_assignment_reference(cost: torch.Tensor, *, maximize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """scipy.optimize.linear_sum_assignment over each problem (tests' reference and the fallback)."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # start-up time: only the reference needs scipy.optimize
 
     if not torch.isfinite(cost).all():
         raise NonFiniteError("linear_assignment: cost has a non-finite entry; costs must be finite")

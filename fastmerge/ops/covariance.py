@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from .. import _ext
 from ..errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
@@ -166,8 +167,6 @@ class CovarianceState:
         which is Chan's merge of all ranks at once. Every rank gets bit-identical results. The
         state must live on a device the backend handles (CPU for gloo, CUDA for NCCL).
         """
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             raise InvalidArgumentError("all_reduce_ needs an initialised torch.distributed process group")
         n_r = self.count.clone()

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import yaml
 
+from ..io.atomic import write_text_atomic
 from .types import ROLES, Group, Member, MergeSpec, SpecError, TapPoint
 
 FORMAT = "fastmerge-spec/1"
@@ -200,8 +201,6 @@ def spec_from_yaml(text: str, shapes: Mapping[str, Sequence[int]] | None = None)
 
 def save_spec(spec: MergeSpec, path: str | os.PathLike) -> None:
     """Writes the YAML atomically (temporary file in the same folder, then rename)."""
-    from ..io.atomic import write_text_atomic
-
     write_text_atomic(path, spec_to_yaml(spec))
 
 

@@ -16,7 +16,6 @@ states with the streaming covariance op; only the block pairs the method needs a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
