@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..checks import layout_difference
 from ..errors import CheckpointError, ShapeMismatchError
 from .reader import Checkpoint
 
@@ -19,16 +20,16 @@ def load_models(paths: Sequence[str], build: Callable[[], nn.Module], device: to
         ckpt = Checkpoint(path)
         model = build()
         expected = model.state_dict()
-        missing = sorted(set(expected) - set(ckpt.keys()))
-        unexpected = sorted(set(ckpt.keys()) - set(expected))
+        missing, unexpected, differ = layout_difference({n: tuple(t.shape) for n, t in expected.items()},
+                                                        {n: tuple(ckpt.shape(n)) for n in ckpt.keys()})
         if missing or unexpected:
             raise CheckpointError(f"{path} does not fit the architecture build_model makes: missing {len(missing)} "
                                   f"{missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}; check build_model and "
                                   "model_kwargs")
-        for name, tensor in expected.items():
-            if tuple(ckpt.shape(name)) != tuple(tensor.shape):
-                raise ShapeMismatchError(f"{path}: tensor {name!r} has shape {tuple(ckpt.shape(name))}, the "
-                                         f"architecture build_model makes {tuple(tensor.shape)}; check model_kwargs")
+        if differ:
+            name = differ[0]
+            raise ShapeMismatchError(f"{path}: tensor {name!r} has shape {tuple(ckpt.shape(name))}, the architecture "
+                                     f"build_model makes {tuple(expected[name].shape)}; check model_kwargs")
         model.load_state_dict({name: ckpt[name] for name in expected})
         models.append(model.to(device).eval())
     return models

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..alignment.weight_matching import weight_matching
+from ..checks import layout_difference
 from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from ..io import Checkpoint, merge_metadata, parse_dtype, plan_output, tensor_nbytes
 from ..ops import count_nonfinite
@@ -50,21 +51,21 @@ class MergePlan:
 
 
 def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str]) -> None:
-    """Same tensor names, shapes and dtypes in every checkpoint; the error lists what differs."""
-    ref = checkpoints[0]
-    ref_keys = set(ref.keys())
+    """Same tensor names and shapes in every checkpoint (dtypes may differ: merge_tensor combines
+    mixed precisions in float32); the error lists what differs."""
+    ref = {k: tuple(checkpoints[0].shape(k)) for k in checkpoints[0].keys()}
     for ckpt, label in zip(checkpoints[1:], labels[1:]):
-        keys = set(ckpt.keys())
-        if keys != ref_keys:
-            missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
+        other = {k: tuple(ckpt.shape(k)) for k in ckpt.keys()}
+        missing, extra, differ = layout_difference(ref, other)
+        if missing or extra:
             raise ShapeMismatchError(
                 f"{label} does not have the tensors of {labels[0]}: missing {len(missing)} {missing[:3]}, "
                 f"extra {len(extra)} {extra[:3]}; merge checkpoints of one architecture")
-        bad = [(k, ref.shape(k), ckpt.shape(k)) for k in ref.keys() if ref.shape(k) != ckpt.shape(k)]
-        if bad:
-            name, a, b = bad[0]
-            raise ShapeMismatchError(f"{label}: {len(bad)} tensor(s) differ in shape from {labels[0]}, e.g. {name!r} "
-                                     f"{b} vs {a}; models with different widths cannot be merged entry by entry")
+        if differ:
+            name = differ[0]
+            raise ShapeMismatchError(f"{label}: {len(differ)} tensor(s) differ in shape from {labels[0]}, e.g. {name!r} "
+                                     f"{other[name]} vs {ref[name]}; models with different widths cannot be merged "
+                                     "entry by entry")
 
 
 def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from ...errors import InvalidArgumentError
+from ...registry import Registry
 from ...spec.types import Group
 
 
@@ -73,21 +74,9 @@ class AlignmentMethod:
                 WeightMatchingOptions(**{k: v for k, v in options.items() if k in matching}))
 
 
-METHODS: dict[str, AlignmentMethod] = {}
-
-
-def register(method: AlignmentMethod) -> AlignmentMethod:
-    if method.name in METHODS:
-        raise InvalidArgumentError(f"an alignment method named {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> AlignmentMethod:
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise InvalidArgumentError(f"unknown alignment method {name!r}; choose one of {tuple(METHODS)}") from None
+METHODS: Registry[AlignmentMethod] = Registry("alignment method")
+register = METHODS.register
+get_method = METHODS.lookup
 
 
 def dense_ok(group: Group) -> bool:

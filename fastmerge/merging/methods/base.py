@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import InvalidArgumentError
+from ...registry import Registry
 
 # merge(name, tensors, base, options, out_dtype, out) -> the merged tensor (written into `out`
 # when the method can and `out` is given)
@@ -55,21 +56,9 @@ class SameInitMethod:
 
 _WORDS = {2: "two", 3: "three"}
 
-METHODS: dict[str, SameInitMethod] = {}
-
-
-def register(method: SameInitMethod) -> SameInitMethod:
-    if method.name in METHODS:
-        raise InvalidArgumentError(f"a merge method named {method.name!r} is already registered")
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> SameInitMethod:
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise InvalidArgumentError(f"unknown method {name!r}; choose one of {tuple(METHODS)}") from None
+METHODS: Registry[SameInitMethod] = Registry("merge method")
+register = METHODS.register
+get_method = METHODS.lookup
 
 
 def combine_target(out: torch.Tensor | None, out_dtype: torch.dtype, tensors: Sequence[torch.Tensor]):
