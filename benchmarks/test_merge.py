@@ -8,8 +8,8 @@ import time
 import pytest
 from _shared import cached_workload, time_side
 
-from fastmerge.spec.transforms import apply_permutations
 from fastmerge.bench.merge_workloads import cca_all_groups, gpt2_small_pair, reference_sweep, stats_overhead
+from fastmerge.spec.transforms import apply_permutations
 
 FACTORIES = [stats_overhead, cca_all_groups]
 _cache: dict = {}

@@ -39,7 +39,7 @@ def as_batch(batch, *, labelled: bool = False) -> Batch:
     """The batch as a model call and its targets; `labelled` requires (inputs, targets)."""
     has_target = isinstance(batch, (list, tuple)) and len(batch) > 1
     if labelled and not has_target:
-        raise DataError("evaluation needs labelled batches (inputs, targets)")
+        raise DataError("this needs labelled batches (inputs, targets); got a batch without targets")
     args, kwargs = split_batch(batch)
     return Batch(args, kwargs, batch[1] if has_target else None)
 

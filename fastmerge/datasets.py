@@ -62,8 +62,6 @@ def batches(x: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
     return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
 
 
-
-
 def split_batches(name: str, split: str = "fit", batch_size: int = 256) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) batches of one split ("fit", "val" or "test") of a built-in dataset."""
     if split not in SPLITS:

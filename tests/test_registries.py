@@ -83,5 +83,5 @@ def test_a_new_same_init_method_is_one_registration(registries, tmp_path):
     assert all(torch.equal(merged[k], a[k]) for k in a)
     with pytest.raises(InvalidArgumentError, match="needs at least 2 models"):
         SameInitOptions("first").validate(1, has_base=False)
-    with pytest.raises(InvalidArgumentError, match="unknown merge method 'nope'"):
+    with pytest.raises(InvalidArgumentError, match="unknown same-init method 'nope'"):
         SameInitOptions("nope").validate(2, has_base=False)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..demo import run_demo
+from ..alignment import METHODS as ALIGNMENT_METHODS
+from ..demo import NP_MERGE_ALIGNMENTS, run_demo
 from ..eval.plots import _pyplot, _save
 from ..io.atomic import write_text_atomic
 from . import run, standard
@@ -25,9 +26,10 @@ from .merge_workloads import cca_all_groups, stats_overhead
 
 BEGIN = "<!-- fastmerge bench --report: begin (generated, replaced on every run) -->"
 END = "<!-- fastmerge bench --report: end -->"
-QUALITY_METHODS = ("average", "permute", "weight_matching", "zipit", "cca", "np_merge:permute")
-NAMES = {"average": "direct average", "permute": "permute", "weight_matching": "weight matching", "zipit": "ZipIt",
-         "cca": "CCA", "np_merge:permute": "NP Merge after permute", "np_merge:cca": "NP Merge after CCA"}
+# every registered alignment method, between the direct average and NP Merge
+QUALITY_METHODS = ("average", *ALIGNMENT_METHODS, "np_merge:permute")
+NAMES = {"average": "direct average", **{name: m.label for name, m in ALIGNMENT_METHODS.items()},
+         **{f"np_merge:{a}": f"NP Merge after {ALIGNMENT_METHODS[a].label}" for a in NP_MERGE_ALIGNMENTS}}
 
 
 @dataclass

@@ -49,10 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-# The library's errors name its Python arguments; on the command line the same thing is a flag.
+# The library's errors name its Python arguments (as `name=value`, or a bare name); on the command
+# line the same thing is a flag.
 ARGUMENT_FLAGS = {"overwrite=True": "--overwrite", "spec_file=": "--spec ", "base=": "--base ", "method=": "--method ",
-                  "build_model": "--model", "model_kwargs": "--model-kwargs", "device=": "--device "}
-_ARGUMENT = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in ARGUMENT_FLAGS) + ")")
+                  "repair_mode=": "--repair ", "device=": "--device ", "build_model": "--model",
+                  "model_kwargs": "--model-kwargs"}
+# only whole words that start the message or follow a space or "(": never inside a path, a quoted
+# name or a longer identifier; a bare name must not run on into a longer word or a file name
+_ARGUMENT = re.compile(r"(?:^|(?<=[\s(]))(" + "|".join(re.escape(k) if k.endswith("=") else re.escape(k) + r"(?![\w.])"
+                                                    for k in ARGUMENT_FLAGS) + ")")
 
 
 def as_flags(message: str) -> str:

@@ -15,9 +15,8 @@ built-in job) feature pictures of matched CNN channels.
 from __future__ import annotations
 
 import argparse
-import os
-
 import json
+import os
 
 import torch
 

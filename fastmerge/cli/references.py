@@ -18,10 +18,6 @@ from torch import nn
 from ..datasets import BUILTIN, split_batches
 from ..errors import InvalidArgumentError
 
-# real datasets bundled with dependencies (fastmerge.datasets' splits): the fit split, or the
-# validation split with the ":val" suffix; batches of (inputs, labels)
-BUILTIN_DATA = BUILTIN
-
 
 def resolve(reference: str, what: str):
     """The object `reference` ("package.module:attr" or "file.py:attr") names."""
@@ -67,8 +63,8 @@ def model_factory(reference: str, kwargs: dict | None = None) -> Callable[[], nn
 
 
 def data_from(reference: str, batch_size: int = 256) -> Iterable:
-    """Batches named by `reference`: a built-in dataset ("digits", "mnist5k", with ":val" for the
-    validation split) or a module:attribute that is (or returns) an iterable of batches."""
+    """Batches named by `reference`: a built-in dataset (fastmerge.datasets: "digits", "mnist5k"; the
+    fit split, or the validation split with ":val"; batches of (inputs, labels)) or a module:attribute that is (or returns) an iterable of batches."""
     name, _, split = reference.partition(":")
     if name in BUILTIN and split in ("", "fit", "val"):
         return split_batches(name, split or "fit", batch_size)

@@ -77,5 +77,3 @@ def ensemble_accuracy(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Ten
     """accuracy() of the ensemble that sums the models' softmax outputs."""
     probs = sum(torch.softmax(m(x), dim=1) for m in models)
     return float((probs.argmax(1) == y).double().mean() * 100)
-
-

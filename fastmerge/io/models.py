@@ -12,13 +12,13 @@ from ..errors import CheckpointError, ShapeMismatchError
 from .reader import Checkpoint
 
 
-def load_models(paths: Sequence[str], build: Callable[[], nn.Module], device: torch.device) -> list[nn.Module]:
+def load_models(paths: Sequence[str], build_model: Callable[[], nn.Module], device: torch.device) -> list[nn.Module]:
     """Builds one model per checkpoint and loads its weights (every tensor of the model must be in
     the file, with its shape); eval mode, on `device`."""
     models = []
     for path in paths:
         ckpt = Checkpoint(path)
-        model = build()
+        model = build_model()
         expected = model.state_dict()
         missing, unexpected, differ = layout_difference({n: tuple(t.shape) for n, t in expected.items()},
                                                         {n: tuple(ckpt.shape(n)) for n in ckpt.keys()})

@@ -20,7 +20,6 @@ from .np_merge import np_merge
 from .repair import has_batch_norm, repair, reset_batch_norm
 
 
-
 def merge_methods() -> tuple[str, ...]:
     """What merge() takes as `method`: "average" (no alignment), every alignment method (align,
     then average), and "np_merge" (align with `align_method`, then learn the coefficients)."""

@@ -79,7 +79,7 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
     every = checkpoints + ([base_ckpt] if base_ckpt else [])
     check_compatible(every, list(models) + ([base] if base else []))
     if align not in (None, "weight_matching"):
-        raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with spec_file=)")
+        raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with spec_file=FILE.yaml)")
     if align and not spec_file:
         raise CheckpointError("weight matching of checkpoint files needs the model's merge spec: spec_file=FILE.yaml "
                               "(fastmerge.spec.save_spec(trace_spec(model, inputs), ...)) or spec_file=auto (from the "

@@ -1,7 +1,6 @@
 """The engine's ops: typed wrappers over the compiled kernels, each with a pure-torch reference."""
 
 from .. import _ext
-
 from .assignment import linear_assignment, linear_assignment_reference
 from .combine import combine, combine_reference
 from .nonfinite import count_nonfinite, count_nonfinite_reference

@@ -100,5 +100,3 @@ def trained_model(config: TrainConfig, split: Split, seed: int) -> nn.Module:
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     return model
-
-

@@ -8,7 +8,6 @@ import struct
 import pytest
 import torch
 
-from fastmerge.spec.transforms import apply_permutations
 import fastmerge
 from fastmerge import zoo
 from fastmerge.zoo.training import TrainConfig, train
@@ -16,6 +15,7 @@ from fastmerge.datasets import load_dataset
 from fastmerge.eval import ensemble, evaluate, feature_pictures, interpolate, loss_plane
 from fastmerge.eval import plots
 from fastmerge.merging.repair import reset_batch_norm
+from fastmerge.spec.transforms import apply_permutations
 
 
 @pytest.fixture(scope="module")

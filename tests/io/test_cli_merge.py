@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmerge.spec.transforms import apply_permutations
 from fastmerge.merging.checkpoints import merge_checkpoints
 from fastmerge.merging.same_init import SameInitOptions
+from fastmerge.spec.transforms import apply_permutations
 
 
 def cli(*args, **kwargs):

@@ -6,10 +6,10 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastmerge.spec.transforms import apply_permutations
 from fastmerge import zoo
 from fastmerge.cli import main
 from fastmerge.spec import load_spec, spec_to_yaml, trace_spec
+from fastmerge.spec.transforms import apply_permutations
 
 KWARGS = {"in_features": 12, "hidden": [16, 16], "out_features": 4}
 

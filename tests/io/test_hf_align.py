@@ -10,11 +10,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from fastmerge.spec.transforms import apply_permutations
 from fastmerge.io import Checkpoint, ShardedWriter  # noqa: E402
 from fastmerge.spec.hf_config import spec_from_config  # noqa: E402
 from fastmerge.merging.checkpoints import merge_checkpoints  # noqa: E402
 from fastmerge.merging.same_init import SameInitOptions  # noqa: E402
+from fastmerge.spec.transforms import apply_permutations  # noqa: E402
 
 
 def write_folder(folder, config_src, state):

@@ -5,11 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastmerge.spec.transforms import apply_permutations
 import fastmerge
 import fastmerge.zoo as zoo
 from fastmerge.spec import trace_spec
-from fastmerge.spec.transforms import Dense
+from fastmerge.spec.transforms import Dense, apply_permutations
 
 METHODS = ["permute", "weight_matching", "cca", "zipit"]
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmerge.spec.transforms import apply_permutations
 from fastmerge.spec import check_spec, trace_spec
+from fastmerge.spec.transforms import apply_permutations
 
 
 class Two(nn.Module):

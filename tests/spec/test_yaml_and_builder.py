@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import fastmerge.zoo as zoo
-from fastmerge.spec import (Member, MergeSpec, SpecBuilder, SpecError, TapPoint, check_spec, load_spec, save_spec,
-                            spec_to_yaml,
-                            spec_from_yaml, trace_spec)
+from fastmerge.spec import (Member, SpecBuilder, SpecError, TapPoint, check_spec, load_spec, save_spec,
+                            spec_from_yaml, spec_to_yaml, trace_spec)
 
 
 def shapes_of(model):

@@ -56,7 +56,7 @@ class SameInitMethod:
 
 _WORDS = {2: "two", 3: "three"}
 
-METHODS: Registry[SameInitMethod] = Registry("merge method")
+METHODS: Registry[SameInitMethod] = Registry("same-init method")
 register = METHODS.register
 get_method = METHODS.lookup
 
