@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from fastmerge import zoo
 from fastmerge.spec import save_spec, trace_spec
+from fastmerge.spec.transforms import apply_permutations
 
 MEDIUM = dict(dim=1024, depth=24, heads=16)
 
@@ -22,7 +23,6 @@ RUN = """
 import json, os, sys, time
 from fastmerge.merging.checkpoints import merge_checkpoints
 from fastmerge.merging.same_init import SameInitOptions
-from fastmerge.spec.transforms import apply_permutations
 a, b, spec, out = json.loads(sys.argv[1])
 def peak_kib():  # VmHWM: this image's high-water mark (ru_maxrss inherits the forking parent's RSS)
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
