@@ -85,3 +85,16 @@ def test_a_new_same_init_method_is_one_registration(registries, tmp_path):
         SameInitOptions("first").validate(1, has_base=False)
     with pytest.raises(InvalidArgumentError, match="unknown same-init method 'nope'"):
         SameInitOptions("nope").validate(2, has_base=False)
+
+
+def test_merge_still_takes_align_for_np_merge_with_a_deprecation_warning():
+    torch.manual_seed(0)
+    models = [zoo.mlp(in_features=8, hidden=(16,), out_features=3) for _ in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(32, 8, generator=gen), torch.randint(0, 3, (32,), generator=gen)) for _ in range(2)]
+    options = dict(data=data, np_options={"steps": 3}, progress=False)
+    new = fastmerge.merge(models, "np_merge", align_method="weight_matching", **options)
+    with pytest.warns(DeprecationWarning, match="align_method"):
+        old = fastmerge.merge(models, "np_merge", align="weight_matching", **options)
+    for a, b in zip(new.state_dict().values(), old.state_dict().values()):
+        assert torch.equal(a, b)
