@@ -33,7 +33,7 @@ class Split:
 def load_dataset(name: str, seed: int = 0) -> Split:
     """Real data shipped with a dependency, standardised with fit-split statistics."""
     if name == "digits":
-        from sklearn.datasets import load_digits  # start-up time: scikit-learn loads in ~1 s, only when asked
+        from sklearn.datasets import load_digits  # start-up time: importing scikit-learn takes over a second
 
         raw = load_digits()
         x, y = raw.data.astype(np.float32), raw.target.astype(np.int64)
