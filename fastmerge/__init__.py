@@ -7,7 +7,8 @@ works even when the library is missing (ops then fall back to pure-torch referen
 from . import errors, ops, spec
 from ._version import __version__
 from .alignment import Alignment, align
-from .merging import merge, np_merge
+from .merging import merge
+from .merging.np_merge import np_merge
 from .ops import AxisJob, CovarianceState, combine, linear_assignment, transform_axes
 from .spec import MergeSpec, check_spec, trace_spec
 from .stats import StatsCollector, collect_stats

@@ -20,7 +20,8 @@ from torch import nn
 from ..alignment import align as align_models
 from ..datasets import load_dataset
 from ..io.atomic import write_text_atomic
-from ..merging import merge, np_merge
+from ..merging import merge
+from ..merging.np_merge import np_merge
 from ..spec import trace_spec
 from ..zoo.training import TrainConfig, model_inputs, trained_model
 from . import plots

@@ -11,7 +11,7 @@ from fastmerge.zoo.training import TrainConfig, train
 from fastmerge.eval.metrics import accuracy
 from fastmerge.datasets import batches, load_dataset
 from fastmerge.errors import InvalidArgumentError
-from fastmerge.merging import np_merge
+from fastmerge import np_merge
 
 
 @pytest.fixture(scope="module")
