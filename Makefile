@@ -8,6 +8,12 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build). Elsewhere preinstall torch in .venv or set TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 export MAX_JOBS ?= 2
+# ccache, when installed, through Debian's masquerading folder (c++ -> ccache c++): a rebuild after
+# `make clean` or in a fresh clone of the same sources compiles nothing
+CCACHE_BIN := $(firstword $(wildcard /usr/lib/ccache /usr/local/lib/ccache))
+ifneq ($(CCACHE_BIN),)
+export PATH := $(CCACHE_BIN):$(PATH)
+endif
 
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 LIBRARY := fastmerge/_C.abi3.so
@@ -28,22 +34,23 @@ bench: build
 build: $(LIBRARY)
 
 # torch first, then the build requirements (--no-build-isolation does not install them), then the
-# package with its dependencies and test extras (pyproject.toml); the extension compiles against
-# this torch and `pip install -e` builds the library in place.
+# package with its dependencies and test extras (pyproject.toml), without compiling: the engine is
+# compiled once, by the rule below (pip would compile it again in a throwaway folder).
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "setuptools>=70" wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
-	test -s $(LIBRARY)
+	FASTMERGE_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
 	touch $@
-	touch -c $(LIBRARY)
 
-# After source edits: an incremental (ninja) rebuild in place.
+# The engine, compiled in place against the venv's torch: incremental (ninja, objects kept in
+# build/), quiet unless it fails (the full log is build/engine.log).
 $(LIBRARY): $(VENV)/.installed $(SOURCES)
-	$(PY) setup.py -q build_ext --inplace
-	touch $@
+	@mkdir -p build
+	@echo "compiling the engine (fastmerge/_C; a few minutes the first time, log: build/engine.log)"
+	@$(PY) setup.py build_ext --inplace > build/engine.log 2>&1 || { tail -n 60 build/engine.log; exit 1; }
+	@touch $@
 
 clean:
 	rm -rf build *.egg-info fastmerge/_C*.so

@@ -7,6 +7,8 @@ Environment switches (read at build time):
                             toolkit is found; 0: CPU only; 1: CUDA required (fail if impossible).
   FASTMERGE_DEBUG=1         -O0 -g instead of -O3.
   MAX_JOBS=N                parallel compile jobs (ninja), as for any torch extension.
+  FASTMERGE_SKIP_EXTENSION=1  install the Python package only (the Makefile compiles the engine once,
+                            in place, with `setup.py build_ext --inplace` instead of in pip's temp folder).
 """
 
 import glob
@@ -129,7 +131,7 @@ def make_extension():
 
 
 setup(
-    ext_modules=[make_extension()],
+    ext_modules=[] if os.environ.get("FASTMERGE_SKIP_EXTENSION") == "1" else [make_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
