@@ -36,13 +36,17 @@ build: $(LIBRARY)
 # torch first, then the build requirements (--no-build-isolation does not install them), then the
 # package with its dependencies and test extras (pyproject.toml), without compiling: the engine is
 # compiled once, by the rule below (pip would compile it again in a throwaway folder).
+# Quiet: the installers' output goes to build/setup.log, shown when a step fails.
 $(VENV)/.installed: pyproject.toml setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "setuptools>=70" wheel ninja
-	FASTMERGE_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
-	touch $@
+	@mkdir -p build
+	@echo "setting up $(VENV) (torch, dependencies; log: build/setup.log)"
+	@{ test -x $(PY) || $(PYTHON) -m venv $(VENV); } > build/setup.log 2>&1 \
+	  && $(PY) -m pip install -q --upgrade pip >> build/setup.log 2>&1 \
+	  && { $(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"; } >> build/setup.log 2>&1 \
+	  && $(PY) -m pip install -q "setuptools>=77" wheel ninja >> build/setup.log 2>&1 \
+	  && FASTMERGE_SKIP_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation -e ".[test,demo]" >> build/setup.log 2>&1 \
+	  || { tail -n 60 build/setup.log; exit 1; }
+	@touch $@
 
 # The engine, compiled in place against the venv's torch: incremental (ninja, objects kept in
 # build/), quiet unless it fails (the full log is build/engine.log).

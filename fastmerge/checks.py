@@ -10,6 +10,7 @@ from torch import nn
 
 from .errors import NonFiniteError, ShapeMismatchError
 from .ops import count_nonfinite
+from .stages import timed
 
 
 def layout_difference(reference: Mapping[str, object], other: Mapping[str, object]):
@@ -42,8 +43,7 @@ def check_same_architecture(models: Sequence[nn.Module]) -> None:
                 k = differ[0]
                 parts.append(f"{len(differ)} tensors differ, e.g. {k}: {ref[k]} vs {other[k]}")
             raise ShapeMismatchError(f"model {i} does not have model 0's architecture: " + "; ".join(parts))
-
-
+@timed("checks")
 def check_models(models: Sequence[nn.Module]) -> None:
     """What must hold before any work: one architecture (check_same_architecture), one device, and
     finite floating weights (a NaN in one parent would silently spread into the merge)."""

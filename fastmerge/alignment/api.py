@@ -29,6 +29,7 @@ from ..errors import InvalidArgumentError
 from ..spec.structure import activation_groups
 from ..spec.transforms import Dense, apply_transforms
 from ..spec.types import MergeSpec
+from ..stages import timed
 from ..stats import collect_stats
 from .activation import match_permutation
 from .methods import AlignmentMethod, WeightMatchingOptions, dense_ok, get_method
@@ -135,8 +136,7 @@ def _data_report(stats, group, n: int) -> dict:
         if dead:
             report.setdefault("constant_units", {})[i] = dead
     return report
-
-
+@timed("align")
 def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own, matching: WeightMatchingOptions, *,
                  spec: MergeSpec, stats, data: Iterable | None, reference: int, stats_options: dict | None,
                  progress: bool) -> Alignment:
@@ -204,7 +204,7 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
     if remaining:
         perms, info = weight_matching(spec, states, reference=reference, max_iter=matching.max_iter,
                                       seed=matching.seed, merge_many=matching.merge_many,
-                                      restarts=matching.restarts, frozen=frozen)
+                                      restarts=matching.restarts, frozen=frozen, progress=progress)
         for g in remaining:
             for i in range(n):
                 transforms[i][g.name] = perms[i][g.name]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch.distributed
 import yaml
@@ -34,6 +35,7 @@ from ..merging import METHODS as SAME_INIT_METHODS
 from ..merging.checkpoints import merge_checkpoints, plan_merge
 from ..merging.same_init import SameInitOptions
 from ..merging.with_data import merge_files_with_data
+from ..stages import record_stages, stage_summary
 from .references import data_from, model_factory
 
 
@@ -136,9 +138,11 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())
         return 0
-    plan = merge_checkpoints(models, settings["output"], options, progress=not args.quiet, **common)
+    with record_stages() as times:
+        plan = merge_checkpoints(models, settings["output"], options, progress=not args.quiet, **common)
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
+        print(stage_summary(times), file=sys.stderr)
     return 0
 
 
@@ -169,16 +173,18 @@ def _run_with_data(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--model-kwargs must be a JSON object of keyword arguments")
     owned = distributed.init_from_environment(args.device)  # torchrun: join (or create) the process group
     try:
-        files = merge_files_with_data(
-            args.models, args.output, build_model=model_factory(args.model, kwargs),
-            data=data_from(args.data, args.batch_size) if args.data else None, align=args.align or "none",
-            method=method, weights=args.weights, repair_mode=args.repair,
-            val_data=data_from(args.val_data, args.batch_size) if args.val_data else None,
-            np_options={"steps": args.np_steps, "lr": args.np_lr}, dtype=args.dtype,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
-            progress=not args.quiet)
+        with record_stages() as times:
+            files = merge_files_with_data(
+                args.models, args.output, build_model=model_factory(args.model, kwargs),
+                data=data_from(args.data, args.batch_size) if args.data else None, align=args.align or "none",
+                method=method, weights=args.weights, repair_mode=args.repair,
+                val_data=data_from(args.val_data, args.batch_size) if args.val_data else None,
+                np_options={"steps": args.np_steps, "lr": args.np_lr}, dtype=args.dtype,
+                max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
+                progress=not args.quiet)
         if not args.quiet and distributed.rank() == 0:
             print("\n".join(f"wrote {p}" for p in files))
+            print(stage_summary(times), file=sys.stderr)
     finally:
         if owned:
             torch.distributed.destroy_process_group()

@@ -9,9 +9,9 @@ from torch import nn
 
 from ..checks import layout_difference
 from ..errors import CheckpointError, ShapeMismatchError
+from ..stages import timed
 from .reader import Checkpoint
-
-
+@timed("load")
 def load_models(paths: Sequence[str], build_model: Callable[[], nn.Module], device: torch.device) -> list[nn.Module]:
     """Builds one model per checkpoint and loads its weights (every tensor of the model must be in
     the file, with its shape); eval mode, on `device`."""

@@ -16,6 +16,7 @@ from ..errors import InvalidArgumentError
 from ..ops import combine
 from ..spec import trace_spec
 from ..spec.types import MergeSpec
+from ..stages import timed
 from .np_merge import np_merge
 from .repair import has_batch_norm, repair, reset_batch_norm
 
@@ -28,8 +29,7 @@ def merge_methods() -> tuple[str, ...]:
 
 MERGE_METHODS = merge_methods()  # as registered at import; merge() checks the live registry
 REPAIRS = ("auto", "none", "reset", "repair")
-
-
+@timed("combine")
 def combine_states(states: Sequence[dict], weights: Sequence[float], reference: int = 0) -> dict:
     """Weighted sum of the floating tensors of several state dicts (one fused op call); integer
     buffers (counters, ids) are taken from the reference."""

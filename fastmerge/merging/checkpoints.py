@@ -23,6 +23,7 @@ from ..ops import count_nonfinite
 from ..spec import spec_from_yaml
 from ..spec.hf_config import config_folder, spec_from_config
 from ..spec.transforms import apply_permutations
+from ..stages import stage
 from .same_init import SameInitOptions, checks_finite, merge_tensor
 
 
@@ -115,7 +116,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
                                                       align=align, spec_file=spec_file)
     inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
     labels = list(models) + ([base] if base_ckpt else [])
-    sources = _aligned_sources(inputs, spec_file) if align else [c.read for c in inputs]
+    sources = _aligned_sources(inputs, spec_file, progress) if align else [c.read for c in inputs]
 
     # Inputs are maps of the files (no copy); one reused buffer per input for tensors whose bytes
     # are not aligned in the file, and two for the output, as large as the largest tensor: fresh
@@ -129,7 +130,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     # (writing to the page cache is a copy that takes as long as a merge); one write in flight, so
     # a buffer is free again when the write of the tensor after it starts. The pool exits first:
     # on an error the write in flight ends before the writer removes its temporary files.
-    with writer, ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write") as pool:
+    with stage("merge"), writer, ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write") as pool:
         pending = None
         bar = tqdm(total=len(writer.plan), desc=f"merge ({options.method})", unit="tensor", disable=not progress)
         for i, (name, shape, out_dtype) in enumerate(writer.plan):
@@ -177,7 +178,7 @@ def _check_narrowing(name: str, merged: torch.Tensor, dtype: torch.dtype) -> Non
                              "write a wider --dtype (bfloat16 or float32)")
 
 
-def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
+def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str, progress: bool = False):
     """Weight matching of every checkpoint onto the first (MergeMany for more than two), from the
     files and the spec alone, out of core for two models (tensors read when a group needs them);
     returns one tensor getter per checkpoint, like Checkpoint.read, that permutes on the way out.
@@ -198,7 +199,7 @@ def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str):
         except OSError as exc:
             raise CheckpointError(f"{spec_path}: cannot read the spec ({exc})") from None
         spec = spec_from_yaml(text, shapes)
-    perms, _ = weight_matching(spec, checkpoints, reference=0)
+    perms, _ = weight_matching(spec, checkpoints, reference=0, progress=progress)
 
     def getter(checkpoint, perm):
         if perm is None:

@@ -24,6 +24,7 @@ from ..batches import cycle_batches, iterate_batches
 from ..checks import check_models
 from ..errors import InvalidArgumentError
 from ..ops import combine, sigmoid_merge
+from ..stages import timed
 from .repair import has_batch_norm, reset_batch_norm
 
 GRANULARITIES = ("entry", "channel", "tensor")
@@ -92,8 +93,7 @@ def _set_bn_batch_stats(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train()
-
-
+@timed("NP Merge")
 def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, lr: float = 1e-2,
              optimizer: str | Callable = "adam", val_data: Iterable | None = None, eval_every: int = 25,
              patience: int | None = None, loss_fn: Callable | None = None, granularity: str = "entry",

@@ -18,6 +18,7 @@ from .. import distributed
 from ..batches import iterate_batches
 from ..errors import DataError
 from ..spec.types import Group, MergeSpec
+from ..stages import timed
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -27,6 +28,7 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, _BATCH_NORMS) for m in model.modules())
 
 
+@timed("BN reset")
 @torch.no_grad()
 def reset_batch_norm(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> nn.Module:
     """Recomputes every BatchNorm's running statistics on `data` (cumulative average, one pass in
@@ -122,6 +124,7 @@ def _unit_stats(models: Sequence[nn.Module], paths: Sequence[str], data, max_bat
     return out
 
 
+@timed("REPAIR")
 @torch.no_grad()
 def repair(merged: nn.Module, aligned_parents: Sequence[nn.Module], spec: MergeSpec, data: Iterable, *,
            weights: Sequence[float] | None = None, max_batches: int | None = None) -> nn.Module:

@@ -23,6 +23,7 @@ from .. import distributed
 from ..alignment import METHODS as ALIGNMENT_METHODS
 from ..errors import InvalidArgumentError
 from ..io import Checkpoint, load_models, merge_metadata, parse_dtype, plan_output
+from ..stages import stage
 from .api import merge
 
 COMBINATIONS = ("average", "np_merge")
@@ -80,7 +81,7 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
                        **(align_options or {}))
     state = merged.state_dict()
     if distributed.rank() == 0:
-        with writer:
+        with stage("write"), writer:
             for name, _, target in writer.plan:
                 writer.write(name, state[name].detach().to("cpu", target).contiguous())
     if distributed.active():

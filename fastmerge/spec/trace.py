@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from ..stages import timed
 from .emit import build_spec
 from .layout import Layout, fix_layout, opaque, plain, prune_families, size_of, unify_layouts
 from .rules import HANDLERS, IGNORED, handles
@@ -32,8 +33,7 @@ log = logging.getLogger(__name__)
 
 _TAP_PREFERENCE = {"Linear": 0, "Conv1d": 0, "Conv2d": 0, "Conv3d": 0, "Conv1D": 0, "LayerNorm": 1, "RMSNorm": 1,
                    "BatchNorm1d": 1, "BatchNorm2d": 1, "BatchNorm3d": 1, "GroupNorm": 1}
-
-
+@timed("trace")
 def trace_spec(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> MergeSpec:
     """Derives the merge spec of `model` from one traced forward pass.
 

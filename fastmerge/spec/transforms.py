@@ -14,6 +14,7 @@ import torch
 
 from ..errors import ShapeMismatchError
 from ..ops import AxisJob, transform_axes
+from ..stages import timed
 from .types import MergeSpec
 
 
@@ -50,8 +51,7 @@ def transform_jobs(spec: MergeSpec, shapes: Mapping[str, Sequence[int]], transfo
                 yield m.tensor, m.axis, m.dense_matrix(n, t.inp.transpose(-1, -2))
             else:  # producer rows and per-unit parameters: new = A old
                 yield m.tensor, m.axis, m.dense_matrix(n, t.out)
-
-
+@timed("transforms")
 def apply_transforms(spec: MergeSpec, state: Mapping[str, torch.Tensor],
                      transforms: Mapping[str, object]) -> dict[str, torch.Tensor]:
     """A new state dict with every group's transform (a permutation or a Dense) applied, in one

@@ -28,6 +28,7 @@ from ..errors import DataError, InvalidArgumentError, NonFiniteError, ShapeMisma
 from ..ops import CovarianceState
 from ..spec.structure import activation_groups
 from ..spec.types import Group, MergeSpec, TapPoint
+from ..stages import timed
 
 
 @dataclass
@@ -159,8 +160,7 @@ class StatsCollector:
         except NonFiniteError as exc:
             raise NonFiniteError(f"group {group.name!r} (tap {group.tap.module}): {exc}") from None
         self._pending[group.name] = [None] * len(self.models)
-
-
+@timed("statistics")
 def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: MergeSpec, *,
                   groups: Sequence[Group] | None = None, pairs: str = "all_to_one", reference: int = 0,
                   max_batches: int | None = None, max_samples: int | None = None, max_rows: int | None = None,
