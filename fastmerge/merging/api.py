@@ -14,11 +14,11 @@ from ..batches import first_batch
 from ..checks import check_models
 from ..errors import InvalidArgumentError
 from ..ops import combine
-from ..spec import trace_spec
+from ..spec.cache import cached_trace_spec
 from ..spec.types import MergeSpec
 from ..stages import timed
 from .np_merge import np_merge
-from .repair import has_batch_norm, repair, reset_batch_norm
+from .repair import UnitMoments, has_batch_norm, permuted_unit_stats, repair, repair_paths, reset_batch_norm
 
 
 def merge_methods() -> tuple[str, ...]:
@@ -43,17 +43,38 @@ def combine_states(states: Sequence[dict], weights: Sequence[float], reference: 
     return {k: out[k] for k in names}
 
 
+def _spec(models, spec, *, data, example_inputs, reference) -> MergeSpec:
+    """The given spec, or the reference model's traced on example_inputs or the first batch."""
+    if spec is not None:
+        return spec
+    if example_inputs is not None:
+        args, kwargs = tuple(example_inputs), {}
+    elif data is not None:
+        args, kwargs, _ = first_batch(data, "trace the model with")
+    else:
+        raise InvalidArgumentError("merge needs data= or example_inputs= to trace the model's spec")
+    return cached_trace_spec(models[reference], args, kwargs)
+
+
 def _align(models, method, *, spec, data, example_inputs, reference, progress, align_options):
-    if spec is None:
-        if example_inputs is not None:
-            args, kwargs = tuple(example_inputs), {}
-        elif data is not None:
-            args, kwargs, _ = first_batch(data, "trace the model with")
-        else:
-            raise InvalidArgumentError("merge needs data= or example_inputs= to trace the model's spec")
-        spec = trace_spec(models[reference], args, kwargs)
+    spec = _spec(models, spec, data=data, example_inputs=example_inputs, reference=reference)
     return align_models(models, method, spec=spec, data=data, reference=reference, progress=progress,
                         **align_options)
+
+
+def _align_and_measure(models, method, *, spec, data, example_inputs, reference, progress, align_options):
+    """The alignment, and the REPAIR statistics of the aligned parents gathered during its statistics
+    pass (one pass over the data less): (alignment, per-parent stats), the stats None when they
+    cannot be had that way (a dense transform: REPAIR then measures the aligned parents itself)."""
+    spec = _spec(models, spec, data=data, example_inputs=example_inputs, reference=reference)
+    with UnitMoments(models, repair_paths(spec, models[reference])) as moments:
+        alignment = align_models(models, method, spec=spec, data=data, reference=reference, progress=progress,
+                                 **align_options)
+    if not moments.seen():
+        return alignment, None
+    stats = [permuted_unit_stats(s, spec, models[reference], alignment.transforms[i])
+             for i, s in enumerate(moments.result())]
+    return alignment, None if any(s is None for s in stats) else stats
 
 
 def _np_merge(models, states, *, data, spec, example_inputs, reference, alignment, align_method, val_data,
@@ -71,6 +92,15 @@ def _np_merge(models, states, *, data, spec, example_inputs, reference, alignmen
         parents.append(p)
     result = np_merge(parents, data, val_data=val_data, progress=progress, **np_options)
     return (result.model, alignment) if return_alignment else result.model
+
+
+def _repair_from_statistics(method, repair_mode, repair_batches, align_options, data) -> bool:
+    """Whether REPAIR's targets can come from the alignment's own statistics pass: REPAIR asked for,
+    an activation method collecting statistics here, over the same batches REPAIR would use."""
+    limits = align_options.get("stats_options") or {}
+    return (repair_mode == "repair" and data is not None and repair_batches is None
+            and ALIGNMENT_METHODS[method].statistics is not None and align_options.get("stats") is None
+            and not any(limits.get(k) is not None for k in ("max_batches", "max_samples")))
 
 
 def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterable | None = None,
@@ -117,6 +147,7 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
     if len(weights) != n:
         raise InvalidArgumentError(f"weights has {len(weights)} entries for {n} models")
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+    parent_stats = None  # REPAIR's targets, when the alignment's statistics pass gathered them
 
     if method == "np_merge":
         return _np_merge(models, states, data=data, spec=spec, example_inputs=example_inputs, reference=reference,
@@ -125,7 +156,11 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
     if method == "average":
         aligned = states
     else:
-        if alignment is None:
+        if alignment is None and _repair_from_statistics(method, repair_mode, repair_batches, align_options, data):
+            alignment, parent_stats = _align_and_measure(models, method, spec=spec, data=data,
+                                                         example_inputs=example_inputs, reference=reference,
+                                                         progress=progress, align_options=align_options)
+        elif alignment is None:
             alignment = _align(models, method, spec=spec, data=data, example_inputs=example_inputs,
                                reference=reference, progress=progress, align_options=align_options)
         spec = alignment.spec
@@ -147,11 +182,11 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         if spec is None:  # direct average: REPAIR still needs to know each layer's producer
             args, kwargs = ((tuple(example_inputs), {}) if example_inputs is not None
                             else first_batch(data, "trace the model with")[:2])
-            spec = trace_spec(models[reference], args, kwargs)
+            spec = cached_trace_spec(models[reference], args, kwargs)
         parents = []
         for s in aligned:
             p = copy.deepcopy(models[reference])
             p.load_state_dict(s)
             parents.append(p)
-        repair(merged, parents, spec, data, weights=weights, max_batches=repair_batches)
+        repair(merged, parents, spec, data, weights=weights, max_batches=repair_batches, parent_stats=parent_stats)
     return (merged, alignment) if return_alignment else merged
