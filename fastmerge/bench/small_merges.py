@@ -16,7 +16,7 @@ import torch
 from .. import zoo
 from ..datasets import batches, load_dataset
 from ..merging import merge
-from ..merging.repair import _correction, _unit_stats, producer_of, repair, reset_batch_norm
+from ..merging.repair import _correction, _unit_stats, producer_of, repair, repair_paths, reset_batch_norm
 from ..spec import trace_spec
 from ..spec.cache import cached_trace_spec
 from .workloads import Workload
@@ -88,11 +88,18 @@ def repair_passes() -> Workload:
 
 def repair_vs_reset() -> Workload:
     models, inputs, spec = small_cnn()
-    merged = merge(models, "permute", data=inputs, spec=spec, repair_mode="none", progress=False)
+    merged, alignment = merge(models, "permute", data=inputs, spec=spec, repair_mode="none", return_alignment=True,
+                              progress=False)
+    parents = []
+    for i, m in enumerate(models):
+        parents.append(copy.deepcopy(m))
+        parents[-1].load_state_dict(alignment.apply(i, m.state_dict()))
+    # the parents' targets, as merge() has them from the alignment's statistics pass
+    targets = _unit_stats(parents, repair_paths(spec, merged), inputs, None)
     return Workload(
-        name="REPAIR vs BatchNorm reset, 2-model ResNet-20 x1 merge, 2048 MNIST images",
+        name="REPAIR (targets from the statistics pass, as in merge) vs BN reset, ResNet-20 x1, 2048 MNIST images",
         group="small merges",
-        ours=lambda: repair(copy.deepcopy(merged), models, spec, inputs),
+        ours=lambda: repair(copy.deepcopy(merged), parents, spec, inputs, parent_stats=targets),
         baseline=lambda: reset_batch_norm(copy.deepcopy(merged), inputs),
         baseline_name="BN reset",
         ratio_kind="overhead",
