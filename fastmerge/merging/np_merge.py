@@ -11,6 +11,7 @@ coefficient gradients); only the logits are trainable.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..batches import cycle_batches, iterate_batches
+from ..batches import batch_samples, cycle_batches, iterate_batches
 from ..checks import check_models
 from ..errors import InvalidArgumentError
 from ..ops import combine, sigmoid_merge
 from ..stages import timed
+from ..threads import is_small_step, single_thread_if
 from .repair import has_batch_norm, reset_batch_norm
 
 GRANULARITIES = ("entry", "channel", "tensor")
@@ -220,38 +222,41 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
     checks_without_gain = 0
     _set_bn_batch_stats(template)
     batches = cycle_batches(data, "np_merge")
+    first = next(batches) if steps else None  # tiny steps (a small dense model) run on one thread
+    batches = itertools.chain([first], batches) if first is not None else batches
     bar = tqdm(range(steps), desc="NP Merge", disable=not progress, leave=False)
-    if val_data is not None:
-        template.eval()
-        best = (_accuracy(forward, val_data), 0, best[2])
-        _set_bn_batch_stats(template)
-    for step in bar:
-        args, kwargs, target = next(batches)
-        if target is None:
-            raise InvalidArgumentError("np_merge: training batches must be (inputs, targets)")
-        loss = loss_fn(forward(args, kwargs), target)
-        opt.zero_grad()
-        loss.backward()
-        if distributed.active():
-            _average_gradients(list(logits.values()))
-        opt.step()
-        loss = loss.detach()  # read back only at checks: no host round trip per step on a GPU
-        val = None
-        if val_data is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+    with single_thread_if(first is not None and is_small_step(template, batch_samples(first))):
+        if val_data is not None:
             template.eval()
-            val = _accuracy(forward, val_data)
+            best = (_accuracy(forward, val_data), 0, best[2])
             _set_bn_batch_stats(template)
-            if val > best[0]:
-                best = (val, step + 1, {k: v.detach().clone() for k, v in logits.items()})
-                checks_without_gain = 0
-            else:
-                checks_without_gain += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", val_acc=f"{100 * val:.1f}")
-        elif progress and (step + 1) % eval_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        history.append((step + 1, loss, val))
-        if patience is not None and checks_without_gain >= patience:
-            break
+        for step in bar:
+            args, kwargs, target = next(batches)
+            if target is None:
+                raise InvalidArgumentError("np_merge: training batches must be (inputs, targets)")
+            loss = loss_fn(forward(args, kwargs), target)
+            opt.zero_grad()
+            loss.backward()
+            if distributed.active():
+                _average_gradients(list(logits.values()))
+            opt.step()
+            loss = loss.detach()  # read back only at checks: no host round trip per step on a GPU
+            val = None
+            if val_data is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                template.eval()
+                val = _accuracy(forward, val_data)
+                _set_bn_batch_stats(template)
+                if val > best[0]:
+                    best = (val, step + 1, {k: v.detach().clone() for k, v in logits.items()})
+                    checks_without_gain = 0
+                else:
+                    checks_without_gain += 1
+                bar.set_postfix(loss=f"{loss.item():.4f}", val_acc=f"{100 * val:.1f}")
+            elif progress and (step + 1) % eval_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            history.append((step + 1, loss, val))
+            if patience is not None and checks_without_gain >= patience:
+                break
     bar.close()
     losses = torch.stack([h[1] for h in history]).tolist() if history else []
     history = [(step, loss, val) for (step, _, val), loss in zip(history, losses)]

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..datasets import Split
 from ..errors import InvalidArgumentError
+from ..threads import is_small_step, single_thread_if
 from .models import mlp, vgg
 
 # part of the cache key: bump when the data preparation or the training loop changes
@@ -62,14 +63,15 @@ def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = len(split.x_fit)
-    for _ in range(config.epochs):
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n, config.batch_size):
-            idx = order[i : i + config.batch_size]
-            loss = nn.functional.cross_entropy(model(model_inputs(config, split.x_fit[idx])), split.y_fit[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    with single_thread_if(is_small_step(model, config.batch_size)):  # tiny steps: one thread
+        for _ in range(config.epochs):
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n, config.batch_size):
+                idx = order[i : i + config.batch_size]
+                loss = nn.functional.cross_entropy(model(model_inputs(config, split.x_fit[idx])), split.y_fit[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
     return model.eval()
 
 
