@@ -15,6 +15,7 @@ import math
 import mmap
 import os
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -52,6 +53,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def _open(self, path: str) -> None:
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: no such file or folder")
+        if not os.path.isdir(path) and not os.path.isfile(path):  # reading a FIFO or a device could block forever
+            raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); give a checkpoint file")
         if os.path.isdir(path):
             for name in (INDEX_NAME, SINGLE_NAME, *TORCH_NAMES):
                 candidate = os.path.join(path, name)
@@ -78,7 +81,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         folder = os.path.dirname(path)
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(folder, shard)
-            if os.path.basename(shard) != shard or not os.path.exists(shard_path):
+            if os.path.basename(shard) != shard or not os.path.isfile(shard_path):
                 raise CheckpointError(f"{path}: shard {shard!r} named by the index is missing from {folder}")
             self._open_safetensors(shard_path)
         missing = set(weight_map) - set(self._files)
@@ -107,9 +110,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                         raise
                     state = torch.load(path, map_location="cpu", weights_only=True)  # a legacy file
         except pickle.UnpicklingError as exc:
-            # torch's message runs over many lines; the line naming the refused operation says it all
-            detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line or "global" in line),
-                          str(exc).splitlines()[0] if str(exc) else "")
+            # torch's message runs over many lines and advises loading with weights_only=False or
+            # allow-listing the global: unsafe advice for a file that wants to run code. Only what
+            # was refused is passed on.
+            found = re.search(r"(?i)unsupported[^.\n]*?(global\s+[\w.]+)", str(exc))
+            detail = f"unsupported {found.group(1)}" if found else "a pickled object fastmerge does not load"
             raise CheckpointError(
                 f"{path}: refused: the file holds pickled objects other than tensors ({detail}). fastmerge loads torch "
                 "files with weights_only=True and never runs code from a checkpoint; convert it to safetensors "

@@ -146,8 +146,9 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             except NonFiniteError:
                 _check_finite(name, every, labels)  # names the file (finite inputs: the merge overflowed)
                 raise
-            if out_dtype.is_floating_point and torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max:
-                _check_narrowing(name, merged, out_dtype)
+            if out_dtype.is_floating_point:  # nothing non-finite is written (overflowing sums, a cast)
+                narrowing = torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max
+                check_output_finite(name, merged, out_dtype, narrowing=narrowing)
             if pending is not None:
                 pending.result()
             pending = pool.submit(writer.write, name, merged)
@@ -172,10 +173,18 @@ def _check_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[s
                              "is broken (diverged training, a bad conversion): fix or drop it")
 
 
-def _check_narrowing(name: str, merged: torch.Tensor, dtype: torch.dtype) -> None:
-    if bool(count_nonfinite([merged]).any()):
+def check_output_finite(name: str, merged: torch.Tensor, dtype: torch.dtype, narrowing: bool) -> None:
+    """Finite inputs can still merge into NaN/Inf (a sum past the dtype's range, a cast to a narrower
+    one): refuse before anything is renamed into place (a bit test at memory speed)."""
+    count = int(count_nonfinite([merged])[0])
+    if not count:
+        return
+    if narrowing:
         raise NonFiniteError(f"tensor {name!r}: the merged values overflow {dtype} (|x| > {torch.finfo(dtype).max:g}); "
                              "write a wider --dtype (bfloat16 or float32)")
+    raise NonFiniteError(f"tensor {name!r}: {count} merged value(s) are NaN/Inf although the inputs are finite (the "
+                         f"weighted sum leaves {dtype}'s range); use smaller weights/scale or a wider dtype; nothing "
+                         "was written")
 
 
 def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str, progress: bool = False):

@@ -11,6 +11,7 @@ work common to all of them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,10 +47,15 @@ class SameInitOptions:
     def validate(self, num_models: int, has_base: bool) -> None:
         method = get_method(self.method)
         if method.needs_base and not has_base:
-            raise InvalidArgumentError(f"{self.method} needs the base model the others were fine-tuned from: pass base=PATH")
+            raise InvalidArgumentError(f"{self.method} needs the base model the others were fine-tuned from: "
+                                       "pass base=PATH")
         method.check_count(num_models)
         if self.weights is not None and len(self.weights) != num_models:
             raise InvalidArgumentError(f"got {len(self.weights)} weights for {num_models} models")
+        if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
+            raise InvalidArgumentError(f"weights must be finite numbers, got {list(self.weights)}")
+        if not math.isfinite(self.scale):
+            raise InvalidArgumentError(f"scale (lambda) must be a finite number, got {self.scale}")
         if not 0.0 < self.density <= 1.0:
             raise InvalidArgumentError(f"density must be in (0, 1], got {self.density}")
         if not 0.0 <= self.t <= 1.0:

@@ -25,6 +25,7 @@ from ..errors import InvalidArgumentError
 from ..io import Checkpoint, load_models, merge_metadata, parse_dtype, plan_output
 from ..stages import stage
 from .api import merge
+from .checkpoints import check_output_finite
 
 COMBINATIONS = ("average", "np_merge")
 
@@ -83,7 +84,11 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
     if distributed.rank() == 0:
         with stage("write"), writer:
             for name, _, target in writer.plan:
-                writer.write(name, state[name].detach().to("cpu", target).contiguous())
+                tensor = state[name].detach().to("cpu", target).contiguous()
+                if target.is_floating_point:  # nothing non-finite is renamed into place
+                    narrowing = torch.finfo(target).max < torch.finfo(state[name].dtype).max
+                    check_output_finite(name, tensor, target, narrowing=narrowing)
+                writer.write(name, tensor)
     if distributed.active():
         torch.distributed.barrier()  # the files exist for every rank when this returns
     return writer.final_paths

@@ -1,0 +1,71 @@
+"""Careless and hostile inputs (issue 21): non-regular files, unsafe advice in refusals, non-finite
+options, finite inputs that merge into NaN/Inf. Each ends in a typed error and leaves nothing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastmerge.cli import main
+from fastmerge.errors import CheckpointError, InvalidArgumentError, NonFiniteError
+from fastmerge.io import Checkpoint
+from fastmerge.merging.checkpoints import merge_checkpoints
+from fastmerge.merging.same_init import SameInitOptions
+
+
+class _Payload:
+    def __reduce__(self):  # unpickling this would run a command
+        return (os.system, ("touch pwned-by-test",))
+
+
+def test_a_fifo_is_refused_at_once_not_read(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    # in a child with a time limit: a regression would block on open() forever
+    code = ("import sys\nfrom fastmerge.io import Checkpoint\nfrom fastmerge.errors import CheckpointError\n"
+            f"try:\n    Checkpoint({str(fifo)!r})\nexcept CheckpointError as e:\n    print(e); sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and "not a regular file" in done.stdout
+
+
+def test_a_shard_that_is_not_a_regular_file_is_refused(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"w": "shard.safetensors"}}')
+    os.mkfifo(tmp_path / "shard.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):
+        Checkpoint(str(tmp_path))
+
+
+def test_the_refusal_of_a_pickle_gives_no_unsafe_advice(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(2), "x": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError) as caught:
+        Checkpoint(str(tmp_path / "evil.pt"))
+    message = str(caught.value)
+    assert "refused" in message and "unsupported GLOBAL posix.system" in message
+    for advice in ("weights_only=False", "weights_only` set to `False", "add_safe_globals", "allowlist"):
+        assert advice not in message
+    assert not (tmp_path / "pwned-by-test").exists()
+
+
+@pytest.mark.parametrize("options", [dict(weights=(float("nan"), 1.0)), dict(weights=(1.0, float("inf"))),
+                                     dict(scale=float("inf"), method="task_arithmetic"),
+                                     dict(scale=float("nan"), method="ties")])
+def test_non_finite_weights_and_scale_are_refused(options):
+    with pytest.raises(InvalidArgumentError, match="finite"):
+        SameInitOptions(**options).validate(2, has_base=True)
+
+
+def test_finite_inputs_whose_merge_overflows_write_nothing(tmp_path, capsys):
+    big = torch.full((4, 4), 3.0e38)
+    save_file({"w": big, "b": torch.ones(4)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": big, "b": torch.ones(4)}, str(tmp_path / "b.safetensors"))
+    inputs = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(NonFiniteError, match="'w'.*NaN/Inf"):
+        merge_checkpoints(inputs, str(out), SameInitOptions("linear", weights=(1.0, 1.0)), progress=False)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
+    assert main(["merge", *inputs, "-o", str(out), "--weights", "nan", "1"]) == 2
+    assert "finite" in capsys.readouterr().err and not out.exists()
