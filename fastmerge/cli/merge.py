@@ -81,10 +81,42 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: a merge config needs none, and a few nested aliases (a "billion
+    laughs" document) expand into more nodes than memory holds."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a merge config",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _typed(path: str, key: str, value, kind: str):
+    """`value` of config key `key` when it has the type `kind` ("text", "number", "integer"), or None."""
+    if value is None:
+        return None
+    ok = {"text": isinstance(value, str),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "integer": isinstance(value, int) and not isinstance(value, bool)}[kind]
+    if not ok:
+        raise InvalidArgumentError(f"{path}: {key} must be {'a' if kind != 'integer' else 'an'} {kind}, "
+                                   f"got {value!r}")
+    return value
+
+
+def _mapping(path: str, key: str, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{path}: {key} must be a mapping of names to values, got {value!r}")
+    return value
+
+
 def _from_config(path: str) -> dict:
     try:
         with open(path) as f:
-            config = yaml.safe_load(f)
+            config = yaml.load(f, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
     except (OSError, yaml.YAMLError) as exc:
         raise InvalidArgumentError(f"{path}: cannot read the config ({exc})") from None
     if not isinstance(config, dict):
@@ -93,20 +125,30 @@ def _from_config(path: str) -> dict:
     unknown = set(config) - known
     if unknown:
         raise InvalidArgumentError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    entries = config.get("models") or []
+    if not isinstance(entries, list):
+        raise InvalidArgumentError(f"{path}: models must be a list of entries (- model: PATH), got {entries!r}")
     models, weights = [], []
-    for i, entry in enumerate(config.get("models") or []):
+    for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise InvalidArgumentError(f"{path}: models[{i}] needs a 'model' path")
-        models.append(str(entry["model"]))
-        weights.append((entry.get("parameters") or {}).get("weight"))
-    params = config.get("parameters") or {}
-    return {"method": config.get("merge_method"), "base": config.get("base_model"), "models": models,
+        models.append(_typed(path, f"models[{i}].model", entry["model"], "text"))
+        weights.append(_typed(path, f"models[{i}].parameters.weight",
+                              _mapping(path, f"models[{i}].parameters", entry.get("parameters")).get("weight"),
+                              "number"))
+    params = _mapping(path, "parameters", config.get("parameters"))
+    number = {key: _typed(path, f"parameters.{key}", params.get(key), "number")
+              for key in ("lambda", "scale", "density", "t")}
+    return {"method": _typed(path, "merge_method", config.get("merge_method"), "text"),
+            "base": _typed(path, "base_model", config.get("base_model"), "text"), "models": models,
             "weights": None if all(w is None for w in weights) else [1.0 if w is None else float(w) for w in weights],
-            "scale": params.get("lambda", params.get("scale")), "density": params.get("density"),
-            "t": params.get("t"), "seed": params.get("seed"), "dtype": config.get("dtype"),
-            "output": config.get("out_path")}
+            "scale": number["lambda"] if number["lambda"] is not None else number["scale"],
+            "density": number["density"], "t": number["t"],
+            "seed": _typed(path, "parameters.seed", params.get("seed"), "integer"),
+            "dtype": _typed(path, "dtype", config.get("dtype"), "text"),
+            "output": _typed(path, "out_path", config.get("out_path"), "text")}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 options, finite inputs that merge into NaN/Inf. Each ends in a typed error and leaves nothing."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,23 @@ def test_finite_inputs_whose_merge_overflows_write_nothing(tmp_path, capsys):
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
     assert main(["merge", *inputs, "-o", str(out), "--weights", "nan", "1"]) == 2
     assert "finite" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("models: 5\n", "models must be a list"),
+    ("models: [{model: 7}]\n", "models\\[0\\].model must be a text"),
+    ("models: [a.safetensors, b.safetensors]\nparameters: {density: half}\n", "parameters.density must be a number"),
+    ("models: [a.safetensors, b.safetensors]\nparameters: [1, 2]\n", "parameters must be a mapping"),
+    ("models: [{model: a.safetensors, parameters: {weight: [1, 2]}}]\n", "weight must be a number"),
+    ("models: [a.safetensors, b.safetensors]\nparameters: {seed: 1.5}\n", "seed must be an integer"),
+    ("merge_method: [ties]\nmodels: [a.safetensors]\n", "merge_method must be a text"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "models: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "aliases"),
+])
+def test_config_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, text, message):
+    config = tmp_path / "merge.yml"
+    config.write_text(text)
+    assert main(["merge", "--config", str(config), "-o", str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
