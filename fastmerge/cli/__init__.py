@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 # The library's errors name its Python arguments (as `name=value`, or a bare name); on the command
 # line the same thing is a flag.
 ARGUMENT_FLAGS = {"overwrite=True": "--overwrite", "spec_file=": "--spec ", "base=": "--base ", "method=": "--method ",
-                  "repair_mode=": "--repair ", "device=": "--device ", "build_model": "--model",
+                  "repair_mode=": "--repair ", "device=": "--device ", "dtype=": "--dtype ", "build_model": "--model",
                   "model_kwargs": "--model-kwargs"}
 # only whole words that start the message or follow a space or "(": never inside a path, a quoted
 # name or a longer identifier; a bare name must not run on into a longer word or a file name

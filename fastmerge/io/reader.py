@@ -73,11 +73,16 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def _open_index(self, path: str) -> None:
         try:
             with open(path) as f:
-                index = json.load(f)
+                index = json.load(f, parse_constant=_reject_constant)
             weight_map = index["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: not a valid safetensors index ({exc}); expected a JSON object with a "
-                                  "'weight_map' of tensor name -> shard file") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in weight_map.items()):
+                raise ValueError("'weight_map' must map tensor names to shard file names")
+            if not isinstance(index.get("metadata") or {}, dict):
+                raise ValueError("'metadata' must be a JSON object")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors index ({str(exc)[:160]}); expected a JSON object "
+                                  "with a 'weight_map' of tensor name -> shard file") from None
         folder = os.path.dirname(path)
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(folder, shard)
@@ -125,6 +130,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path}: expected a state dict of tensors")
+        odd = next((k for k, v in state.items() if v.layout != torch.strided or v.is_quantized), None)
+        if odd is not None:
+            kind = "quantised" if state[odd].is_quantized else f"{state[odd].layout} (not dense)"
+            raise CheckpointError(f"{path}: tensor {odd!r} is {kind}; fastmerge merges dense tensors: save them "
+                                  "dense (tensor.to_dense(), tensor.dequantize()) first")
         self._torch_state = state
         self._files = {name: path for name in state}
 
@@ -198,6 +208,20 @@ _SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 2**20
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number a tensor header can hold")
+
+
+_MAX_INDEX = 2**62  # dimensions and byte offsets beyond this describe no file that exists
+
+
+def _index(value, what: str) -> int:
+    """A header's dimension or offset: a JSON integer in [0, 2^62] (not a float, bool or string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INDEX:
+        raise ValueError(f"{what} must be an integer in [0, 2^62], got {value!r}")
+    return value
+
+
 class SafetensorsFile:
     """The header of one safetensors file, validated before anything is read (an untrusted file
     cannot make us read outside it or trust overlapping tensors), and tensor reads.
@@ -223,9 +247,10 @@ class SafetensorsFile:
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read ({exc})") from None
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {exc})") from None
+            header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: brackets nested too deep
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON a reader can use: "
+                                  f"{type(exc).__name__}: {str(exc)[:120]})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
         meta = header.pop("__metadata__", None) or {}
@@ -239,10 +264,10 @@ class SafetensorsFile:
         for name, info in header.items():
             try:
                 dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-                if any(s < 0 for s in shape) or not isinstance(info["shape"], list):
-                    raise ValueError("negative or malformed shape")
+                if not isinstance(info["shape"], list) or len(info["data_offsets"]) != 2:
+                    raise ValueError("malformed shape or data_offsets")
+                shape = tuple(_index(s, "a dimension") for s in info["shape"])
+                begin, end = (_index(x, "an offset") for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r} ({exc})") from None
             if not 0 <= begin <= end <= data_size or end - begin != tensor_nbytes(shape, dtype):
@@ -250,10 +275,13 @@ class SafetensorsFile:
                                       f"shape {shape} {dtype} or the file ({data_size} data bytes); the file is corrupt")
             self.entries[name] = (dtype, shape, begin, end)
             spans.append((begin, end, name))
-        spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0 and e1 > b1 and e0 > b0:
-                raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file; it is corrupt")
+        # empty tensors occupy no bytes: leaving them out, no tensor may begin before the end of any
+        # earlier one (comparing neighbours alone would let an empty span hide an overlap)
+        furthest = (0, None)
+        for begin, end, name in sorted(s for s in spans if s[1] > s[0]):
+            if furthest[1] is not None and begin < furthest[0]:
+                raise CheckpointError(f"{path}: tensors {furthest[1]!r} and {name!r} overlap in the file; it is corrupt")
+            furthest = max(furthest, (end, name), key=lambda f: f[0])
 
     def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor: a map of the file's bytes, or, where they are not aligned to the dtype, read

@@ -11,6 +11,7 @@ under the final names.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -40,7 +41,13 @@ def parse_size(text: str | int | None) -> int | None:
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).upper() not in _UNITS:
         raise CheckpointError(f"cannot read the size {text!r}; write e.g. 5GB, 500MiB or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    try:
+        size = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    except ValueError:  # "1.2.3", "e5"
+        size = math.nan
+    if not math.isfinite(size) or not 1 <= size <= 2**62:
+        raise CheckpointError(f"the size {text!r} is not a positive number of bytes up to 2^62; write e.g. 5GB")
+    return int(size)
 
 
 class ShardedWriter:

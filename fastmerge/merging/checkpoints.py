@@ -51,9 +51,10 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str]) -> None:
-    """Same tensor names and shapes in every checkpoint (dtypes may differ: merge_tensor combines
-    mixed precisions in float32); the error lists what differs."""
+def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str], *, cast: bool = False) -> None:
+    """Same tensor names and shapes in every checkpoint, and the same dtypes unless the output is
+    cast to one (`cast`: merge_tensor then combines mixed precisions in float32); the error lists
+    what differs."""
     ref = {k: tuple(checkpoints[0].shape(k)) for k in checkpoints[0].keys()}
     for ckpt, label in zip(checkpoints[1:], labels[1:]):
         other = {k: tuple(ckpt.shape(k)) for k in ckpt.keys()}
@@ -67,6 +68,13 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str]) -
             raise ShapeMismatchError(f"{label}: {len(differ)} tensor(s) differ in shape from {labels[0]}, e.g. {name!r} "
                                      f"{other[name]} vs {ref[name]}; models with different widths cannot be merged "
                                      "entry by entry")
+        if not cast:
+            mixed = next((k for k in checkpoints[0].keys() if ckpt.dtype(k) != checkpoints[0].dtype(k)), None)
+            if mixed is not None:
+                name = str(checkpoints[0].dtype(mixed)).removeprefix("torch.")
+                raise ShapeMismatchError(f"{label}: tensor {mixed!r} is {ckpt.dtype(mixed)}, in {labels[0]} "
+                                         f"{checkpoints[0].dtype(mixed)}; to merge them anyway, cast the output to "
+                                         f"one dtype: dtype={name}")
 
 
 def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,
@@ -78,7 +86,7 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
     base_ckpt = Checkpoint(base) if base else None
     options.validate(len(checkpoints), base_ckpt is not None)
     every = checkpoints + ([base_ckpt] if base_ckpt else [])
-    check_compatible(every, list(models) + ([base] if base else []))
+    check_compatible(every, list(models) + ([base] if base else []), cast=dtype is not None)
     if align not in (None, "weight_matching"):
         raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with spec_file=FILE.yaml)")
     if align and not spec_file:

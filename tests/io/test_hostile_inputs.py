@@ -1,6 +1,7 @@
 """Careless and hostile inputs (issue 21): non-regular files, unsafe advice in refusals, non-finite
 options, finite inputs that merge into NaN/Inf. Each ends in a typed error and leaves nothing."""
 
+import json
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 
 from fastmerge.cli import main
 from fastmerge.errors import CheckpointError, InvalidArgumentError, NonFiniteError
-from fastmerge.io import Checkpoint
+from fastmerge.io import Checkpoint, parse_size
 from fastmerge.merging.checkpoints import merge_checkpoints
 from fastmerge.merging.same_init import SameInitOptions
 
@@ -90,3 +91,63 @@ def test_config_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, t
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
+
+
+def _raw_safetensors(path, header: bytes, data: bytes = b"") -> None:
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize("header,message", [
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 1e999]}}', "offset must be an integer"),
+    (b'{"w": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 16]}}', "Infinity is not a number"),
+    (b'{"w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 16]}}', "NaN is not a number"),
+    (b'{"w": {"dtype": "F32", "shape": [18446744073709551616], "data_offsets": [0, 16]}}', "dimension must be"),
+    (b'{"w": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}', "dimension must be"),
+    (b'{"w": {"dtype": "F32", "shape": [true, 4], "data_offsets": [0, 16]}}', "dimension must be"),
+    (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16, 32]}}', "malformed"),
+    (b"[" * 50000 + b"]" * 50000, "RecursionError"),
+    # an empty tensor between two overlapping ones must not hide the overlap
+    (b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, '
+     b'"z": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}, '
+     b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', "overlap"),
+])
+def test_safetensors_headers_python_cannot_use_are_refused(tmp_path, header, message):
+    path = tmp_path / "bad.safetensors"
+    _raw_safetensors(path, header, bytes(32))
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint(str(path))
+
+
+@pytest.mark.parametrize("index,message", [
+    ({"weight_map": ["s.safetensors"]}, "weight_map"),
+    ({"weight_map": {"w": 5}}, "weight_map"),
+    ({"weight_map": {"w": "s.safetensors"}, "metadata": [1]}, "metadata"),
+])
+def test_indexes_of_the_wrong_shape_are_refused(tmp_path, index, message):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "s.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint(str(tmp_path))
+
+
+def test_sparse_tensors_in_torch_files_are_refused(tmp_path):
+    torch.save({"w": torch.eye(3).to_sparse(), "b": torch.zeros(3)}, tmp_path / "sparse.pt")
+    with pytest.raises(CheckpointError, match="sparse.*dense"):
+        Checkpoint(str(tmp_path / "sparse.pt"))
+
+
+@pytest.mark.parametrize("size", ["1e999GB", "99999999999999999999999999GB", "0", "1.2.3MB", "nanGB"])
+def test_shard_sizes_out_of_range_are_refused(size):
+    with pytest.raises(CheckpointError, match="size"):
+        parse_size(size)
+
+
+def test_dtypes_that_differ_are_refused_unless_the_output_is_cast(tmp_path, capsys):
+    save_file({"w": torch.ones(2, 2)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.ones(2, 2, dtype=torch.float64)}, str(tmp_path / "b.safetensors"))
+    inputs = [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", *inputs, "-o", str(out), "--quiet"]) == 2
+    assert "--dtype float32" in capsys.readouterr().err and not out.exists()
+    assert main(["merge", *inputs, "-o", str(out), "--quiet", "--dtype", "float32"]) == 0 and out.exists()
