@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .errors import DataError, InvalidArgumentError
+from .errors import DataError, FastmergeError, InvalidArgumentError
 
 
 class Batch(NamedTuple):
@@ -74,3 +74,18 @@ def first_batch(data: Iterable, what: str) -> Batch:
     for batch in data:
         return as_batch(batch)
     raise DataError(f"data is empty: no batch to {what}; pass batches")
+
+
+def run_model(model, batch: Batch, index: int):
+    """`model` on one batch; a batch it cannot run on (a wrong width, dtype or rank, typically after
+    a first batch that worked) becomes a DataError naming the batch, the model's message kept."""
+    try:
+        return model(*batch.args, **batch.kwargs)
+    except FastmergeError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise DataError(f"batch {index}: the model cannot run on it ({type(exc).__name__}: {first[:200]}); every "
+                        "batch must hold inputs of the shape and dtype the model takes") from exc

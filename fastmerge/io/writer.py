@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import CheckpointError
-from .reader import INDEX_NAME, SINGLE_NAME, tensor_nbytes
+from .reader import INDEX_NAME, SINGLE_NAME, TORCH_NAMES, tensor_nbytes
 from .writeback import start_writeback
 
 WRITEBACK_BYTES = 64 << 20  # written bytes after which their writeback to disk is started
@@ -48,6 +48,15 @@ def parse_size(text: str | int | None) -> int | None:
     if not math.isfinite(size) or not 1 <= size <= 2**62:
         raise CheckpointError(f"the size {text!r} is not a positive number of bytes up to 2^62; write e.g. 5GB")
     return int(size)
+
+
+def _loaded_from(folder: str, extra: str | None = None) -> str | None:
+    """The file that reading the folder as a checkpoint opens (Checkpoint's order of names), as it
+    is, or once a file named `extra` is there too; None when none."""
+    for name in (INDEX_NAME, SINGLE_NAME, *TORCH_NAMES):
+        if name == extra or os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
 
 
 class ShardedWriter:
@@ -105,9 +114,17 @@ class ShardedWriter:
 
     def _check_targets(self, overwrite: bool, protected: Sequence[str]) -> None:
         inputs = {os.path.realpath(p) for p in protected}
+        if self.output.endswith(".json"):
+            raise CheckpointError(f"{self.output}: an output is a .safetensors file or a folder (its index is written "
+                                  "inside it); name the file or the folder")
         for path in self.final_paths:
             if os.path.realpath(path) in inputs:
                 raise CheckpointError(f"{path}: refusing to write over an input of this merge; choose another output")
+            folder = os.path.dirname(os.path.realpath(path))
+            loaded = _loaded_from(folder)
+            if loaded is not None and loaded in inputs and _loaded_from(folder, extra=os.path.basename(path)) != loaded:
+                raise CheckpointError(f"{path}: written there, it would change what loading the folder {folder} (an "
+                                      "input of this merge) returns; choose another output")
         if os.path.isdir(self.folder) and any(os.path.realpath(p).startswith(os.path.realpath(self.folder) + os.sep)
                                               for p in inputs) and not self.single_file:
             raise CheckpointError(f"{self.output}: the output folder holds an input of this merge; choose another one")

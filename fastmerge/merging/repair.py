@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..batches import iterate_batches
+from ..batches import iterate_batches, run_model
 from ..errors import DataError
 from ..spec.types import Group, MergeSpec
 from ..stages import timed
@@ -47,8 +47,8 @@ def reset_batch_norm(model: nn.Module, data: Iterable, *, max_batches: int | Non
         m.momentum = None
     model.train()
     seen = 0
-    for args, kwargs, _ in iterate_batches(data, max_batches=max_batches):
-        model(*args, **kwargs)
+    for index, batch in enumerate(iterate_batches(data, max_batches=max_batches)):
+        run_model(model, batch, index)
         seen += 1
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -167,9 +167,9 @@ def _unit_stats(models: Sequence[nn.Module], paths: Sequence[str], data, max_bat
                 targets: dict | None = None) -> list[dict]:
     """UnitMoments of `models` over one pass of `data` (see UnitMoments for `targets`)."""
     with UnitMoments(models, paths, targets) as moments, torch.no_grad():
-        for args, kwargs, _ in iterate_batches(data, max_batches=max_batches):
+        for index, batch in enumerate(iterate_batches(data, max_batches=max_batches)):
             for m in models:
-                m(*args, **kwargs)
+                run_model(m, batch, index)
     return moments.result()
 
 

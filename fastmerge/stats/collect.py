@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as _distributed
-from ..batches import batch_samples, iterate_batches
+from ..batches import batch_samples, iterate_batches, run_model
 from ..errors import DataError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from ..ops import CovarianceState
 from ..spec.structure import activation_groups
@@ -182,9 +182,9 @@ def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: Merge
     try:
         with torch.no_grad(), collector, tqdm(total=total, desc="activation statistics", disable=not progress,
                                               leave=False) as bar:
-            for batch in iterate_batches(data, max_batches=max_batches):
+            for index, batch in enumerate(iterate_batches(data, max_batches=max_batches)):
                 for m in models:
-                    m(*batch.args, **batch.kwargs)
+                    run_model(m, batch, index)
                 seen += batch_samples(batch)
                 bar.update(1)
                 if max_samples is not None and seen >= max_samples:

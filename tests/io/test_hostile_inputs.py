@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import fastmerge
+from fastmerge import zoo
 from fastmerge.cli import main
-from fastmerge.errors import CheckpointError, InvalidArgumentError, NonFiniteError
+from fastmerge.errors import CheckpointError, DataError, InvalidArgumentError, NonFiniteError
 from fastmerge.io import Checkpoint, parse_size
 from fastmerge.merging.checkpoints import merge_checkpoints
 from fastmerge.merging.same_init import SameInitOptions
@@ -151,3 +153,25 @@ def test_dtypes_that_differ_are_refused_unless_the_output_is_cast(tmp_path, caps
     assert main(["merge", *inputs, "-o", str(out), "--quiet"]) == 2
     assert "--dtype float32" in capsys.readouterr().err and not out.exists()
     assert main(["merge", *inputs, "-o", str(out), "--quiet", "--dtype", "float32"]) == 0 and out.exists()
+
+
+def test_an_output_that_would_change_what_an_input_folder_loads_is_refused(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    a.mkdir(), b.mkdir()
+    torch.save({"w": torch.ones(2, 2)}, a / "pytorch_model.bin")
+    save_file({"w": torch.zeros(2, 2)}, str(b / "model.safetensors"))
+    options = SameInitOptions("linear")
+    for shadow in (a / "model.safetensors", a / "model.safetensors.index.json"):
+        with pytest.raises(CheckpointError, match="change what loading|a .safetensors file or a folder"):
+            merge_checkpoints([str(a), str(b)], str(shadow), options, progress=False)
+        assert not shadow.exists()
+    assert Checkpoint(str(a)).files() == [str(a / "pytorch_model.bin")]
+    merge_checkpoints([str(a), str(b)], str(a / "merged.safetensors"), options, progress=False)  # beside: fine
+    assert Checkpoint(str(a)).files() == [str(a / "pytorch_model.bin")]
+
+
+def test_a_batch_of_the_wrong_width_after_the_first_is_named():
+    models = [zoo.mlp(in_features=8, hidden=(16,), out_features=3).eval() for _ in range(2)]
+    data = [torch.randn(32, 8), torch.randn(32, 8), torch.randn(32, 9)]
+    with pytest.raises(DataError, match="batch 2: the model cannot run on it"):
+        fastmerge.merge(models, "permute", data=data, progress=False)
