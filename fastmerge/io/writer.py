@@ -86,10 +86,13 @@ class ShardedWriter:
                                   f"{max_shard_bytes} bytes; give a folder as the output to write shards")
         self.final_paths = self._final_paths()
         self._check_targets(overwrite, protected)
+        self.overwrite = overwrite
         self._next = 0
         self._file = None
         self._shard = -1
         self._temps: list[str] = []
+        self._published: list[str] = []  # final paths this run has renamed into place
+        self._created_folders: list[str] = []  # folders this run made, deepest first
 
     def _plan_shards(self, limit: int | None) -> list[list[tuple[str, tuple, torch.dtype]]]:
         shards: list[list] = [[]]
@@ -137,12 +140,31 @@ class ShardedWriter:
 
     # ------------------------------------------------------------------ writing
     def __enter__(self) -> ShardedWriter:
+        missing = []
+        folder = self.folder
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            missing.append(folder)
+            folder = os.path.dirname(folder)
         try:
-            self._created_folder = not os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
         except OSError as exc:
             raise self._io_error(exc) from None
+        self._created_folders = missing  # deepest first: removed in this order after a failure
+        self._remove_dead_temps()
         return self
+
+    def _remove_dead_temps(self) -> None:
+        """Temporary files that a killed run (SIGKILL, power loss) left in the output folder: those of
+        processes that no longer exist."""
+        for name in os.listdir(self.folder):
+            match = re.fullmatch(r"\.(.+)\.tmp-(\d+)", name)
+            if (match is None or not (match.group(1).endswith(".safetensors") or match.group(1) == INDEX_NAME)
+                    or _alive(int(match.group(2)))):
+                continue
+            try:
+                os.remove(os.path.join(self.folder, name))
+            except OSError:
+                pass  # gone meanwhile, or not ours to remove
 
     def _io_error(self, exc: OSError) -> CheckpointError:
         """A failed write (disk full, file too large, permissions) as the error the CLI reports in
@@ -157,11 +179,14 @@ class ShardedWriter:
             except OSError:
                 pass
             self._file = None
-        for temp in self._temps:
-            if os.path.exists(temp):
-                os.remove(temp)
-        if getattr(self, "_created_folder", False) and not os.listdir(self.folder):
-            os.rmdir(self.folder)  # a folder this failed run made: gone too
+        for path in self._temps + self._published:  # an interrupted publication: its files go too
+            if os.path.exists(path):
+                os.remove(path)
+        for folder in self._created_folders:  # folders this failed run made, deepest first: gone too
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break  # not empty: something else is in it
 
     def _open_shard(self, k: int) -> None:
         entries = self.shards[k]
@@ -229,6 +254,9 @@ class ShardedWriter:
         except OSError as exc:
             self._discard()
             raise self._io_error(exc) from None
+        except BaseException:  # Ctrl-C or SIGTERM during the fsyncs or renames: nothing stays
+            self._discard()
+            raise
 
     def _finish(self) -> None:
         """Completes the last shard, writes the index, renames everything into place."""
@@ -248,7 +276,7 @@ class ShardedWriter:
                 f.flush()
                 os.fsync(f.fileno())
         for temp, final in zip(self._temps, self.final_paths):  # shards first, the index last
-            os.replace(temp, final)
+            self._publish(temp, final)
         self._remove_stale_shards()
         try:  # make the renames durable
             fd = os.open(self.folder, os.O_RDONLY)
@@ -256,6 +284,27 @@ class ShardedWriter:
             os.close(fd)
         except OSError:
             pass
+
+    def _publish(self, temp: str, final: str) -> None:
+        """Renames `temp` to `final`; without overwrite, never over a file that appeared since the
+        plan was checked (another run writing the same output): a hard link fails on an existing
+        name where a rename would replace it."""
+        if self.overwrite:
+            os.replace(temp, final)
+        else:
+            try:
+                os.link(temp, final)
+            except FileExistsError:
+                raise CheckpointError(f"{final}: appeared while this merge ran (another run writing the same "
+                                      "output?); nothing of this run was kept; pass overwrite=True to replace it") from None
+            except OSError:  # a file system without hard links: the check and the rename, as close as they get
+                if os.path.exists(final):
+                    raise CheckpointError(f"{final}: appeared while this merge ran; pass overwrite=True to replace "
+                                          "it") from None
+                os.replace(temp, final)
+            else:
+                os.unlink(temp)
+        self._published.append(final)
 
     def _remove_stale_shards(self) -> None:
         """After replacing a sharded output: shards of the previous version that are not ours."""
@@ -265,6 +314,16 @@ class ShardedWriter:
         for name in os.listdir(self.folder):
             if _is_model_file(name) and name not in keep:
                 os.remove(os.path.join(self.folder, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _is_model_file(name: str) -> bool:

@@ -16,6 +16,7 @@ from fastmerge import zoo
 from fastmerge.cli import main
 from fastmerge.errors import CheckpointError, DataError, InvalidArgumentError, NonFiniteError
 from fastmerge.io import Checkpoint, parse_size
+from fastmerge.io import writer as writer_module
 from fastmerge.merging.checkpoints import merge_checkpoints
 from fastmerge.merging.same_init import SameInitOptions
 
@@ -175,3 +176,53 @@ def test_a_batch_of_the_wrong_width_after_the_first_is_named():
     data = [torch.randn(32, 8), torch.randn(32, 8), torch.randn(32, 9)]
     with pytest.raises(DataError, match="batch 2: the model cannot run on it"):
         fastmerge.merge(models, "permute", data=data, progress=False)
+
+
+def _pair(tmp_path):
+    save_file({"w": torch.ones(2, 2), "b": torch.ones(2)}, str(tmp_path / "a.safetensors"))
+    save_file({"w": torch.zeros(2, 2), "b": torch.zeros(2)}, str(tmp_path / "b.safetensors"))
+    return [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]
+
+
+def test_an_output_that_appears_during_the_merge_is_not_replaced(tmp_path, monkeypatch):
+    inputs, out = _pair(tmp_path), tmp_path / "m.safetensors"
+    publish = writer_module.ShardedWriter._publish
+
+    def race(self, temp, final):  # another run publishes first
+        save_file({"other": torch.ones(1)}, final)
+        return publish(self, temp, final)
+
+    monkeypatch.setattr(writer_module.ShardedWriter, "_publish", race)
+    with pytest.raises(CheckpointError, match="appeared while this merge ran"):
+        merge_checkpoints(inputs, str(out), SameInitOptions("linear"), progress=False)
+    assert list(Checkpoint(str(out)).keys()) == ["other"]  # the other run's file stays
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_an_interrupt_while_publishing_leaves_nothing(tmp_path, monkeypatch):
+    inputs, out = _pair(tmp_path), tmp_path / "new" / "deeper" / "m"
+    calls = []
+
+    def interrupted(self, temp, final):  # SIGTERM (KeyboardInterrupt in the CLI) after the first shard
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(final)
+        os.replace(temp, final)
+        self._published.append(final)
+
+    monkeypatch.setattr(writer_module.ShardedWriter, "_publish", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge_checkpoints(inputs, str(out), SameInitOptions("linear"), max_shard_size=20, progress=False)
+    assert calls and not os.path.exists(calls[0])
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]  # the folders it made: gone
+
+
+def test_temporary_files_of_dead_runs_are_removed_by_the_next(tmp_path):
+    inputs, out = _pair(tmp_path), tmp_path / "m.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".m.safetensors.tmp-{int(dead.stdout)}"
+    stale.write_bytes(b"half a file")
+    alive = tmp_path / f".m.safetensors.tmp-{os.getpid()}x"  # not our pattern: left alone
+    alive.write_bytes(b"")
+    merge_checkpoints(inputs, str(out), SameInitOptions("linear"), progress=False)
+    assert not stale.exists() and alive.exists() and out.exists()
