@@ -296,7 +296,8 @@ class ShardedWriter:
                 os.link(temp, final)
             except FileExistsError:
                 raise CheckpointError(f"{final}: appeared while this merge ran (another run writing the same "
-                                      "output?); nothing of this run was kept; pass overwrite=True to replace it") from None
+                                      "output?); nothing of this run was kept; pass overwrite=True to replace "
+                                      "it") from None
             except OSError:  # a file system without hard links: the check and the rename, as close as they get
                 if os.path.exists(final):
                     raise CheckpointError(f"{final}: appeared while this merge ran; pass overwrite=True to replace "
