@@ -1,5 +1,5 @@
 """Fuzzing the parsers of untrusted input with hypothesis: safetensors headers (structured and raw
-bytes) and merge-spec YAML. Whatever the input, the only outcomes are success (and then the data
+bytes), index.json, merge configs and merge-spec YAML. Whatever the input, the only outcomes are success (and then the data
 reads back consistently) or the typed error; never another exception, never a hang."""
 
 import json
@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from fastmerge import zoo
+from fastmerge.cli import main
 from fastmerge.errors import CheckpointError, SpecError
 from fastmerge.io import Checkpoint
 from fastmerge.spec import spec_from_yaml, spec_to_yaml, trace_spec
@@ -120,3 +121,34 @@ def test_arbitrary_text_as_spec_yaml_gives_a_spec_error_or_a_spec(text):
         spec_from_yaml(text, {"w": (3, 3)})
     except SpecError:
         pass
+
+
+CONFIG_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_path")
+PARAMETER_KEYS = ("weight", "density", "lambda", "scale", "t", "seed")
+config_value = st.one_of(json_junk, st.dictionaries(st.sampled_from(PARAMETER_KEYS), json_junk, max_size=4),
+                         st.lists(st.one_of(st.text(max_size=6), st.fixed_dictionaries(
+                             {"model": json_junk}, optional={"parameters": st.one_of(json_junk, st.dictionaries(
+                                 st.sampled_from(PARAMETER_KEYS), json_junk, max_size=3))})), max_size=3))
+
+
+@FUZZ
+@given(config=st.dictionaries(st.sampled_from(CONFIG_KEYS), config_value, max_size=6))
+def test_any_merge_config_is_a_one_line_refusal_never_a_traceback(tmp_path, capsys, config):
+    path = tmp_path / "merge.yml"
+    path.write_text(yaml.safe_dump(config))
+    # no model file exists, so nothing can merge: every config must end in exit 2 with one line
+    assert main(["merge", "--config", str(path), "-o", str(tmp_path / "out.safetensors"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fastmerge merge: ")
+
+
+@FUZZ
+@given(index=json_junk)
+def test_any_index_json_opens_or_is_refused(tmp_path, index):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "s.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    try:
+        ckpt = Checkpoint(str(tmp_path))
+    except CheckpointError:
+        return
+    assert all(tuple(ckpt.shape(k)) == tuple(ckpt[k].shape) for k in ckpt)
