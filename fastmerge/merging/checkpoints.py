@@ -8,6 +8,7 @@ not models, in buffers reused from tensor to tensor.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -19,6 +20,7 @@ from ..alignment.weight_matching import weight_matching
 from ..checks import layout_difference
 from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from ..io import Checkpoint, merge_metadata, parse_dtype, plan_output, tensor_nbytes
+from ..io.hf_folder import CONFIG_NAME, COPIED, model_card, source_folder, write_folder_files
 from ..ops import count_nonfinite
 from ..spec import spec_from_yaml
 from ..spec.hf_config import config_folder, spec_from_config
@@ -80,7 +82,8 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str], *
 def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,
                dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
                align: str | None = None, spec_file: str | None = None):
-    """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer)."""
+    """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer,
+    the folder whose config and tokenizer a folder output gets, or None)."""
     out_dtype = parse_dtype(dtype)
     checkpoints = [Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base else None
@@ -96,9 +99,26 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
     metadata = merge_metadata(options.method, align or "none", models, options=asdict(options))
     writer = plan_output(checkpoints[0], output, out_dtype=out_dtype, metadata=metadata,
                          max_shard_size=max_shard_size, overwrite=overwrite, protected=every)
+    source = None if writer.single_file else source_folder(base or models[0])  # mergekit: the base's
+    if source is not None and not overwrite:
+        existing = [n for n in (CONFIG_NAME, "README.md", *COPIED) if os.path.exists(os.path.join(writer.folder, n))]
+        if existing:
+            raise CheckpointError(f"{os.path.join(writer.folder, existing[0])}: exists already; pass overwrite=True "
+                                  "to replace it")
+    extras = [] if source is None else [os.path.join(writer.folder, n) for n in (CONFIG_NAME, "README.md")] + [
+        os.path.join(writer.folder, n) for n in COPIED if os.path.isfile(os.path.join(source, n))]
     plan = MergePlan(list(models), base, output, options, len(checkpoints[0]), checkpoints[0].nbytes(),
-                     writer.final_paths, dtype)
-    return plan, checkpoints, base_ckpt, writer
+                     writer.final_paths + extras, dtype)
+    return plan, checkpoints, base_ckpt, writer, source
+
+
+def _write_folder_files(plan: MergePlan, writer, source: str | None, out_dtype) -> None:
+    """A folder output becomes a Hugging Face model folder (config, tokenizer, model card)."""
+    if source is None:
+        return
+    parameters = {k: v for k, v in asdict(plan.options).items() if k != "method"}
+    write_folder_files(writer.folder, source, dtype=out_dtype,
+                       card=model_card(plan.inputs, plan.options.method, parameters, plan.base))
 
 
 def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptions | None = None, *,
@@ -119,9 +139,9 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         InvalidArgumentError: options that do not fit the method.
     """
     options = options or SameInitOptions()
-    plan, checkpoints, base_ckpt, writer = plan_merge(models, output, options, base=base, dtype=dtype,
-                                                      max_shard_size=max_shard_size, overwrite=overwrite,
-                                                      align=align, spec_file=spec_file)
+    plan, checkpoints, base_ckpt, writer, source = plan_merge(models, output, options, base=base, dtype=dtype,
+                                                              max_shard_size=max_shard_size, overwrite=overwrite,
+                                                              align=align, spec_file=spec_file)
     inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
     labels = list(models) + ([base] if base_ckpt else [])
     sources = _aligned_sources(inputs, spec_file, progress) if align else [c.read for c in inputs]
@@ -168,6 +188,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         if pending is not None:
             pending.result()
         bar.close()
+    _write_folder_files(plan, writer, source, parse_dtype(dtype))
     return plan
 
 
