@@ -6,8 +6,10 @@ import copy
 import warnings
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
+from .. import distributed
 from ..alignment import METHODS as ALIGNMENT_METHODS
 from ..alignment import align as align_models
 from ..batches import first_batch
@@ -70,7 +72,10 @@ def _align_and_measure(models, method, *, spec, data, example_inputs, reference,
     with UnitMoments(models, repair_paths(spec, models[reference])) as moments:
         alignment = align_models(models, method, spec=spec, data=data, reference=reference, progress=progress,
                                  **align_options)
-    if not moments.seen():
+    missing = torch.tensor([0.0 if moments.seen() else 1.0], dtype=torch.float64,
+                           device=next((t.device for t in models[reference].state_dict().values()), None))
+    distributed.all_reduce_sum_([missing])  # every rank takes the same path (result() is a collective)
+    if float(missing) > 0:
         return alignment, None
     stats = [permuted_unit_stats(s, spec, models[reference], alignment.transforms[i])
              for i, s in enumerate(moments.result())]
