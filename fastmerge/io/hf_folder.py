@@ -33,7 +33,7 @@ def model_card(inputs: Sequence[str], method: str, parameters: Mapping[str, obje
     if base:
         front += [f"base_model: {os.path.basename(os.path.abspath(base))}"]
     lines = front + ["---", "", "# Merged model", "",
-                     f"Merged with [fastmerge](https://pypi.org/project/fastmerge/) by **{method}**.", "",
+                     f"Merged with fastmerge by **{method}**.", "",
                      "Inputs:", ""]
     lines += [f"- {os.path.basename(os.path.abspath(p))}" for p in inputs]
     if base:
