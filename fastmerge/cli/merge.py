@@ -14,6 +14,8 @@ the concepts match:
         parameters: {weight: 1.0}
       - model: ./finetune-b
     parameters: {density: 0.5, lambda: 1.0, t: 0.5, seed: 0}
+    # linear: weights divided by their sum, as mergekit does (normalize: false keeps them as
+    # given); any other key is refused, never silently dropped
     dtype: bfloat16
     out_path: ./merged            # or -o on the command line (which wins)
 """
@@ -135,10 +137,14 @@ def _from_config(path: str) -> dict:
         if not isinstance(entry, dict) or "model" not in entry:
             raise InvalidArgumentError(f"{path}: models[{i}] needs a 'model' path")
         models.append(_typed(path, f"models[{i}].model", entry["model"], "text"))
-        weights.append(_typed(path, f"models[{i}].parameters.weight",
-                              _mapping(path, f"models[{i}].parameters", entry.get("parameters")).get("weight"),
-                              "number"))
+        own = _mapping(path, f"models[{i}].parameters", entry.get("parameters"))
+        _known(path, f"models[{i}].parameters", own, ("weight",))
+        weights.append(_typed(path, f"models[{i}].parameters.weight", own.get("weight"), "number"))
     params = _mapping(path, "parameters", config.get("parameters"))
+    _known(path, "parameters", params, ("lambda", "scale", "density", "t", "seed", "normalize"))
+    normalize = params.get("normalize")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise InvalidArgumentError(f"{path}: parameters.normalize must be true or false, got {normalize!r}")
     number = {key: _typed(path, f"parameters.{key}", params.get(key), "number")
               for key in ("lambda", "scale", "density", "t")}
     return {"method": _typed(path, "merge_method", config.get("merge_method"), "text"),
@@ -147,8 +153,30 @@ def _from_config(path: str) -> dict:
             "scale": number["lambda"] if number["lambda"] is not None else number["scale"],
             "density": number["density"], "t": number["t"],
             "seed": _typed(path, "parameters.seed", params.get("seed"), "integer"),
-            "dtype": _typed(path, "dtype", config.get("dtype"), "text"),
+            "dtype": _typed(path, "dtype", config.get("dtype"), "text"), "normalize": normalize,
             "output": _typed(path, "out_path", config.get("out_path"), "text")}
+
+
+def _known(path: str, where: str, values: dict, known: tuple) -> None:
+    """A key fastmerge would not honour is refused, never dropped (mergekit may mean something by it)."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise InvalidArgumentError(f"{path}: {where}.{unknown[0]} is not supported by fastmerge's config "
+                                   f"(it takes {', '.join(known)} there); remove it")
+
+
+def _normalized(settings: dict) -> list[float] | None:
+    """A config's linear weights as mergekit reads them: divided by their sum unless normalize: false."""
+    weights, method, normalize = settings.get("weights"), settings.get("method") or "linear", settings.get("normalize")
+    if normalize is not None and method != "linear":
+        raise InvalidArgumentError(f"parameters.normalize applies to linear merges here, not to {method}; remove it")
+    if weights is None or method != "linear" or normalize is False:
+        return weights
+    total = sum(weights)
+    if total == 0:
+        raise InvalidArgumentError("the linear weights sum to 0: they cannot be normalised (mergekit's default); "
+                                   "set parameters.normalize: false to use them as they are")
+    return [w / total for w in weights]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "np_merge":
         raise InvalidArgumentError("--method np_merge learns coefficients on data: give --model, --data and --align")
     settings = _from_config(args.config) if args.config else {}
+    if args.config:
+        settings["weights"] = _normalized({**settings, **({"method": args.method} if args.method else {})})
     for key in ("method", "base", "weights", "scale", "density", "t", "seed", "dtype", "output"):
         value = getattr(args, key)
         if value is not None:

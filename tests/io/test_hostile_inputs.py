@@ -226,3 +226,28 @@ def test_temporary_files_of_dead_runs_are_removed_by_the_next(tmp_path):
     alive.write_bytes(b"")
     merge_checkpoints(inputs, str(out), SameInitOptions("linear"), progress=False)
     assert not stale.exists() and alive.exists() and out.exists()
+
+
+def test_config_linear_weights_are_normalised_as_mergekit_reads_them(tmp_path):
+    inputs = _pair(tmp_path)
+    models = "".join(f"  - model: {p}\n    parameters: {{weight: 3.0}}\n" for p in inputs)
+    for normalize, expected in ((None, 0.5), (False, 3.0)):
+        config = tmp_path / f"c{normalize}.yml"
+        extra = "" if normalize is None else "parameters: {normalize: false}\n"
+        config.write_text(f"merge_method: linear\nmodels:\n{models}{extra}")
+        out = tmp_path / f"m{normalize}.safetensors"
+        assert main(["merge", "--config", str(config), "-o", str(out), "--quiet"]) == 0
+        assert torch.allclose(Checkpoint(str(out))["w"], torch.full((2, 2), expected))  # a: ones, b: zeros
+
+
+@pytest.mark.parametrize("text,key", [
+    ("merge_method: ties\nmodels: [a.safetensors]\nparameters: {int8_mask: true}\n", "parameters.int8_mask"),
+    ("merge_method: ties\nmodels: [{model: a.safetensors, parameters: {density: 0.3}}]\n",
+     "models\\[0\\].parameters.density"),
+    ("merge_method: ties\nmodels: [a.safetensors]\nparameters: {normalize: true}\n", "normalize applies to linear"),
+])
+def test_config_keys_fastmerge_would_not_honour_are_refused(tmp_path, capsys, text, key):
+    config = tmp_path / "c.yml"
+    config.write_text(text)
+    assert main(["merge", "--config", str(config), "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert re.search(key, capsys.readouterr().err)
