@@ -10,8 +10,12 @@ Activation-based methods align the groups that statistics can observe alone (a t
 instance, nothing nested: hidden layers, channels, residual streams). The other groups (attention
 heads and their per-head dims, groups without a tap) are aligned by weight matching with the
 activation-aligned groups held fixed. CCA and ZipIt produce dense transforms only where they are
-exact linear maps (members that are producer rows or consumer columns); groups that also hold
-norm parameters or running statistics are permuted instead (ALGORITHMS.md section 4).
+exact linear maps (members that are producer rows or consumer columns). BatchNorms that read a
+Linear/Conv output are folded into it first (fastmerge.spec.folding: the spec's `folds`), so
+BatchNorm networks take dense transforms too, and weight matching compares the affine maps the
+layers compute; groups that still hold per-unit parameters (LayerNorm, GroupNorm, a BatchNorm
+that cannot be folded) are permuted instead, which the diagnostics record ("fallback") and one
+warning names.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ import torch
 from .. import distributed as _distributed
 from ..checks import check_models
 from ..errors import InvalidArgumentError
+from ..spec.folding import fold_state, folded_spec
 from ..spec.structure import activation_groups
 from ..spec.transforms import Dense, apply_transforms
 from ..spec.types import MergeSpec
 from ..stages import timed
 from ..stats import collect_stats
 from .activation import match_permutation
-from .methods import AlignmentMethod, WeightMatchingOptions, dense_ok, get_method
+from .methods import AlignmentMethod, WeightMatchingOptions, dense_blockers, get_method
 from .weight_matching import identity_perms, weight_matching
 
 logger = logging.getLogger(__name__)
@@ -41,16 +46,32 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Alignment:
     """Per model, {group name: transform}: a (count, size) permutation or a Dense transform.
-    Model `reference` gets identities. `diagnostics` holds per-group numbers."""
+    Model `reference` gets identities. `diagnostics` holds per-group numbers.
+
+    With `folded` (the spec has BatchNorm folds), the transforms act on folded states
+    (fastmerge.spec.folding): apply() folds a state first, so an aligned state computes the model's
+    function in eval mode with its BatchNorms as identities plus a bias."""
 
     spec: MergeSpec
     method: str
     reference: int
     transforms: list[dict]
     diagnostics: dict = field(default_factory=dict)
+    folded: bool = False
+
+    @property
+    def transform_spec(self) -> MergeSpec:
+        """The spec the transforms land on: the folded spec when folded."""
+        if not self.folded:
+            return self.spec
+        if getattr(self, "_folded_spec", None) is None:
+            self._folded_spec = folded_spec(self.spec)
+        return self._folded_spec
 
     def apply(self, model_index: int, state: dict) -> dict:
-        return apply_transforms(self.spec, state, self.transforms[model_index])
+        if self.folded:
+            state = fold_state(self.spec, state)
+        return apply_transforms(self.transform_spec, state, self.transforms[model_index])
 
 
 def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -146,8 +167,13 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         raise InvalidArgumentError(f"align needs at least two models, got {n}")
     if not 0 <= reference < n:
         raise InvalidArgumentError(f"reference {reference} is outside [0, {n})")
-    states = [_float_state(m) for m in models]
+    folded = bool(spec.folds)
+    raw_spec = spec
+    if folded:  # BatchNorms folded into their producers: dense transforms and weight matching are exact on them
+        spec = folded_spec(spec)
+    states = [fold_state(raw_spec, _float_state(m)) for m in models]
     diagnostics: dict = {}
+    fallbacks: dict[str, list[str]] = {}
     device = next((v.device for v in states[0].values()), torch.device("cpu"))
     transforms = [dict(identity_perms(spec, device)) for _ in range(n)]
     frozen: dict[str, torch.Tensor] = {}
@@ -185,12 +211,25 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
             frozen[g.name] = torch.stack(perms)
             for i in range(n):
                 transforms[i][g.name] = perms[i]
-            if method.dense is not None and dense_ok(g):
+            blockers = dense_blockers(g) if method.dense is not None else []
+            if method.dense is not None and not blockers:
                 dense = method.dense(g, stats, reference=reference, n=n, options=own, info=info)
                 for i, t in enumerate(dense):
                     if t is not None:
                         transforms[i][g.name] = t
+            elif blockers:
+                info["fallback"] = f"permutation: {', '.join(blockers[:3])}{' ...' if len(blockers) > 3 else ''} " \
+                                   "would not move exactly under a dense transform"
+                fallbacks[g.name] = blockers
             diagnostics[g.name] = info
+
+        if fallbacks:
+            names = list(fallbacks)
+            warnings.warn(f"align({method.name!r}): {len(names)} group(s) permuted instead of densely transformed "
+                          f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): they hold per-unit "
+                          f"parameters a dense transform does not move exactly (e.g. {fallbacks[names[0]][0]}: a "
+                          "LayerNorm/GroupNorm, or a BatchNorm that does not directly follow a Linear/Conv); "
+                          "diagnostics[group]['fallback'] says which", stacklevel=3)
 
         if short:
             warnings.warn(f"align({method.name!r}): {len(short)} group(s) saw fewer samples than units ({short[0]}"
@@ -212,4 +251,5 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
     for g in spec.groups:
         d = diagnostics.setdefault(g.name, {})
         d["distance_from_identity"] = {i: _distance_from_identity(transforms[i][g.name]) for i in range(n) if i != reference}
-    return Alignment(spec=spec, method=method.name, reference=reference, transforms=transforms, diagnostics=diagnostics)
+    return Alignment(spec=raw_spec, method=method.name, reference=reference, transforms=transforms,
+                     diagnostics=diagnostics, folded=folded)

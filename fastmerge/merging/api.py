@@ -20,7 +20,9 @@ from ..spec.cache import cached_trace_spec
 from ..spec.types import MergeSpec
 from ..stages import timed
 from .np_merge import np_merge
-from .repair import UnitMoments, has_batch_norm, permuted_unit_stats, repair, repair_paths, reset_batch_norm
+from ..stats.outputs import OutputMoments
+from .repair import (has_batch_norm, measure_moments, norm_moments, repair, repair_points, repair_targets,
+                     reset_batch_norm, set_norm_targets)
 
 
 def merge_methods() -> tuple[str, ...]:
@@ -65,37 +67,57 @@ def _align(models, method, *, spec, data, example_inputs, reference, progress, a
 
 
 def _align_and_measure(models, method, *, spec, data, example_inputs, reference, progress, align_options):
-    """The alignment, and the REPAIR statistics of the aligned parents gathered during its statistics
-    pass (one pass over the data less): (alignment, per-parent stats), the stats None when they
-    cannot be had that way (a dense transform: REPAIR then measures the aligned parents itself)."""
+    """The alignment, and the parents' output moments at the repair points gathered during its
+    statistics pass (one pass over the data less): (alignment, per-parent moments), the moments None
+    when the pass did not run every model (REPAIR then measures them itself)."""
     spec = _spec(models, spec, data=data, example_inputs=example_inputs, reference=reference)
-    with UnitMoments(models, repair_paths(spec, models[reference])) as moments:
+    points = repair_points(spec, models[reference])
+    with OutputMoments(models, [p.path for p in points]) as moments:
         alignment = align_models(models, method, spec=spec, data=data, reference=reference, progress=progress,
                                  **align_options)
     missing = torch.tensor([0.0 if moments.seen() else 1.0], dtype=torch.float64,
                            device=next((t.device for t in models[reference].state_dict().values()), None))
     distributed.all_reduce_sum_([missing])  # every rank takes the same path (result() is a collective)
-    if float(missing) > 0:
+    if float(missing) > 0 or not points:
         return alignment, None
-    stats = [permuted_unit_stats(s, spec, models[reference], alignment.transforms[i])
-             for i, s in enumerate(moments.result())]
-    return alignment, None if any(s is None for s in stats) else stats
+    return alignment, moments.result()
+
+
+def _unfold_parents(models, alignment, aligned: list, *, mode: str, data, repair_batches) -> list:
+    """Aligned folded states as ordinary ones: each BatchNorm outputs its parent's moments mapped
+    into the merged basis (measured with "repair", from the BatchNorm parameters otherwise)."""
+    points = repair_points(alignment.spec, models[alignment.reference])
+    moments = (measure_moments(models, points, data, repair_batches) if mode == "repair"
+               else [norm_moments(m.state_dict(), points) for m in models])
+    return [set_norm_targets(a, points, repair_targets(points, [moments[i]], [alignment.transforms[i]], [1.0]),
+                             folded=True) for i, a in enumerate(aligned)]
 
 
 def _np_merge(models, states, *, data, spec, example_inputs, reference, alignment, align_method, val_data,
-              np_options, return_alignment, progress, align_options):
+              np_options, return_alignment, progress, align_options, repair_mode):
     """Align with `align_method`, then learn per-parameter coefficients (fastmerge.np_merge)."""
     if data is None:
         raise InvalidArgumentError("method 'np_merge' needs data= (training batches of (inputs, targets))")
     if alignment is None and align_method != "average":
         alignment = _align(models, align_method, spec=spec, data=data, example_inputs=example_inputs,
                            reference=reference, progress=progress, align_options=align_options)
+    aligned = [alignment.apply(i, s) if alignment is not None else s for i, s in enumerate(states)]
+    batch_norm = has_batch_norm(models[reference])
+    if repair_mode == "reset" and not batch_norm:
+        raise InvalidArgumentError("repair_mode='reset' needs BatchNorm layers; use 'repair' for this model")
+    if alignment is not None and alignment.folded:  # BatchNorms back from the folded alignment
+        aligned = _unfold_parents(models, alignment, aligned, mode=repair_mode, data=data, repair_batches=None)
     parents = []
-    for i, s in enumerate(states):
+    for s in aligned:
         p = copy.deepcopy(models[reference])
-        p.load_state_dict(alignment.apply(i, s) if alignment is not None else s)
+        p.load_state_dict(s)
         parents.append(p)
-    result = np_merge(parents, data, val_data=val_data, progress=progress, **np_options)
+    options = {"reset_bn": repair_mode in ("auto", "reset", "repair"), **np_options}
+    result = np_merge(parents, data, val_data=val_data, progress=progress, **options)
+    if repair_mode == "repair":  # REPAIR of the learned merge towards the parents' moments (uniform weights)
+        spec = alignment.spec if alignment is not None else _spec(models, spec, data=data,
+                                                                  example_inputs=example_inputs, reference=reference)
+        repair(result.model, models, spec, data, transforms=alignment.transforms if alignment is not None else None)
     return (result.model, alignment) if return_alignment else result.model
 
 
@@ -152,46 +174,49 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
     if len(weights) != n:
         raise InvalidArgumentError(f"weights has {len(weights)} entries for {n} models")
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
-    parent_stats = None  # REPAIR's targets, when the alignment's statistics pass gathered them
+    parent_moments = None  # REPAIR's targets, when the alignment's statistics pass gathered them
 
     if method == "np_merge":
         return _np_merge(models, states, data=data, spec=spec, example_inputs=example_inputs, reference=reference,
                          alignment=alignment, align_method=align_method, val_data=val_data, np_options=np_options or {},
-                         return_alignment=return_alignment, progress=progress, align_options=align_options)
+                         return_alignment=return_alignment, progress=progress, align_options=align_options,
+                         repair_mode=repair_mode)
     if method == "average":
         aligned = states
     else:
         if alignment is None and _repair_from_statistics(method, repair_mode, repair_batches, align_options, data):
-            alignment, parent_stats = _align_and_measure(models, method, spec=spec, data=data,
-                                                         example_inputs=example_inputs, reference=reference,
-                                                         progress=progress, align_options=align_options)
+            alignment, parent_moments = _align_and_measure(models, method, spec=spec, data=data,
+                                                           example_inputs=example_inputs, reference=reference,
+                                                           progress=progress, align_options=align_options)
         elif alignment is None:
             alignment = _align(models, method, spec=spec, data=data, example_inputs=example_inputs,
                                reference=reference, progress=progress, align_options=align_options)
         spec = alignment.spec
         aligned = [alignment.apply(i, s) for i, s in enumerate(states)]
+    folded = alignment is not None and alignment.folded
 
     merged = copy.deepcopy(models[reference])
-    merged.load_state_dict(combine_states(aligned, weights, reference))
-    merged.eval()
+    merged_state = combine_states(aligned, weights, reference)
     mode = repair_mode
     if mode == "auto":
         mode = "reset" if (data is not None and has_batch_norm(merged)) else "none"
     if mode in ("reset", "repair") and data is None:
         raise InvalidArgumentError(f"repair_mode={mode!r} needs data")
+    if mode == "reset" and not has_batch_norm(merged):
+        raise InvalidArgumentError("repair_mode='reset' needs BatchNorm layers; use 'repair' for this model")
+    if folded and mode != "repair":  # the BatchNorms' scale and shift back, from the parents' parameters
+        points = repair_points(spec, merged)
+        targets = repair_targets(points, [norm_moments(s, points) for s in states], alignment.transforms, weights)
+        merged_state = set_norm_targets(merged_state, points, targets, folded=True)
+    merged.load_state_dict(merged_state)
+    merged.eval()
     if mode == "reset":
-        if not has_batch_norm(merged):
-            raise InvalidArgumentError("repair_mode='reset' needs BatchNorm layers; use 'repair' for this model")
         reset_batch_norm(merged, data, max_batches=repair_batches)
     elif mode == "repair":
         if spec is None:  # direct average: REPAIR still needs to know each layer's producer
             args, kwargs = ((tuple(example_inputs), {}) if example_inputs is not None
                             else first_batch(data, "trace the model with")[:2])
             spec = cached_trace_spec(models[reference], args, kwargs)
-        parents = []
-        for s in aligned:
-            p = copy.deepcopy(models[reference])
-            p.load_state_dict(s)
-            parents.append(p)
-        repair(merged, parents, spec, data, weights=weights, max_batches=repair_batches, parent_stats=parent_stats)
+        repair(merged, models, spec, data, transforms=alignment.transforms if alignment is not None else None,
+               weights=weights, max_batches=repair_batches, parent_moments=parent_moments, folded=folded)
     return (merged, alignment) if return_alignment else merged

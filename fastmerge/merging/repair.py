@@ -1,18 +1,35 @@
-"""After the merge: BatchNorm statistics reset, and REPAIR for networks without BatchNorm.
+"""After the merge: BatchNorm statistics reset, and REPAIR.
 
 REPAIR (ALGORITHMS.md section 7): for each unit of a merged layer the target mean and std are the
-weighted averages of the aligned parents' (mu* = sum w_k mu_k, sigma* = sum w_k sigma_k); the
-merged unit's mean and std are measured on data and an affine correction is folded into the
-producing layer: W <- (sigma*/sigma) W, b <- sigma*/sigma (b - mu) + mu*. Each layer must be measured
-after the corrections before it; instead of one pass over the data per layer, one pass corrects
-every layer on the fly with the batch's own statistics (what the REPAIR paper's code does with
-BatchNorm layers in train mode) while the population statistics that are folded in accumulate:
-ResNet-20 x1 on 2048 MNIST images, 2 models: 10.4 -> 3.8 s (benchmarks/RESULTS.md).
+weighted averages of the parents' (mu* = sum w_k mu_k, sigma* = sum w_k sigma_k), each parent's
+taken *in the merged basis*: its own output moments (mean mu, covariance Sigma, measured on the
+parent itself) mapped through its alignment transform T, mean T mu and variances diag(T Sigma T^T).
+(Measuring the aligned parents instead is right for permutations only: under CCA or ZipIt an
+aligned parent is not the parent's function, and REPAIR towards it undoes the alignment.)
+
+Two kinds of repair points (`repair_points`):
+- a BatchNorm that reads a Linear/Conv (the spec's folds): its scale and shift become the targets
+  (weight = sigma*, bias = mu*) and its running statistics are reset on data, so the merge's own
+  normalisation lands every unit on its target; with a folded alignment (fastmerge.spec.folding)
+  this is also how the BatchNorms get their parameters back. Residual streams are covered: every
+  branch's BatchNorm is a point.
+- a Linear/Conv that is the single producer of a group and has no such BatchNorm: the merged
+  unit's mean and std are measured and an affine correction is folded into it:
+  W <- (sigma*/sigma) W, b <- sigma*/sigma (b - mu) + mu*.
+Each layer must be measured after the corrections before it; instead of one pass over the data per
+layer, one pass corrects every layer on the fly with the batch's own statistics (BatchNorms in
+train mode, the producers through hooks) while the population statistics accumulate: ResNet-20 x1
+on 2048 MNIST images, 2 models: 10.4 -> 3.8 s (benchmarks/RESULTS.md).
+
+"reset" targets need no data of the parents: a BatchNorm's output has mean ~ beta and variance
+~ gamma^2 (the running statistics are the data's), so the parents' moments are taken from their
+BatchNorm parameters (units independent) and mapped the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,8 +37,11 @@ from torch import nn
 from .. import distributed
 from ..batches import iterate_batches, run_model
 from ..errors import DataError
-from ..spec.types import Group, MergeSpec
+from ..spec.folding import norm_tensors
+from ..spec.transforms import Dense
+from ..spec.types import Group, MergeSpec, NormFold
 from ..stages import timed
+from ..stats.outputs import OutputMoments
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -40,24 +60,7 @@ def reset_batch_norm(model: nn.Module, data: Iterable, *, max_batches: int | Non
     Under a torch.distributed process group each rank passes its shard of the batches; the averages
     are then combined across ranks weighted by each rank's batch count, which is exactly the
     cumulative average over all the shards' batches, so every rank ends with the same statistics."""
-    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    seen = 0
-    for index, batch in enumerate(iterate_batches(data, max_batches=max_batches)):
-        run_model(model, batch, index)
-        seen += 1
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    if distributed.active():
-        seen = _combine_across_ranks(norms, seen)
-    if seen == 0:
-        raise DataError("BatchNorm reset got no batches: its running statistics would be left at 0 and 1; "
-                        "pass data")
-    return model.eval()
+    return _correcting_pass(model, data, max_batches=max_batches, reset=True, producer_targets={})
 
 
 def _combine_across_ranks(norms, seen: int) -> int:
@@ -81,13 +84,122 @@ def _combine_across_ranks(norms, seen: int) -> int:
 
 def producer_of(group: Group, model: nn.Module) -> str | None:
     """The single Linear/Conv module whose output rows are the group's units, if there is one."""
-    outs = [m for m in group.members if m.role == "out"]
+    outs = [m for m in group.members if m.role == "out" and not m.tensor.endswith(".bias")]
     modules = {m.tensor.rsplit(".", 1)[0] for m in outs}
     if len(modules) != 1 or any(m.factors is not None or m.axis != 0 for m in outs):
         return None
     path = modules.pop()
     module = dict(model.named_modules()).get(path)
     return path if isinstance(module, _PRODUCERS) else None
+
+
+@dataclass(frozen=True)
+class RepairPoint:
+    """A module whose output REPAIR corrects: `path`, the spec group its units belong to, and the
+    BatchNorm fold when it is a BatchNorm reading a Linear/Conv (None: a Linear/Conv producer)."""
+
+    path: str
+    group: str
+    fold: NormFold | None = None
+
+
+def repair_points(spec: MergeSpec, model: nn.Module) -> list[RepairPoint]:
+    """Every folded BatchNorm (spec.folds) and every single producer of a group without one."""
+    modules = dict(model.named_modules())
+    owner = {(m.tensor, m.axis): g for g in spec.groups if g.count == 1 for m in g.members}
+    points, folded = [], set()
+    for f in spec.folds:
+        g = owner.get((f.tensor("bias"), 0))
+        if g is not None and isinstance(modules.get(f.norm), _BATCH_NORMS):
+            points.append(RepairPoint(f.norm, g.name, f))
+            folded.add(f.producer)
+    for g in spec.groups:
+        path = producer_of(g, model) if g.count == 1 else None
+        if path is not None and f"{path}.weight" not in folded:
+            points.append(RepairPoint(path, g.name))
+    return points
+
+
+def repair_paths(spec: MergeSpec, model: nn.Module) -> list[str]:
+    """The modules REPAIR corrects (repair_points' paths)."""
+    return [p.path for p in repair_points(spec, model)]
+
+
+def mapped_moments(mean: torch.Tensor, cov: torch.Tensor, transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """A parent's unit (mean, std) in the merged basis: through a (1, size) permutation (new unit u
+    is old unit p[u]) or a Dense transform T (mean T mu, variance diag(T Sigma T^T)); None: as is."""
+    if transform is None:
+        return mean, cov.diagonal().clamp_min(0).sqrt()
+    if isinstance(transform, Dense):
+        t = transform.out[0].to(device=cov.device, dtype=torch.float64)
+        return t @ mean.double(), ((t @ cov.double()) * t).sum(1).clamp_min(0).sqrt()
+    perm = transform[0].to(mean.device)
+    return mean[perm], cov.diagonal()[perm].clamp_min(0).sqrt()
+
+
+def norm_moments(state: Mapping[str, torch.Tensor], points: Sequence[RepairPoint]) -> dict:
+    """Output moments of a model's folded BatchNorms from their parameters alone: mean beta,
+    covariance diag(gamma^2) (what the BatchNorm makes of data like its running statistics')."""
+    out = {}
+    for p in points:
+        if p.fold is not None:
+            bn = norm_tensors(p.fold)
+            gamma, beta = state[bn["weight"]].double(), state[bn["bias"]].double()
+            out[p.path] = (beta, torch.diag(gamma * gamma))
+    return out
+
+
+def measure_moments(models: Sequence[nn.Module], points: Sequence[RepairPoint], data: Iterable,
+                    max_batches: int | None = None) -> list[dict]:
+    """Each model's output moments ({path: (mean, covariance)}) at the points, one pass over `data`."""
+    modes = [m.training for m in models]
+    try:
+        with OutputMoments(models, [p.path for p in points]) as moments, torch.no_grad():
+            for m in models:
+                m.eval()
+            for index, batch in enumerate(iterate_batches(data, max_batches=max_batches)):
+                for m in models:
+                    run_model(m, batch, index)
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return moments.result()
+
+
+def repair_targets(points: Sequence[RepairPoint], moments: Sequence[dict], transforms: Sequence[dict | None],
+                   weights: Sequence[float]) -> dict:
+    """{path: (mu*, sigma*)}: the weighted average of every parent's moments mapped into the merged
+    basis by its transform of the point's group (transforms[k] None: parent k is already in it)."""
+    targets = {}
+    for p in points:
+        if any(p.path not in m for m in moments):
+            continue
+        parts = [mapped_moments(*m[p.path], None if t is None else t.get(p.group)) for m, t in zip(moments, transforms)]
+        targets[p.path] = (sum(w * mu for w, (mu, _) in zip(weights, parts)),
+                           sum(w * sd for w, (_, sd) in zip(weights, parts)))
+    return targets
+
+
+def set_norm_targets(state: dict, points: Sequence[RepairPoint], targets: Mapping, *, folded: bool) -> dict:
+    """A state whose folded BatchNorms output their target moments: weight sigma*, bias mu*. For a
+    folded state (its BatchNorms identities plus the folded bias c) the running statistics are set
+    so that eval mode computes the same map as the folded state (running mean mu* - c, running
+    variance sigma*^2 - eps); otherwise they stay for a reset to recompute."""
+    out = dict(state)
+    for p in points:
+        if p.fold is None or p.path not in targets:
+            continue
+        bn = norm_tensors(p.fold)
+        mean, std = targets[p.path]
+        like = state[bn["weight"]]
+        if folded:
+            c = state[bn["bias"]].double()
+            out[bn["running_mean"]] = (mean.double() - c).to(state[bn["running_mean"]].dtype)
+            out[bn["running_var"]] = (std.double() ** 2 - p.fold.eps).clamp_min(0).to(state[bn["running_var"]].dtype)
+            # a dead unit (std 0): its weight 0 keeps it constant at mu*, as it was
+        out[bn["weight"]] = std.to(device=like.device, dtype=like.dtype)
+        out[bn["bias"]] = mean.to(device=like.device, dtype=like.dtype)
+    return out
 
 
 def _channel_dim(module: nn.Module) -> int:
@@ -173,58 +285,81 @@ def _unit_stats(models: Sequence[nn.Module], paths: Sequence[str], data, max_bat
     return moments.result()
 
 
-def repair_paths(spec: MergeSpec, model: nn.Module) -> list[str]:
-    """The producers REPAIR corrects: one per group that has a single Linear/Conv producer."""
-    return list(dict.fromkeys(path for g in spec.groups if (path := producer_of(g, model)) is not None))
-
-
-def permuted_unit_stats(stats: dict, spec: MergeSpec, model: nn.Module, transforms: dict) -> dict | None:
-    """A parent's REPAIR statistics ({path: (mean, std)}) mapped through its alignment, or None when
-    a producer's group has a dense transform (its moments alone do not give the transformed ones)."""
-    out = {}
-    for g in spec.groups:
-        path = producer_of(g, model)
-        if path is None or path not in stats:
-            continue
-        t = transforms.get(g.name)
-        if t is None:
-            out[path] = stats[path]
-        elif isinstance(t, torch.Tensor):  # (1, size) permutation: new unit u is old unit t[0, u]
-            perm = t[0].to(stats[path][0].device)
-            out[path] = (stats[path][0][perm], stats[path][1][perm])
-        else:
-            return None
-    return out
+@torch.no_grad()
+def _correcting_pass(model: nn.Module, data: Iterable, *, max_batches: int | None, reset: bool,
+                     producer_targets: dict) -> nn.Module:
+    """One pass over `data`: with `reset` every BatchNorm recomputes its running statistics
+    (cumulative average, train mode: it normalises with the batch's statistics, so the layers after
+    it see corrected inputs), and each producer in `producer_targets` ({path: (mu*, sigma*)}) is
+    moved to its target on the fly, its population moments accumulating; then the producers'
+    corrections are folded into their weights. Everything else runs in eval mode; the model is
+    left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)] if reset else []
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    paths = list(producer_targets)
+    try:
+        with UnitMoments([model], paths, producer_targets) as moments:
+            for index, batch in enumerate(iterate_batches(data, max_batches=max_batches)):
+                run_model(model, batch, index)
+                seen += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
+    if norms and distributed.active():
+        seen = _combine_across_ranks(norms, seen)
+    if norms and seen == 0:
+        raise DataError("BatchNorm reset got no batches: its running statistics would be left at 0 and 1; "
+                        "pass data")
+    if paths:
+        measured = moments.result()[0]
+        modules = dict(model.named_modules())
+        for path in paths:
+            scale, shift = _correction(*measured[path], *producer_targets[path])
+            layer = modules[path]
+            w = layer.weight
+            w.mul_(scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+            layer.bias.mul_(scale.to(w.dtype)).add_(shift.to(w.dtype))
+    return model
 
 
 @timed("REPAIR")
 @torch.no_grad()
-def repair(merged: nn.Module, aligned_parents: Sequence[nn.Module], spec: MergeSpec, data: Iterable, *,
-           weights: Sequence[float] | None = None, max_batches: int | None = None,
-           parent_stats: Sequence[dict] | None = None) -> nn.Module:
-    """REPAIR of every group with a single Linear/Conv producer (see the module docstring).
+def repair(merged: nn.Module, parents: Sequence[nn.Module], spec: MergeSpec, data: Iterable, *,
+           transforms: Sequence[dict | None] | None = None, weights: Sequence[float] | None = None,
+           max_batches: int | None = None, parent_moments: Sequence[dict] | None = None,
+           folded: bool = False) -> nn.Module:
+    """REPAIR of `merged` in place (see the module docstring): every folded BatchNorm gets the
+    targets as scale and shift and a reset, every other single producer an affine correction.
 
-    `parent_stats`: the aligned parents' per-unit (mean, std) at each producer when already known
-    (merge() gathers them during the statistics pass of the alignment); measured here otherwise."""
+    Args:
+        parents: the models merged, as they are (not aligned), with `transforms` their alignment
+            transforms (Alignment.transforms); transforms None: the parents are already aligned
+            (permuted: the merged basis is theirs).
+        parent_moments: the parents' output moments at the repair points ([{path: (mean,
+            covariance)}], e.g. gathered during the alignment's statistics pass), measured here
+            when not given.
+        folded: `merged` holds a folded state (its BatchNorms identities, fastmerge.spec.folding)."""
     merged.eval()
-    for p in aligned_parents:
-        p.eval()
-    paths = repair_paths(spec, merged)
-    if not paths:
+    points = repair_points(spec, merged)
+    if not points:
         return merged
-    weights = list(weights) if weights is not None else [1.0 / len(aligned_parents)] * len(aligned_parents)
-    if parent_stats is None:
-        parent_stats = _unit_stats(aligned_parents, paths, data, max_batches)
-    targets = {path: (sum(w * s[path][0] for w, s in zip(weights, parent_stats)),
-                      sum(w * s[path][1] for w, s in zip(weights, parent_stats))) for path in paths}
-    measured = _unit_stats([merged], paths, data, max_batches, targets=targets)[0]
-    modules = dict(merged.named_modules())
-    for path in paths:
-        scale, shift = _correction(*measured[path], *targets[path])
-        layer = modules[path]
-        w = layer.weight
-        w.mul_(scale.to(w.dtype).view(-1, *([1] * (w.dim() - 1))))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-        layer.bias.mul_(scale.to(w.dtype)).add_(shift.to(w.dtype))
-    return merged
+    n = len(parents)
+    weights = list(weights) if weights is not None else [1.0 / n] * n
+    transforms = list(transforms) if transforms is not None else [None] * n
+    if parent_moments is None:
+        parent_moments = measure_moments(parents, points, data, max_batches)
+    targets = repair_targets(points, parent_moments, transforms, weights)
+    state = set_norm_targets(merged.state_dict(), points, targets, folded=folded)
+    merged.load_state_dict(state)
+    producers = {p.path: targets[p.path] for p in points if p.fold is None and p.path in targets}
+    return _correcting_pass(merged, data, max_batches=max_batches, reset=has_batch_norm(merged),
+                            producer_targets=producers)

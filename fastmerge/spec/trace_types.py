@@ -16,6 +16,8 @@ class Info:
     shape: tuple
     param: str | None = None  # state-dict name when the value is a parameter/buffer (or a view of one)
     param_axes: tuple | None = None  # for each dim, the parameter axis it is (None: not an axis of it)
+    # the raw output of a Linear/Conv: (weight name, bias name or None), for BatchNorm folding
+    produced_by: tuple | None = None
 
 
 @dataclass
@@ -34,3 +36,4 @@ class TraceResult:
     roles: dict  # (tensor, axis) -> set of roles
     taps: list = field(default_factory=list)
     unknown_ops: dict = field(default_factory=dict)
+    folds: list = field(default_factory=list)  # NormFold

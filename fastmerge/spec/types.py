@@ -110,6 +110,25 @@ class Group:
     tap: TapPoint | None = None
 
 
+@dataclass(frozen=True)
+class NormFold:
+    """An eval-mode BatchNorm that reads the output of one Linear/Conv and nothing else: it can be
+    folded into that producer (W <- s W, b <- s (b - mean) + beta, s = gamma / sqrt(var + eps)),
+    which turns the pair into one affine map that dense transforms move exactly.
+
+    producer / producer_bias: the producer's weight and bias tensors (bias None: it has none);
+    norm: the BatchNorm's module path (its weight, bias, running_mean, running_var tensors)."""
+
+    producer: str
+    producer_bias: str | None
+    norm: str
+    eps: float = 1e-5
+
+    def tensor(self, what: str) -> str:
+        """The BatchNorm's tensor `what` (weight, bias, running_mean, running_var)."""
+        return f"{self.norm}.{what}" if self.norm else what
+
+
 @dataclass
 class MergeSpec:
     """The groups of a model, in the order their transforms are applied.
@@ -121,6 +140,8 @@ class MergeSpec:
     groups: list[Group] = field(default_factory=list)
     # (tensor, axis, reason) of axes a tracer left out on purpose, for reports.
     fixed: list[tuple[str, int, str]] = field(default_factory=list)
+    # BatchNorms that can be folded into their producer (fastmerge.spec.folding)
+    folds: list[NormFold] = field(default_factory=list)
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -140,6 +161,8 @@ class MergeSpec:
                 raise SpecError(f"group {g.name!r}: size and count must be >= 1, got {g.size} and {g.count}")
             for m in g.members:
                 _validate_member(g, m, shapes)
+        for f in self.folds:
+            _validate_fold(f, shapes)
 
     def random_permutations(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One random permutation per group instance: the transforms check_spec draws."""
@@ -153,6 +176,19 @@ class MergeSpec:
             tap = f", tap {g.tap.module}:{g.tap.kind}" if g.tap else ""
             lines.append(f"  {g.name}: {g.size} units{inst}, {len(g.members)} members{tap}")
         return "\n".join(lines)
+
+
+def _validate_fold(f: NormFold, shapes: Mapping[str, Sequence[int]]) -> None:
+    names = [f.producer, *([f.producer_bias] if f.producer_bias else []),
+             *(f.tensor(w) for w in ("weight", "bias", "running_mean", "running_var"))]
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise SpecError(f"fold of BatchNorm {f.norm!r} into {f.producer!r}: the model has no tensor {missing[0]!r}")
+    units = shapes[f.producer][0] if len(shapes[f.producer]) else 0
+    wrong = [n for n in names[1:] if tuple(shapes[n]) != (units,)]
+    if wrong:
+        raise SpecError(f"fold of BatchNorm {f.norm!r} into {f.producer!r}: {wrong[0]!r} has shape "
+                        f"{tuple(shapes[wrong[0]])}, expected ({units},) (one entry per output unit)")
 
 
 def _validate_member(g: Group, m: Member, shapes: Mapping[str, Sequence[int]]) -> None:

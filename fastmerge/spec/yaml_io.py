@@ -16,6 +16,8 @@ Format (defaults omitted when written)::
          instance: [0], select: {0: [0, 1]}}
     fixed:
     - {tensor: fc1.weight, axis: 1, reason: model input}
+    folds:
+    - {producer: conv1.weight, producer_bias: null, norm: bn1, eps: 1.0e-05}
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import yaml
 
 from ..io.atomic import write_text_atomic
-from .types import ROLES, Group, Member, MergeSpec, SpecError, TapPoint
+from .types import ROLES, Group, Member, MergeSpec, NormFold, SpecError, TapPoint
 
 FORMAT = "fastmerge-spec/1"
 _MEMBER_KEYS = {"tensor", "axis", "role", "factors", "unit", "instance", "select", "offset"}
@@ -80,6 +82,9 @@ def spec_to_dict(spec: MergeSpec) -> dict:
     out = {"format": FORMAT, "groups": groups}
     if spec.fixed:
         out["fixed"] = [_Flow(tensor=t, axis=a, reason=r) for t, a, r in spec.fixed]
+    if spec.folds:
+        out["folds"] = [_Flow(producer=f.producer, producer_bias=f.producer_bias, norm=f.norm, eps=f.eps)
+                        for f in spec.folds]
     return out
 
 
@@ -128,7 +133,7 @@ def _layout_from(where: str, data: Mapping) -> dict:
 
 def spec_from_dict(data: Mapping) -> MergeSpec:
     """Builds a MergeSpec from parsed YAML, rejecting unknown keys and malformed values."""
-    _check_keys("spec", data, {"format", "groups", "fixed"})
+    _check_keys("spec", data, {"format", "groups", "fixed", "folds"})
     if data.get("format", FORMAT) != FORMAT:
         raise SpecError(f"spec: unsupported format {data.get('format')!r}, expected {FORMAT!r}")
     groups_data = data.get("groups")
@@ -183,7 +188,25 @@ def spec_from_dict(data: Mapping) -> MergeSpec:
     for fi, fd in enumerate(fixed_data):
         _check_keys(f"fixed[{fi}]", fd, {"tensor", "axis", "reason"})
         fixed.append((str(fd.get("tensor")), _int(f"fixed[{fi}].axis", fd.get("axis", 0)), str(fd.get("reason", ""))))
-    return MergeSpec(groups=groups, fixed=fixed)
+    return MergeSpec(groups=groups, fixed=fixed, folds=_folds_from(data.get("folds") or []))
+
+
+def _folds_from(data) -> list[NormFold]:
+    if not isinstance(data, list):
+        raise SpecError(f"spec: 'folds' must be a list, got {data!r}")
+    folds = []
+    for i, fd in enumerate(data):
+        where = f"folds[{i}]"
+        _check_keys(where, fd, {"producer", "producer_bias", "norm", "eps"})
+        bias, eps = fd.get("producer_bias"), fd.get("eps", 1e-5)
+        if not isinstance(fd.get("producer"), str) or not isinstance(fd.get("norm"), str):
+            raise SpecError(f"{where}: 'producer' and 'norm' must be names (strings)")
+        if bias is not None and not isinstance(bias, str):
+            raise SpecError(f"{where}.producer_bias: expected a tensor name or null, got {bias!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+            raise SpecError(f"{where}.eps: expected a number in [0, 1), got {eps!r}")
+        folds.append(NormFold(fd["producer"], bias, fd["norm"], float(eps)))
+    return folds
 
 
 def spec_from_yaml(text: str, shapes: Mapping[str, Sequence[int]] | None = None) -> MergeSpec:

@@ -104,14 +104,15 @@ def mlp(
 
 
 # --------------------------------------------------------------------------------------------
-# VGG (no BatchNorm)
+# VGG (with or without BatchNorm)
 # --------------------------------------------------------------------------------------------
 
 
 class VGG(nn.Module):
-    """A VGG-style CNN without BatchNorm, torchvision layout (``features`` / ``classifier``).
+    """A VGG-style CNN, torchvision layout (``features`` / ``classifier``).
 
-    ``features``: per width, ``[Conv3x3, ReLU, Conv3x3, ReLU, MaxPool2x2]``.
+    ``features``: per width, ``[Conv3x3, ReLU, Conv3x3, ReLU, MaxPool2x2]``; with ``batch_norm``
+    each conv is followed by a BatchNorm2d (torchvision's ``vgg*_bn``: conv, BN, ReLU).
     ``classifier``: ``[Linear(C*H*W, fc_hidden), ReLU, Linear(fc_hidden, num_classes)]``.
 
     Input:  ``(B, in_channels, image_size, image_size)`` float.
@@ -125,18 +126,18 @@ class VGG(nn.Module):
         widths: tuple[int, ...],
         fc_hidden: int,
         num_classes: int,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
         for width in widths:
-            layers += [
-                nn.Conv2d(prev, width, kernel_size=3, padding=1),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(width, width, kernel_size=3, padding=1),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(kernel_size=2, stride=2),
-            ]
+            for c_in in (prev, width):
+                layers.append(nn.Conv2d(c_in, width, kernel_size=3, padding=1))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.ReLU(inplace=True))
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             prev = width
         self.features = nn.Sequential(*layers)
         side = image_size // 2 ** len(widths)
@@ -159,8 +160,9 @@ def vgg(
     widths: tuple[int, ...] = (16, 32),
     fc_hidden: int = 64,
     num_classes: int = 10,
+    batch_norm: bool = False,
 ) -> VGG:
-    """Build a VGG-style CNN without BatchNorm.
+    """Build a VGG-style CNN (with ``batch_norm``: a BatchNorm2d after every conv).
 
     Args:
         in_channels: Channels of the input image.
@@ -169,6 +171,7 @@ def vgg(
         widths: Output channels of each two-conv block.
         fc_hidden: Width of the hidden Linear layer of the classifier.
         num_classes: Number of output logits.
+        batch_norm: Conv-BN-ReLU instead of conv-ReLU.
 
     Returns:
         A :class:`VGG` mapping ``(B, in_channels, image_size, image_size)`` to
@@ -189,7 +192,7 @@ def vgg(
     for i, width in enumerate(widths):
         _check_positive(**{f"widths[{i}]": width})
     _check_divides("image_size", "2 ** len(widths)", image_size, 2 ** len(widths))
-    return VGG(in_channels, image_size, widths, fc_hidden, num_classes)
+    return VGG(in_channels, image_size, widths, fc_hidden, num_classes, batch_norm=bool(batch_norm))
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 from ..datasets import Split
 from ..errors import InvalidArgumentError
 from ..threads import is_small_step, single_thread_if
-from .models import mlp, vgg
+from .models import mlp, resnet20, vgg
 
 # part of the cache key: bump when the data preparation or the training loop changes
 RECIPE_VERSION = 2
@@ -34,13 +34,26 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0
-    arch: str = "mlp"  # or "vgg": a small CNN on the images (widths hidden/2, hidden)
+    # "mlp"; CNNs on the images: "vgg" (widths hidden/2, hidden), "vgg_bn" (the same with BatchNorm),
+    # "resnet20" (ResNet-20 of width hidden/16: stages of hidden, 2 hidden, 4 hidden channels)
+    arch: str = "mlp"
+
+
+ARCHS = ("mlp", "vgg", "vgg_bn", "resnet20")
+CNN_ARCHS = ("vgg", "vgg_bn", "resnet20")
 
 
 def make_model(config: TrainConfig, in_features: int) -> nn.Module:
-    if config.arch == "vgg":
+    if config.arch not in ARCHS:
+        raise InvalidArgumentError(f"unknown architecture {config.arch!r}; use one of {ARCHS}")
+    if config.arch in ("vgg", "vgg_bn"):
         return vgg(in_channels=1, image_size=image_side(in_features), widths=(config.hidden // 2, config.hidden),
-                       fc_hidden=2 * config.hidden)
+                   fc_hidden=2 * config.hidden, batch_norm=config.arch == "vgg_bn")
+    if config.arch == "resnet20":
+        if config.hidden % 16:
+            raise InvalidArgumentError(f"resnet20: hidden must be a multiple of 16 (16 x width), got {config.hidden}")
+        image_side(in_features)
+        return resnet20(in_channels=1, width=config.hidden // 16)
     return mlp(in_features=in_features, hidden=(config.hidden,) * config.depth, out_features=10)
 
 
@@ -53,7 +66,7 @@ def image_side(in_features: int) -> int:
 
 def model_inputs(config: TrainConfig, x: torch.Tensor) -> torch.Tensor:
     """The split's flat rows as the model takes them: images (N, 1, side, side) for a CNN."""
-    return x.view(-1, 1, image_side(x.shape[1]), image_side(x.shape[1])) if config.arch == "vgg" else x
+    return x.view(-1, 1, image_side(x.shape[1]), image_side(x.shape[1])) if config.arch in CNN_ARCHS else x
 
 
 def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
@@ -65,6 +78,7 @@ def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
     n = len(split.x_fit)
     with single_thread_if(is_small_step(model, config.batch_size)):  # tiny steps: one thread
         for _ in range(config.epochs):
+            model.train()  # BatchNorm: batch statistics while training
             order = torch.randperm(n, generator=gen)
             for i in range(0, n, config.batch_size):
                 idx = order[i : i + config.batch_size]

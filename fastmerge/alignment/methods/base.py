@@ -82,4 +82,10 @@ get_method = METHODS.lookup
 def dense_ok(group: Group) -> bool:
     """A dense transform is exact on linear producers/consumers only (not on norm parameters,
     running statistics or other per-unit parameters)."""
-    return all(m.role in ("out", "in") for m in group.members)
+    return not dense_blockers(group)
+
+
+def dense_blockers(group: Group) -> list[str]:
+    """The tensors of a group that a dense transform would not move exactly: per-unit parameters
+    (norm weights and biases that are not folded, running statistics, scales)."""
+    return list(dict.fromkeys(m.tensor for m in group.members if m.role not in ("out", "in")))

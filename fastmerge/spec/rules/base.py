@@ -68,6 +68,22 @@ def opaque_like(meta):
     return None
 
 
+def _whole_param(info) -> str | None:
+    """The parameter name when `info` is a parameter itself (not a view or slice of one)."""
+    if isinstance(info, Info) and info.param is not None and info.param_axes == tuple(range(len(info.shape))):
+        return info.param
+    return None
+
+
+def producer_of(weight, bias) -> tuple | None:
+    """Info.produced_by of a Linear/Conv output: (weight name, bias name or None), when both are
+    parameters as they are (a BatchNorm reading this output can be folded into them)."""
+    w = _whole_param(weight)
+    if w is None or (bias is not None and _whole_param(bias) is None):
+        return None
+    return (w, _whole_param(bias))
+
+
 def replica_like(meta):
     shape = _shape(meta)
     return Info([replica(n) for n in shape], shape)

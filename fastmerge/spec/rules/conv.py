@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..layout import opaque, plain
 from ..trace_types import Info
-from .base import _op_name, _shape, handles
+from .base import _op_name, _shape, handles, producer_of
 
 
 @handles("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
@@ -45,7 +45,7 @@ def _conv(t, args, kwargs, meta):
     if isinstance(b, Info):
         channels = t.unify(channels, b.dims[0])
     dims = ([list(x.dims[0])] if batched else []) + [channels] + [opaque(n) for n in out_shape[c + 1 :]]
-    return Info(dims, out_shape)
+    return Info(dims, out_shape, produced_by=producer_of(w, b))
 
 
 @handles("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",

@@ -7,7 +7,7 @@ import torch
 from ..layout import prune_families, replica
 from ..trace_types import Info
 from ..types import SpecError
-from .base import _broadcast, _shape, handles, opaque_like
+from .base import _broadcast, _shape, handles, opaque_like, producer_of
 
 
 @handles("linear")
@@ -22,7 +22,7 @@ def _linear(t, args, kwargs, meta):
     out = [list(d) for d in x.dims[:-1]] + [list(w.dims[0])]
     if isinstance(b, Info):
         out[-1] = t.unify(out[-1], b.dims[0])
-    return Info(out, _shape(meta))
+    return Info(out, _shape(meta), produced_by=producer_of(w, b))
 
 
 @handles("addmm")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from ..layout import plain
 from ..trace_types import Info
-from .base import _op_name, handles, opaque_like
+from ..types import NormFold
+from .base import _op_name, _whole_param, handles, opaque_like
+
+_EVAL_BATCH_NORMS = ("_native_batch_norm_legit_no_training",)
 
 
 def _norm_params(t, x: Info, axes: list, params: list) -> Info:
@@ -40,10 +43,29 @@ def _batch_norm(t, args, kwargs, meta):
     x = args[0]
     t.tap(x, 1)
     params = [a for a in args[1:5] if isinstance(a, Info)]
+    _record_fold(t, x, args[1:5])
     out = _norm_params(t, x, [1], params)
     if isinstance(meta, (list, tuple)):
         return [out] + [opaque_like(m) for m in meta[1:]]
     return out
+
+
+def _record_fold(t, x, params) -> None:
+    """An eval-mode BatchNorm with affine parameters and running statistics that is the only reader
+    of a Linear/Conv output can be folded into it (NormFold)."""
+    name = _op_name(t.node.target)
+    training = t.bound.get("training", name not in _EVAL_BATCH_NORMS)
+    source = t.node.args[0]
+    if training or not isinstance(x, Info) or x.produced_by is None or len(getattr(source, "users", ())) != 1:
+        return
+    names = [_whole_param(p) for p in params]
+    if len(names) != 4 or any(n is None for n in names):
+        return
+    norm = names[0].rsplit(".", 1)[0] if "." in names[0] else ""
+    fold = NormFold(producer=x.produced_by[0], producer_bias=x.produced_by[1], norm=norm,
+                    eps=float(t.bound.get("eps", 1e-5)))
+    if [fold.tensor(w) for w in ("weight", "bias", "running_mean", "running_var")] == names:
+        t.folds.append(fold)
 
 
 @handles("group_norm", "native_group_norm")
