@@ -32,14 +32,17 @@ def _polar(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return u @ vh, r
 
 
-def _polar_towards_identity(m: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor) -> torch.Tensor:
+def _polar_towards_identity(m: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
+                            reference: torch.Tensor | None = None) -> torch.Tensor:
     """The polar factor of a rank-deficient M~ (dead units: a zero row/column of S_xy) with a
     deterministic null-space part. On M's range the polar factor is unique; on the null spaces any
     orthogonal map would do, and an SVD picks one that jumps with rounding (measured: statistics
     summed in another order changed T by more than its largest entry). Here the null spaces are
-    mapped by the orthogonal map closest to a fixed reference F = I + 0.1 G (G a fixed seeded
-    Gaussian matrix: the identity alone would leave the choice open when the dead units of the two
-    models differ), which depends only on the subspaces, not on the bases a decomposition returns."""
+    mapped by the orthogonal map closest to a reference F, which depends only on the subspaces,
+    not on the bases a decomposition returns. F: the activation matching's permutation when given
+    (it pairs dead units by their incoming weights, so a dead unit stays one dead unit: a rotation
+    among dead units' pre-activations can wake them), else I + 0.1 G (G a fixed seeded Gaussian
+    matrix: the identity alone would leave the choice open when the dead units differ)."""
     m_units = vx @ m @ vy.T  # the same matrix in unit coordinates
     u, sing, vh = torch.linalg.svd(m_units)
     k = int((sing > 1e-9 * sing[0]).sum()) if sing.numel() and sing[0] > 0 else 0
@@ -47,15 +50,17 @@ def _polar_towards_identity(m: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor)
     left, right = u[:, k:], vh[k:].T
     if left.shape[1]:
         n = m_units.shape[0]
-        gen = torch.Generator().manual_seed(12345)
-        reference = torch.eye(n, dtype=m_units.dtype) + 0.1 * torch.randn(n, n, generator=gen, dtype=m_units.dtype) / n**0.5
-        a, _, b = torch.linalg.svd(left.T @ reference.to(m_units.device) @ right)
+        if reference is None:
+            gen = torch.Generator().manual_seed(12345)
+            reference = torch.eye(n, dtype=m_units.dtype) + 0.1 * torch.randn(n, n, generator=gen, dtype=m_units.dtype) / n**0.5
+        a, _, b = torch.linalg.svd(left.T @ reference.to(m_units) @ right)
         q = q + left @ (a @ b) @ right.T
     return vx.T @ q @ vy
 
 
 def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *, reg: float = 0.1,
-                  relative: bool = True, eigh_xx=None, eigh_yy=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  relative: bool = True, eigh_xx=None, eigh_yy=None,
+                  null_reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CCA Merge transform of model y's units into the reference x's basis.
 
     With S_xx = Sigma_xx + g I and S_yy = Sigma_yy + g I (g = reg * mean variance when relative),
@@ -66,6 +71,9 @@ def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *,
 
     eigh_xx / eigh_yy: eigendecompositions of Sigma_xx / Sigma_yy to reuse (the inverse square
     roots come from them through eigh, never from three SVDs).
+    null_reference: (C, C) map of y's units to x's (the activation matching's permutation matrix)
+        that decides the rotation between the null spaces of S_xy (dead units); see
+        _polar_towards_identity.
 
     Returns:
         (T, T^-1, canonical correlations r), float64.
@@ -88,7 +96,7 @@ def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *,
     m = (vx.T @ s_xy @ vy) * lx.rsqrt()[:, None] * ly.rsqrt()[None, :]
     rotation, r = _polar(m)
     if r.numel() and r[-1] <= 1e-9 * r[0]:
-        rotation = _polar_towards_identity(m, vx, vy)
+        rotation = _polar_towards_identity(m, vx, vy, null_reference)
     t = (vx * lx.sqrt()) @ (rotation * ly.rsqrt()[None, :]) @ vy.T
     t_inv = (vy * ly.sqrt()) @ (rotation.T * lx.rsqrt()[None, :]) @ vx.T
     return t, t_inv, r
@@ -99,8 +107,9 @@ def zipit_matrices(rho: np.ndarray, num_models: int, size: int, *, alpha: float 
     """ZipIt's greedy merge of n*C features into C on their joint correlation.
 
     The most correlated pair of features (or merged features) is merged first; a merged feature's
-    similarity to the rest is the minimum of its parents' times alpha. Merges of two features
-    of the same model are allowed up to beta * (nC - C) / n per model (beta = 0: none).
+    similarity to the rest is the minimum of its parents' times alpha. Merges that join two
+    features of the same model (two clusters both holding one of its features) are allowed up to
+    beta * (nC - C) / n per model (beta = 0: none, so a cluster holds at most one feature per model).
 
     Returns:
         merge M (C, nC) averaging the features of each merged unit, and unmerge U (nC, C) with
@@ -111,20 +120,25 @@ def zipit_matrices(rho: np.ndarray, num_models: int, size: int, *, alpha: float 
         raise InvalidArgumentError(f"zipit: joint correlation must be ({n_total}, {n_total}), got {rho.shape}")
     if not (0 < alpha <= 1) or not (0 <= beta <= 1):
         raise InvalidArgumentError(f"zipit: need 0 < alpha <= 1 and 0 <= beta <= 1, got alpha={alpha}, beta={beta}")
-    # raw: similarities by the min-rule; sim: the same with the merges that are not allowed
-    # (two clusters of one and the same model once that model's budget is spent) at -inf
+    # raw: similarities by the min-rule; sim: the same with the merges that are not allowed at -inf.
+    # A merge joins two features of one model when both clusters hold a feature of it (clusters
+    # count their features per model); that is allowed while the model's budget lasts. Beta = 0
+    # therefore keeps at most one feature of each model in a cluster: two merged clusters of
+    # different models' features cannot merge again, even when nothing else correlates (dead units
+    # would otherwise leave live clusters to absorb each other).
     raw = np.array(rho, dtype=np.float64)
     np.fill_diagonal(raw, -np.inf)
-    owner = np.repeat(np.arange(num_models), size)  # the model of a single-model cluster, -1 if mixed
+    has = np.zeros((n_total, num_models), dtype=bool)  # has[c, m]: cluster c holds a feature of model m
+    has[np.arange(n_total), np.repeat(np.arange(num_models), size)] = True
     budget = np.full(num_models, math.floor(beta * (n_total - size) / num_models), dtype=np.int64)
     active = np.ones(n_total, dtype=bool)
 
     def masked_row(x: int) -> np.ndarray:
         row = raw[x].copy()
         row[~active] = -np.inf
-        m = owner[x]
-        if m >= 0 and budget[m] <= 0:
-            row[owner == m] = -np.inf
+        spent = has[x] & (budget <= 0)  # models of x whose within-model merges are used up
+        if spent.any():
+            row[has[:, spent].any(axis=1)] = -np.inf
         return row
 
     sim = np.stack([masked_row(x) for x in range(n_total)]) if n_total else raw
@@ -136,20 +150,23 @@ def zipit_matrices(rho: np.ndarray, num_models: int, size: int, *, alpha: float 
         if not np.isfinite(best[a]):
             raise InvalidArgumentError("zipit: no admissible merge left; raise beta to allow merges within a model")
         b = int(best_idx[a])
-        m = owner[a]
-        within = m >= 0 and owner[b] == m
+        shared = has[a] & has[b]
         merged = np.minimum(raw[a], raw[b]) * alpha
         merged[[a, b]] = -np.inf
         raw[a], raw[:, a] = merged, merged
         raw[b], raw[:, b] = -np.inf, -np.inf
         active[b] = False
         members[a] += members[b]
-        owner[a] = m if within else -1
+        has[a] |= has[b]
+        has[b] = False
+        budget[shared] -= 1
+        # rows to recompute: the new cluster, every cluster of a model whose budget just ran out
+        # (their merges with clusters of that model are no longer allowed), and those whose best
+        # partner was a or b
         refresh = {a}
-        if within:
-            budget[m] -= 1
-            if budget[m] <= 0:  # from now on no two clusters of model m alone may merge
-                refresh |= set(np.nonzero(active & (owner == m))[0].tolist())
+        exhausted = shared & (budget <= 0)
+        if exhausted.any():
+            refresh |= set(np.nonzero(active & has[:, exhausted].any(axis=1))[0].tolist())
         row = masked_row(a)
         sim[a], sim[:, a] = row, row
         sim[b], sim[:, b] = -np.inf, -np.inf

@@ -157,6 +157,21 @@ def _data_report(stats, group, n: int) -> dict:
         if dead:
             report.setdefault("constant_units", {})[i] = dead
     return report
+def _report_fallbacks(method: str, fallbacks: dict[str, str], diagnostics: dict) -> None:
+    """Groups a dense method permuted instead: recorded per group (diagnostics[group]["fallback"])
+    and named in one warning."""
+    if not fallbacks:
+        return
+    for name, why in fallbacks.items():
+        diagnostics.setdefault(name, {})["fallback"] = why
+    names = list(fallbacks)
+    first = names[0]
+    warnings.warn(f"align({method!r}): {len(names)} group(s) permuted instead of densely transformed "
+                  f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); {first}: {fallbacks[first]} "
+                  "(LayerNorm/GroupNorm parameters, a BatchNorm that does not directly follow a Linear/Conv, "
+                  "attention heads); diagnostics[group]['fallback'] says why for each", stacklevel=4)
+
+
 @timed("align")
 def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own, matching: WeightMatchingOptions, *,
                  spec: MergeSpec, stats, data: Iterable | None, reference: int, stats_options: dict | None,
@@ -173,7 +188,7 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         spec = folded_spec(spec)
     states = [fold_state(raw_spec, _float_state(m)) for m in models]
     diagnostics: dict = {}
-    fallbacks: dict[str, list[str]] = {}
+    fallbacks: dict[str, str] = {}  # groups a dense method permutes instead, and why
     device = next((v.device for v in states[0].values()), torch.device("cpu"))
     transforms = [dict(identity_perms(spec, device)) for _ in range(n)]
     frozen: dict[str, torch.Tensor] = {}
@@ -213,23 +228,14 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
                 transforms[i][g.name] = perms[i]
             blockers = dense_blockers(g) if method.dense is not None else []
             if method.dense is not None and not blockers:
-                dense = method.dense(g, stats, reference=reference, n=n, options=own, info=info)
+                dense = method.dense(g, stats, reference=reference, n=n, options=own, info=info, perms=perms)
                 for i, t in enumerate(dense):
                     if t is not None:
                         transforms[i][g.name] = t
             elif blockers:
-                info["fallback"] = f"permutation: {', '.join(blockers[:3])}{' ...' if len(blockers) > 3 else ''} " \
-                                   "would not move exactly under a dense transform"
-                fallbacks[g.name] = blockers
+                fallbacks[g.name] = f"holds {', '.join(blockers[:2])}{' ...' if len(blockers) > 2 else ''}, " \
+                                    "which a dense transform would not move exactly"
             diagnostics[g.name] = info
-
-        if fallbacks:
-            names = list(fallbacks)
-            warnings.warn(f"align({method.name!r}): {len(names)} group(s) permuted instead of densely transformed "
-                          f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): they hold per-unit "
-                          f"parameters a dense transform does not move exactly (e.g. {fallbacks[names[0]][0]}: a "
-                          "LayerNorm/GroupNorm, or a BatchNorm that does not directly follow a Linear/Conv); "
-                          "diagnostics[group]['fallback'] says which", stacklevel=3)
 
         if short:
             warnings.warn(f"align({method.name!r}): {len(short)} group(s) saw fewer samples than units ({short[0]}"
@@ -239,6 +245,12 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         if constant:  # dead units: no activation to match on (correlation 0, CCA regularised), reported
             logger.info("align(%r): constant (zero-variance) units on this data: %s", method.name, constant)
 
+    if method.dense is not None:
+        for g in spec.groups:
+            if g.name not in frozen:
+                fallbacks[g.name] = ("not observable by activation statistics (attention heads, nested or "
+                                     "untapped groups): permuted by weight matching")
+        _report_fallbacks(method.name, fallbacks, diagnostics)
     remaining = [g for g in spec.groups if g.name not in frozen]
     if remaining:
         perms, info = weight_matching(spec, states, reference=reference, max_iter=matching.max_iter,

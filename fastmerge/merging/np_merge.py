@@ -42,6 +42,7 @@ class NPMergeResult:
     coefficients: dict[str, torch.Tensor]
     history: list = field(default_factory=list)  # (step, train loss, validation accuracy or None)
     best_step: int = 0
+    val_accuracy: float | None = None  # at best_step (BatchNorm statistics fresh for every check)
 
     def summary(self) -> str:
         """Per-layer mean coefficient of each parent (where each parent dominates)."""
@@ -121,7 +122,9 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
             (successive two-model merges, the running merge weighted k/(k+1) at the start).
         seed: offsets the seeds of the successive pairwise merges (the optimisation itself is
             deterministic: coefficients start at uniform, batches come in order).
-        reset_bn: recompute BatchNorm statistics of the merged model on `data` at the end.
+        reset_bn: recompute BatchNorm statistics of the merged model on `data` at the end, and before
+            every validation check (the merged weights change every step: the parents' running
+            statistics would score a model that is not the one returned).
 
     Returns:
         NPMergeResult (merged model in eval mode, coefficients, history).
@@ -208,6 +211,24 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
     def forward(args, kwargs):
         return torch.func.functional_call(template, ({**merged_params(), **buffers}), args, kwargs)
 
+    fresh_statistics = reset_bn and has_batch_norm(template)
+
+    def validate() -> float:
+        """Validation accuracy of the current merge, with BatchNorm statistics of its own when
+        they are reset at the end (what the returned model will have)."""
+        if not fresh_statistics:
+            template.eval()
+            score = _accuracy(forward, val_data)
+        else:
+            with torch.no_grad():
+                checked = copy.deepcopy(template)
+                checked.load_state_dict({**{k: v.detach() for k, v in merged_params().items()}, **buffers},
+                                        strict=False)
+            reset_batch_norm(checked, data)
+            score = _accuracy(lambda args, kwargs: checked(*args, **kwargs), val_data)
+        _set_bn_batch_stats(template)
+        return score
+
     if optimizer == "adam":
         opt = torch.optim.Adam(list(logits.values()), lr=lr)
     elif optimizer == "sgd":
@@ -227,9 +248,7 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
     bar = tqdm(range(steps), desc="NP Merge", disable=not progress, leave=False)
     with single_thread_if(first is not None and is_small_step(template, batch_samples(first))):
         if val_data is not None:
-            template.eval()
-            best = (_accuracy(forward, val_data), 0, best[2])
-            _set_bn_batch_stats(template)
+            best = (validate(), 0, best[2])
         for step in bar:
             args, kwargs, target = next(batches)
             if target is None:
@@ -243,9 +262,7 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
             loss = loss.detach()  # read back only at checks: no host round trip per step on a GPU
             val = None
             if val_data is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
-                template.eval()
-                val = _accuracy(forward, val_data)
-                _set_bn_batch_stats(template)
+                val = validate()
                 if val > best[0]:
                     best = (val, step + 1, {k: v.detach().clone() for k, v in logits.items()})
                     checks_without_gain = 0
@@ -273,4 +290,4 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
     if reset_bn and has_batch_norm(merged):
         reset_batch_norm(merged, data)  # under a process group: combined across the ranks' shards
     coefs = {k: torch.stack([probs[i][j].detach() for i in range(n)]) for j, k in enumerate(names)}
-    return NPMergeResult(merged, coefs, history, best[1])
+    return NPMergeResult(merged, coefs, history, best[1], best[0] if val_data is not None else None)

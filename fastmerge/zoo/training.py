@@ -37,6 +37,11 @@ class TrainConfig:
     # "mlp"; CNNs on the images: "vgg" (widths hidden/2, hidden), "vgg_bn" (the same with BatchNorm),
     # "resnet20" (ResNet-20 of width hidden/16: stages of hidden, 2 hidden, 4 hidden channels)
     arch: str = "mlp"
+    # "adam" (constant rate) or "sgd" (Nesterov momentum 0.9, one-cycle schedule peaking at lr): the
+    # usual recipe for BatchNorm CNNs; with weight decay the weights forget their initialisation,
+    # which weight matching needs (after a few epochs of Adam without decay, the random initial
+    # weights dominate the weights' inner products and weight matching matches noise)
+    optimizer: str = "adam"
 
 
 ARCHS = ("mlp", "vgg", "vgg_bn", "resnet20")
@@ -69,13 +74,33 @@ def model_inputs(config: TrainConfig, x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, 1, image_side(x.shape[1]), image_side(x.shape[1])) if config.arch in CNN_ARCHS else x
 
 
+def cnn_config(dataset: str, arch: str, hidden: int, epochs: int = 8) -> TrainConfig:
+    """The recipe of the BatchNorm CNNs the demo and the bench merge: SGD with weight decay and a
+    one-cycle schedule (measured on MNIST-5k validation: VGG-BN 97-98 %, ResNet-20 x1 ~98 % in 8
+    epochs)."""
+    return TrainConfig(dataset=dataset, arch=arch, hidden=hidden, epochs=epochs, lr=0.05, weight_decay=5e-4,
+                       optimizer="sgd")
+
+
+def _optimizer(config: TrainConfig, model: nn.Module, steps: int):
+    """(optimizer, scheduler or None) of the configuration."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay), None
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                              weight_decay=config.weight_decay)
+        return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=max(steps, 1),
+                                                        pct_start=0.15)
+    raise InvalidArgumentError(f"unknown optimizer {config.optimizer!r}; use 'adam' or 'sgd'")
+
+
 def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
-    """Adam on the fit split from initialisation `seed` (data order seeded too)."""
+    """The configuration's optimiser on the fit split from initialisation `seed` (data order seeded too)."""
     torch.manual_seed(seed)
     model = make_model(config, split.x_fit.shape[1])
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
     n = len(split.x_fit)
+    opt, schedule = _optimizer(config, model, config.epochs * -(-n // config.batch_size))
+    gen = torch.Generator().manual_seed(seed)
     with single_thread_if(is_small_step(model, config.batch_size)):  # tiny steps: one thread
         for _ in range(config.epochs):
             model.train()  # BatchNorm: batch statistics while training
@@ -86,6 +111,8 @@ def train(config: TrainConfig, split: Split, seed: int) -> nn.Module:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if schedule is not None:
+                    schedule.step()
     return model.eval()
 
 
@@ -98,6 +125,8 @@ def trained_model(config: TrainConfig, split: Split, seed: int) -> nn.Module:
     fields = asdict(config)
     if fields["arch"] == "mlp":  # added later: MLP entries keep the keys they were cached under
         del fields["arch"]
+    if fields["optimizer"] == "adam":  # added later too
+        del fields["optimizer"]
     key = hashlib.sha256(json.dumps({**fields, "seed": seed, "recipe": RECIPE_VERSION,
                                      "torch": torch.__version__.split("+")[0]},
                                     sort_keys=True).encode()).hexdigest()[:16]

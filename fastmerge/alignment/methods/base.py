@@ -37,8 +37,9 @@ class NoOptions:
     """A method without options of its own."""
 
 
-# dense(group, stats, reference=, n=, options=, info=) -> one transform per model (None: keep its
-# permutation), writing per-model diagnostics into `info`
+# dense(group, stats, reference=, n=, options=, info=, perms=) -> one transform per model (None: keep
+# its permutation), writing per-model diagnostics into `info`; perms: the group's activation-matching
+# permutations ((1, size) per model), e.g. to break ties
 DenseFunction = Callable[..., list]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ...spec.transforms import Dense
 from ..activation import cca_transform
 from .base import AlignmentMethod, register
@@ -18,7 +20,14 @@ class CCAOptions:
     relative_reg: bool = True
 
 
-def cca_dense(group, stats, *, reference: int, n: int, options: CCAOptions, info: dict) -> list:
+def _permutation_matrix(perm):
+    """P with P[u, perm[u]] = 1: new unit u is old unit perm[u] (a permutation as a transform)."""
+    out = torch.zeros(perm.numel(), perm.numel(), dtype=torch.float64, device=perm.device)
+    out[torch.arange(perm.numel(), device=perm.device), perm] = 1.0
+    return out
+
+
+def cca_dense(group, stats, *, reference: int, n: int, options: CCAOptions, info: dict, perms=None) -> list:
     out: list = [None] * n
     for i in range(n):
         if i == reference:
@@ -27,7 +36,8 @@ def cca_dense(group, stats, *, reference: int, n: int, options: CCAOptions, info
                                     stats.covariance(group.name, i, i), stats.covariance(group.name, reference, i),
                                     reg=options.reg, relative=options.relative_reg,
                                     eigh_xx=stats.covariance_eigh(group.name, reference),
-                                    eigh_yy=stats.covariance_eigh(group.name, i))
+                                    eigh_yy=stats.covariance_eigh(group.name, i),
+                                    null_reference=None if perms is None else _permutation_matrix(perms[i][0]))
         out[i] = Dense(out=t[None], inp=t_inv[None])
         info.setdefault("canonical_correlations", {})[i] = r
     return out

@@ -20,11 +20,32 @@ class ZipItOptions:
     beta: float = 0.0
 
 
-def zipit_dense(group, stats, *, reference: int, n: int, options: ZipItOptions, info: dict) -> list:
+# far below any real correlation difference: decides only between exactly tied pairs
+_TIE_BREAK = 1e-6
+
+
+def _matching_bonus(perms, n: int, size: int):
+    """(nC, nC) indicator of the pairs the activation matching put together (unit u of the
+    reference with unit perms[i][u] of model i, and those of two other models with each other)."""
+    joined = torch.zeros(n * size, n * size, dtype=torch.float64)
+    index = torch.stack([perms[i][0].cpu() + i * size for i in range(n)])  # (n, size): the units matched to u
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                joined[index[i], index[j]] = 1.0
+    return joined
+
+
+def zipit_dense(group, stats, *, reference: int, n: int, options: ZipItOptions, info: dict, perms=None) -> list:
     state = stats.states[group.name]
+    rho = state.joint_correlation().cpu()
+    if perms is not None:
+        # Dead (constant) units correlate with nothing: every merge involving them ties at 0, and the
+        # greedy order would put them into live clusters arbitrarily, changing the merged function.
+        # The activation matching broke those ties by incoming weights; follow it among ties.
+        rho = rho + _TIE_BREAK * _matching_bonus(perms, n, group.size)
     # the greedy matching is sequential: it runs on the host, whatever the statistics' device
-    merge, unmerge = zipit_matrices(state.joint_correlation().cpu().numpy(), n, group.size, alpha=options.alpha,
-                                    beta=options.beta)
+    merge, unmerge = zipit_matrices(rho.numpy(), n, group.size, alpha=options.alpha, beta=options.beta)
     device = state.count.device
     c = group.size
     out = []
