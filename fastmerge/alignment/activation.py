@@ -132,11 +132,12 @@ def zipit_matrices(rho: np.ndarray, num_models: int, size: int, *, alpha: float 
     has[np.arange(n_total), np.repeat(np.arange(num_models), size)] = True
     budget = np.full(num_models, math.floor(beta * (n_total - size) / num_models), dtype=np.int64)
     active = np.ones(n_total, dtype=bool)
+    relaxed = [False]  # set when the greedy order left no admissible merge (more than two models)
 
     def masked_row(x: int) -> np.ndarray:
         row = raw[x].copy()
         row[~active] = -np.inf
-        spent = has[x] & (budget <= 0)  # models of x whose within-model merges are used up
+        spent = has[x] & (budget <= 0) & (not relaxed[0])  # models of x whose within-model merges are used up
         if spent.any():
             row[has[:, spent].any(axis=1)] = -np.inf
         return row
@@ -147,6 +148,14 @@ def zipit_matrices(rho: np.ndarray, num_models: int, size: int, *, alpha: float 
     best_idx = sim.argmax(axis=1) if n_total else np.zeros(0, dtype=np.int64)
     for _ in range(n_total - size):
         a = int(np.argmax(np.where(active, best, -np.inf)))
+        if not np.isfinite(best[a]) and not relaxed[0]:
+            # With more than two models the greedy order can leave clusters that all share a model
+            # (a perfect one-per-model partition is not guaranteed); the remaining merges then go
+            # by similarity alone, as in ZipIt's reference implementation.
+            relaxed[0] = True
+            sim = np.stack([masked_row(x) if active[x] else np.full(n_total, -np.inf) for x in range(n_total)])
+            best, best_idx = sim.max(axis=1), sim.argmax(axis=1)
+            a = int(np.argmax(np.where(active, best, -np.inf)))
         if not np.isfinite(best[a]):
             raise InvalidArgumentError("zipit: no admissible merge left; raise beta to allow merges within a model")
         b = int(best_idx[a])

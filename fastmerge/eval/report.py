@@ -23,7 +23,7 @@ from ..io.atomic import write_text_atomic
 from ..merging import merge
 from ..merging.np_merge import np_merge
 from ..spec import trace_spec
-from ..zoo.training import TrainConfig, model_inputs, trained_model
+from ..zoo.training import TrainConfig, cnn_config, model_inputs, trained_model
 from . import plots
 from .features import feature_pictures
 from .interpolation import interpolate, loss_plane
@@ -143,11 +143,13 @@ def builtin(dataset: str = "digits", folder: str = "eval", *, quick: bool = Fals
     report = evaluate_merges(mlps, fit, test, folder, methods=methods, steps=6 if quick else 11, np_steps=30 if quick else 150,
                              plane_grid=5 if quick else 13,
                              title=f"{dataset}: MLP {hidden}-{hidden}, 3 seeds")
-    cnn_config = TrainConfig(dataset=dataset, hidden=32, epochs=(8 if quick else 30) if dataset == "digits" else
-                             (3 if quick else 10), arch="vgg")
-    cnns = [trained_model(cnn_config, split, s) for s in range(2)]
-    cnn_fit = [x for x, _ in labelled(cnn_config, split.x_fit, split.y_fit)]
-    path, numbers = feature_report(cnns, cnn_fit, model_inputs(cnn_config, split.x_test), "features.2", folder,
+    if dataset == "digits":  # 8x8: a VGG without BatchNorm; layer: its second conv
+        config, layer = TrainConfig(dataset=dataset, hidden=32, epochs=8 if quick else 30, arch="vgg"), "features.2"
+    else:  # 28x28 MNIST: the VGG with BatchNorm of the demo's CNN section; layer: its second conv's ReLU
+        config, layer = cnn_config(dataset, "vgg_bn", 32, 3 if quick else 8), "features.5"
+    cnns = [trained_model(config, split, s) for s in range(2)]
+    cnn_fit = [x for x, _ in labelled(config, split.x_fit, split.y_fit)][:8]
+    path, numbers = feature_report(cnns, cnn_fit, model_inputs(config, split.x_test), layer, folder,
                                    steps=60 if quick else 200, num_units=4 if quick else 6)
     report.figures.append(path)
     report.metrics["features"] = numbers
