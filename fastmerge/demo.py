@@ -26,6 +26,7 @@ from .datasets import Split, batches, load_dataset
 from .errors import InvalidArgumentError
 from .eval.metrics import accuracy, ensemble_accuracy
 from .merging import merge
+from .merging.repair import has_batch_norm
 from .spec import trace_spec
 from .stats import collect_stats
 from .zoo.training import CNN_ARCHS, TrainConfig, cnn_config, model_inputs, trained_model
@@ -36,6 +37,9 @@ METHOD_ROWS = ("average", *ALIGNMENT_METHODS, *(f"np_merge:{a}" for a in NP_MERG
 # NP Merge: learning rates tried (chosen on validation) and steps, per dataset; the larger MNIST
 # models take longer per step and need fewer steps to plateau (measured on validation)
 NP_SETTINGS = {"digits": ((1e-2, 3e-2, 1e-1), 300), "mnist5k": ((1e-2, 1e-1), 100)}
+# BatchNorm CNNs (MNIST-5k): 1e-2 won on validation for every VGG-BN merge; BatchNorm statistics for
+# the validation checks from 32 batches of 64 (the 2048 images of the alignment's statistics)
+NP_SETTINGS_CNN = ((1e-2,), 100, 32)
 ARCH_LABELS = {"mlp": "MLP", "vgg": "VGG", "vgg_bn": "VGG-BN", "resnet20": "ResNet-20"}
 
 
@@ -57,25 +61,27 @@ def image_split(split: Split, config: TrainConfig) -> Split:
                  split.name)
 
 
-def merge_tuned(models, method: str, split: Split, *, spec=None, data=None) -> tuple[nn.Module, nn.Module, dict]:
+def merge_tuned(models, method: str, split: Split, *, spec=None, data=None, stats=None) -> tuple[nn.Module, nn.Module, dict]:
     """Merges with `method`, choosing its hyper-parameters on the validation split (statistics are
     collected once and reused across the grid), then also REPAIRs that merge.
 
     data: the batches for statistics, BatchNorm reset and REPAIR (default: the whole fit split).
+    stats: activation statistics of `models` on `data` with every block pair (pairs="full"), shared
+        by every method; collected here per method when not given.
 
     Returns:
         (merged, merged + REPAIR, chosen options)
     """
     data = batches(split.x_fit) if data is None else data
     if method.startswith("np_merge"):
-        return _np_merge_tuned(models, method.split(":")[1], split, spec=spec, data=data)
+        return _np_merge_tuned(models, method.split(":")[1], split, spec=spec, data=data, stats=stats)
     grid: list[dict] = [{}]
     shared: dict = {}
     if method in ALIGNMENT_METHODS:
         chosen = ALIGNMENT_METHODS[method]
         grid = chosen.grid(len(models))
         if chosen.statistics is not None:  # collected once, shared by the whole grid
-            shared["stats"] = collect_stats(models, data, spec, pairs=chosen.statistics, progress=False)
+            shared["stats"] = stats or collect_stats(models, data, spec, pairs=chosen.statistics, progress=False)
     best = None
     for options in grid:  # "auto": a BatchNorm reset on BatchNorm networks, nothing on the others
         merged, alignment = merge(models, method, data=data, spec=spec, repair_mode="auto", progress=False,
@@ -88,17 +94,20 @@ def merge_tuned(models, method: str, split: Split, *, spec=None, data=None) -> t
     return merged, repaired, options
 
 
-def _np_merge_tuned(models, align_method: str, split: Split, *, spec, data) -> tuple[nn.Module, None, dict]:
+def _np_merge_tuned(models, align_method: str, split: Split, *, spec, data, stats=None) -> tuple[nn.Module, None, dict]:
     """NP Merge after `align_method`, the learning rate and the step count chosen on validation
     (the step count inside np_merge, the rate here); `data`: the alignment's statistics batches."""
     train = list(zip(batches(split.x_fit, 64), batches(split.y_fit, 64)))
     val = list(zip(batches(split.x_val), batches(split.y_val)))
-    stats = collect_stats(models, data, spec, progress=False)
+    stats = stats or collect_stats(models, data, spec, progress=False)
     best = None
-    lrs, steps = NP_SETTINGS.get(split.name, NP_SETTINGS["digits"])
+    if has_batch_norm(models[0]):
+        lrs, steps, reset_batches = NP_SETTINGS_CNN
+    else:
+        (lrs, steps), reset_batches = NP_SETTINGS.get(split.name, NP_SETTINGS["digits"]), None
     for lr in lrs:
         merged = merge(models, "np_merge", align_method=align_method, data=train, val_data=val, spec=spec, stats=stats,
-                       np_options={"steps": steps, "lr": lr}, progress=False)
+                       np_options={"steps": steps, "lr": lr, "reset_batches": reset_batches}, progress=False)
         score = accuracy(merged, split.x_val, split.y_val)
         if best is None or score > best[0]:
             best = (score, merged, {"lr": lr})
@@ -155,10 +164,11 @@ class DemoResult:
 
 def train_config(dataset: str, arch: str, hidden: int, epochs: int | None = None) -> TrainConfig:
     """The training recipe of a demo setting: Adam for MLPs (measured: MNIST-5k reaches its
-    validation plateau in 20 epochs), SGD with weight decay for the CNNs (fastmerge.zoo.training)."""
+    validation plateau in 20 epochs), SGD with weight decay for the CNNs (fastmerge.zoo.training:
+    8 epochs; ResNet-20 x4 and wider 5, where validation is at 98 % and an epoch takes a minute)."""
     if arch == "mlp":
         return TrainConfig(dataset=dataset, hidden=hidden, epochs=epochs or (60 if dataset == "digits" else 20))
-    return cnn_config(dataset, arch, hidden, epochs or 8)
+    return cnn_config(dataset, arch, hidden, epochs or (5 if arch == "resnet20" and hidden >= 64 else 8))
 
 
 def run_demo(dataset: str = "digits", *, hidden: int = 32, seeds: int = 4, methods: Sequence[str] = METHOD_ROWS,
@@ -193,8 +203,12 @@ def run_demo(dataset: str = "digits", *, hidden: int = 32, seeds: int = 4, metho
         result.ensemble4 = ensemble_accuracy(models[:4], split.x_test, split.y_test)
     jobs = [(method, g) for g in groups for method in methods]
     spec = trace_spec(models[0], (split.x_fit[:8],))
+    shared: dict = {}  # per model set: statistics with every block pair, one pass for every method
     for method, g in tqdm(jobs, desc="merging", disable=not progress, leave=False):
-        merged, repaired, options = merge_tuned([models[i] for i in g], method, split, data=data,
+        group_models = [models[i] for i in g]
+        if method != "average" and tuple(g) not in shared:
+            shared[tuple(g)] = collect_stats(group_models, data, spec, pairs="full", progress=False)
+        merged, repaired, options = merge_tuned(group_models, method, split, data=data, stats=shared.get(tuple(g)),
                                                 spec=None if method == "average" else spec)
         for rep, model in ((False, merged), (True, repaired)):
             if model is not None:

@@ -19,8 +19,8 @@ from ..ops import combine
 from ..spec.cache import cached_trace_spec
 from ..spec.types import MergeSpec
 from ..stages import timed
-from .np_merge import np_merge
 from ..stats.outputs import OutputMoments
+from .np_merge import np_merge
 from .repair import (has_batch_norm, measure_moments, norm_moments, repair, repair_points, repair_targets,
                      reset_batch_norm, set_norm_targets)
 
@@ -147,7 +147,13 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         example_inputs: inputs for tracing when there is no data (weight matching).
         weights: per-model combination weights (default uniform).
         repair_mode: "auto" (reset BatchNorm statistics when the model has BatchNorm and data is
-            given), "none", "reset", or "repair" (REPAIR, for networks without BatchNorm).
+            given), "none", "reset", or "repair" (REPAIR: every unit moved to the weighted mean and
+            std of the parents' units mapped through their transforms; on BatchNorm networks the
+            BatchNorms take those as scale and shift before their reset). BatchNorm networks aligned
+            folded (Alignment.folded) get their BatchNorms' scale and shift back from the parents'
+            BatchNorm parameters mapped the same way unless "repair" measures them. With
+            method="np_merge": "none" keeps the BatchNorm statistics, "auto"/"reset" reset them
+            (and score every validation check with fresh ones), "repair" also REPAIRs the result.
         alignment: a precomputed fastmerge.align result to reuse.
         align_method: for method="np_merge", the alignment method first applied ("average": none);
             `align=` is still accepted for it (deprecated: it shadowed fastmerge.align).

@@ -100,7 +100,8 @@ def _set_bn_batch_stats(model: nn.Module) -> None:
 def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, lr: float = 1e-2,
              optimizer: str | Callable = "adam", val_data: Iterable | None = None, eval_every: int = 25,
              patience: int | None = None, loss_fn: Callable | None = None, granularity: str = "entry",
-             mode: str = "joint", seed: int = 0, progress: bool = True, reset_bn: bool = True) -> NPMergeResult:
+             mode: str = "joint", seed: int = 0, progress: bool = True, reset_bn: bool = True,
+             reset_batches: int | None = None) -> NPMergeResult:
     """Learns per-parameter merging coefficients for already aligned models.
 
     Data-parallel: under an initialised torch.distributed process group (e.g. torchrun), give each
@@ -125,6 +126,7 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
         reset_bn: recompute BatchNorm statistics of the merged model on `data` at the end, and before
             every validation check (the merged weights change every step: the parents' running
             statistics would score a model that is not the one returned).
+        reset_batches: the batches of `data` those resets pass (default: all of them).
 
     Returns:
         NPMergeResult (merged model in eval mode, coefficients, history).
@@ -146,7 +148,8 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
             prior = math.log(k)  # sigmoid(log k) = k/(k+1): the running merge stands for k models
             result = _optimise([merged, model], data, steps=steps, lr=lr, optimizer=optimizer, val_data=val_data,
                                eval_every=eval_every, patience=patience, loss_fn=loss_fn, granularity=granularity,
-                               seed=seed + k, progress=progress, reset_bn=reset_bn, prior=prior)
+                               seed=seed + k, progress=progress, reset_bn=reset_bn, prior=prior,
+                               reset_batches=reset_batches)
             merged = result.model
             history += result.history
             for name, c in result.coefficients.items():
@@ -158,7 +161,7 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
         return NPMergeResult(merged, {k: torch.stack(v) for k, v in coefficients.items()}, history, steps)
     return _optimise(models, data, steps=steps, lr=lr, optimizer=optimizer, val_data=val_data, eval_every=eval_every,
                      patience=patience, loss_fn=loss_fn, granularity=granularity, seed=seed, progress=progress,
-                     reset_bn=reset_bn, prior=0.0)
+                     reset_bn=reset_bn, prior=0.0, reset_batches=reset_batches)
 
 
 class CoefficientMerger:
@@ -197,7 +200,7 @@ class CoefficientMerger:
 
 
 def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patience, loss_fn, granularity, seed,
-              progress, reset_bn, prior) -> NPMergeResult:
+              progress, reset_bn, prior, reset_batches) -> NPMergeResult:
     n = len(models)
     template = copy.deepcopy(models[0])
     parents = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
@@ -224,7 +227,7 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
                 checked = copy.deepcopy(template)
                 checked.load_state_dict({**{k: v.detach() for k, v in merged_params().items()}, **buffers},
                                         strict=False)
-            reset_batch_norm(checked, data)
+            reset_batch_norm(checked, data, max_batches=reset_batches)
             score = _accuracy(lambda args, kwargs: checked(*args, **kwargs), val_data)
         _set_bn_batch_stats(template)
         return score
@@ -288,6 +291,7 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
     merged.load_state_dict({**{k: v.detach() for k, v in final.items()}, **buffers}, strict=False)
     merged.eval()
     if reset_bn and has_batch_norm(merged):
-        reset_batch_norm(merged, data)  # under a process group: combined across the ranks' shards
+        # under a process group: combined across the ranks' shards
+        reset_batch_norm(merged, data, max_batches=reset_batches)
     coefs = {k: torch.stack([probs[i][j].detach() for i in range(n)]) for j, k in enumerate(names)}
     return NPMergeResult(merged, coefs, history, best[1], best[0] if val_data is not None else None)

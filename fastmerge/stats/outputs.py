@@ -38,11 +38,18 @@ def unit_rows(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
 class OutputMoments:
     """While active, forward hooks fold each listed module's outputs (every model's) into a float64
     CovarianceState per (model, module); result() reduces them across torch.distributed ranks when
-    a process group is active and returns [{path: (mean, covariance)}] per model."""
+    a process group is active and returns [{path: (mean, covariance)}] per model.
 
-    def __init__(self, models: Sequence[nn.Module], paths: Sequence[str]) -> None:
+    max_rows: at most this many rows (batch x positions) per output and batch, a seeded random
+    subset: a conv output of 256 28x28 images has 200k rows, and the moments of C units need far
+    fewer (measured: the REPAIR statistics of a VGG-BN merge took 2.4 s of its 7.9 s in full)."""
+
+    def __init__(self, models: Sequence[nn.Module], paths: Sequence[str], *, max_rows: int | None = 16384,
+                 seed: int = 0) -> None:
         self.models, self.paths = list(models), list(dict.fromkeys(paths))
         self.states: list[dict] = [{} for _ in self.models]
+        self.max_rows = max_rows
+        self.generator = torch.Generator().manual_seed(seed)
         self._handles: list = []
 
     def __enter__(self) -> OutputMoments:
@@ -60,6 +67,9 @@ class OutputMoments:
     def _hook(self, i: int, path: str):
         def hook(module, args, out):
             rows = unit_rows(module, out)
+            if self.max_rows is not None and rows.shape[0] > self.max_rows:
+                keep = torch.randperm(rows.shape[0], generator=self.generator)[: self.max_rows]
+                rows = rows.index_select(0, keep.to(rows.device))
             state = self.states[i].get(path)
             if state is None:
                 state = self.states[i][path] = CovarianceState([rows.shape[1]], pairs="diagonal", device=rows.device)

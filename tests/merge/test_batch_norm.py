@@ -9,10 +9,13 @@ from torch import nn
 
 import fastmerge
 import fastmerge.zoo as zoo
+from fastmerge.datasets import batches, load_dataset
+from fastmerge.eval.metrics import accuracy
 from fastmerge.merging.repair import mapped_moments, measure_moments, repair_points
 from fastmerge.spec import spec_from_yaml, spec_to_yaml, trace_spec
 from fastmerge.spec.folding import fold_state
 from fastmerge.spec.transforms import Dense, apply_permutations
+from fastmerge.zoo.training import cnn_config, model_inputs, trained_model
 
 BUILDERS = {"vgg_bn": lambda: zoo.vgg(batch_norm=True), "resnet20": lambda: zoo.resnet20()}
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -238,3 +241,30 @@ def test_np_merge_scores_validation_with_the_statistics_it_returns():
                             repair_mode="none", progress=False)
     reset = dict(merged.named_buffers())
     assert any(not torch.allclose(v, reset[k]) for k, v in stale.named_buffers() if k.endswith("running_var"))
+
+
+@pytest.fixture(scope="module")
+def digits_resnets():
+    """Four ResNet-20 x1 trained on digits (8x8) from different seeds, with the CNN recipe (cached)."""
+    split = load_dataset("digits")
+    config = cnn_config("digits", "resnet20", 16, 15)
+    models = [trained_model(config, split, s) for s in range(4)]
+    fit = batches(model_inputs(config, split.x_fit))
+    return models, fit, model_inputs(config, split.x_test), split.y_test
+
+
+def test_quality_ordering_on_a_small_resnet(digits_resnets):
+    """On BatchNorm ResNets, dense CCA through the folded BatchNorms beats permutations, by far with
+    four models (measured: 2 models 70 vs 48 %, 4 models 67 vs 19 %, on validation), and both beat
+    the direct average."""
+    models, fit, x, y = digits_resnets
+    spec = trace_spec(models[0], (fit[0][:2],))
+    score = {}
+    for method in ("average", "permute", "cca"):
+        for group in ([0, 1], [2, 3], [0, 1, 2, 3]):
+            merged = fastmerge.merge([models[i] for i in group], method, data=fit, spec=spec, progress=False)
+            score.setdefault((method, len(group)), []).append(accuracy(merged, x, y))
+    mean = {k: sum(v) / len(v) for k, v in score.items()}
+    assert mean[("cca", 2)] > mean[("permute", 2)] + 5
+    assert mean[("cca", 4)] > mean[("permute", 4)] + 20
+    assert min(mean[("permute", 2)], mean[("cca", 2)]) > mean[("average", 2)] + 15
