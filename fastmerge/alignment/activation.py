@@ -39,10 +39,10 @@ def _polar_towards_identity(m: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
     orthogonal map would do, and an SVD picks one that jumps with rounding (measured: statistics
     summed in another order changed T by more than its largest entry). Here the null spaces are
     mapped by the orthogonal map closest to a reference F, which depends only on the subspaces,
-    not on the bases a decomposition returns. F: the activation matching's permutation when given
-    (it pairs dead units by their incoming weights, so a dead unit stays one dead unit: a rotation
-    among dead units' pre-activations can wake them), else I + 0.1 G (G a fixed seeded Gaussian
-    matrix: the identity alone would leave the choice open when the dead units differ)."""
+    not on the bases a decomposition returns. F = B + 0.1 G: B the activation matching's permutation
+    when given (it pairs dead units by their incoming weights, so a dead unit stays one dead unit: a
+    rotation among dead units' pre-activations can wake them), else I; G a fixed seeded Gaussian
+    matrix (B alone would leave the choice open when the dead units of the two models differ)."""
     m_units = vx @ m @ vy.T  # the same matrix in unit coordinates
     u, sing, vh = torch.linalg.svd(m_units)
     k = int((sing > 1e-9 * sing[0]).sum()) if sing.numel() and sing[0] > 0 else 0
@@ -50,10 +50,12 @@ def _polar_towards_identity(m: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
     left, right = u[:, k:], vh[k:].T
     if left.shape[1]:
         n = m_units.shape[0]
-        if reference is None:
-            gen = torch.Generator().manual_seed(12345)
-            reference = torch.eye(n, dtype=m_units.dtype) + 0.1 * torch.randn(n, n, generator=gen, dtype=m_units.dtype) / n**0.5
-        a, _, b = torch.linalg.svd(left.T @ reference.to(m_units) @ right)
+        # the generic term keeps left^T F right full rank (its polar factor unique) even where the
+        # matching put a dead unit of one model against a live one of the other
+        gen = torch.Generator().manual_seed(12345)
+        generic = 0.1 * torch.randn(n, n, generator=gen, dtype=m_units.dtype) / n**0.5
+        base = torch.eye(n, dtype=m_units.dtype) if reference is None else reference.to(dtype=m_units.dtype, device="cpu")
+        a, _, b = torch.linalg.svd(left.T @ (base + generic).to(m_units.device) @ right)
         q = q + left @ (a @ b) @ right.T
     return vx.T @ q @ vy
 
