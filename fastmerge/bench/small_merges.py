@@ -16,7 +16,7 @@ import torch
 from .. import zoo
 from ..datasets import batches, load_dataset
 from ..merging import merge
-from ..merging.repair import _correction, _unit_stats, producer_of, repair, repair_paths, reset_batch_norm
+from ..merging.repair import _correction, _unit_stats, measure_moments, producer_of, repair, repair_points, reset_batch_norm
 from ..spec import trace_spec
 from ..spec.cache import cached_trace_spec
 from .workloads import Workload
@@ -75,11 +75,12 @@ def _repair_layer_by_layer(merged, parents, spec, data) -> None:
 
 def repair_passes() -> Workload:
     models, inputs, spec = small_cnn()
-    merged = merge(models, "permute", data=inputs, spec=spec, repair_mode="none", progress=False)
+    merged, alignment = merge(models, "permute", data=inputs, spec=spec, repair_mode="none", return_alignment=True,
+                              progress=False)
     return Workload(
         name="REPAIR of a 2-model ResNet-20 x1 merge, 2048 MNIST images: one pass vs a pass per layer",
         group="small merges",
-        ours=lambda: repair(copy.deepcopy(merged), models, spec, inputs),
+        ours=lambda: repair(copy.deepcopy(merged), models, spec, inputs, transforms=alignment.transforms),
         baseline=lambda: _repair_layer_by_layer(copy.deepcopy(merged), models, spec, inputs),
         baseline_name="a pass over the data per layer (the previous REPAIR)",
         ratio_kind="time",
@@ -90,16 +91,13 @@ def repair_vs_reset() -> Workload:
     models, inputs, spec = small_cnn()
     merged, alignment = merge(models, "permute", data=inputs, spec=spec, repair_mode="none", return_alignment=True,
                               progress=False)
-    parents = []
-    for i, m in enumerate(models):
-        parents.append(copy.deepcopy(m))
-        parents[-1].load_state_dict(alignment.apply(i, m.state_dict()))
-    # the parents' targets, as merge() has them from the alignment's statistics pass
-    targets = _unit_stats(parents, repair_paths(spec, merged), inputs, None)
+    # the parents' moments, as merge() has them from the alignment's statistics pass
+    moments = measure_moments(models, repair_points(spec, merged), inputs)
     return Workload(
         name="REPAIR (targets from the statistics pass, as in merge) vs BN reset, ResNet-20 x1, 2048 MNIST images",
         group="small merges",
-        ours=lambda: repair(copy.deepcopy(merged), parents, spec, inputs, parent_stats=targets),
+        ours=lambda: repair(copy.deepcopy(merged), models, spec, inputs, transforms=alignment.transforms,
+                            parent_moments=moments),
         baseline=lambda: reset_batch_norm(copy.deepcopy(merged), inputs),
         baseline_name="BN reset",
         ratio_kind="overhead",
