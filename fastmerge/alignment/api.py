@@ -24,13 +24,14 @@ import logging
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from .. import distributed as _distributed
 from ..checks import check_models
 from ..errors import InvalidArgumentError
-from ..spec.folding import fold_state, folded_spec
+from ..spec.folding import fold_state, folded_spec, unfold_state
 from ..spec.structure import activation_groups
 from ..spec.transforms import Dense, apply_transforms
 from ..spec.types import MergeSpec
@@ -49,8 +50,9 @@ class Alignment:
     Model `reference` gets identities. `diagnostics` holds per-group numbers.
 
     With `folded` (the spec has BatchNorm folds), the transforms act on folded states
-    (fastmerge.spec.folding): apply() folds a state first, so an aligned state computes the model's
-    function in eval mode with its BatchNorms as identities plus a bias."""
+    (fastmerge.spec.folding): apply() folds a state, transforms it and unfolds it, each BatchNorm
+    taking its output moments mapped through the transform as scale and shift: an ordinary state
+    (for a permutation it computes the model's function exactly, in eval mode)."""
 
     spec: MergeSpec
     method: str
@@ -59,19 +61,17 @@ class Alignment:
     diagnostics: dict = field(default_factory=dict)
     folded: bool = False
 
-    @property
+    @cached_property
     def transform_spec(self) -> MergeSpec:
         """The spec the transforms land on: the folded spec when folded."""
-        if not self.folded:
-            return self.spec
-        if getattr(self, "_folded_spec", None) is None:
-            self._folded_spec = folded_spec(self.spec)
-        return self._folded_spec
+        return folded_spec(self.spec) if self.folded else self.spec
 
     def apply(self, model_index: int, state: dict) -> dict:
-        if self.folded:
-            state = fold_state(self.spec, state)
-        return apply_transforms(self.transform_spec, state, self.transforms[model_index])
+        transforms = self.transforms[model_index]
+        if not self.folded:
+            return apply_transforms(self.spec, state, transforms)
+        moved = apply_transforms(self.transform_spec, fold_state(self.spec, state), transforms)
+        return unfold_state(self.spec, moved, state, transforms)
 
 
 def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -157,6 +157,8 @@ def _data_report(stats, group, n: int) -> dict:
         if dead:
             report.setdefault("constant_units", {})[i] = dead
     return report
+
+
 def _report_fallbacks(method: str, fallbacks: dict[str, str], diagnostics: dict) -> None:
     """Groups a dense method permuted instead: recorded per group (diagnostics[group]["fallback"])
     and named in one warning."""

@@ -83,12 +83,14 @@ def evaluate_merges(models: Sequence[nn.Module], fit: Sequence, test: Sequence, 
         alignment = align_models([a, b], method, spec=spec, data=inputs, progress=False)
         alignments[method] = alignment
         dense = any(not isinstance(t, torch.Tensor) for t in alignment.transforms[1].values())
-        curves[method] = interpolate(a, _aligned_copy(b, alignment, 1), test, steps=steps, reset_data=inputs,
-                                     parents=(a, b) if dense else None)
+        # both ends as the alignment has them (a BatchNorm network's reference comes folded and back,
+        # its channels' scales in the weights, as the merge combines them)
+        curves[method] = interpolate(_aligned_copy(a, alignment, 0), _aligned_copy(b, alignment, 1), test,
+                                     steps=steps, reset_data=inputs, parents=(a, b) if dense else None)
         merged = merge([a, b], method, alignment=alignment, data=inputs, progress=False)
         metrics["merges"][method] = evaluate(merged, test).as_dict()
     if "permute" in alignments:  # NP Merge on top of the permutation: where does each parent win?
-        parents = [a, _aligned_copy(b, alignments["permute"], 1)]
+        parents = [_aligned_copy(m, alignments["permute"], i) for i, m in enumerate((a, b))]
         result = np_merge(parents, fit, steps=np_steps, lr=3e-2, progress=False)
         metrics["merges"]["NP Merge after permute"] = evaluate(result.model, test).as_dict()
         report.figures.append(plots.plot_np_coefficients(result.coefficients, os.path.join(folder, "np_coefficients.png")))
@@ -98,7 +100,7 @@ def evaluate_merges(models: Sequence[nn.Module], fit: Sequence, test: Sequence, 
                                                os.path.join(folder, "alignment.png")))
     if len(models) >= 3 and plane_grid > 1:
         everyone = align_models(list(models[:3]), "permute", spec=spec, data=inputs, progress=False)
-        aligned = [models[0]] + [_aligned_copy(models[i], everyone, i) for i in (1, 2)]
+        aligned = [_aligned_copy(models[i], everyone, i) for i in range(3)]
         plane = loss_plane(aligned, test, grid=plane_grid, reset_data=inputs)
         metrics["plane"] = plane.as_dict()
         report.figures.append(plots.plot_loss_plane(plane, os.path.join(folder, "loss_plane.png"),

@@ -21,8 +21,7 @@ from ..spec.types import MergeSpec
 from ..stages import timed
 from ..stats.outputs import OutputMoments
 from .np_merge import np_merge
-from .repair import (has_batch_norm, measure_moments, norm_moments, repair, repair_points, repair_targets,
-                     reset_batch_norm, set_norm_targets)
+from .repair import has_batch_norm, repair, repair_points, reset_batch_norm
 
 
 def merge_methods() -> tuple[str, ...]:
@@ -83,16 +82,6 @@ def _align_and_measure(models, method, *, spec, data, example_inputs, reference,
     return alignment, moments.result()
 
 
-def _unfold_parents(models, alignment, aligned: list, *, mode: str, data, repair_batches) -> list:
-    """Aligned folded states as ordinary ones: each BatchNorm outputs its parent's moments mapped
-    into the merged basis (measured with "repair", from the BatchNorm parameters otherwise)."""
-    points = repair_points(alignment.spec, models[alignment.reference])
-    moments = (measure_moments(models, points, data, repair_batches) if mode == "repair"
-               else [norm_moments(m.state_dict(), points) for m in models])
-    return [set_norm_targets(a, points, repair_targets(points, [moments[i]], [alignment.transforms[i]], [1.0]),
-                             folded=True) for i, a in enumerate(aligned)]
-
-
 def _np_merge(models, states, *, data, spec, example_inputs, reference, alignment, align_method, val_data,
               np_options, return_alignment, progress, align_options, repair_mode):
     """Align with `align_method`, then learn per-parameter coefficients (fastmerge.np_merge)."""
@@ -105,8 +94,6 @@ def _np_merge(models, states, *, data, spec, example_inputs, reference, alignmen
     batch_norm = has_batch_norm(models[reference])
     if repair_mode == "reset" and not batch_norm:
         raise InvalidArgumentError("repair_mode='reset' needs BatchNorm layers; use 'repair' for this model")
-    if alignment is not None and alignment.folded:  # BatchNorms back from the folded alignment
-        aligned = _unfold_parents(models, alignment, aligned, mode=repair_mode, data=data, repair_batches=None)
     parents = []
     for s in aligned:
         p = copy.deepcopy(models[reference])
@@ -149,9 +136,10 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         repair_mode: "auto" (reset BatchNorm statistics when the model has BatchNorm and data is
             given), "none", "reset", or "repair" (REPAIR: every unit moved to the weighted mean and
             std of the parents' units mapped through their transforms; on BatchNorm networks the
-            BatchNorms take those as scale and shift before their reset). BatchNorm networks aligned
-            folded (Alignment.folded) get their BatchNorms' scale and shift back from the parents'
-            BatchNorm parameters mapped the same way unless "repair" measures them. With
+            BatchNorms take those as scale and shift before their reset). On BatchNorm networks
+            aligned folded (Alignment.folded) the BatchNorms' scale and shift come from the
+            parents' BatchNorm parameters mapped the same way (Alignment.apply) unless "repair"
+            measures them. With
             method="np_merge": "none" keeps the BatchNorm statistics, "auto"/"reset" reset them
             (and score every validation check with fresh ones), "repair" also REPAIRs the result.
         alignment: a precomputed fastmerge.align result to reuse.
@@ -199,7 +187,6 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
                                reference=reference, progress=progress, align_options=align_options)
         spec = alignment.spec
         aligned = [alignment.apply(i, s) for i, s in enumerate(states)]
-    folded = alignment is not None and alignment.folded
 
     merged = copy.deepcopy(models[reference])
     merged_state = combine_states(aligned, weights, reference)
@@ -210,10 +197,6 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
         raise InvalidArgumentError(f"repair_mode={mode!r} needs data")
     if mode == "reset" and not has_batch_norm(merged):
         raise InvalidArgumentError("repair_mode='reset' needs BatchNorm layers; use 'repair' for this model")
-    if folded and mode != "repair":  # the BatchNorms' scale and shift back, from the parents' parameters
-        points = repair_points(spec, merged)
-        targets = repair_targets(points, [norm_moments(s, points) for s in states], alignment.transforms, weights)
-        merged_state = set_norm_targets(merged_state, points, targets, folded=True)
     merged.load_state_dict(merged_state)
     merged.eval()
     if mode == "reset":
@@ -224,5 +207,5 @@ def merge(models: Sequence[nn.Module], method: str = "permute", *, data: Iterabl
                             else first_batch(data, "trace the model with")[:2])
             spec = cached_trace_spec(models[reference], args, kwargs)
         repair(merged, models, spec, data, transforms=alignment.transforms if alignment is not None else None,
-               weights=weights, max_batches=repair_batches, parent_moments=parent_moments, folded=folded)
+               weights=weights, max_batches=repair_batches, parent_moments=parent_moments)
     return (merged, alignment) if return_alignment else merged

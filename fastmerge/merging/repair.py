@@ -10,9 +10,8 @@ aligned parent is not the parent's function, and REPAIR towards it undoes the al
 Two kinds of repair points (`repair_points`):
 - a BatchNorm that reads a Linear/Conv (the spec's folds): its scale and shift become the targets
   (weight = sigma*, bias = mu*) and its running statistics are reset on data, so the merge's own
-  normalisation lands every unit on its target; with a folded alignment (fastmerge.spec.folding)
-  this is also how the BatchNorms get their parameters back. Residual streams are covered: every
-  branch's BatchNorm is a point.
+  normalisation lands every unit on its target. Residual streams are covered: every branch's
+  BatchNorm is a point.
 - a Linear/Conv that is the single producer of a group and has no such BatchNorm: the merged
   unit's mean and std are measured and an affine correction is folded into it:
   W <- (sigma*/sigma) W, b <- sigma*/sigma (b - mu) + mu*.
@@ -21,9 +20,9 @@ layer, one pass corrects every layer on the fly with the batch's own statistics 
 train mode, the producers through hooks) while the population statistics accumulate: ResNet-20 x1
 on 2048 MNIST images, 2 models: 10.4 -> 3.8 s (benchmarks/RESULTS.md).
 
-"reset" targets need no data of the parents: a BatchNorm's output has mean ~ beta and variance
-~ gamma^2 (the running statistics are the data's), so the parents' moments are taken from their
-BatchNorm parameters (units independent) and mapped the same way.
+The BN reset needs no REPAIR targets: an aligned BatchNorm network (Alignment.apply,
+fastmerge.spec.folding.unfold_state) already carries each parent's BatchNorm moments mapped into
+the merged basis as scale and shift, and the merge combines them.
 """
 
 from __future__ import annotations
@@ -37,11 +36,10 @@ from torch import nn
 from .. import distributed
 from ..batches import iterate_batches, run_model
 from ..errors import DataError
-from ..spec.folding import norm_tensors
-from ..spec.transforms import Dense
+from ..spec.folding import mapped_moments, norm_tensors
 from ..spec.types import Group, MergeSpec, NormFold
 from ..stages import timed
-from ..stats.outputs import OutputMoments
+from ..stats.outputs import ForwardHooks, OutputMoments, channel_dim
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -125,30 +123,6 @@ def repair_paths(spec: MergeSpec, model: nn.Module) -> list[str]:
     return [p.path for p in repair_points(spec, model)]
 
 
-def mapped_moments(mean: torch.Tensor, cov: torch.Tensor, transform) -> tuple[torch.Tensor, torch.Tensor]:
-    """A parent's unit (mean, std) in the merged basis: through a (1, size) permutation (new unit u
-    is old unit p[u]) or a Dense transform T (mean T mu, variance diag(T Sigma T^T)); None: as is."""
-    if transform is None:
-        return mean, cov.diagonal().clamp_min(0).sqrt()
-    if isinstance(transform, Dense):
-        t = transform.out[0].to(device=cov.device, dtype=torch.float64)
-        return t @ mean.double(), ((t @ cov.double()) * t).sum(1).clamp_min(0).sqrt()
-    perm = transform[0].to(mean.device)
-    return mean[perm], cov.diagonal()[perm].clamp_min(0).sqrt()
-
-
-def norm_moments(state: Mapping[str, torch.Tensor], points: Sequence[RepairPoint]) -> dict:
-    """Output moments of a model's folded BatchNorms from their parameters alone: mean beta,
-    covariance diag(gamma^2) (what the BatchNorm makes of data like its running statistics')."""
-    out = {}
-    for p in points:
-        if p.fold is not None:
-            bn = norm_tensors(p.fold)
-            gamma, beta = state[bn["weight"]].double(), state[bn["bias"]].double()
-            out[p.path] = (beta, torch.diag(gamma * gamma))
-    return out
-
-
 def measure_moments(models: Sequence[nn.Module], points: Sequence[RepairPoint], data: Iterable,
                     max_batches: int | None = None) -> list[dict]:
     """Each model's output moments ({path: (mean, covariance)}) at the points, one pass over `data`."""
@@ -180,30 +154,18 @@ def repair_targets(points: Sequence[RepairPoint], moments: Sequence[dict], trans
     return targets
 
 
-def set_norm_targets(state: dict, points: Sequence[RepairPoint], targets: Mapping, *, folded: bool) -> dict:
-    """A state whose folded BatchNorms output their target moments: weight sigma*, bias mu*. For a
-    folded state (its BatchNorms identities plus the folded bias c) the running statistics are set
-    so that eval mode computes the same map as the folded state (running mean mu* - c, running
-    variance sigma*^2 - eps); otherwise they stay for a reset to recompute."""
+def set_norm_targets(state: dict, points: Sequence[RepairPoint], targets: Mapping) -> dict:
+    """A state whose folded BatchNorms output their target moments: weight sigma*, bias mu* (the
+    running statistics stay for a reset to recompute)."""
     out = dict(state)
     for p in points:
         if p.fold is None or p.path not in targets:
             continue
         bn = norm_tensors(p.fold)
         mean, std = targets[p.path]
-        like = state[bn["weight"]]
-        if folded:
-            c = state[bn["bias"]].double()
-            out[bn["running_mean"]] = (mean.double() - c).to(state[bn["running_mean"]].dtype)
-            out[bn["running_var"]] = (std.double() ** 2 - p.fold.eps).clamp_min(0).to(state[bn["running_var"]].dtype)
-            # a dead unit (std 0): its weight 0 keeps it constant at mu*, as it was
-        out[bn["weight"]] = std.to(device=like.device, dtype=like.dtype)
-        out[bn["bias"]] = mean.to(device=like.device, dtype=like.dtype)
+        out[bn["weight"]] = std.to(state[bn["weight"]])
+        out[bn["bias"]] = mean.to(state[bn["bias"]])
     return out
-
-
-def _channel_dim(module: nn.Module) -> int:
-    return 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
 
 
 def _correction(mean: torch.Tensor, std: torch.Tensor, target_mean: torch.Tensor, target_std: torch.Tensor):
@@ -214,7 +176,7 @@ def _correction(mean: torch.Tensor, std: torch.Tensor, target_mean: torch.Tensor
     return scale, shift
 
 
-class UnitMoments:
+class UnitMoments(ForwardHooks):
     """While active, forward hooks accumulate each producer's per-unit output moments (count, sum,
     sum of squares, float64) for every model's forward passes; result() gives (mean, std) per model
     and path, over every rank's passes under torch.distributed.
@@ -224,25 +186,13 @@ class UnitMoments:
     outputs of the layers before it: the whole network in one pass."""
 
     def __init__(self, models: Sequence[nn.Module], paths: Sequence[str], targets: dict | None = None) -> None:
-        self.models, self.paths, self.targets = list(models), list(paths), targets
+        super().__init__(models, paths)
+        self.targets = targets
         self.sums: list[dict] = [{p: None for p in self.paths} for _ in self.models]
-        self._handles: list = []
-
-    def __enter__(self) -> UnitMoments:
-        for i, model in enumerate(self.models):
-            modules = dict(model.named_modules())
-            for p in self.paths:
-                self._handles.append(modules[p].register_forward_hook(self._hook(i, p)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _hook(self, i: int, p: str):
         def hook(module, args, out):
-            dim = _channel_dim(module)
+            dim = channel_dim(module, out)
             x = out.detach().double().movedim(dim, -1)
             x = x.reshape(-1, x.shape[-1])
             acc = torch.stack([torch.full_like(x[0], x.shape[0]), x.sum(0), (x * x).sum(0)])
@@ -335,8 +285,7 @@ def _correcting_pass(model: nn.Module, data: Iterable, *, max_batches: int | Non
 @torch.no_grad()
 def repair(merged: nn.Module, parents: Sequence[nn.Module], spec: MergeSpec, data: Iterable, *,
            transforms: Sequence[dict | None] | None = None, weights: Sequence[float] | None = None,
-           max_batches: int | None = None, parent_moments: Sequence[dict] | None = None,
-           folded: bool = False) -> nn.Module:
+           max_batches: int | None = None, parent_moments: Sequence[dict] | None = None) -> nn.Module:
     """REPAIR of `merged` in place (see the module docstring): every folded BatchNorm gets the
     targets as scale and shift and a reset, every other single producer an affine correction.
 
@@ -346,8 +295,7 @@ def repair(merged: nn.Module, parents: Sequence[nn.Module], spec: MergeSpec, dat
             (permuted: the merged basis is theirs).
         parent_moments: the parents' output moments at the repair points ([{path: (mean,
             covariance)}], e.g. gathered during the alignment's statistics pass), measured here
-            when not given.
-        folded: `merged` holds a folded state (its BatchNorms identities, fastmerge.spec.folding)."""
+            when not given."""
     merged.eval()
     points = repair_points(spec, merged)
     if not points:
@@ -358,7 +306,7 @@ def repair(merged: nn.Module, parents: Sequence[nn.Module], spec: MergeSpec, dat
     if parent_moments is None:
         parent_moments = measure_moments(parents, points, data, max_batches)
     targets = repair_targets(points, parent_moments, transforms, weights)
-    state = set_norm_targets(merged.state_dict(), points, targets, folded=folded)
+    state = set_norm_targets(merged.state_dict(), points, targets)
     merged.load_state_dict(state)
     producers = {p.path: targets[p.path] for p in points if p.fold is None and p.path in targets}
     return _correcting_pass(merged, data, max_batches=max_batches, reset=has_batch_norm(merged),

@@ -35,24 +35,18 @@ def unit_rows(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-class OutputMoments:
-    """While active, forward hooks fold each listed module's outputs (every model's) into a float64
-    CovarianceState per (model, module); result() reduces them across torch.distributed ranks when
-    a process group is active and returns [{path: (mean, covariance)}] per model.
+class ForwardHooks:
+    """A context manager holding a forward hook on module `path` of every model: subclasses build
+    the hook of (model index, path) in `_hook`."""
 
-    max_rows: at most this many rows (batch x positions) per output and batch, a seeded random
-    subset: a conv output of 256 28x28 images has 200k rows, and the moments of C units need far
-    fewer (measured: the REPAIR statistics of a VGG-BN merge took 2.4 s of its 7.9 s in full)."""
-
-    def __init__(self, models: Sequence[nn.Module], paths: Sequence[str], *, max_rows: int | None = 16384,
-                 seed: int = 0) -> None:
+    def __init__(self, models: Sequence[nn.Module], paths: Sequence[str]) -> None:
         self.models, self.paths = list(models), list(dict.fromkeys(paths))
-        self.states: list[dict] = [{} for _ in self.models]
-        self.max_rows = max_rows
-        self.generator = torch.Generator().manual_seed(seed)
         self._handles: list = []
 
-    def __enter__(self) -> OutputMoments:
+    def _hook(self, i: int, path: str):
+        raise NotImplementedError
+
+    def __enter__(self):
         for i, model in enumerate(self.models):
             modules = dict(model.named_modules())
             for p in self.paths:
@@ -63,6 +57,23 @@ class OutputMoments:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class OutputMoments(ForwardHooks):
+    """While active, forward hooks fold each listed module's outputs (every model's) into a float64
+    CovarianceState per (model, module); result() reduces them across torch.distributed ranks when
+    a process group is active and returns [{path: (mean, covariance)}] per model.
+
+    max_rows: at most this many rows (batch x positions) per output and batch, a seeded random
+    subset: a conv output of 256 28x28 images has 200k rows, and the moments of C units need far
+    fewer (measured: the REPAIR statistics of a VGG-BN merge took 2.4 s of its 7.9 s in full)."""
+
+    def __init__(self, models: Sequence[nn.Module], paths: Sequence[str], *, max_rows: int | None = 16384,
+                 seed: int = 0) -> None:
+        super().__init__(models, paths)
+        self.states: list[dict] = [{} for _ in self.models]
+        self.max_rows = max_rows
+        self.generator = torch.Generator().manual_seed(seed)
 
     def _hook(self, i: int, path: str):
         def hook(module, args, out):

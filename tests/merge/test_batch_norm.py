@@ -11,9 +11,9 @@ import fastmerge
 import fastmerge.zoo as zoo
 from fastmerge.datasets import batches, load_dataset
 from fastmerge.eval.metrics import accuracy
-from fastmerge.merging.repair import mapped_moments, measure_moments, repair_points
+from fastmerge.merging.repair import measure_moments, repair_points
 from fastmerge.spec import spec_from_yaml, spec_to_yaml, trace_spec
-from fastmerge.spec.folding import fold_state
+from fastmerge.spec.folding import fold_state, mapped_moments
 from fastmerge.spec.transforms import Dense, apply_permutations
 from fastmerge.zoo.training import cnn_config, model_inputs, trained_model
 
@@ -268,3 +268,26 @@ def test_quality_ordering_on_a_small_resnet(digits_resnets):
     assert mean[("cca", 2)] > mean[("permute", 2)] + 5
     assert mean[("cca", 4)] > mean[("permute", 4)] + 20
     assert min(mean[("permute", 2)], mean[("cca", 2)]) > mean[("average", 2)] + 15
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_aligned_state_is_an_ordinary_one(name):
+    """Alignment.apply unfolds what it folded: a permuted BatchNorm network computes the model's
+    function in eval mode and, its BatchNorms carrying their scale and shift again, in train mode
+    too (batch statistics: a folded identity BatchNorm would normalise every channel to std 1; in
+    train mode eps is added to a variance the folded scale changed: equal up to ~1e-4)."""
+    model, spec = setup(name)
+    copy = rescaled_permuted_copy(model, spec)
+    data = [inputs(64, s) for s in range(3)]
+    alignment = fastmerge.align([model, copy], "permute", spec=spec, data=data, progress=False)
+    aligned = BUILDERS[name]()
+    aligned.load_state_dict(alignment.apply(1, copy.state_dict()))
+    x = inputs(128, 7)
+    with torch.no_grad():
+        for train in (False, True):
+            model.train(train)
+            aligned.train(train)
+            expected = model(x)
+            tolerance = (1e-3 if train else 1e-4) * float(expected.abs().max())
+            assert torch.allclose(aligned(x), expected, atol=tolerance), train
+    model.eval()
