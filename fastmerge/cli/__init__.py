@@ -17,8 +17,16 @@ from ..errors import FastmergeError
 from . import bench, demo, eval, info, merge, spec
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's convention for bad input: one line on stderr, exit 2 (argparse's own
+    prints its whole usage first). Subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmerge", description="Align and merge neural networks.")
+    parser = _Parser(prog="fastmerge", description="Align and merge neural networks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
     info.add_parser(sub)

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..errors import CheckpointError
+from .torch_zip import check_storage_records
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -105,6 +106,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             self._files[name] = path
 
     def _open_torch(self, path: str) -> None:
+        check_storage_records(path)  # before the memory map trusts the pickle's sizes
         try:
             with warnings.catch_warnings():  # torch's note on a legacy pickle protocol: the error below says more
                 warnings.filterwarnings("ignore", message="Detected pickle protocol")

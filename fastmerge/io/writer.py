@@ -5,11 +5,14 @@ header is written first and each tensor's bytes are appended the moment it is re
 one tensor, never a shard. Everything is written under temporary names in the target folder and
 renamed at the end (shards first, the index last), after an fsync; an error, Ctrl-C or SIGTERM
 (the CLI turns it into an exception) removes the temporary files, so a crash leaves no output
-under the final names.
+under the final names. One run at a time writes an output: a lock file next to it (flock, held
+from the first write to the last rename, removed after) refuses a second run at its plan, or at
+its first write, so two runs with overwrite never interleave their shards.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -85,7 +88,11 @@ class ShardedWriter:
             raise CheckpointError(f"{output}: the merged model needs {len(self.shards)} shards of at most "
                                   f"{max_shard_bytes} bytes; give a folder as the output to write shards")
         self.final_paths = self._final_paths()
+        self.lock_path = os.path.join(self.folder, f".{os.path.basename(os.path.abspath(output))}.lock"
+                                      if self.single_file else ".fastmerge-output.lock")
         self._check_targets(overwrite, protected)
+        self._check_unlocked()
+        self._lock_fd: int | None = None
         self.overwrite = overwrite
         self._next = 0
         self._file = None
@@ -138,6 +145,70 @@ class ShardedWriter:
             if existing:
                 raise CheckpointError(f"{existing[0]}: exists already; pass overwrite=True to replace it")
 
+    # ------------------------------------------------------------------ the lock
+    def _locked_by(self) -> str:
+        try:
+            with open(self.lock_path) as f:
+                return f"process {f.read(20).strip() or '?'}"
+        except OSError:
+            return "another process"
+
+    def _check_unlocked(self) -> None:
+        """Fails fast, before any work, when another run holds the output's lock (probed, not taken:
+        a run that fails before writing leaves no lock file behind)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return  # no lock file (or no folder yet): nobody is writing this output
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(f"{self.output}: another fastmerge run ({self._locked_by()}) is writing this output "
+                                  "now; wait for it to finish or choose another output") from None
+        except OSError:
+            pass  # a file system without flock: the no-clobber publication still guards the output
+        finally:
+            os.close(fd)
+
+    def _acquire_lock(self) -> None:
+        """Takes the output's lock (the lock file created if needed). A lock file that another run
+        removed between our open and our flock is not a lock: then try again on the new one."""
+        for _ in range(100):
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:  # a symlink planted there, a read-only folder
+                raise CheckpointError(f"{self.lock_path}: cannot take the output's lock ({exc.strerror or exc}); "
+                                      "remove that file or choose another output") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CheckpointError(f"{self.output}: another fastmerge run ({self._locked_by()}) is writing this "
+                                      "output now; wait for it to finish or choose another output") from None
+            except OSError:
+                pass  # no flock on this file system: the no-clobber publication still guards the output
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.lock_path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self._lock_fd = fd
+                return
+            os.close(fd)
+        raise CheckpointError(f"{self.output}: could not take the output's lock {self.lock_path}")
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is None:
+            return
+        try:
+            os.unlink(self.lock_path)  # while still held: a waiting run then retries on a new file
+        except OSError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
     # ------------------------------------------------------------------ writing
     def __enter__(self) -> ShardedWriter:
         missing = []
@@ -150,6 +221,11 @@ class ShardedWriter:
         except OSError as exc:
             raise self._io_error(exc) from None
         self._created_folders = missing  # deepest first: removed in this order after a failure
+        try:
+            self._acquire_lock()
+        except BaseException:
+            self._discard()
+            raise
         self._remove_dead_temps()
         return self
 
@@ -182,6 +258,7 @@ class ShardedWriter:
         for path in self._temps + self._published:  # an interrupted publication: its files go too
             if os.path.exists(path):
                 os.remove(path)
+        self._release_lock()
         for folder in self._created_folders:  # folders this failed run made, deepest first: gone too
             try:
                 os.rmdir(folder)
@@ -251,6 +328,7 @@ class ShardedWriter:
             return  # the original exception propagates
         try:
             self._finish()
+            self._release_lock()
         except OSError as exc:
             self._discard()
             raise self._io_error(exc) from None
