@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 
 import torch.distributed
@@ -78,6 +80,8 @@ def add_parser(sub) -> None:
                    help="dtype of the merged floating tensors (default: as the inputs)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="merge NaN/Inf input values and write NaN/Inf merged ones (refused by default)")
     p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -92,6 +96,20 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a merge config",
                                               self.peek_event().start_mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        # YAML keeps the last of a repeated key: `models:` twice would merge models the reader
+        # of the file never meant; refused instead
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: construct_mapping refuses it below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears more than once "
+                                                        "(duplicate keys are refused)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _typed(path: str, key: str, value, kind: str):
@@ -115,12 +133,23 @@ def _mapping(path: str, key: str, value) -> dict:
     return value
 
 
+MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
+
+
 def _from_config(path: str) -> dict:
     try:
-        with open(path) as f:
-            config = yaml.load(f, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
-    except (OSError, yaml.YAMLError) as exc:
-        raise InvalidArgumentError(f"{path}: cannot read the config ({exc})") from None
+        # a regular file only: a FIFO or device (/dev/zero) would block or never end
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InvalidArgumentError(f"{path}: not a regular file; give the merge config as a YAML file")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise InvalidArgumentError(f"{path}: over {MAX_CONFIG_BYTES // 2**20} MiB; not a merge config")
+        config = yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InvalidArgumentError(f"{path}: cannot read the config ({str(exc)[:300]})") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{path}: cannot read the config (nested too deeply)") from None
     if not isinstance(config, dict):
         raise InvalidArgumentError(f"{path}: the config must be a mapping (merge_method, models, ...)")
     known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_path"}
@@ -136,7 +165,9 @@ def _from_config(path: str) -> dict:
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise InvalidArgumentError(f"{path}: models[{i}] needs a 'model' path")
-        models.append(_typed(path, f"models[{i}].model", entry["model"], "text"))
+        if not isinstance(entry["model"], str) or not entry["model"]:
+            raise InvalidArgumentError(f"{path}: models[{i}].model must be a path, got {entry['model']!r}")
+        models.append(entry["model"])
         own = _mapping(path, f"models[{i}].parameters", entry.get("parameters"))
         _known(path, f"models[{i}].parameters", own, ("weight",))
         weights.append(_typed(path, f"models[{i}].parameters.weight", own.get("weight"), "number"))
@@ -211,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
         print(plan.describe())
         return 0
     with record_stages() as times:
-        plan = merge_checkpoints(models, settings["output"], options, progress=not args.quiet, **common)
+        plan = merge_checkpoints(models, settings["output"], options, progress=not args.quiet,
+                                 allow_nonfinite=args.allow_nonfinite, **common)
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
         print(stage_summary(times), file=sys.stderr)
@@ -253,7 +285,7 @@ def _run_with_data(args: argparse.Namespace) -> int:
                 val_data=data_from(args.val_data, args.batch_size) if args.val_data else None,
                 np_options={"steps": args.np_steps, "lr": args.np_lr}, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
-                progress=not args.quiet)
+                progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
         if not args.quiet and distributed.rank() == 0:
             print("\n".join(f"wrote {p}" for p in files))
             print(stage_summary(times), file=sys.stderr)

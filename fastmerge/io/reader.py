@@ -74,7 +74,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def _open_index(self, path: str) -> None:
         try:
             with open(path) as f:
-                index = json.load(f, parse_constant=_reject_constant)
+                index = json.load(f, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
             weight_map = index["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                            for k, v in weight_map.items()):
@@ -94,6 +94,15 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if missing:
             raise CheckpointError(f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, "
                                   f"e.g. {sorted(missing)[:3]}")
+        # transformers loads each tensor from the shard the index names and ignores the rest: a
+        # tensor found elsewhere, or not listed at all, would merge differently from how it loads
+        for name, shard_path in self._files.items():
+            if name not in weight_map:
+                raise CheckpointError(f"{path}: shard {os.path.basename(shard_path)} holds tensor {name!r}, which "
+                                      "the index does not list; regenerate the index from the shards")
+            if weight_map[name] != os.path.basename(shard_path):
+                raise CheckpointError(f"{path}: the index puts tensor {name!r} in {weight_map[name]} but it is in "
+                                      f"{os.path.basename(shard_path)}; regenerate the index from the shards")
         self.metadata.update(index.get("metadata") or {})
 
     def _open_safetensors(self, path: str) -> None:
@@ -126,8 +135,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
                 f"{path}: refused: the file holds pickled objects other than tensors ({detail}). fastmerge loads torch "
                 "files with weights_only=True and never runs code from a checkpoint; convert it to safetensors "
                 "where you trust it") from None
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - a legacy pickle of junk fails with any type (KeyError, struct.error, ...)
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:160]}); "
+                                  "expected a file written by torch.save") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -214,6 +224,17 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a number a tensor header can hold")
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique: json's default keeps the last of a repeated key, so two
+    readers of one file could disagree on which tensor (or shard) a name means."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {repeated!r} appears more than once")
+    return out
+
+
 _MAX_INDEX = 2**62  # dimensions and byte offsets beyond this describe no file that exists
 
 
@@ -249,7 +270,7 @@ class SafetensorsFile:
         except OSError as exc:
             raise CheckpointError(f"{path}: cannot read ({exc})") from None
         try:
-            header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: brackets nested too deep
             raise CheckpointError(f"{path}: corrupt safetensors header (not JSON a reader can use: "
                                   f"{type(exc).__name__}: {str(exc)[:120]})") from None

@@ -124,7 +124,7 @@ def _write_folder_files(plan: MergePlan, writer, source: str | None, out_dtype) 
 def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptions | None = None, *,
                       base: str | None = None, dtype: str | None = None, max_shard_size: str | int | None = "5GB",
                       overwrite: bool = False, progress: bool = True, align: str | None = None,
-                      spec_file: str | None = None) -> MergePlan:
+                      spec_file: str | None = None, allow_nonfinite: bool = False) -> MergePlan:
     """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
 
     With ``align="weight_matching"`` and `spec_file` (a YAML merge spec of the architecture, or "auto":
@@ -132,6 +132,11 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     (and the base, if any) are first permuted onto the first model by weight matching, from the
     files alone ("align then merge", for models trained from different initialisations). That step
     holds every model in memory; the plain merges stream.
+
+    NaN/Inf in an input tensor, or in a merged one (an overflowing sum, a narrowing cast), is refused
+    before anything is renamed into place; ``allow_nonfinite=True`` merges and writes them (a model
+    that stores -inf masks on purpose). Weight matching refuses them either way: a NaN poisons its
+    costs.
 
     Raises:
         CheckpointError: unreadable/unsafe input, output exists (without overwrite) or is an input.
@@ -165,7 +170,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
             base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
             every = tensors + ([base_tensor] if base_ckpt else [])
-            if not align and not checks_finite(options):  # aligned inputs were checked before matching
+            if not (align or allow_nonfinite or checks_finite(options)):  # aligned: checked before matching
                 _check_finite(name, every, labels)
             out_buffer = out_buffers[i % 2]
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
@@ -174,7 +179,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             except NonFiniteError:
                 _check_finite(name, every, labels)  # names the file (finite inputs: the merge overflowed)
                 raise
-            if out_dtype.is_floating_point:  # nothing non-finite is written (overflowing sums, a cast)
+            if out_dtype.is_floating_point and not allow_nonfinite:  # nothing non-finite is written
                 narrowing = torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max
                 check_output_finite(name, merged, out_dtype, narrowing=narrowing)
             if pending is not None:

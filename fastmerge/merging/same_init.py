@@ -54,6 +54,11 @@ class SameInitOptions:
             raise InvalidArgumentError(f"got {len(self.weights)} weights for {num_models} models")
         if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
             raise InvalidArgumentError(f"weights must be finite numbers, got {list(self.weights)}")
+        if self.method == "linear" and self.weights is not None and sum(self.weights) == 0:
+            raise InvalidArgumentError(f"linear weights {list(self.weights)} sum to 0: the merge would be a "
+                                       "difference of models, not an average; give weights with a positive sum")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise InvalidArgumentError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if not math.isfinite(self.scale):
             raise InvalidArgumentError(f"scale (lambda) must be a finite number, got {self.scale}")
         if not 0.0 < self.density <= 1.0:

@@ -41,7 +41,7 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
                           val_data: Iterable | None = None, np_options: dict | None = None,
                           align_options: dict | None = None, dtype: str | None = None,
                           max_shard_size: str | int | None = "5GB", overwrite: bool = False, device: str = "cpu",
-                          progress: bool = True) -> list[str]:
+                          progress: bool = True, allow_nonfinite: bool = False) -> list[str]:
     """Aligns the checkpoints `models` on `data` and writes their merge to `output`.
 
     Args:
@@ -54,6 +54,8 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
         method: "average" (weighted by `weights`) or "np_merge" (data must yield (inputs, targets)).
         repair_mode, val_data, np_options, align_options: as in fastmerge.merge.
         dtype: dtype of the written floating tensors (default: as the first input).
+        allow_nonfinite: write NaN/Inf merged values (refused by default, before anything is renamed
+            into place).
 
     Returns:
         The files written (on every rank; only rank 0 writes them).
@@ -85,7 +87,7 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
         with stage("write"), writer:
             for name, _, target in writer.plan:
                 tensor = state[name].detach().to("cpu", target).contiguous()
-                if target.is_floating_point:  # nothing non-finite is renamed into place
+                if target.is_floating_point and not allow_nonfinite:  # nothing non-finite is renamed into place
                     narrowing = torch.finfo(target).max < torch.finfo(state[name].dtype).max
                     check_output_finite(name, tensor, target, narrowing=narrowing)
                 writer.write(name, tensor)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -361,8 +362,9 @@ def index_cases() -> list[Case]:
 
 def config_cases() -> list[Case]:
     def config(name: str, text: str, message: str | None = None, rc: int = 2, expect=None,
-               extra: tuple[str, ...] = ()) -> Case:
-        return Case(f"config:{name}", lambda env: ["--config", env.config(text), "-o", str(env.out), *extra], rc,
+               extra: tuple[str, ...] = (), output: bool = True) -> Case:
+        return Case(f"config:{name}", lambda env: ["--config", env.config(text),
+                                                   *(["-o", str(env.out)] if output else []), *extra], rc,
                     message, expect)
 
     two = "models: [{model: GOOD}, {model: OTHER}]\n"
@@ -424,7 +426,7 @@ def config_cases() -> list[Case]:
         config("tabs", "models:\n\t- GOOD\n"),
         config("binary", "\x00\x01\x02\x03 models"),
         config("duplicate-keys", "models: [{model: GOOD}]\nmodels: [{model: OTHER}]\n", "duplicate|twice"),
-        config("out-path-is-input", two + "out_path: GOOD\n", "input|exists", extra=()),
+        config("out-path-is-input", two + "out_path: GOOD\n", "input|exists", output=False),
         config("merge-key", "base: &b {model: GOOD}\nmodels: [{<<: *b}, {model: OTHER}]\n", "alias"),
         Case("config:missing-file", lambda env: ["--config", str(env.inputs / "nope.yml"), "-o", str(env.out)],
              message="nope.yml"),
@@ -497,7 +499,7 @@ def cli_cases() -> list[Case]:
             lambda env: [str(env.good), env.file("bad.safetensors", bytes_file(b"\x00" * 5)),
                          "-o", str(env.root / "a" / "b" / "c" / "m.safetensors")]),
         cli("output-into-input-folder-loads", lambda env: ((env.inputs / "m").mkdir(),
-                                                           save_file(state(1), str(env.inputs / "m" / "model.pt")),
+                                                           torch.save(state(1), str(env.inputs / "m" / "model.pt")),
                                                            [str(env.good), str(env.inputs / "m"),
                                                             "-o", str(env.inputs / "m")])[2], "input"),
         cli("output-locked", _locked_output, "another fastmerge run"),
@@ -566,13 +568,32 @@ def content_cases() -> list[Case]:
                "shape"),
         second("scalar-instead-of-vector.safetensors", st_file({**s1, "layers.2.bias": torch.zeros(())}), "shape"),
         Case("content:float16-overflow", lambda env: [str(env.good), env.file("huge.safetensors", st_file(
-            {k: v * 1e6 for k, v in s1.items()})), "-o", str(env.out), "--dtype", "float16"], message="NaN|Inf|finite"),
+            {k: v * 1e6 for k, v in s1.items()})), "-o", str(env.out), "--dtype", "float16"],
+            message="NaN|Inf|finite|overflow"),
         Case("content:sum-overflows", lambda env: [env.file("a.safetensors", st_file({"w": torch.full((4,), 3e38)})),
                                                    env.file("b.safetensors", st_file({"w": torch.full((4,), 3e38)})),
                                                    "-o", str(env.out), "--weights", "1", "1", "--method",
                                                    "task_arithmetic", "--base", env.file(
                                                        "z.safetensors", st_file({"w": torch.zeros(4)}))],
              message="NaN|Inf|finite"),
+        # asked for: NaN/Inf merged and written (--allow-nonfinite), except where the method cannot
+        Case("content:allow-nonfinite-masks", lambda env: [
+            env.file("a.safetensors", st_file({"w": torch.ones(2), "mask": torch.tensor([0.0, -math.inf])})),
+            env.file("b.safetensors", st_file({"w": torch.zeros(2), "mask": torch.tensor([0.0, -math.inf])})),
+            "-o", str(env.out), "--allow-nonfinite"], rc=0,
+            expect=lambda env, out: _close(load_file(str(out)), {"w": torch.full((2,), 0.5),
+                                                                 "mask": torch.tensor([0.0, -math.inf])})),
+        Case("content:allow-nonfinite-overflow", lambda env: [
+            env.file("a.safetensors", st_file({"w": torch.full((4,), 3e38)})),
+            env.file("b.safetensors", st_file({"w": torch.full((4,), 3e38)})), "-o", str(env.out),
+            "--method", "task_arithmetic", "--base", env.file("z.safetensors", st_file({"w": torch.zeros(4)})),
+            "--allow-nonfinite"], rc=0,
+            expect=lambda env, out: _close(load_file(str(out)), {"w": torch.full((4,), math.inf)})),
+        Case("content:allow-nonfinite-ties-nan", lambda env: [
+            env.file("a.safetensors", st_file({"w": torch.tensor([1.0, math.nan, 2.0, 3.0])})),
+            env.file("b.safetensors", st_file({"w": torch.ones(4)})), "-o", str(env.out),
+            "--method", "ties", "--base", env.file("z.safetensors", st_file({"w": torch.zeros(4)})),
+            "--allow-nonfinite"], message="NaN"),
         # odd but valid
         Case("content:bf16-pair", lambda env: [env.file("a.safetensors", st_file({k: v.bfloat16() for k, v in
                                                                                   state(0).items()})),
@@ -685,8 +706,8 @@ def test_hostile_case(case, tmp_path, monkeypatch, capsys):
         assert rc == 0, err
         assert all(n in ("out", os.path.join("out", "merged.safetensors")) for n in new), new
         merged = Checkpoint(str(env.out))
-        for name in merged.keys():
+        for name in merged.keys():  # NaN/Inf only where asked for
             t = merged[name]
-            if t.dtype.is_floating_point:
+            if t.dtype.is_floating_point and "--allow-nonfinite" not in argv:
                 assert torch.isfinite(t).all(), name
         case.expect(env, env.out)

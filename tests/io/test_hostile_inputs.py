@@ -78,7 +78,7 @@ def test_finite_inputs_whose_merge_overflows_write_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("text,message", [
     ("models: 5\n", "models must be a list"),
-    ("models: [{model: 7}]\n", "models\\[0\\].model must be a text"),
+    ("models: [{model: 7}]\n", "models\\[0\\].model must be a path"),
     ("models: [a.safetensors, b.safetensors]\nparameters: {density: half}\n", "parameters.density must be a number"),
     ("models: [a.safetensors, b.safetensors]\nparameters: [1, 2]\n", "parameters must be a mapping"),
     ("models: [{model: a.safetensors, parameters: {weight: [1, 2]}}]\n", "weight must be a number"),
