@@ -94,8 +94,9 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if missing:
             raise CheckpointError(f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, "
                                   f"e.g. {sorted(missing)[:3]}")
-        # transformers loads each tensor from the shard the index names and ignores the rest: a
-        # tensor found elsewhere, or not listed at all, would merge differently from how it loads
+        # an index that disagrees with its shards is corrupt: loaders differ on which of the two
+        # they follow (the weight_map, or every tensor of every shard it names), so what we merged
+        # could differ from what a user's loader returns
         for name, shard_path in self._files.items():
             if name not in weight_map:
                 raise CheckpointError(f"{path}: shard {os.path.basename(shard_path)} holds tensor {name!r}, which "
