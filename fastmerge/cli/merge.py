@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import stat
 import sys
 
@@ -110,6 +112,13 @@ class _NoAliasLoader(yaml.SafeLoader):
                                                         "(duplicate keys are refused)", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: floats need a dot there. mergekit's configs are read by
+# pydantic, which takes "1e-3" as a number, so they write it that way: resolve it as YAML 1.2 does.
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _typed(path: str, key: str, value, kind: str):
@@ -203,7 +212,12 @@ def _normalized(settings: dict) -> list[float] | None:
         raise InvalidArgumentError(f"parameters.normalize applies to linear merges here, not to {method}; remove it")
     if weights is None or method != "linear" or normalize is False:
         return weights
+    if not all(math.isfinite(w) for w in weights):
+        raise InvalidArgumentError(f"weights must be finite numbers, got {weights}")
     total = sum(weights)
+    if not math.isfinite(total):
+        raise InvalidArgumentError(f"the linear weights {weights} sum past a float's range: they cannot be "
+                                   "normalised; give smaller weights (only their ratios matter)")
     if total == 0:
         raise InvalidArgumentError("the linear weights sum to 0: they cannot be normalised (mergekit's default); "
                                    "set parameters.normalize: false to use them as they are")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -25,7 +26,9 @@ COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "
 def source_folder(path: str) -> str | None:
     """The folder of a checkpoint path that holds its config.json, or None."""
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    return folder if os.path.isfile(os.path.join(folder, CONFIG_NAME)) else None
+    # lexists: a config.json that is not a regular file (a FIFO, a dangling link) is refused by
+    # read_config, not skipped
+    return folder if os.path.lexists(os.path.join(folder, CONFIG_NAME)) else None
 
 
 def model_card(inputs: Sequence[str], method: str, parameters: Mapping[str, object], base: str | None) -> str:
@@ -42,17 +45,37 @@ def model_card(inputs: Sequence[str], method: str, parameters: Mapping[str, obje
     return "\n".join(lines)
 
 
-def write_folder_files(output: str, source: str, *, dtype: torch.dtype | None, card: str) -> list[str]:
-    """config.json (torch_dtype set to `dtype` when given), the generation config, tokenizer files
-    and README.md (the card) from folder `source` into folder `output`; returns the files written."""
-    written = []
+MAX_CONFIG_BYTES = 16 << 20  # a model's config.json is a few KiB
+
+
+def read_config(source: str) -> dict:
+    """The config.json of folder `source`, checked before any work (a config that cannot be copied
+    must fail the merge before its weights are published): a regular file, JSON, an object."""
+    path = os.path.join(source, CONFIG_NAME)
     try:
-        with open(os.path.join(source, CONFIG_NAME)) as f:
-            config = json.load(f)
+        # O_NONBLOCK: a FIFO planted under the name is refused by the check below, not waited on
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"over {MAX_CONFIG_BYTES >> 20} MiB")
+        config = json.loads(raw.decode("utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{source}/{CONFIG_NAME}: cannot copy it to the merged model ({exc})") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: cannot copy it to the merged model ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: cannot copy it to the merged model (nested too deeply)") from None
+    return config
+
+
+def write_folder_files(output: str, source: str, config: dict, *, dtype: torch.dtype | None, card: str) -> list[str]:
+    """config.json (`config`, read by read_config, with torch_dtype set to `dtype` when given), the
+    generation config, tokenizer files and README.md (the card) from folder `source` into folder
+    `output`; returns the files written."""
+    written = []
+    config = dict(config)
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")
         config["torch_dtype"] = name

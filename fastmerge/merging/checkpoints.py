@@ -20,7 +20,7 @@ from ..alignment.weight_matching import weight_matching
 from ..checks import layout_difference
 from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from ..io import Checkpoint, merge_metadata, parse_dtype, plan_output, tensor_nbytes
-from ..io.hf_folder import CONFIG_NAME, COPIED, model_card, source_folder, write_folder_files
+from ..io.hf_folder import CONFIG_NAME, COPIED, model_card, read_config, source_folder, write_folder_files
 from ..ops import count_nonfinite
 from ..spec import spec_from_yaml
 from ..spec.hf_config import config_folder, spec_from_config
@@ -83,7 +83,7 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
                dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
                align: str | None = None, spec_file: str | None = None):
     """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer,
-    the folder whose config and tokenizer a folder output gets, or None)."""
+    (the folder whose config and tokenizer a folder output gets, its config) or None)."""
     out_dtype = parse_dtype(dtype)
     checkpoints = [Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base else None
@@ -109,15 +109,15 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
         os.path.join(writer.folder, n) for n in COPIED if os.path.isfile(os.path.join(source, n))]
     plan = MergePlan(list(models), base, output, options, len(checkpoints[0]), checkpoints[0].nbytes(),
                      writer.final_paths + extras, dtype)
-    return plan, checkpoints, base_ckpt, writer, source
+    return plan, checkpoints, base_ckpt, writer, None if source is None else (source, read_config(source))
 
 
-def _write_folder_files(plan: MergePlan, writer, source: str | None, out_dtype) -> None:
+def _write_folder_files(plan: MergePlan, writer, source: tuple[str, dict] | None, out_dtype) -> None:
     """A folder output becomes a Hugging Face model folder (config, tokenizer, model card)."""
     if source is None:
         return
     parameters = {k: v for k, v in asdict(plan.options).items() if k != "method"}
-    write_folder_files(writer.folder, source, dtype=out_dtype,
+    write_folder_files(writer.folder, *source, dtype=out_dtype,
                        card=model_card(plan.inputs, plan.options.method, parameters, plan.base))
 
 

@@ -41,11 +41,12 @@ def spec_from_config(folder: str, shapes: Mapping[str, Sequence[int]]):
                               "(pip install transformers), or give the spec as YAML (spec_file=FILE)") from None
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{folder}/config.json: not a usable Hugging Face config ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types on a bad file
+        raise CheckpointError(f"{folder}/config.json: not a usable Hugging Face config "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    model, rename = _build_matching(transformers, config, set(shapes))
+    model, rename = _build_matching(transformers, config, shapes)
     model.eval()
     ids = torch.zeros((1, 8), dtype=torch.long)
     spec = trace_spec(model, (ids,))
@@ -59,26 +60,38 @@ def spec_from_config(folder: str, shapes: Mapping[str, Sequence[int]]):
     return spec
 
 
-def _build_matching(transformers, config, names: set[str]):
+def _build_matching(transformers, config, shapes: Mapping[str, Sequence[int]]):
     """The model class (from config.architectures, then the Auto classes) whose parameter names
     cover the checkpoint's best, and the map from its names to the checkpoint's (a base-model
-    prefix such as 'bert.' or 'model.' added or removed)."""
+    prefix such as 'bert.' or 'model.' added or removed).
+
+    The candidates are built on the meta device (no memory): a config.json whose sizes do not match
+    the checkpoint's tensors (a hostile hidden_size of 10^7, a config from another model) is refused
+    before a real model is built, so the one that is built is no larger than the checkpoint."""
     candidates = [getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)]
     candidates += [transformers.AutoModelForCausalLM, transformers.AutoModel]
     best = None
     for cls in candidates:
         try:
-            model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-        except (ValueError, KeyError, TypeError, AttributeError):
+            with torch.device("meta"):
+                model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        except Exception:  # noqa: BLE001 - a class this config cannot build (any error type): not a candidate
             continue
-        own = list(model.state_dict())
+        own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         prefix = getattr(model, "base_model_prefix", "") or ""
         for rename in (lambda n: n, lambda n, p=prefix: n[len(p) + 1:] if p and n.startswith(p + ".") else n,
                        lambda n, p=prefix: f"{p}.{n}" if p else n):
-            score = sum(rename(n) in names for n in own)
+            score = sum(rename(n) in shapes for n in own)
             if best is None or score > best[0]:
-                best = (score, model, rename)
+                best = (score, cls, own, rename)
     if best is None or best[0] == 0:
         raise CheckpointError(f"config.json names {config.architectures}, but no model built from it has the "
                               "checkpoint's tensor names; give the spec as YAML (spec_file=FILE)")
-    return best[1], best[2]
+    _, cls, own, rename = best
+    wrong = next((n for n in own if rename(n) in shapes and tuple(shapes[rename(n)]) != own[n]), None)
+    if wrong is not None:
+        raise CheckpointError(f"config.json does not describe this checkpoint: its model has {wrong!r} of shape "
+                              f"{list(own[wrong])}, the file {list(shapes[rename(wrong)])}; use the config the "
+                              "checkpoint was saved with, or give the spec as YAML (spec_file=FILE)")
+    model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    return model, rename

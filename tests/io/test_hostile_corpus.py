@@ -394,6 +394,11 @@ def config_cases() -> list[Case]:
         config("method-int", "merge_method: 5\n" + two, "merge_method"),
         config("weights-zero-sum", "models:\n  - {model: GOOD, parameters: {weight: 1}}\n"
                                    "  - {model: OTHER, parameters: {weight: -1}}\n", "sum|zero"),
+        config("weights-exponent-form", "models:\n  - {model: GOOD, parameters: {weight: 1e-3}}\n"
+                                        "  - {model: OTHER, parameters: {weight: 1E-3}}\n", rc=0,
+               expect=mean_of(GOOD, OTHER)),  # YAML 1.1 would read a string; mergekit's pydantic a number
+        config("weights-sum-overflows", "models:\n  - {model: GOOD, parameters: {weight: 1e308}}\n"
+                                        "  - {model: OTHER, parameters: {weight: 1e308}}\n", "range"),
         config("weight-nan", "models:\n  - {model: GOOD, parameters: {weight: .nan}}\n  - {model: OTHER}\n",
                "finite"),
         config("weight-inf", "models:\n  - {model: GOOD, parameters: {weight: .inf}}\n  - {model: OTHER}\n",
@@ -627,6 +632,59 @@ def content_cases() -> list[Case]:
     ]
 
 
+def _hf_pair(env: Env, edit_config: Callable[[dict], object] | None = None, config_text: str | bytes | None = None,
+             fifo_config: bool = False) -> list[str]:
+    """Two small LLaMA checkpoint folders saved by transformers; the first one's config.json edited
+    (or replaced); merged into a folder output (which gets the first one's config)."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = env.inputs / f"llama{seed}"
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder, safe_serialization=True)
+        folders.append(str(folder))
+    path = env.inputs / "llama0" / "config.json"
+    if edit_config is not None:
+        data = json.loads(path.read_text())
+        edit_config(data)
+        path.write_text(json.dumps(data))
+    if config_text is not None:
+        path.write_bytes(config_text.encode() if isinstance(config_text, str) else config_text)
+    if fifo_config:
+        path.unlink()
+        os.mkfifo(path)
+    return [*folders, "-o", str(env.root / "out" / "merged")]
+
+
+def folder_cases() -> list[Case]:
+    def folder(name, message, **kwargs) -> Case:
+        return Case(f"folder:{name}", lambda env: _hf_pair(env, **kwargs), 2, message)
+
+    def spec_auto(name, message, **kwargs) -> Case:
+        return Case(f"folder:spec-auto-{name}", lambda env: [*_hf_pair(env, **kwargs), "--align", "weight_matching",
+                                                              "--spec", "auto"], 2, message)
+
+    return [  # a config.json that cannot be copied fails the merge before its weights are published
+        folder("config-deep", "nested", config_text="[" * 100000 + "]" * 100000),
+        folder("config-not-json", "config.json", config_text="model_type = llama"),
+        folder("config-list", "object", config_text="[1, 2]"),
+        folder("config-not-utf8", "utf-8", config_text=b"{\"model_type\": \"\xff\"}"),
+        folder("config-fifo", "regular", fifo_config=True),
+        spec_auto("config-deep", "nested", config_text="[" * 100000 + "]" * 100000),
+        # sizes that do not fit the checkpoint: refused from a model built on the meta device,
+        # before memory for a real one (10^6 x 10^6 would not fit) is asked for
+        spec_auto("config-other-sizes", "does not describe", edit_config=lambda c: c.update(intermediate_size=96)),
+        spec_auto("config-huge", "does not describe|names", edit_config=lambda c: c.update(
+            hidden_size=2**20, intermediate_size=2**20, vocab_size=2**20)),
+        spec_auto("config-size-text", "not a usable", edit_config=lambda c: c.update(hidden_size="wide")),
+        spec_auto("config-size-negative", "not a usable|no model built", edit_config=lambda c: c.update(hidden_size=-32)),
+        spec_auto("config-unknown-type", "not a usable", edit_config=lambda c: c.update(model_type="frankenstein")),
+    ]
+
+
 def _close(got: dict, want: dict, tol: float = 1e-6) -> None:
     assert sorted(got) == sorted(want)
     for k in want:
@@ -634,7 +692,8 @@ def _close(got: dict, want: dict, tol: float = 1e-6) -> None:
         torch.testing.assert_close(got[k].double(), want[k].double(), rtol=tol, atol=tol)
 
 
-CASES = header_cases() + torch_cases() + index_cases() + config_cases() + cli_cases() + content_cases()
+CASES = (header_cases() + torch_cases() + index_cases() + config_cases() + cli_cases() + content_cases()
+         + folder_cases())
 
 
 def test_the_corpus_is_large_and_every_case_is_named_once():
@@ -672,6 +731,7 @@ def test_hostile_case(case, tmp_path, monkeypatch, capsys):
     env = Env(tmp_path)
     env.held, env.removable = None, set()
     argv = ["merge", *case.build(env), "--quiet"]
+    capsys.readouterr()  # what building the inputs printed (transformers' progress bars) is not the merge's
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
     previous = signal.signal(signal.SIGALRM, _hang)
