@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import torch
@@ -26,6 +27,7 @@ from ..spec.hf_config import config_folder, spec_from_config
 from .references import model_factory
 
 DTYPES = (*FLOAT_DTYPES, "long")  # --input-dtype: the float dtypes, or token ids
+MAX_EXAMPLE_ELEMENTS = 2**26
 
 
 def add_parser(sub) -> None:
@@ -52,6 +54,9 @@ def _shape(text: str | None) -> tuple[int, ...]:
         raise InvalidArgumentError(f"--input-shape {text!r}: write integers separated by commas, e.g. 2,3,32,32") from None
     if not shape or any(s <= 0 for s in shape):
         raise InvalidArgumentError(f"--input-shape {text!r}: every size must be positive")
+    if math.prod(shape) > MAX_EXAMPLE_ELEMENTS:  # tracing needs a sample or two, not a dataset
+        raise InvalidArgumentError(f"--input-shape {text!r}: {math.prod(shape):,} elements; an example input of at "
+                                   f"most {MAX_EXAMPLE_ELEMENTS:,} (a batch of 1 or 2) is all tracing needs")
     return shape
 
 

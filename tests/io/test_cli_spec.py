@@ -52,6 +52,7 @@ def test_mistakes_exit_2(tmp_path, capsys):
     out = str(tmp_path / "s.yaml")
     for args in (["--model", "fastmerge.zoo:mlp", "-o", out],  # no --input-shape
                  ["--model", "fastmerge.zoo:mlp", "--input-shape", "2,x", "-o", out],
+                 ["--model", "fastmerge.zoo:mlp", "--input-shape", "99999999,99999999", "-o", out],  # no 40 PB input
                  ["-o", out],  # neither checkpoint nor model
                  [str(tmp_path), "-o", out]):  # no config.json
         assert main(["spec", *args]) == 2
