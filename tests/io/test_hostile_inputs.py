@@ -251,3 +251,35 @@ def test_config_keys_fastmerge_would_not_honour_are_refused(tmp_path, capsys, te
     config.write_text(text)
     assert main(["merge", "--config", str(config), "-o", str(tmp_path / "o.safetensors")]) == 2
     assert re.search(key, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_runs_started_together_on_one_output_never_mix(tmp_path, overwrite):
+    """Real processes, started at once on the same output (the lock, then the no-clobber rename):
+    without --overwrite exactly one succeeds and the other exits 2 with one line; with it, they
+    run one after the other or the second is refused. The output is always one whole merge."""
+    torch.manual_seed(0)
+    models = []
+    for k in range(2):  # large enough (40 MB each) that the runs overlap
+        models.append(str(tmp_path / f"m{k}.safetensors"))
+        save_file({f"t{i}": torch.randn(256, 1024) for i in range(40)}, models[-1])
+    out = tmp_path / "out.safetensors"
+    for trial in range(3):
+        if out.exists():
+            out.unlink()
+        runs = [subprocess.Popen([sys.executable, "-m", "fastmerge", "merge", *models, "-o", str(out), "--quiet",
+                                  "--weights", *weights, *(["--overwrite"] if overwrite else [])],
+                                 stderr=subprocess.PIPE, text=True)
+                for weights in (("0.5", "0.5"), ("0.2", "0.8"))]
+        results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+        codes = sorted(rc for rc, _ in results)
+        assert codes in ([0, 0], [0, 2]) if overwrite else codes == [0, 2], results
+        for rc, err in results:
+            if rc == 2:
+                assert len(err.strip().splitlines()) == 1, err
+                assert re.search("another fastmerge run|appeared while" + ("" if overwrite else "|exists already"), err)
+        merged = Checkpoint(str(out))
+        a, b = (Checkpoint(m)["t7"].double() for m in models)
+        got = merged["t7"].double()
+        assert any(torch.allclose(got, w * a + (1 - w) * b, atol=1e-6) for w in (0.5, 0.2)), trial
+        assert sorted(os.listdir(tmp_path)) == ["m0.safetensors", "m1.safetensors", "out.safetensors"]
