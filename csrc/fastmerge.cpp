@@ -62,7 +62,8 @@ TORCH_LIBRARY(fastmerge, m) {
   m.def("abs_delta_kth_largest(Tensor[] models, Tensor base, int k, int sample=65536) -> (Tensor, Tensor)");
   // TIES: out = base + scale * (w-weighted mean of the trimmed task vectors that agree with the elected sign).
   m.def(
-      "ties_merge_out(Tensor[] models, Tensor base, float[] weights, float[] thresholds, float scale, Tensor(a!) out) "
+      "ties_merge_out(Tensor[] models, Tensor base, float[] weights, float[] thresholds, float scale, bool normalize, "
+      "Tensor(a!) out) "
       "-> ()");
   // DARE: out = base + sum_k coefficients[k] * keep_k * (models[k] - base), keep_k = hash draw(seeds[k], i) < keep_below.
   m.def(

@@ -285,15 +285,15 @@ void for_each_range(at::TensorList models, const at::Tensor& base, at::Tensor& o
 }
 
 void ties_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::ArrayRef<double> weights,
-                        at::ArrayRef<double> thresholds, double scale, at::Tensor& out) {
+                        at::ArrayRef<double> thresholds, double scale, bool normalize, at::Tensor& out) {
   check_inputs("ties_merge_out", models, base);
   check_out("ties_merge_out", base, out);
   TORCH_CHECK(weights.size() == models.size() && thresholds.size() == models.size(), "ties_merge_out: got ",
               models.size(), " models, ", weights.size(), " weights and ", thresholds.size(), " thresholds");
   const std::vector<float> w(weights.begin(), weights.end()), thr(thresholds.begin(), thresholds.end());
   for_each_range(models, base, out, [&](const auto& mp, auto bp, auto op, int64_t s, int64_t e) {
-    ties_merge(mp.data(), static_cast<int>(mp.size()), bp, w.data(), thr.data(), static_cast<float>(scale), op, s,
-               e);
+    ties_merge(mp.data(), static_cast<int>(mp.size()), bp, w.data(), thr.data(), static_cast<float>(scale), normalize,
+               op, s, e);
   });
 }
 

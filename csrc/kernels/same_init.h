@@ -157,12 +157,15 @@ FASTMERGE_KERNEL void abs_delta_window_pass(const T* const* models, int num_mode
 }
 
 // TIES for entries [begin, end): task vectors trimmed to |d_k| >= threshold_k, the sign elected by
-// sum_k w_k d_k, the w-weighted mean of the kept entries that agree with it, out = base + scale *
-// mean. The order of the float operations is that of the torch reference
-// (fastmerge.ops.same_init.ties_merge_reference), so the two agree to the bit.
+// sum_k w_k d_k (positive where that sum is >= 0, as mergekit elects it), the kept weighted entries
+// w_k d_k of that sign summed and (normalize) divided by the sum of their weights (1 where no entry
+// agrees), out = base + scale * that. The order of the float operations is that of the torch
+// reference (fastmerge.ops.same_init.ties_merge_reference) and of mergekit's TIES, so they agree
+// to the bit on float32 inputs.
 template <typename T, typename O>
 FASTMERGE_KERNEL void ties_merge(const T* const* models, int num_models, const T* base, const float* weights,
-                                 const float* thresholds, float scale, O* out, int64_t begin, int64_t end) {
+                                 const float* thresholds, float scale, bool normalize, O* out, int64_t begin,
+                                 int64_t end) {
   // the trimmed task vectors of one block, for every model (formed once, read twice)
   std::vector<float> trimmed(static_cast<size_t>(num_models) * kBlock);
   float b[kBlock], elected[kBlock], total[kBlock], count[kBlock];
@@ -186,18 +189,19 @@ FASTMERGE_KERNEL void ties_merge(const T* const* models, int num_models, const T
       const float* t = trimmed.data() + k * kBlock;
       const float w = weights[k];
       for (int64_t j = 0; j < len; ++j) {
-        // nonzero and of the elected sign; bitwise & and | keep it branch-free (random signs
-        // mispredict every other branch) and vectorisable
-        const bool agree = ((t[j] > 0.0f) & (elected[j] > 0.0f)) | ((t[j] < 0.0f) & (elected[j] < 0.0f));
-        // select, then multiply: under -ftrapping-math (the default) the compiler will not
-        // if-convert, so not vectorise, a conditional float multiplication
-        total[j] += w * (agree ? t[j] : 0.0f);
+        // the weighted entry nonzero and of the elected sign (zero sums elect +); bitwise & and |
+        // keep it branch-free (random signs mispredict every other branch) and vectorisable
+        const float wt = w * t[j];
+        const bool agree = ((wt > 0.0f) & (elected[j] >= 0.0f)) | ((wt < 0.0f) & (elected[j] < 0.0f));
+        // select, then add: under -ftrapping-math (the default) the compiler will not if-convert,
+        // so not vectorise, a conditional float operation
+        total[j] += agree ? wt : 0.0f;
         count[j] += agree ? w : 0.0f;
       }
     }
     for (int64_t j = 0; j < len; ++j) {
-      const float mean = total[j] / (count[j] != 0.0f ? count[j] : 1.0f);  // total is 0 where count is
-      out[i0 + j] = static_cast<O>(b[j] + scale * mean);
+      const float mixed = normalize ? total[j] / (count[j] != 0.0f ? count[j] : 1.0f) : total[j];
+      out[i0 + j] = static_cast<O>(b[j] + scale * mixed);
     }
   }
 }

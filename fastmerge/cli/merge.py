@@ -4,18 +4,17 @@ different initialisations, aligned first: by weight matching from the files (--a
 weight_matching --spec), or on data (--align permute|cca|zipit with --model and --data; also under
 torchrun, each rank passing its shard of the data).
 
-The flags and a YAML config (--config) are equivalent; the config follows mergekit's layout where
-the concepts match:
+The flags and a YAML config (--config) are equivalent; the config is mergekit's language, read as
+mergekit reads it (fastmerge/cli/merge_config.py says what is supported and what is refused):
 
-    merge_method: ties            # linear | task_arithmetic | ties | dare | slerp
-    base_model: ./base            # task_arithmetic, ties, dare
+    merge_method: ties            # linear | task_arithmetic | ties | slerp (| dare: fastmerge's own)
+    base_model: ./base            # task_arithmetic, ties, dare; slerp: t measures from it
     models:
       - model: ./finetune-a
-        parameters: {weight: 1.0}
+        parameters: {weight: 1.0, density: 0.5}
       - model: ./finetune-b
-    parameters: {density: 0.5, lambda: 1.0, t: 0.5, seed: 0}
-    # linear: weights divided by their sum, as mergekit does (normalize: false keeps them as
-    # given); any other key is refused, never silently dropped
+        parameters: {weight: 0.5, density: 0.7}
+    parameters: {lambda: 1.0, normalize: true}
     dtype: bfloat16
     out_path: ./merged            # or -o on the command line (which wins)
 """
@@ -24,14 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import re
-import stat
 import sys
 
 import torch.distributed
-import yaml
 
 from .. import distributed
 from ..alignment import METHODS as ALIGNMENT_METHODS
@@ -42,6 +36,7 @@ from ..merging.checkpoints import merge_checkpoints, plan_merge
 from ..merging.same_init import SameInitOptions
 from ..merging.with_data import merge_files_with_data
 from ..stages import record_stages, stage_summary
+from .merge_config import read_config
 from .references import data_from, model_factory
 
 
@@ -82,6 +77,9 @@ def add_parser(sub) -> None:
                    help="dtype of the merged floating tensors (default: as the inputs)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--mergekit-compat", action="store_true",
+                   help="compute as mergekit 0.1.5 where fastmerge differs by more than rounding (TIES on "
+                        "bfloat16/float16 checkpoints: in their dtype, exactly k entries kept)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="merge NaN/Inf input values and write NaN/Inf merged ones (refused by default)")
     p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
@@ -89,153 +87,18 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """safe_load without aliases: a merge config needs none, and a few nested aliases (a "billion
-    laughs" document) expand into more nodes than memory holds."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a merge config",
-                                              self.peek_event().start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node, deep=False):
-        # YAML keeps the last of a repeated key: `models:` twice would merge models the reader
-        # of the file never meant; refused instead
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)):
-                continue  # an unhashable key: construct_mapping refuses it below
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears more than once "
-                                                        "(duplicate keys are refused)", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-# YAML 1.1 (PyYAML) reads 1e-3 as a string: floats need a dot there. mergekit's configs are read by
-# pydantic, which takes "1e-3" as a number, so they write it that way: resolve it as YAML 1.2 does.
-_NoAliasLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
-def _typed(path: str, key: str, value, kind: str):
-    """`value` of config key `key` when it has the type `kind` ("text", "number", "integer"), or None."""
-    if value is None:
-        return None
-    ok = {"text": isinstance(value, str),
-          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "integer": isinstance(value, int) and not isinstance(value, bool)}[kind]
-    if not ok:
-        raise InvalidArgumentError(f"{path}: {key} must be {'a' if kind != 'integer' else 'an'} {kind}, "
-                                   f"got {value!r}")
-    return value
-
-
-def _mapping(path: str, key: str, value) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidArgumentError(f"{path}: {key} must be a mapping of names to values, got {value!r}")
-    return value
-
-
-MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
-
-
-def _from_config(path: str) -> dict:
-    try:
-        # a regular file only: a FIFO or device (/dev/zero) would block or never end
-        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise InvalidArgumentError(f"{path}: not a regular file; give the merge config as a YAML file")
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise InvalidArgumentError(f"{path}: over {MAX_CONFIG_BYTES // 2**20} MiB; not a merge config")
-        config = yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise InvalidArgumentError(f"{path}: cannot read the config ({str(exc)[:300]})") from None
-    except RecursionError:
-        raise InvalidArgumentError(f"{path}: cannot read the config (nested too deeply)") from None
-    if not isinstance(config, dict):
-        raise InvalidArgumentError(f"{path}: the config must be a mapping (merge_method, models, ...)")
-    known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_path"}
-    unknown = set(config) - known
-    if unknown:
-        raise InvalidArgumentError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-    entries = config.get("models") or []
-    if not isinstance(entries, list):
-        raise InvalidArgumentError(f"{path}: models must be a list of entries (- model: PATH), got {entries!r}")
-    models, weights = [], []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise InvalidArgumentError(f"{path}: models[{i}] needs a 'model' path")
-        if not isinstance(entry["model"], str) or not entry["model"]:
-            raise InvalidArgumentError(f"{path}: models[{i}].model must be a path, got {entry['model']!r}")
-        models.append(entry["model"])
-        own = _mapping(path, f"models[{i}].parameters", entry.get("parameters"))
-        _known(path, f"models[{i}].parameters", own, ("weight",))
-        weights.append(_typed(path, f"models[{i}].parameters.weight", own.get("weight"), "number"))
-    params = _mapping(path, "parameters", config.get("parameters"))
-    _known(path, "parameters", params, ("lambda", "scale", "density", "t", "seed", "normalize"))
-    normalize = params.get("normalize")
-    if normalize is not None and not isinstance(normalize, bool):
-        raise InvalidArgumentError(f"{path}: parameters.normalize must be true or false, got {normalize!r}")
-    number = {key: _typed(path, f"parameters.{key}", params.get(key), "number")
-              for key in ("lambda", "scale", "density", "t")}
-    return {"method": _typed(path, "merge_method", config.get("merge_method"), "text"),
-            "base": _typed(path, "base_model", config.get("base_model"), "text"), "models": models,
-            "weights": None if all(w is None for w in weights) else [1.0 if w is None else float(w) for w in weights],
-            "scale": number["lambda"] if number["lambda"] is not None else number["scale"],
-            "density": number["density"], "t": number["t"],
-            "seed": _typed(path, "parameters.seed", params.get("seed"), "integer"),
-            "dtype": _typed(path, "dtype", config.get("dtype"), "text"), "normalize": normalize,
-            "output": _typed(path, "out_path", config.get("out_path"), "text")}
-
-
-def _known(path: str, where: str, values: dict, known: tuple) -> None:
-    """A key fastmerge would not honour is refused, never dropped (mergekit may mean something by it)."""
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise InvalidArgumentError(f"{path}: {where}.{unknown[0]} is not supported by fastmerge's config "
-                                   f"(it takes {', '.join(known)} there); remove it")
-
-
-def _normalized(settings: dict) -> list[float] | None:
-    """A config's linear weights as mergekit reads them: divided by their sum unless normalize: false."""
-    weights, method, normalize = settings.get("weights"), settings.get("method") or "linear", settings.get("normalize")
-    if normalize is not None and method != "linear":
-        raise InvalidArgumentError(f"parameters.normalize applies to linear merges here, not to {method}; remove it")
-    if weights is None or method != "linear" or normalize is False:
-        return weights
-    if not all(math.isfinite(w) for w in weights):
-        raise InvalidArgumentError(f"weights must be finite numbers, got {weights}")
-    total = sum(weights)
-    if not math.isfinite(total):
-        raise InvalidArgumentError(f"the linear weights {weights} sum past a float's range: they cannot be "
-                                   "normalised; give smaller weights (only their ratios matter)")
-    if total == 0:
-        raise InvalidArgumentError("the linear weights sum to 0: they cannot be normalised (mergekit's default); "
-                                   "set parameters.normalize: false to use them as they are")
-    return [w / total for w in weights]
-
-
 def run(args: argparse.Namespace) -> int:
     if args.model or (args.align is not None and ALIGNMENT_METHODS[args.align].statistics is not None):
         return _run_with_data(args)
     if args.method == "np_merge":
         raise InvalidArgumentError("--method np_merge learns coefficients on data: give --model, --data and --align")
-    settings = _from_config(args.config) if args.config else {}
-    if args.config:
-        settings["weights"] = _normalized({**settings, **({"method": args.method} if args.method else {})})
+    settings = read_config(args.config) if args.config else {}
     for key in ("method", "base", "weights", "scale", "density", "t", "seed", "dtype", "output"):
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
+            if key == "density":
+                settings["densities"] = None  # --density applies to every model
     models = args.models or settings.get("models") or []
     if not models:
         raise InvalidArgumentError("no models to merge: list checkpoint paths (or models: in --config)")
@@ -248,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
         scale=float(settings["scale"]) if settings.get("scale") is not None else defaults.scale,
         density=float(settings["density"]) if settings.get("density") is not None else defaults.density,
         t=float(settings["t"]) if settings.get("t") is not None else defaults.t,
-        seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed)
+        seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed,
+        densities=tuple(settings["densities"]) if settings.get("densities") else None,
+        normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat)
     common = dict(base=settings.get("base"), dtype=settings.get("dtype"), max_shard_size=args.max_shard_size,
                   overwrite=args.overwrite, align=args.align, spec_file=args.spec)
     if args.dry_run:

@@ -35,6 +35,12 @@ class SameInitOptions:
         LLaMA-like checkpoint); dare: at random, survivors rescaled by 1/density).
     t: slerp's position from the first model (0) to the second (1).
     seed: dare's random masks (per model and tensor name, so reruns are bit-identical).
+    densities: ties: one density per model (mergekit's per-model `density`), overriding `density`.
+    normalize: ties: divide the agreeing entries' sum by their weights' sum (default: yes);
+        task_arithmetic: divide the weights by their sum (default: no). As mergekit's `normalize`.
+    mergekit_compat: ties on bfloat16/float16 checkpoints computed as mergekit 0.1.5 does (in the
+        checkpoints' dtype, exactly k entries kept), where fastmerge's float32 TIES differs by more
+        than rounding; elsewhere fastmerge already matches mergekit (tests/io/test_mergekit_conformance.py).
     """
 
     method: str = "linear"
@@ -43,6 +49,9 @@ class SameInitOptions:
     density: float = 0.5
     t: float = 0.5
     seed: int = 0
+    densities: tuple[float, ...] | None = None
+    normalize: bool | None = None
+    mergekit_compat: bool = False
 
     def validate(self, num_models: int, has_base: bool) -> None:
         method = get_method(self.method)
@@ -63,6 +72,15 @@ class SameInitOptions:
             raise InvalidArgumentError(f"scale (lambda) must be a finite number, got {self.scale}")
         if not 0.0 < self.density <= 1.0:
             raise InvalidArgumentError(f"density must be in (0, 1], got {self.density}")
+        for option in ("densities", "normalize"):
+            if getattr(self, option) is not None and option not in method.uses:
+                takers = ", ".join(m for m in METHODS if option in METHODS[m].uses)
+                raise InvalidArgumentError(f"{option} applies to {takers}, not to {self.method}")
+        if self.densities is not None:
+            if len(self.densities) != num_models:
+                raise InvalidArgumentError(f"got {len(self.densities)} densities for {num_models} models")
+            if not all(isinstance(d, (int, float)) and 0.0 < d <= 1.0 for d in self.densities):
+                raise InvalidArgumentError(f"every density must be in (0, 1], got {list(self.densities)}")
         if not 0.0 <= self.t <= 1.0:
             raise InvalidArgumentError(f"t must be in [0, 1], got {self.t}")
 

@@ -59,7 +59,7 @@ def _abs_delta_kth_largest_fake(models, base, k, sample=65536):
 
 
 @torch.library.register_fake("fastmerge::ties_merge_out")
-def _ties_merge_out_fake(models, base, weights, thresholds, scale, out):
+def _ties_merge_out_fake(models, base, weights, thresholds, scale, normalize, out):
     return None
 
 

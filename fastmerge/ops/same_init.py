@@ -9,7 +9,6 @@ the same float32 operations in the same order and the same DARE masks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -60,12 +59,14 @@ def ties_thresholds(models: Sequence[torch.Tensor], base: torch.Tensor, k: int,
 
 def ties_merge(models: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],
                thresholds: Sequence[float], scale: float, out_dtype: torch.dtype | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
     """TIES on one tensor: each task vector trimmed to |W_k - base| >= thresholds[k], a sign elected
-    per entry by sum_k weights[k] * trimmed_k, the weighted mean of the agreeing trimmed entries;
-    returns base + scale * mean in `out_dtype` (default float32), written into `out` when it fits."""
-    args = ([float(w) for w in weights], [float(t) for t in thresholds], float(scale))
-    return _run("ties_merge_out", args, lambda: ties_merge_reference(models, base, weights, thresholds, scale),
+    per entry by sum_k weights[k] * trimmed_k (+ where that sum is >= 0, as mergekit elects it), the
+    agreeing weighted entries summed and (normalize) divided by the sum of their weights; returns
+    base + scale * that in `out_dtype` (default float32), written into `out` when it fits."""
+    args = ([float(w) for w in weights], [float(t) for t in thresholds], float(scale), bool(normalize))
+    return _run("ties_merge_out", args,
+                lambda: ties_merge_reference(models, base, weights, thresholds, scale, normalize),
                 models, base, out_dtype, out)
 
 
@@ -125,7 +126,7 @@ def _chunks(n: int):
         yield start, min(n, start + CHUNK)
 
 
-def ties_merge_reference(models, base, weights, thresholds, scale) -> torch.Tensor:
+def ties_merge_reference(models, base, weights, thresholds, scale, normalize: bool = True) -> torch.Tensor:
     """TIES in torch, chunk by chunk, in float32 (float64 for float64 inputs)."""
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     flat_b = base.reshape(-1)
@@ -138,15 +139,18 @@ def ties_merge_reference(models, base, weights, thresholds, scale) -> torch.Tens
             d = f[s:e].to(dtype) - b
             trimmed.append(torch.where(d.abs() >= thr, d, torch.zeros_like(d)))
         weighted = [w * d for w, d in zip(weights, trimmed)]
-        elected = torch.sign(sum(weighted))
+        elected = torch.zeros_like(b)
+        for wd in weighted:  # summed in model order, as the kernel does
+            elected += wd
+        elected = torch.where(elected >= 0, 1.0, -1.0).to(dtype)  # a zero sum elects +, as in mergekit
         total = torch.zeros_like(b)
         count = torch.zeros_like(b)
-        for w, d, wd in zip(weights, trimmed, weighted):
-            agree = (torch.sign(d) == elected) & (d != 0)
+        for w, wd in zip(weights, weighted):
+            agree = torch.sign(wd) == elected
             total += torch.where(agree, wd, 0.0)
-            count += agree * w
-        merged = torch.where(count != 0, total / torch.where(count != 0, count, 1.0), 0.0)
-        result[s:e] = b + scale * merged
+            count += torch.where(agree, float(w), 0.0).to(dtype)
+        mixed = total / torch.where(count != 0, count, 1.0) if normalize else total
+        result[s:e] = b + scale * mixed
     return result.reshape(base.shape)
 
 
@@ -168,5 +172,6 @@ def dare_merge_reference(models, base, coefficients, seeds, density) -> torch.Te
 
 
 def ties_threshold_count(numel: int, density: float) -> int:
-    """How many entries of a task vector TIES keeps at `density` (at least one)."""
-    return max(1, int(math.ceil(density * numel)))
+    """How many entries of a task vector TIES keeps at `density`: int(density * numel), at least
+    one, as mergekit counts them (entries tied with the smallest kept one are kept too)."""
+    return max(1, int(density * numel))

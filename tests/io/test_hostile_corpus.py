@@ -363,6 +363,8 @@ def index_cases() -> list[Case]:
 def config_cases() -> list[Case]:
     def config(name: str, text: str, message: str | None = None, rc: int = 2, expect=None,
                extra: tuple[str, ...] = (), output: bool = True) -> Case:
+        if text.startswith("models:"):  # merge_method is required (as in mergekit): linear unless said
+            text = "merge_method: linear\n" + text
         return Case(f"config:{name}", lambda env: ["--config", env.config(text),
                                                    *(["-o", str(env.out)] if output else []), *extra], rc,
                     message, expect)
@@ -391,6 +393,17 @@ def config_cases() -> list[Case]:
         config("model-null", "models: [{model: null}, {model: OTHER}]\n", "model"),
         config("model-missing-file", "models: [{model: GOOD}, {model: /no/such/model.safetensors}]\n", "no such"),
         config("method-unknown", "merge_method: frankenstein\n" + two, "frankenstein"),
+        config("method-missing", "base_model: GOOD\n" + two, "merge_method is required"),
+        config("method-of-mergekit-only", "merge_method: dare_ties\nbase_model: GOOD\n" + two, "does not have"),
+        config("per-model-density-for-linear", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: "
+                                               "{weight: 1, density: 0.5}}\n  - {model: OTHER, parameters: "
+                                               "{weight: 1}}\n", "density"),
+        config("slerp-base-not-a-model", "merge_method: slerp\nbase_model: /x/y.safetensors\n" + two
+               + "parameters: {t: 0.5}\n", "one of its two models"),
+        config("slices", "merge_method: passthrough\nslices:\n  - sources: [{model: GOOD, layer_range: [0, 1]}]\n",
+               "slices"),
+        config("gradient-weight", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: {weight: [0, 1]}}\n"
+                                  "  - {model: OTHER, parameters: {weight: 1}}\n", "gradients"),
         config("method-int", "merge_method: 5\n" + two, "merge_method"),
         config("weights-zero-sum", "models:\n  - {model: GOOD, parameters: {weight: 1}}\n"
                                    "  - {model: OTHER, parameters: {weight: -1}}\n", "sum|zero"),

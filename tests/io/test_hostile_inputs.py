@@ -77,12 +77,13 @@ def test_finite_inputs_whose_merge_overflows_write_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("models: 5\n", "models must be a list"),
-    ("models: [{model: 7}]\n", "models\\[0\\].model must be a path"),
-    ("models: [a.safetensors, b.safetensors]\nparameters: {density: half}\n", "parameters.density must be a number"),
-    ("models: [a.safetensors, b.safetensors]\nparameters: [1, 2]\n", "parameters must be a mapping"),
-    ("models: [{model: a.safetensors, parameters: {weight: [1, 2]}}]\n", "weight must be a number"),
-    ("models: [a.safetensors, b.safetensors]\nparameters: {seed: 1.5}\n", "seed must be an integer"),
+    ("merge_method: linear\nmodels: 5\n", "models must be a list"),
+    ("merge_method: linear\nmodels: [{model: 7}]\n", "models\\[0\\].model must be a path"),
+    ("merge_method: ties\nmodels: [a.safetensors, b.safetensors]\nparameters: {density: half}\n",
+     "parameters.density must be a number"),
+    ("merge_method: linear\nmodels: [a.safetensors, b.safetensors]\nparameters: [1, 2]\n", "parameters must be a mapping"),
+    ("merge_method: linear\nmodels: [{model: a.safetensors, parameters: {weight: [1, 2]}}]\n", "gradients"),
+    ("merge_method: dare\nmodels: [a.safetensors, b.safetensors]\nparameters: {seed: 1.5}\n", "seed must be an integer"),
     ("merge_method: [ties]\nmodels: [a.safetensors]\n", "merge_method must be a text"),
     ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
      "models: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "aliases"),
@@ -241,10 +242,10 @@ def test_config_linear_weights_are_normalised_as_mergekit_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize("text,key", [
-    ("merge_method: ties\nmodels: [a.safetensors]\nparameters: {int8_mask: true}\n", "parameters.int8_mask"),
-    ("merge_method: ties\nmodels: [{model: a.safetensors, parameters: {density: 0.3}}]\n",
+    ("merge_method: linear\nmodels: [a.safetensors]\nparameters: {int8_mask: true}\n", "parameters.int8_mask"),
+    ("merge_method: linear\nmodels: [{model: a.safetensors, parameters: {density: 0.3}}]\n",
      "models\\[0\\].parameters.density"),
-    ("merge_method: ties\nmodels: [a.safetensors]\nparameters: {normalize: true}\n", "normalize applies to linear"),
+    ("merge_method: slerp\nmodels: [a.safetensors]\nparameters: {normalize: true}\n", "parameters.normalize"),
 ])
 def test_config_keys_fastmerge_would_not_honour_are_refused(tmp_path, capsys, text, key):
     config = tmp_path / "c.yml"

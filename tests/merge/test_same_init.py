@@ -1,6 +1,5 @@
 """Same-initialisation methods on checkpoint files against direct in-memory torch computations."""
 
-import math
 
 import pytest
 import torch
@@ -52,16 +51,17 @@ def test_linear_and_task_arithmetic(family):
 
 
 def ties_reference(base, tunes, density, scale):
-    """TIES written out the plain way: top-k by sorting, sign by the sum, mean over agreeing entries."""
+    """TIES written out the plain way: top-k by sorting (k = int(density * n), as mergekit counts),
+    sign by the sum (+ where it is 0, as mergekit elects), mean over agreeing entries."""
     deltas = [t - base for t in tunes]
     trimmed = []
     for d in deltas:
         flat = d.flatten()
-        k = max(1, math.ceil(density * flat.numel()))
+        k = max(1, int(density * flat.numel()))
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[flat.abs().argsort(descending=True)[:k]] = True
         trimmed.append(torch.where(keep, flat, 0.0).reshape(d.shape))
-    sign = torch.sign(sum(trimmed))
+    sign = torch.where(sum(trimmed) >= 0, 1.0, -1.0)
     out = torch.zeros_like(base).flatten()
     flat_t = [t.flatten() for t in trimmed]
     for e in range(out.numel()):

@@ -226,7 +226,7 @@ def test_dare_draws_are_uniform_and_differ_between_seeds():
 def test_bad_arguments_raise():
     base = torch.zeros(10)
     with pytest.raises(RuntimeError, match="models\\[1\\]"):
-        torch.ops.fastmerge.ties_merge_out([base, torch.zeros(11)], base, [1.0, 1.0], [0.0, 0.0], 1.0, torch.empty(10))
+        torch.ops.fastmerge.ties_merge_out([base, torch.zeros(11)], base, [1.0, 1.0], [0.0, 0.0], 1.0, True, torch.empty(10))
     with pytest.raises(RuntimeError, match="out must be"):
         torch.ops.fastmerge.dare_merge_out([base], base, [1.0], [1], 5, torch.empty(9))
     with pytest.raises(RuntimeError, match="k must be"):
@@ -234,12 +234,12 @@ def test_bad_arguments_raise():
     with pytest.raises(RuntimeError, match="models\\[1\\]"):
         torch.ops.fastmerge.abs_delta_kth_largest([base, torch.zeros(11)], base, 3)
     with pytest.raises(RuntimeError, match="weights"):
-        torch.ops.fastmerge.ties_merge_out([base], base, [1.0, 2.0], [0.0], 1.0, torch.empty(10))
+        torch.ops.fastmerge.ties_merge_out([base], base, [1.0, 2.0], [0.0], 1.0, True, torch.empty(10))
 
 
 def test_opcheck(gen):
     base, tunes = family(gen, torch.bfloat16, n=1000)
     out = torch.empty(1000)
     torch.library.opcheck(torch.ops.fastmerge.abs_delta_kth_largest.default, (tunes, base, 10))
-    torch.library.opcheck(torch.ops.fastmerge.ties_merge_out.default, (tunes, base, [1.0] * 3, [0.01] * 3, 1.0, out))
+    torch.library.opcheck(torch.ops.fastmerge.ties_merge_out.default, (tunes, base, [1.0] * 3, [0.01] * 3, 1.0, True, out))
     torch.library.opcheck(torch.ops.fastmerge.dare_merge_out.default, (tunes, base, [1.0] * 3, [1, 2, 3], 1 << 23, out))

@@ -1,6 +1,8 @@
 """TIES: each task vector trimmed to its `density` largest magnitudes (a threshold per model from the
 whole tensor, exact), a sign elected per entry, the agreeing entries averaged (fused op)."""
 
+import torch
+
 from ...errors import NonFiniteError
 from ...ops.same_init import ties_merge, ties_threshold_count, ties_thresholds
 from .base import SameInitMethod, register, task_weights
@@ -9,17 +11,58 @@ from .base import SameInitMethod, register, task_weights
 def merge_ties(name, tensors, base, options, out_dtype, out):
     n = len(tensors)
     numel = base.numel()
-    k = ties_threshold_count(numel, options.density)
-    if options.density < 1.0 and numel:
-        thresholds, nonfinite = ties_thresholds(tensors, base, k)
+    densities = list(options.densities) if options.densities is not None else [options.density] * n
+    if options.mergekit_compat and base.dtype in (torch.bfloat16, torch.float16):
+        return ties_as_mergekit(tensors, base, task_weights(options, n), densities, options.scale,
+                                options.normalize is not False).to(out_dtype)
+    thresholds = [0.0] * n  # density 1: nothing trimmed
+    for density in sorted(set(d for d in densities if d < 1.0)):  # one pass per distinct density
+        members = [i for i, d in enumerate(densities) if d == density]
+        if not numel:
+            break
+        found, nonfinite = ties_thresholds([tensors[i] for i in members], base, ties_threshold_count(numel, density))
         if any(nonfinite):  # (the pass that selects the thresholds also checks the inputs)
-            m = next(i for i, c in enumerate(nonfinite) if c)
-            raise NonFiniteError(f"tensor {name!r}: {nonfinite[m]} entries of model {m}'s task vector (model - base) "
+            m = members[next(j for j, c in enumerate(nonfinite) if c)]
+            raise NonFiniteError(f"tensor {name!r}: {max(nonfinite)} entries of model {m}'s task vector (model - base) "
                                  "are NaN/Inf: a model or the base is broken there, or the difference overflows")
-    else:
-        thresholds = [0.0] * n
-    return ties_merge(tensors, base, task_weights(options, n), thresholds, options.scale, out_dtype, out)
+        for i, threshold in zip(members, found):
+            thresholds[i] = threshold
+    normalize = True if options.normalize is None else options.normalize
+    return ties_merge(tensors, base, task_weights(options, n), thresholds, options.scale, out_dtype, out,
+                      normalize=normalize)
 
 
-register(SameInitMethod(name="ties", merge=merge_ties, needs_base=True,
-                        checks_finite=lambda options: options.density < 1.0, uses=("weights", "scale", "density")))
+def ties_as_mergekit(tensors, base, weights, densities, scale, normalize) -> torch.Tensor:
+    """TIES as mergekit 0.1.5 computes it (--mergekit-compat), for half-precision checkpoints where
+    fastmerge's own differs by more than rounding: task vectors, their weighting and the sums in
+    the checkpoints' dtype (fastmerge: float32), and exactly int(density * numel) entries kept, the
+    ties broken by torch's argsort (fastmerge keeps every entry tied with the smallest kept one)."""
+    deltas = base.new_empty((len(tensors), *base.shape))
+    for i, (tensor, density) in enumerate(zip(tensors, densities)):
+        delta = tensor.to(base.dtype) - base
+        if density < 1.0 and delta.numel():
+            keep = torch.zeros(delta.numel(), dtype=delta.dtype)
+            keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:ties_threshold_count(
+                delta.numel(), density)]] = 1
+            delta = delta * keep.reshape_as(delta)
+        deltas[i] = delta
+    w = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
+    deltas.mul_(w)
+    elected = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+    agree = deltas.sign().to(base.dtype) == elected
+    mixed = (deltas * agree).sum(dim=0)
+    if normalize:
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return (base + mixed).to(base.dtype)
+
+
+def _trims(options) -> bool:
+    return (options.density < 1.0 if options.densities is None else any(d < 1.0 for d in options.densities))
+
+
+register(SameInitMethod(name="ties", merge=merge_ties, needs_base=True, checks_finite=_trims,
+                        uses=("weights", "scale", "density", "densities", "normalize", "mergekit_compat")))

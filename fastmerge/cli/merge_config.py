@@ -1,0 +1,249 @@
+"""`fastmerge merge --config`: a merge config in mergekit's language, read as mergekit 0.1.5 reads it.
+
+Every key is type-checked; a key or value fastmerge would not honour exactly is refused in one
+line, never dropped or read differently (tests/io/test_mergekit_conformance.py runs the same
+configs through mergekit). What is read as mergekit does:
+
+- `merge_method` is required; `base_model`, `models` (each `model:` with `parameters:`),
+  `parameters` (shared, and defaults for the per-model `weight` and `density`), `dtype`,
+  `out_dtype`; `out_path` is fastmerge's (mergekit takes the output as an argument).
+- linear: the weights divided by their sum unless `normalize: false`.
+- task_arithmetic: `normalize` (default false) divides the weights by their sum; `lambda` scales.
+- ties: per-model `density` (default 1.0: nothing trimmed, as in mergekit), `normalize` (default
+  true), `lambda`, `int8_mask` (only the dtype of mergekit's mask: no effect on the result).
+- slerp: `t` measured from `base_model`, which must be one of the two models.
+- `dtype` is the dtype mergekit loads the inputs in and `out_dtype` the output's (default
+  `dtype`); fastmerge computes in float32 from the stored inputs, so a `dtype` narrower than
+  float32 together with a different `out_dtype` is refused (mergekit would round the inputs to
+  `dtype` first).
+
+Refused, with the reason: gradients (lists) and `filter:` conditions, `slices`, tokenizer and chat
+template keys, and the methods fastmerge does not have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+
+import yaml
+
+from ..errors import InvalidArgumentError
+
+MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "out_path")
+# mergekit keys fastmerge does not implement: named in the refusal, so a user knows it is a gap
+UNSUPPORTED_TOP_KEYS = ("slices", "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
+PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
+             "slerp": (), "dare": ("weight",)}
+SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
+          "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed")}
+MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+                         "model_stock", "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion",
+                         "passthrough", "ram")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: a merge config needs none, and a few nested aliases (a "billion
+    laughs" document) expand into more nodes than memory holds."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a merge config",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        # YAML keeps the last of a repeated key: `models:` twice would merge models the reader
+        # of the file never meant; refused instead
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: construct_mapping refuses it below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears more than once "
+                                                        "(duplicate keys are refused)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: floats need a dot there. mergekit's configs are read by
+# pydantic, which takes "1e-3" as a number, so they write it that way: resolve it as YAML 1.2 does.
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _load(path: str):
+    try:
+        # a regular file only: a FIFO or device (/dev/zero) would block or never end
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InvalidArgumentError(f"{path}: not a regular file; give the merge config as a YAML file")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise InvalidArgumentError(f"{path}: over {MAX_CONFIG_BYTES // 2**20} MiB; not a merge config")
+        return yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InvalidArgumentError(f"{path}: cannot read the config ({str(exc)[:300]})") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{path}: cannot read the config (nested too deeply)") from None
+
+
+class _Reader:
+    """Typed access to one config's values, errors naming the file and the key."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, message: str):
+        raise InvalidArgumentError(f"{self.path}: {message}")
+
+    def typed(self, key: str, value, kind: str):
+        """`value` when it has the type `kind` ("text", "number", "integer", "bool"), or None."""
+        if value is None:
+            return None
+        if kind == "number" and isinstance(value, (list, dict)):
+            self.fail(f"{key}: gradients (lists) and filter: conditions are not supported by fastmerge yet; "
+                      "give one number")
+        ok = {"text": isinstance(value, str), "bool": isinstance(value, bool),
+              "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "integer": isinstance(value, int) and not isinstance(value, bool)}[kind]
+        if not ok:
+            name = {"text": "a text", "bool": "true or false", "number": "a number", "integer": "an integer"}[kind]
+            self.fail(f"{key} must be {name}, got {value!r}")
+        if kind == "number" and not math.isfinite(value):
+            self.fail(f"{key} must be a finite number, got {value!r}")
+        return value
+
+    def mapping(self, key: str, value) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(f"{key} must be a mapping of names to values, got {value!r}")
+        return value
+
+    def known(self, where: str, values: dict, known: tuple, method: str) -> None:
+        """A key fastmerge would not honour is refused, never dropped (mergekit means something by it)."""
+        unknown = sorted(set(values) - set(known), key=str)
+        if unknown:
+            takes = f"it takes {', '.join(known)} there" if known else "it takes none there"
+            self.fail(f"{where}.{unknown[0]} is not supported by fastmerge for {method} ({takes}); remove it")
+
+
+def read_config(path: str) -> dict:
+    """The settings of the merge config at `path` (keys as SameInitOptions and the CLI name them:
+    method, base, models, weights, densities, scale, density, t, seed, normalize, dtype, output)."""
+    r = _Reader(path)
+    config = _load(path)
+    if not isinstance(config, dict):
+        r.fail("the config must be a mapping (merge_method, models, ...)")
+    unsupported = sorted(k for k in config if k in UNSUPPORTED_TOP_KEYS)
+    if unsupported:
+        r.fail(f"{unsupported[0]}: is a mergekit feature fastmerge does not support yet; remove it")
+    unknown = sorted(set(config) - set(TOP_KEYS), key=str)
+    if unknown:
+        r.fail(f"unknown keys {unknown}; known: {sorted(TOP_KEYS)}")
+    method = r.typed("merge_method", config.get("merge_method"), "text")
+    if method is None:
+        r.fail("merge_method is required (as in mergekit): linear, task_arithmetic, ties, slerp or dare")
+    if method in MERGEKIT_ONLY_METHODS:
+        r.fail(f"merge_method {method} is a mergekit method fastmerge does not have yet; fastmerge has "
+               f"{', '.join(PER_MODEL)}")
+    if method not in PER_MODEL:
+        r.fail(f"unknown merge_method {method!r}; choose one of {', '.join(PER_MODEL)}")
+    params = r.mapping("parameters", config.get("parameters"))
+    r.known("parameters", params, SHARED[method] + PER_MODEL[method], method)
+
+    entries = config.get("models") or []
+    if not isinstance(entries, list):
+        r.fail(f"models must be a list of entries (- model: PATH), got {entries!r}")
+    models, own = [], []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            r.fail(f"models[{i}] needs a 'model' path")
+        r.known(f"models[{i}]", entry, ("model", "parameters"), method)
+        if not isinstance(entry["model"], str) or not entry["model"]:
+            r.fail(f"models[{i}].model must be a path, got {entry['model']!r}")
+        if "+" in entry["model"] and not os.path.exists(entry["model"]):
+            r.fail(f"models[{i}].model: model+LoRA references are not supported by fastmerge; merge the adapter "
+                   "into the model first")
+        models.append(entry["model"])
+        values = r.mapping(f"models[{i}].parameters", entry.get("parameters"))
+        r.known(f"models[{i}].parameters", values, PER_MODEL[method], method)
+        own.append(values)
+
+    def per_model(key: str) -> list[float] | None:
+        shared = r.typed(f"parameters.{key}", params.get(key), "number")
+        values = [r.typed(f"models[{i}].parameters.{key}", v.get(key), "number") for i, v in enumerate(own)]
+        values = [shared if v is None else v for v in values]
+        return None if all(v is None for v in values) else values
+
+    settings = {"method": method, "models": models,
+                "base": r.typed("base_model", config.get("base_model"), "text"),
+                "scale": r.typed("parameters.lambda", params.get("lambda"), "number"),
+                "t": r.typed("parameters.t", params.get("t"), "number"),
+                "seed": r.typed("parameters.seed", params.get("seed"), "integer"),
+                "normalize": r.typed("parameters.normalize", params.get("normalize"), "bool"),
+                "output": r.typed("out_path", config.get("out_path"), "text")}
+    r.typed("parameters.int8_mask", params.get("int8_mask"), "bool")  # mergekit's mask dtype: same result
+    weights = per_model("weight")
+    if weights is not None and None in weights:
+        r.fail("every model needs a weight when any has one (mergekit requires them all); add the missing ones")
+    settings["weights"] = weights
+    densities = per_model("density")
+    if method == "ties":
+        # mergekit's default density is 1.0 (nothing trimmed), not the TIES paper's 0.2 or fastmerge's CLI 0.5
+        settings["densities"] = [1.0 if d is None else d for d in densities] if densities else None
+        settings["density"] = 1.0 if densities is None else None
+    else:
+        settings["density"] = r.typed("parameters.density", params.get("density"), "number")
+    settings["dtype"] = _output_dtype(r, config)
+    if method == "slerp":
+        _base_first(r, settings)
+    if method == "linear":
+        settings["weights"] = _normalized(r, weights, settings.pop("normalize"))
+    return settings
+
+
+def _output_dtype(r: _Reader, config: dict) -> str | None:
+    dtype = r.typed("dtype", config.get("dtype"), "text")
+    out_dtype = r.typed("out_dtype", config.get("out_dtype"), "text")
+    if out_dtype is None or dtype is None or dtype == out_dtype or dtype in ("float32", "float64"):
+        return out_dtype or dtype
+    r.fail(f"dtype {dtype} with out_dtype {out_dtype}: mergekit would round the inputs to {dtype} first; "
+           "fastmerge computes in float32 from the stored inputs: drop dtype or make it float32")
+
+
+def _base_first(r: _Reader, settings: dict) -> None:
+    """mergekit's SLERP measures t from base_model, one of its two models: put it first (t = 0 is
+    the base), and it is not a base of task vectors."""
+    base = settings.pop("base")
+    if base is None:
+        return
+    same = [i for i, m in enumerate(settings["models"]) if os.path.realpath(m) == os.path.realpath(base)]
+    if not same:
+        r.fail("slerp's base_model must be one of its two models (t measures the way from it to the other)")
+    models = settings["models"]
+    settings["models"] = [models[same[0]]] + [m for i, m in enumerate(models) if i != same[0]]
+
+
+def _normalized(r: _Reader, weights: list[float] | None, normalize: bool | None) -> list[float] | None:
+    """A config's linear weights as mergekit reads them: divided by their sum unless normalize: false."""
+    if weights is None or normalize is False:
+        return weights
+    if not all(math.isfinite(w) for w in weights):
+        r.fail(f"weights must be finite numbers, got {weights}")
+    total = sum(weights)
+    if not math.isfinite(total):
+        r.fail(f"the linear weights {weights} sum past a float's range: they cannot be normalised; give smaller "
+               "weights (only their ratios matter)")
+    if total == 0:
+        r.fail("the linear weights sum to 0: they cannot be normalised (mergekit's default); set "
+               "parameters.normalize: false to use them as they are")
+    return [w / total for w in weights]
