@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 import torch.distributed
@@ -83,6 +84,22 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="merge NaN/Inf input values and write NaN/Inf merged ones (refused by default)")
     p.add_argument("--dry-run", action="store_true", help="check the inputs and print the plan; write nothing")
+    kit = p.add_argument_group("mergekit-yaml's habits: `fastmerge merge CONFIG.yml OUT` (or --config CONFIG.yml "
+                               "OUT) and its flags")
+    kit.add_argument("--out-shard-size", metavar="SIZE",
+                     help="mergekit's shard size: a count of bytes with K, M or B (thousand, million, billion), "
+                          "e.g. 5B; the same as --max-shard-size in bytes")
+    kit.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                     help="a folder output gets the tokenizer files of the base (else the first model)")
+    kit.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                     help="a folder output gets a README.md naming the inputs, method and parameters")
+    kit.add_argument("--random-seed", type=int, help="the seed of random masks (as --seed)")
+    for flag, why in (("--cuda", "the streamed merges run on the CPU engine, at disk speed"),
+                      ("--allow-crimes", "tensors must match in name, shape and dtype anyway"),
+                      ("--lazy-unpickle", "inputs are memory-mapped, never unpickled whole"),
+                      ("--low-cpu-memory", "one tensor at a time is in memory"),
+                      ("--trust-remote-code", "no model code is run")):
+        kit.add_argument(flag, action="store_true", help=f"accepted, no effect: {why}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -92,7 +109,12 @@ def run(args: argparse.Namespace) -> int:
         return _run_with_data(args)
     if args.method == "np_merge":
         raise InvalidArgumentError("--method np_merge learns coefficients on data: give --model, --data and --align")
+    _mergekit_positionals(args)
     settings = read_config(args.config) if args.config else {}
+    if args.random_seed is not None and args.seed is None:
+        args.seed = args.random_seed
+    if args.out_shard_size is not None:
+        args.max_shard_size = _kmb(args.out_shard_size)
     for key in ("method", "base", "weights", "scale", "density", "t", "seed", "dtype", "output"):
         value = getattr(args, key)
         if value is not None:
@@ -115,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         densities=tuple(settings["densities"]) if settings.get("densities") else None,
         normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat)
     common = dict(base=settings.get("base"), dtype=settings.get("dtype"), max_shard_size=args.max_shard_size,
-                  overwrite=args.overwrite, align=args.align, spec_file=args.spec)
+                  overwrite=args.overwrite, align=args.align, spec_file=args.spec,
+                  copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card)
     if args.dry_run:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())
@@ -127,6 +150,29 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
         print(stage_summary(times), file=sys.stderr)
     return 0
+
+
+def _mergekit_positionals(args: argparse.Namespace) -> None:
+    """mergekit-yaml's `CONFIG OUT`: `fastmerge merge c.yml out/` or `fastmerge merge --config c.yml
+    out/` read the config and write to the last argument (the models come from the config)."""
+    if not args.config and args.models and args.models[0].endswith((".yml", ".yaml")):
+        args.config, args.models = args.models[0], args.models[1:]
+    if args.config and len(args.models) == 1 and not args.output:
+        args.output, args.models = args.models[0], []
+    elif args.config and args.models:
+        raise InvalidArgumentError("with a config, give the output as one argument (or -o); the models come from "
+                                   "the config's models:")
+
+
+def _kmb(text: str) -> int:
+    """mergekit's sizes: 5B = 5 billion bytes, 500M, 64K, or a plain count."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise InvalidArgumentError(f"--out-shard-size {text!r}: write a count of bytes with K, M or B, e.g. 5B")
+    size = int(float(match.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}[match.group(2).upper()])
+    if not 1 <= size <= 2**62:
+        raise InvalidArgumentError(f"--out-shard-size {text!r}: must be between 1 byte and 2^62")
+    return size
 
 
 def _run_with_data(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ from .atomic import atomic_path, write_text_atomic
 
 CONFIG_NAME = "config.json"
 # copied as they are when the source folder has them
-COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+GENERATION_CONFIG = "generation_config.json"
+COPIED = (GENERATION_CONFIG, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
           "chat_template.json")
 
@@ -70,10 +71,16 @@ def read_config(source: str) -> dict:
     return config
 
 
-def write_folder_files(output: str, source: str, config: dict, *, dtype: torch.dtype | None, card: str) -> list[str]:
+def copied_files(source: str, copy_tokenizer: bool = True) -> list[str]:
+    """The names of the files of folder `source` that a merged folder gets as they are."""
+    return [n for n in COPIED if (copy_tokenizer or n == GENERATION_CONFIG) and os.path.isfile(os.path.join(source, n))]
+
+
+def write_folder_files(output: str, source: str, config: dict, *, dtype: torch.dtype | None, card: str | None,
+                       copy_tokenizer: bool = True) -> list[str]:
     """config.json (`config`, read by read_config, with torch_dtype set to `dtype` when given), the
-    generation config, tokenizer files and README.md (the card) from folder `source` into folder
-    `output`; returns the files written."""
+    generation config, tokenizer files (unless not `copy_tokenizer`) and README.md (the card, unless
+    None) from folder `source` into folder `output`; returns the files written."""
     written = []
     config = dict(config)
     if dtype is not None:
@@ -82,11 +89,10 @@ def write_folder_files(output: str, source: str, config: dict, *, dtype: torch.d
         if "dtype" in config:  # newer transformers write this key
             config["dtype"] = name
     written.append(write_text_atomic(os.path.join(output, CONFIG_NAME), json.dumps(config, indent=2) + "\n"))
-    for name in COPIED:
-        src = os.path.join(source, name)
-        if os.path.isfile(src):
-            with atomic_path(os.path.join(output, name)) as tmp:
-                shutil.copyfile(src, tmp)
-            written.append(os.path.join(output, name))
-    written.append(write_text_atomic(os.path.join(output, "README.md"), card))
+    for name in copied_files(source, copy_tokenizer):
+        with atomic_path(os.path.join(output, name)) as tmp:
+            shutil.copyfile(os.path.join(source, name), tmp)
+        written.append(os.path.join(output, name))
+    if card is not None:
+        written.append(write_text_atomic(os.path.join(output, "README.md"), card))
     return written

@@ -20,7 +20,7 @@ from ..alignment.weight_matching import weight_matching
 from ..checks import layout_difference
 from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from ..io import Checkpoint, merge_metadata, parse_dtype, plan_output, tensor_nbytes
-from ..io.hf_folder import CONFIG_NAME, COPIED, model_card, read_config, source_folder, write_folder_files
+from ..io.hf_folder import CONFIG_NAME, COPIED, copied_files, model_card, read_config, source_folder, write_folder_files
 from ..ops import count_nonfinite
 from ..spec import spec_from_yaml
 from ..spec.hf_config import config_folder, spec_from_config
@@ -81,7 +81,8 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str], *
 
 def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,
                dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
-               align: str | None = None, spec_file: str | None = None):
+               align: str | None = None, spec_file: str | None = None, copy_tokenizer: bool = True,
+               write_card: bool = True):
     """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer,
     (the folder whose config and tokenizer a folder output gets, its config) or None)."""
     out_dtype = parse_dtype(dtype)
@@ -105,26 +106,28 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
         if existing:
             raise CheckpointError(f"{os.path.join(writer.folder, existing[0])}: exists already; pass overwrite=True "
                                   "to replace it")
-    extras = [] if source is None else [os.path.join(writer.folder, n) for n in (CONFIG_NAME, "README.md")] + [
-        os.path.join(writer.folder, n) for n in COPIED if os.path.isfile(os.path.join(source, n))]
+    extras = [] if source is None else [os.path.join(writer.folder, n) for n in (
+        CONFIG_NAME, *(["README.md"] if write_card else []), *copied_files(source, copy_tokenizer))]
     plan = MergePlan(list(models), base, output, options, len(checkpoints[0]), checkpoints[0].nbytes(),
                      writer.final_paths + extras, dtype)
     return plan, checkpoints, base_ckpt, writer, None if source is None else (source, read_config(source))
 
 
-def _write_folder_files(plan: MergePlan, writer, source: tuple[str, dict] | None, out_dtype) -> None:
+def _write_folder_files(plan: MergePlan, writer, source: tuple[str, dict] | None, out_dtype, copy_tokenizer: bool,
+                       card: bool) -> None:
     """A folder output becomes a Hugging Face model folder (config, tokenizer, model card)."""
     if source is None:
         return
     parameters = {k: v for k, v in asdict(plan.options).items() if k != "method"}
-    write_folder_files(writer.folder, *source, dtype=out_dtype,
-                       card=model_card(plan.inputs, plan.options.method, parameters, plan.base))
+    write_folder_files(writer.folder, *source, dtype=out_dtype, copy_tokenizer=copy_tokenizer,
+                       card=model_card(plan.inputs, plan.options.method, parameters, plan.base) if card else None)
 
 
 def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptions | None = None, *,
                       base: str | None = None, dtype: str | None = None, max_shard_size: str | int | None = "5GB",
                       overwrite: bool = False, progress: bool = True, align: str | None = None,
-                      spec_file: str | None = None, allow_nonfinite: bool = False) -> MergePlan:
+                      spec_file: str | None = None, allow_nonfinite: bool = False, copy_tokenizer: bool = True,
+                      write_card: bool = True) -> MergePlan:
     """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
 
     With ``align="weight_matching"`` and `spec_file` (a YAML merge spec of the architecture, or "auto":
@@ -146,7 +149,8 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     options = options or SameInitOptions()
     plan, checkpoints, base_ckpt, writer, source = plan_merge(models, output, options, base=base, dtype=dtype,
                                                               max_shard_size=max_shard_size, overwrite=overwrite,
-                                                              align=align, spec_file=spec_file)
+                                                              align=align, spec_file=spec_file,
+                                                              copy_tokenizer=copy_tokenizer, write_card=write_card)
     inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
     labels = list(models) + ([base] if base_ckpt else [])
     sources = _aligned_sources(inputs, spec_file, progress) if align else [c.read for c in inputs]
@@ -193,7 +197,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         if pending is not None:
             pending.result()
         bar.close()
-    _write_folder_files(plan, writer, source, parse_dtype(dtype))
+    _write_folder_files(plan, writer, source, parse_dtype(dtype), copy_tokenizer, write_card)
     return plan
 
 
