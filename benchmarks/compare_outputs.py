@@ -2,7 +2,8 @@
 
 For each method: tensors compared, how many are bit-equal, and the worst relative Frobenius
 difference of the task vectors (merge - base; for linear, of the merged weights). DARE's random
-masks differ between the tools by design, so only its expected value is comparable.
+masks differ between the tools by design, so only its expected value is comparable. ties_compat is
+fastmerge's TIES with --mergekit-compat, against mergekit's TIES.
 
     python benchmarks/compare_outputs.py WORKDIR
 """
@@ -30,8 +31,9 @@ def load(files: dict, name: str) -> torch.Tensor:
 
 def main(work: str) -> None:
     base = tensor_files(f"{work}/base/model.safetensors")
-    for method in ("linear", "ties", "dare"):
-        ours, theirs = tensor_files(f"{work}/fm_{method}.safetensors"), tensor_files(f"{work}/mk_{method}")
+    for method in ("linear", "ties", "ties_compat", "dare"):
+        ours = tensor_files(f"{work}/fm_{method}")
+        theirs = tensor_files(f"{work}/mk_{method.removesuffix('_compat')}")
         common = [n for n in ours if n in theirs]
         equal, worst = 0, 0.0
         for name in common:

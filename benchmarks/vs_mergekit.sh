@@ -35,8 +35,8 @@ json.dump({'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden
            'hidden_act': 'silu'}, open('$WORK/$m/config.json', 'w'))"
 done
 
-models() { for m in "$@"; do echo "  - model: $WORK/$m"; echo "    parameters: {weight: ${WEIGHT:-1.0}, density: 0.5}"; done; }
-{ echo "merge_method: linear"; echo "models:"; WEIGHT=0.5 models a b; echo "dtype: bfloat16"; } > "$WORK/linear.yaml"
+models() { for m in "$@"; do echo "  - model: $WORK/$m"; echo "    parameters: {weight: ${WEIGHT:-1.0}${DENSITY:-, density: 0.5}}"; done; }
+{ echo "merge_method: linear"; echo "models:"; WEIGHT=0.5 DENSITY=" " models a b; echo "dtype: bfloat16"; } > "$WORK/linear.yaml"
 { echo "merge_method: ties"; echo "base_model: $WORK/base"; echo "models:"; models a b c
   echo "parameters: {normalize: true}"; echo "dtype: bfloat16"; } > "$WORK/ties.yaml"
 { echo "merge_method: dare_linear"; echo "base_model: $WORK/base"; echo "models:"; models a b c
@@ -48,10 +48,19 @@ one() {  # name output command...: a fresh output, no pending writeback, then th
   /usr/bin/time -f "$name: %e s, peak RSS %M KB" "$@" > "$WORK/$name.log" 2>&1 || { echo "$name FAILED"; tail -5 "$WORK/$name.log"; }
   grep "peak RSS" "$WORK/$name.log"
 }
+# fastmerge reads the same config files (mergekit-yaml's form); DARE is fastmerge's own (hashed
+# masks: mergekit's dare_linear draws torch's), from the command line; TIES also with
+# --mergekit-compat (mergekit's bfloat16 arithmetic)
 three=("$WORK/a/model.safetensors" "$WORK/b/model.safetensors" "$WORK/c/model.safetensors" --base "$WORK/base/model.safetensors")
-for method in linear ties dare; do
-  if [ $method = linear ]; then args=("$WORK/a/model.safetensors" "$WORK/b/model.safetensors"); else args=("${three[@]}" --method $method --density 0.5); fi
-  one "fastmerge_$method" "$WORK/fm_$method.safetensors" "$FM" merge "${args[@]}" -o "$WORK/fm_$method.safetensors" --quiet
+flags=(--quiet --no-copy-tokenizer --no-write-model-card)
+for method in linear ties ties_compat dare; do
+  case $method in
+    dare) args=("${three[@]}" --method dare --density 0.5 -o "$WORK/fm_$method") ;;
+    ties_compat) args=("$WORK/ties.yaml" "$WORK/fm_$method" --mergekit-compat) ;;
+    *) args=("$WORK/$method.yaml" "$WORK/fm_$method") ;;
+  esac
+  one "fastmerge_$method" "$WORK/fm_$method" "$FM" merge "${args[@]}" "${flags[@]}"
+  [ $method = ties_compat ] && continue
   one "mergekit_$method" "$WORK/mk_$method" "$MK" "$WORK/$method.yaml" "$WORK/mk_$method" --no-copy-tokenizer --no-write-model-card --quiet
 done
 $PY benchmarks/compare_outputs.py "$WORK"

@@ -60,9 +60,12 @@ def ties_as_mergekit(tensors, base, weights, densities, scale, normalize) -> tor
     return (base + mixed).to(base.dtype)
 
 
-def _trims(options) -> bool:
-    return (options.density < 1.0 if options.densities is None else any(d < 1.0 for d in options.densities))
+def _checks_finite(options) -> bool:
+    """The threshold pass counts NaN/Inf where it runs: when a density trims, and not in the
+    mergekit-compatible path (which may run instead)."""
+    trims = options.density < 1.0 if options.densities is None else any(d < 1.0 for d in options.densities)
+    return trims and not options.mergekit_compat
 
 
-register(SameInitMethod(name="ties", merge=merge_ties, needs_base=True, checks_finite=_trims,
+register(SameInitMethod(name="ties", merge=merge_ties, needs_base=True, checks_finite=_checks_finite,
                         uses=("weights", "scale", "density", "densities", "normalize", "mergekit_compat")))
