@@ -31,7 +31,7 @@ import torch.distributed
 from .. import distributed
 from ..alignment import METHODS as ALIGNMENT_METHODS
 from ..errors import InvalidArgumentError
-from ..io import DTYPES
+from ..io import DTYPES, Checkpoint
 from ..merging import METHODS as SAME_INIT_METHODS
 from ..merging.checkpoints import merge_checkpoints, plan_merge
 from ..merging.same_init import SameInitOptions
@@ -115,30 +115,22 @@ def run(args: argparse.Namespace) -> int:
         args.seed = args.random_seed
     if args.out_shard_size is not None:
         args.max_shard_size = _kmb(args.out_shard_size)
-    for key in ("method", "base", "weights", "scale", "density", "t", "seed", "dtype", "output"):
-        value = getattr(args, key)
-        if value is not None:
-            settings[key] = value
-            if key == "density":
-                settings["densities"] = None  # --density applies to every model
+    settings.update(_given(args))
     models = args.models or settings.get("models") or []
     if not models:
         raise InvalidArgumentError("no models to merge: list checkpoint paths (or models: in --config)")
     if not settings.get("output"):
         raise InvalidArgumentError("no output: give -o PATH (or out_path: in --config)")
-    defaults = SameInitOptions()
-    options = SameInitOptions(
-        method=settings.get("method") or "linear",
-        weights=tuple(settings["weights"]) if settings.get("weights") else None,
-        scale=float(settings["scale"]) if settings.get("scale") is not None else defaults.scale,
-        density=float(settings["density"]) if settings.get("density") is not None else defaults.density,
-        t=float(settings["t"]) if settings.get("t") is not None else defaults.t,
-        seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed,
-        densities=tuple(settings["densities"]) if settings.get("densities") else None,
-        normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat)
+    options = _options(settings, args)
+    tensor_options = None
+    if settings.get("tensor_parameters") is not None:  # gradients or filters: options per tensor
+        names = Checkpoint(models[0]).keys()
+        tensor_options = {name: _options({**settings, **own, **_given(args)}, args)
+                          for name, own in settings["tensor_parameters"].tensor_settings(names).items()}
+        options = next(iter(tensor_options.values()), options)  # the plan and metadata show the first's
     common = dict(base=settings.get("base"), dtype=settings.get("dtype"), max_shard_size=args.max_shard_size,
                   overwrite=args.overwrite, align=args.align, spec_file=args.spec,
-                  copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card)
+                  copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card, tensor_options=tensor_options)
     if args.dry_run:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())
@@ -150,6 +142,28 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
         print(stage_summary(times), file=sys.stderr)
     return 0
+
+
+def _given(args: argparse.Namespace) -> dict:
+    """The settings given as flags: they override the config's."""
+    given = {key: getattr(args, key) for key in ("method", "base", "weights", "scale", "density", "t", "seed", "dtype",
+                                                  "output") if getattr(args, key) is not None}
+    if "density" in given:
+        given["densities"] = None  # --density applies to every model
+    return given
+
+
+def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
+    defaults = SameInitOptions()
+    return SameInitOptions(
+        method=settings.get("method") or "linear",
+        weights=tuple(settings["weights"]) if settings.get("weights") else None,
+        scale=float(settings["scale"]) if settings.get("scale") is not None else defaults.scale,
+        density=float(settings["density"]) if settings.get("density") is not None else defaults.density,
+        t=float(settings["t"]) if settings.get("t") is not None else defaults.t,
+        seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed,
+        densities=tuple(settings["densities"]) if settings.get("densities") else None,
+        normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat)
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

@@ -17,8 +17,12 @@ configs through mergekit). What is read as mergekit does:
   float32 together with a different `out_dtype` is refused (mergekit would round the inputs to
   `dtype` first).
 
-Refused, with the reason: gradients (lists) and `filter:` conditions, `slices`, tokenizer and chat
-template keys, and the methods fastmerge does not have.
+- weight, density, lambda and t may be gradients (lists interpolated across the layers) and
+  conditions (`- filter: self_attn` / `value: ...`), resolved per tensor as mergekit does
+  (fastmerge/merging/gradients.py).
+
+Refused, with the reason: `slices`/`layer_range`, tokenizer and chat template keys, model+LoRA
+references, and the methods fastmerge does not have.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import stat
 import yaml
 
 from ..errors import InvalidArgumentError
+from ..merging.gradients import Setting, first, layer_positions
 
 MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "out_path")
@@ -107,8 +112,7 @@ class _Reader:
         if value is None:
             return None
         if kind == "number" and isinstance(value, (list, dict)):
-            self.fail(f"{key}: gradients (lists) and filter: conditions are not supported by fastmerge yet; "
-                      "give one number")
+            self.fail(f"{key} must be a number, got {value!r}")
         ok = {"text": isinstance(value, str), "bool": isinstance(value, bool),
               "number": isinstance(value, (int, float)) and not isinstance(value, bool),
               "integer": isinstance(value, int) and not isinstance(value, bool)}[kind]
@@ -118,6 +122,30 @@ class _Reader:
         if kind == "number" and not math.isfinite(value):
             self.fail(f"{key} must be a finite number, got {value!r}")
         return value
+
+    def setting(self, key: str, value) -> Setting | None:
+        """A numeric parameter as mergekit writes it: a number, a gradient (a list of numbers), or
+        conditions ({filter: substring, value: number or gradient}, one or a list; no filter: any)."""
+        if value is None:
+            return None
+        conditions = value if isinstance(value, list) and value and all(isinstance(v, dict) for v in value) else (
+            [value] if isinstance(value, dict) else [{"value": value}])
+        parsed = []
+        for i, condition in enumerate(conditions):
+            where = key if len(conditions) == 1 else f"{key}[{i}]"
+            unknown = sorted(set(condition) - {"value", "filter"}, key=str)
+            if unknown or "value" not in condition:
+                self.fail(f"{where}: a condition is {{filter: NAME_PART, value: NUMBER or [NUMBERS]}}, got {condition!r}")
+            filter_ = self.typed(f"{where}.filter", condition.get("filter"), "text")
+            raw = condition["value"]
+            if isinstance(raw, list):
+                if not raw:
+                    self.fail(f"{where}: a gradient needs at least one value")
+                gradient = tuple(float(self.typed(f"{where}[{j}]", v, "number")) for j, v in enumerate(raw))
+                parsed.append((filter_, gradient))
+            else:
+                parsed.append((filter_, float(self.typed(where, raw, "number"))))
+        return Setting(tuple(parsed))
 
     def mapping(self, key: str, value) -> dict:
         if value is None:
@@ -178,37 +206,65 @@ def read_config(path: str) -> dict:
         r.known(f"models[{i}].parameters", values, PER_MODEL[method], method)
         own.append(values)
 
-    def per_model(key: str) -> list[float] | None:
-        shared = r.typed(f"parameters.{key}", params.get(key), "number")
-        values = [r.typed(f"models[{i}].parameters.{key}", v.get(key), "number") for i, v in enumerate(own)]
-        values = [shared if v is None else v for v in values]
-        return None if all(v is None for v in values) else values
-
     settings = {"method": method, "models": models,
                 "base": r.typed("base_model", config.get("base_model"), "text"),
-                "scale": r.typed("parameters.lambda", params.get("lambda"), "number"),
-                "t": r.typed("parameters.t", params.get("t"), "number"),
                 "seed": r.typed("parameters.seed", params.get("seed"), "integer"),
-                "normalize": r.typed("parameters.normalize", params.get("normalize"), "bool"),
                 "output": r.typed("out_path", config.get("out_path"), "text")}
+    normalize = r.typed("parameters.normalize", params.get("normalize"), "bool")
     r.typed("parameters.int8_mask", params.get("int8_mask"), "bool")  # mergekit's mask dtype: same result
-    weights = per_model("weight")
-    if weights is not None and None in weights:
-        r.fail("every model needs a weight when any has one (mergekit requires them all); add the missing ones")
-    settings["weights"] = weights
-    densities = per_model("density")
-    if method == "ties":
-        # mergekit's default density is 1.0 (nothing trimmed), not the TIES paper's 0.2 or fastmerge's CLI 0.5
-        settings["densities"] = [1.0 if d is None else d for d in densities] if densities else None
-        settings["density"] = 1.0 if densities is None else None
-    else:
-        settings["density"] = r.typed("parameters.density", params.get("density"), "number")
+    numbers = ConfigParameters(
+        path, method,
+        shared={key: r.setting(f"parameters.{key}", params.get(key)) for key in ("weight", "density", "lambda", "t")},
+        per_model=[{key: r.setting(f"models[{i}].parameters.{key}", v.get(key)) for key in ("weight", "density")}
+                   for i, v in enumerate(own)],
+        normalize=normalize)
+    settings["normalize"] = None if method == "linear" else normalize  # linear's is applied to its weights
     settings["dtype"] = _output_dtype(r, config)
     if method == "slerp":
         _base_first(r, settings)
-    if method == "linear":
-        settings["weights"] = _normalized(r, weights, settings.pop("normalize"))
+    if numbers.uniform:
+        settings.update(numbers.resolve("", 0.0))
+    else:
+        settings["tensor_parameters"] = numbers
     return settings
+
+
+class ConfigParameters:
+    """A config's numeric parameters (weight, density, lambda, t), each a value, a gradient or
+    conditions, resolved per tensor as mergekit resolves them: a model's own setting first, then
+    the shared one, then the method's default."""
+
+    def __init__(self, path: str, method: str, shared: dict, per_model: list[dict], normalize: bool | None) -> None:
+        self.path, self.method, self.shared, self.per_model, self.normalize = path, method, shared, per_model, normalize
+        settings = [*shared.values(), *(s for own in per_model for s in own.values())]
+        self.uniform = all(s is None or s.scalar is not None for s in settings)
+
+    def _per_model(self, key: str, name: str, t: float) -> list[float] | None:
+        values = [first((own[key], self.shared[key]), name, t) for own in self.per_model]
+        return None if all(v is None for v in values) else values
+
+    def resolve(self, name: str, t: float) -> dict:
+        """The settings of tensor `name` at layer position `t`: weights, densities, density, scale, t."""
+        r = _Reader(self.path)
+        weights = self._per_model("weight", name, t)
+        if weights is not None and None in weights:
+            where = f" for tensor {name!r}" if name else ""
+            r.fail(f"models[{weights.index(None)}] has no weight{where} (mergekit requires one for every model); add it")
+        out = {"scale": first((self.shared["lambda"],), name, t), "t": first((self.shared["t"],), name, t)}
+        densities = self._per_model("density", name, t)
+        if self.method == "ties":
+            # mergekit's default density is 1.0 (nothing trimmed), not the paper's 0.2 or fastmerge's CLI 0.5
+            out["densities"] = [1.0 if d is None else d for d in densities] if densities else None
+            out["density"] = 1.0 if densities is None else None
+        else:
+            out["density"] = densities[0] if densities else None  # (per-model density: ties only)
+        out["weights"] = _normalized(r, weights, self.normalize) if self.method == "linear" else weights
+        return out
+
+    def tensor_settings(self, names) -> dict[str, dict]:
+        """resolve() for every tensor of a checkpoint, at its position along the layers."""
+        positions = layer_positions(names)
+        return {name: self.resolve(name, t) for name, t in positions.items()}
 
 
 def _output_dtype(r: _Reader, config: dict) -> str | None:

@@ -9,7 +9,7 @@ not models, in buffers reused from tensor to tensor.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -82,13 +82,14 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str], *
 def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,
                dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
                align: str | None = None, spec_file: str | None = None, copy_tokenizer: bool = True,
-               write_card: bool = True):
+               write_card: bool = True, tensor_options: Mapping[str, SameInitOptions] | None = None):
     """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer,
     (the folder whose config and tokenizer a folder output gets, its config) or None)."""
     out_dtype = parse_dtype(dtype)
     checkpoints = [Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base else None
-    options.validate(len(checkpoints), base_ckpt is not None)
+    for each in {options, *(tensor_options or {}).values()}:  # per-tensor options (gradients, filters) too
+        each.validate(len(checkpoints), base_ckpt is not None)
     every = checkpoints + ([base_ckpt] if base_ckpt else [])
     check_compatible(every, list(models) + ([base] if base else []), cast=dtype is not None)
     if align not in (None, "weight_matching"):
@@ -127,7 +128,8 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
                       base: str | None = None, dtype: str | None = None, max_shard_size: str | int | None = "5GB",
                       overwrite: bool = False, progress: bool = True, align: str | None = None,
                       spec_file: str | None = None, allow_nonfinite: bool = False, copy_tokenizer: bool = True,
-                      write_card: bool = True) -> MergePlan:
+                      write_card: bool = True,
+                      tensor_options: Mapping[str, SameInitOptions] | None = None) -> MergePlan:
     """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
 
     With ``align="weight_matching"`` and `spec_file` (a YAML merge spec of the architecture, or "auto":
@@ -135,6 +137,9 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     (and the base, if any) are first permuted onto the first model by weight matching, from the
     files alone ("align then merge", for models trained from different initialisations). That step
     holds every model in memory; the plain merges stream.
+
+    `tensor_options` gives tensors options of their own (the same method; mergekit's gradients and
+    filters resolved per tensor); the others get `options`.
 
     NaN/Inf in an input tensor, or in a merged one (an overflowing sum, a narrowing cast), is refused
     before anything is renamed into place; ``allow_nonfinite=True`` merges and writes them (a model
@@ -150,7 +155,8 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     plan, checkpoints, base_ckpt, writer, source = plan_merge(models, output, options, base=base, dtype=dtype,
                                                               max_shard_size=max_shard_size, overwrite=overwrite,
                                                               align=align, spec_file=spec_file,
-                                                              copy_tokenizer=copy_tokenizer, write_card=write_card)
+                                                              copy_tokenizer=copy_tokenizer, write_card=write_card,
+                                                              tensor_options=tensor_options)
     inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
     labels = list(models) + ([base] if base_ckpt else [])
     sources = _aligned_sources(inputs, spec_file, progress) if align else [c.read for c in inputs]
@@ -174,12 +180,13 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
             base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
             every = tensors + ([base_tensor] if base_ckpt else [])
-            if not (align or allow_nonfinite or checks_finite(options)):  # aligned: checked before matching
+            own = tensor_options.get(name, options) if tensor_options else options
+            if not (align or allow_nonfinite or checks_finite(own)):  # aligned: checked before matching
                 _check_finite(name, every, labels)
             out_buffer = out_buffers[i % 2]
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
             try:
-                merged = merge_tensor(name, tensors, base_tensor, options, out_dtype, out=out)
+                merged = merge_tensor(name, tensors, base_tensor, own, out_dtype, out=out)
             except NonFiniteError:
                 _check_finite(name, every, labels)  # names the file (finite inputs: the merge overflowed)
                 raise

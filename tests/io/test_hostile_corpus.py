@@ -402,8 +402,16 @@ def config_cases() -> list[Case]:
                + "parameters: {t: 0.5}\n", "one of its two models"),
         config("slices", "merge_method: passthrough\nslices:\n  - sources: [{model: GOOD, layer_range: [0, 1]}]\n",
                "slices"),
-        config("gradient-weight", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: {weight: [0, 1]}}\n"
-                                  "  - {model: OTHER, parameters: {weight: 1}}\n", "gradients"),
+        config("gradient-empty", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: {weight: []}}\n"
+                                 "  - {model: OTHER, parameters: {weight: 1}}\n", "at least one value"),
+        config("gradient-of-text", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: {weight: [a, b]}}\n"
+                                   "  - {model: OTHER, parameters: {weight: 1}}\n", "number"),
+        config("condition-unknown-key", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: {weight: "
+                                        "[{filter: mlp, valu: 2}]}}\n  - {model: OTHER, parameters: {weight: 1}}\n",
+               "condition"),
+        config("filter-matches-nothing-no-default", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: "
+                                                    "{weight: [{filter: nowhere, value: 2}]}}\n  - {model: OTHER, "
+                                                    "parameters: {weight: 1}}\n", "has no weight for tensor"),
         config("method-int", "merge_method: 5\n" + two, "merge_method"),
         config("weights-zero-sum", "models:\n  - {model: GOOD, parameters: {weight: 1}}\n"
                                    "  - {model: OTHER, parameters: {weight: -1}}\n", "sum|zero"),

@@ -82,7 +82,7 @@ def test_finite_inputs_whose_merge_overflows_write_nothing(tmp_path, capsys):
     ("merge_method: ties\nmodels: [a.safetensors, b.safetensors]\nparameters: {density: half}\n",
      "parameters.density must be a number"),
     ("merge_method: linear\nmodels: [a.safetensors, b.safetensors]\nparameters: [1, 2]\n", "parameters must be a mapping"),
-    ("merge_method: linear\nmodels: [{model: a.safetensors, parameters: {weight: [1, 2]}}]\n", "gradients"),
+    ("merge_method: linear\nmodels: [{model: a.safetensors, parameters: {weight: [[1, 2]]}}]\n", "must be a number"),
     ("merge_method: dare\nmodels: [a.safetensors, b.safetensors]\nparameters: {seed: 1.5}\n", "seed must be an integer"),
     ("merge_method: [ties]\nmodels: [a.safetensors]\n", "merge_method must be a text"),
     ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"

@@ -1,6 +1,7 @@
 """The same merge config through mergekit 0.1.5 and through `fastmerge merge --config`, on small
 LLaMA checkpoint folders saved by transformers: the same tensors (float32: bit-equal for TIES and
-SLERP, within a few float32 ulps for the weighted sums), the same greedy tokens after
+SLERP, within a few float32 ulps for the weighted sums; gradients and filters resolved per tensor
+as mergekit does), the same greedy tokens after
 `from_pretrained`, or a one-line refusal where fastmerge does not support what the config asks.
 Skipped where mergekit is not installed (it is in the test extra)."""
 
@@ -90,6 +91,21 @@ CASES = {
     "slerp": ("merge_method: slerp\nbase_model: ROOT/a\n" + _models("ab") + "parameters: {t: 0.3}\n", EXACT),
     "slerp-base-listed-second": ("merge_method: slerp\nbase_model: ROOT/b\n" + _models("ab")
                                  + "parameters: {t: 0.3}\n", EXACT),
+    "slerp-gradients-and-filters": ("merge_method: slerp\nbase_model: ROOT/a\n" + _models("ab")
+                                    + "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+                                      "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\n", EXACT),
+    "ties-gradients": ("merge_method: ties\nbase_model: ROOT/base\nmodels:\n  - model: ROOT/a\n    parameters:\n"
+                       "      weight: [1.0, 0.2]\n      density: [{filter: mlp, value: [0.9, 0.3]}, {value: 0.6}]\n"
+                       "  - model: ROOT/b\n    parameters: {weight: 0.5, density: 0.5}\n", EXACT),
+    "ties-filter-falls-back-to-shared": ("merge_method: ties\nbase_model: ROOT/base\nmodels:\n  - model: ROOT/a\n"
+                                         "    parameters: {weight: 1.0, density: [{filter: mlp, value: 0.5}]}\n"
+                                         "  - model: ROOT/b\n    parameters: {weight: 1.0, density: 0.7}\n"
+                                         "parameters: {density: 0.3}\n", EXACT),
+    "linear-filters-and-gradients": ("merge_method: linear\nmodels:\n  - model: ROOT/a\n    parameters:\n"
+                                     "      weight: [{filter: q_proj, value: 3}, {value: 1}]\n  - model: ROOT/b\n"
+                                     "    parameters: {weight: [1, 2, 0.5]}\n", SUMS),
+    "task-arithmetic-lambda-gradient": ("merge_method: task_arithmetic\nbase_model: ROOT/base\n"
+                                        + _models("ab", weight=[1.0, 0.5]) + "parameters: {lambda: [0.5, 1.5]}\n", SUMS),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
 }
 
@@ -138,11 +154,11 @@ def test_bfloat16_linear_and_slerp_match_mergekit_within_one_rounding(family, tm
     ("merge_method: dare_ties\nbase_model: ROOT/base\n" + _models("ab", weight=[1, 1], density=[0.5, 0.5]),
      "dare_ties is a mergekit method fastmerge does not have"),
     ("merge_method: model_stock\nbase_model: ROOT/base\n" + _models("abc"), "model_stock"),
-    ("merge_method: slerp\nbase_model: ROOT/a\n" + _models("ab")
-     + "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 1]\n    - value: 0.5\n", "gradients"),
+    ("merge_method: linear\n" + _models("ab", weight=[1, 1])
+     + "slices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}]\n", "slices"),
     ("merge_method: linear\n" + _models("ab", weight=[1, 1]) + "tokenizer_source: base\n", "tokenizer_source"),
     ("merge_method: slerp\nbase_model: ROOT/base\n" + _models("ab") + "parameters: {t: 0.5}\n", "one of its two models"),
-    ("merge_method: linear\n" + _models("ab", weight=[1, None]), "every model needs a weight"),
+    ("merge_method: linear\n" + _models("ab", weight=[1, None]), "models[1] has no weight"),
     (_models("ab", weight=[1, 1]), "merge_method is required"),
 ])
 def test_what_fastmerge_does_not_support_is_one_line(family, tmp_path, capsys, text, message):
