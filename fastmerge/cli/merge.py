@@ -34,6 +34,7 @@ from ..errors import InvalidArgumentError
 from ..io import DTYPES, Checkpoint
 from ..merging import METHODS as SAME_INIT_METHODS
 from ..merging.checkpoints import merge_checkpoints, plan_merge
+from ..merging.passthrough import passthrough
 from ..merging.same_init import SameInitOptions
 from ..merging.with_data import merge_files_with_data
 from ..stages import record_stages, stage_summary
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         args.seed = args.random_seed
     if args.out_shard_size is not None:
         args.max_shard_size = _kmb(args.out_shard_size)
+    if settings.get("method") == "passthrough":
+        return _run_passthrough(settings, args)
     settings.update(_given(args))
     models = args.models or settings.get("models") or []
     if not models:
@@ -140,6 +143,28 @@ def run(args: argparse.Namespace) -> int:
                                  allow_nonfinite=args.allow_nonfinite, **common)
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
+        print(stage_summary(times), file=sys.stderr)
+    return 0
+
+
+def _run_passthrough(settings: dict, args: argparse.Namespace) -> int:
+    """A config's passthrough slices (layer ranges stacked into a new model)."""
+    if args.models or any(getattr(args, k) is not None for k in ("method", "base", "weights", "scale", "density", "t")):
+        raise InvalidArgumentError("a passthrough config takes its models and parameters from its slices: give only "
+                                   "the output (and --dtype, shard and folder options)")
+    output = args.output or settings.get("output")
+    if not output:
+        raise InvalidArgumentError("no output: give -o PATH (or out_path: in --config)")
+    if args.dry_run:
+        raise InvalidArgumentError("--dry-run does not cover passthrough slices yet")
+    with record_stages() as times:
+        files = passthrough(settings["slices"], output, base=settings.get("base"),
+                            dtype=args.dtype or settings.get("dtype"), max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite, shared_scale=settings.get("scale"),
+                            copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
+                            progress=not args.quiet)
+    if not args.quiet:
+        print("\n".join(f"wrote {p}" for p in files))
         print(stage_summary(times), file=sys.stderr)
     return 0
 

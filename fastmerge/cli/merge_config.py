@@ -21,8 +21,11 @@ configs through mergekit). What is read as mergekit does:
   conditions (`- filter: self_attn` / `value: ...`), resolved per tensor as mergekit does
   (fastmerge/merging/gradients.py).
 
-Refused, with the reason: `slices`/`layer_range`, tokenizer and chat template keys, model+LoRA
-references, and the methods fastmerge does not have.
+- passthrough with `slices` (one source each: `model`, `layer_range`, `parameters: {scale}`):
+  fastmerge/merging/passthrough.py.
+
+Refused, with the reason: slices with several sources (merged layer ranges), tokenizer and chat
+template keys, model+LoRA references, and the methods fastmerge does not have.
 """
 
 from __future__ import annotations
@@ -36,18 +39,19 @@ import yaml
 
 from ..errors import InvalidArgumentError
 from ..merging.gradients import Setting, first, layer_positions
+from ..merging.passthrough import Slice
 
 MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "out_path")
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "out_path")
 # mergekit keys fastmerge does not implement: named in the refusal, so a user knows it is a gap
-UNSUPPORTED_TOP_KEYS = ("slices", "tokenizer_source", "tokenizer", "chat_template", "modules", "name")
+UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules", "name")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",)}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed")}
 MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
                          "model_stock", "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion",
-                         "passthrough", "ram")
+                         "ram")
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -181,8 +185,10 @@ def read_config(path: str) -> dict:
     if method in MERGEKIT_ONLY_METHODS:
         r.fail(f"merge_method {method} is a mergekit method fastmerge does not have yet; fastmerge has "
                f"{', '.join(PER_MODEL)}")
+    if method == "passthrough" or "slices" in config:
+        return _passthrough(r, config, method)
     if method not in PER_MODEL:
-        r.fail(f"unknown merge_method {method!r}; choose one of {', '.join(PER_MODEL)}")
+        r.fail(f"unknown merge_method {method!r}; choose one of {', '.join(PER_MODEL)}, passthrough")
     params = r.mapping("parameters", config.get("parameters"))
     r.known("parameters", params, SHARED[method] + PER_MODEL[method], method)
 
@@ -265,6 +271,46 @@ class ConfigParameters:
         """resolve() for every tensor of a checkpoint, at its position along the layers."""
         positions = layer_positions(names)
         return {name: self.resolve(name, t) for name, t in positions.items()}
+
+
+def _passthrough(r: _Reader, config: dict, method: str) -> dict:
+    """`merge_method: passthrough` with `slices:`, each one source {model, layer_range: [start, end],
+    parameters: {scale}}: fastmerge.merging.passthrough."""
+    if method != "passthrough":
+        r.fail(f"slices with merge_method {method} (merging layer ranges) are not supported by fastmerge yet; "
+               "slices work with passthrough")
+    if config.get("models") is not None or not config.get("slices"):
+        r.fail("passthrough takes slices: (- sources: [{model: PATH, layer_range: [START, END]}]), not models:")
+    params = r.mapping("parameters", config.get("parameters"))
+    r.known("parameters", params, ("scale",), method)
+    entries = config["slices"]
+    if not isinstance(entries, list):
+        r.fail(f"slices must be a list of {{sources: [...]}}, got {entries!r}")
+    slices = []
+    for i, entry in enumerate(entries):
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict):
+            r.fail(f"{where} must be a mapping with sources:, got {entry!r}")
+        r.known(where, entry, ("sources",), method)
+        sources = entry.get("sources")
+        if not isinstance(sources, list) or len(sources) != 1:
+            r.fail(f"{where}.sources: passthrough takes exactly one source per slice, got {sources!r}")
+        source = sources[0]
+        if not isinstance(source, dict):
+            r.fail(f"{where}.sources[0] must be {{model: PATH, layer_range: [START, END]}}, got {source!r}")
+        r.known(f"{where}.sources[0]", source, ("model", "layer_range", "parameters"), method)
+        model = r.typed(f"{where}.sources[0].model", source.get("model"), "text")
+        span = source.get("layer_range")
+        if (model is None or not isinstance(span, list) or len(span) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span) or span[0] >= span[1]):
+            r.fail(f"{where}.sources[0] needs model: PATH and layer_range: [START, END] with 0 <= START < END, "
+                   f"got {source!r}")
+        own = r.mapping(f"{where}.sources[0].parameters", source.get("parameters"))
+        r.known(f"{where}.sources[0].parameters", own, ("scale",), method)
+        slices.append(Slice(model, span[0], span[1], r.setting(f"{where}.sources[0].parameters.scale", own.get("scale"))))
+    return {"method": "passthrough", "slices": slices, "base": r.typed("base_model", config.get("base_model"), "text"),
+            "scale": r.setting("parameters.scale", params.get("scale")), "dtype": _output_dtype(r, config),
+            "output": r.typed("out_path", config.get("out_path"), "text")}
 
 
 def _output_dtype(r: _Reader, config: dict) -> str | None:

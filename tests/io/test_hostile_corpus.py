@@ -400,8 +400,13 @@ def config_cases() -> list[Case]:
                                                "{weight: 1}}\n", "density"),
         config("slerp-base-not-a-model", "merge_method: slerp\nbase_model: /x/y.safetensors\n" + two
                + "parameters: {t: 0.5}\n", "one of its two models"),
-        config("slices", "merge_method: passthrough\nslices:\n  - sources: [{model: GOOD, layer_range: [0, 1]}]\n",
-               "slices"),
+        config("slices-of-a-model-without-a-layer-stack", "merge_method: passthrough\nslices:\n  - sources: "
+                                                           "[{model: GOOD, layer_range: [0, 1]}]\n", "numbered"),
+        config("slices-two-sources", "merge_method: passthrough\nslices:\n  - sources: [{model: GOOD, layer_range: "
+                                     "[0, 1]}, {model: OTHER, layer_range: [0, 1]}]\n", "exactly one source"),
+        config("slices-range-reversed", "merge_method: passthrough\nslices:\n  - sources: [{model: GOOD, "
+                                        "layer_range: [2, 1]}]\n", "layer_range"),
+        config("slices-with-models", "merge_method: passthrough\n" + two, "slices"),
         config("gradient-empty", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: {weight: []}}\n"
                                  "  - {model: OTHER, parameters: {weight: 1}}\n", "at least one value"),
         config("gradient-of-text", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: {weight: [a, b]}}\n"

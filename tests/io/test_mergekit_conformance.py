@@ -154,8 +154,9 @@ def test_bfloat16_linear_and_slerp_match_mergekit_within_one_rounding(family, tm
     ("merge_method: dare_ties\nbase_model: ROOT/base\n" + _models("ab", weight=[1, 1], density=[0.5, 0.5]),
      "dare_ties is a mergekit method fastmerge does not have"),
     ("merge_method: model_stock\nbase_model: ROOT/base\n" + _models("abc"), "model_stock"),
-    ("merge_method: linear\n" + _models("ab", weight=[1, 1])
-     + "slices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}]\n", "slices"),
+    ("merge_method: linear\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
+     "{model: ROOT/b, layer_range: [0, 1]}]\n", "slices work with passthrough"),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 9]}]\n", "within its 2 layers"),
     ("merge_method: linear\n" + _models("ab", weight=[1, 1]) + "tokenizer_source: base\n", "tokenizer_source"),
     ("merge_method: slerp\nbase_model: ROOT/base\n" + _models("ab") + "parameters: {t: 0.5}\n", "one of its two models"),
     ("merge_method: linear\n" + _models("ab", weight=[1, None]), "models[1] has no weight"),
@@ -186,3 +187,27 @@ def test_bfloat16_ties_matches_mergekit_with_mergekit_compat(family, tmp_path):
         gaps[flag] = max(float((theirs[k].double() - ours[k].double()).abs().max()) for k in theirs.keys())
     assert gaps[("--mergekit-compat",)] == 0.0
     assert gaps[()] > 0.0  # the documented difference is real (else the switch would be needless)
+
+
+@pytest.mark.parametrize("text, layers", [
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 2]}]\n"
+     "  - sources: [{model: ROOT/b, layer_range: [0, 2]}]\n  - sources: [{model: ROOT/c, layer_range: [1, 2]}]\n", 5),
+    ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}]\n  - sources:\n"
+     "      - model: ROOT/b\n        layer_range: [0, 2]\n        parameters:\n"
+     "          scale: [{filter: o_proj, value: [0.5, 1.5]}, {value: 1.0}]\n", 3),
+])
+def test_passthrough_slices_build_the_same_model_as_mergekit(family, tmp_path, text, layers):
+    """Frankenmerges: layer ranges stacked (the layer count changes), tensors copied (scaled) to the bit;
+    both folders load and generate the same tokens."""
+    rc, theirs, ours = _run_both(family, tmp_path, text)
+    assert rc == 0
+    a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))
+    assert sorted(a.keys()) == sorted(b.keys())
+    assert all(torch.equal(a[k], b[k]) for k in a.keys())
+    tokens = []
+    for folder in (theirs, ours):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            tokens.append(model.generate(torch.tensor([[3, 9, 27]]), max_new_tokens=8, do_sample=False, pad_token_id=0))
+    assert torch.equal(tokens[0], tokens[1])
+    assert model.config.num_hidden_layers == layers

@@ -1,0 +1,118 @@
+"""Passthrough of layer slices (mergekit's `slices:` with `merge_method: passthrough`): the output's
+layers are the listed layer ranges of the listed models, one after the other ("frankenmerges"
+that change the layer count), each tensor copied (times its `scale`, when one is given), streamed
+into safetensors; the folder output's config.json gets the new layer count.
+
+As mergekit assembles them: the tensors outside the layers come from the first slice's model
+when they precede the layers (embeddings) and from the last slice's model otherwise (the final
+norm, the output head); a layer's position t for gradients is its index within its slice over the
+slice's length - 1; tensors outside the layers have t = 0.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..errors import CheckpointError, InvalidArgumentError
+from ..io import Checkpoint, merge_metadata, parse_dtype, parse_size
+from ..io.hf_folder import model_card, read_config, source_folder, write_folder_files
+from ..io.writer import ShardedWriter
+from .gradients import Setting, first
+
+_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks)\.)(\d+)(\..+)$")
+# tensors outside the layers that come before them (taken from the first slice's model)
+_BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Layers [start, end) of `model`, scaled by `scale` (None: copied as they are)."""
+
+    model: str
+    start: int
+    end: int
+    scale: Setting | None = None
+
+
+def _layer(name: str) -> tuple[str, int, str] | None:
+    match = _LAYER.match(name)
+    return (match.group(1), int(match.group(2)), match.group(3)) if match else None
+
+
+def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None, dtype: str | None = None,
+                max_shard_size: str | int | None = "5GB", overwrite: bool = False, shared_scale: Setting | None = None,
+                copy_tokenizer: bool = True, write_card: bool = True, progress: bool = True) -> list[str]:
+    """Writes the layers of `slices`, in order, with the tensors around them, to `output`; returns
+    the files written. A folder output gets the config of `base` (else the first slice's model)
+    with the new layer count."""
+    if not slices:
+        raise InvalidArgumentError("passthrough needs at least one slice")
+    out_dtype = parse_dtype(dtype)
+    models = {s.model: Checkpoint(s.model) for s in slices}
+    plan = []  # (output name, checkpoint, input name, scale setting, t)
+    first_model, last_model = models[slices[0].model], models[slices[-1].model]
+    outside = [n for n in first_model.keys() if _layer(n) is None]
+    for name in outside:
+        if _BEFORE_LAYERS.search(name):
+            plan.append((name, first_model, name, slices[0], 0.0))
+    position = 0
+    for s in slices:
+        ckpt = models[s.model]
+        layers = {}
+        for name in ckpt.keys():
+            parts = _layer(name)
+            if parts is not None:
+                layers.setdefault(parts[1], []).append(parts)
+        if sorted(layers) != list(range(len(layers))):
+            raise CheckpointError(f"{s.model}: its layers are not numbered 0 to n-1 (found {sorted(layers)[:8]}); "
+                                  "passthrough needs a transformer's layer stack")
+        if not 0 <= s.start < s.end <= len(layers):
+            raise InvalidArgumentError(f"{s.model}: layer_range [{s.start}, {s.end}] is not within its "
+                                       f"{len(layers)} layers")
+        for i in range(s.start, s.end):
+            t = (i - s.start) / (s.end - s.start - 1) if s.end - s.start > 1 else 1.0
+            for prefix, _, rest in layers[i]:
+                plan.append((f"{prefix}{position}{rest}", ckpt, f"{prefix}{i}{rest}", s, t))
+            position += 1
+    for name in [n for n in last_model.keys() if _layer(n) is None and not _BEFORE_LAYERS.search(n)]:
+        plan.append((name, last_model, name, slices[-1], 0.0))
+
+    def target(ckpt: Checkpoint, name: str) -> torch.dtype:
+        own = ckpt.dtype(name)
+        return out_dtype if out_dtype is not None and own.is_floating_point else own
+
+    layout = [(out, ckpt.shape(name), target(ckpt, name)) for out, ckpt, name, _, _ in plan]
+    metadata = merge_metadata("passthrough", "none", [s.model for s in slices])
+    writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
+                           overwrite=overwrite, protected=[f for c in models.values() for f in c.files()])
+    source = None if writer.single_file else source_folder(base or slices[0].model)
+    config = None
+    if source is not None:
+        config = read_config(source)
+        key = next((k for k in LAYER_COUNT_KEYS if k in config), None)
+        if key is None:
+            raise CheckpointError(f"{source}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}) to set to "
+                                  f"the passthrough's {position} layers")
+        config = {**config, key: position}
+    with writer:
+        for out, ckpt, name, s, t in tqdm(plan, desc="passthrough", unit="tensor", disable=not progress):
+            tensor = ckpt.read(name)
+            scale = first((s.scale, shared_scale), name, t)
+            if scale is not None and tensor.is_floating_point():
+                tensor = tensor * scale
+            writer.write(out, tensor.to(target(ckpt, name)).contiguous())
+    files = list(writer.final_paths)
+    if source is not None:
+        card = model_card([s.model for s in slices], "passthrough",
+                          {"slices": [(os.path.basename(os.path.abspath(s.model)), s.start, s.end) for s in slices]},
+                          base) if write_card else None
+        files += write_folder_files(writer.folder, source, config, dtype=out_dtype, card=card,
+                                    copy_tokenizer=copy_tokenizer)
+    return files
