@@ -188,7 +188,8 @@ def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
         t=float(settings["t"]) if settings.get("t") is not None else defaults.t,
         seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed,
         densities=tuple(settings["densities"]) if settings.get("densities") else None,
-        normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat)
+        normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat,
+        filter_wise=bool(settings.get("filter_wise")))
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

@@ -46,11 +46,12 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dty
 # mergekit keys fastmerge does not implement: named in the refusal, so a user knows it is a gap
 UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules", "name")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
-             "slerp": (), "dare": ("weight",)}
+             "slerp": (), "dare": ("weight",), "model_stock": ()}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
-          "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed")}
+          "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
+          "model_stock": ("filter_wise",)}
 MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                         "model_stock", "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion",
+                         "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion",
                          "ram")
 
 
@@ -181,7 +182,7 @@ def read_config(path: str) -> dict:
         r.fail(f"unknown keys {unknown}; known: {sorted(TOP_KEYS)}")
     method = r.typed("merge_method", config.get("merge_method"), "text")
     if method is None:
-        r.fail("merge_method is required (as in mergekit): linear, task_arithmetic, ties, slerp or dare")
+        r.fail(f"merge_method is required (as in mergekit): {', '.join(PER_MODEL)} or passthrough")
     if method in MERGEKIT_ONLY_METHODS:
         r.fail(f"merge_method {method} is a mergekit method fastmerge does not have yet; fastmerge has "
                f"{', '.join(PER_MODEL)}")
@@ -225,6 +226,7 @@ def read_config(path: str) -> dict:
                    for i, v in enumerate(own)],
         normalize=normalize)
     settings["normalize"] = None if method == "linear" else normalize  # linear's is applied to its weights
+    settings["filter_wise"] = r.typed("parameters.filter_wise", params.get("filter_wise"), "bool")
     settings["dtype"] = _output_dtype(r, config)
     if method == "slerp":
         _base_first(r, settings)

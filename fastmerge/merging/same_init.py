@@ -38,6 +38,7 @@ class SameInitOptions:
     densities: ties: one density per model (mergekit's per-model `density`), overriding `density`.
     normalize: ties: divide the agreeing entries' sum by their weights' sum (default: yes);
         task_arithmetic: divide the weights by their sum (default: no). As mergekit's `normalize`.
+    filter_wise: model_stock: one angle per output row instead of per tensor.
     mergekit_compat: ties on bfloat16/float16 checkpoints computed as mergekit 0.1.5 does (in the
         checkpoints' dtype, exactly k entries kept), where fastmerge's float32 TIES differs by more
         than rounding; elsewhere fastmerge already matches mergekit (tests/io/test_mergekit_conformance.py).
@@ -52,6 +53,7 @@ class SameInitOptions:
     densities: tuple[float, ...] | None = None
     normalize: bool | None = None
     mergekit_compat: bool = False
+    filter_wise: bool = False
 
     def validate(self, num_models: int, has_base: bool) -> None:
         method = get_method(self.method)
@@ -72,8 +74,8 @@ class SameInitOptions:
             raise InvalidArgumentError(f"scale (lambda) must be a finite number, got {self.scale}")
         if not 0.0 < self.density <= 1.0:
             raise InvalidArgumentError(f"density must be in (0, 1], got {self.density}")
-        for option in ("densities", "normalize"):
-            if getattr(self, option) is not None and option not in method.uses:
+        for option in ("densities", "normalize", "filter_wise"):
+            if getattr(self, option) not in (None, False) and option not in method.uses:
                 takers = ", ".join(m for m in METHODS if option in METHODS[m].uses)
                 raise InvalidArgumentError(f"{option} applies to {takers}, not to {self.method}")
         if self.densities is not None:

@@ -106,6 +106,9 @@ CASES = {
                                      "    parameters: {weight: [1, 2, 0.5]}\n", SUMS),
     "task-arithmetic-lambda-gradient": ("merge_method: task_arithmetic\nbase_model: ROOT/base\n"
                                         + _models("ab", weight=[1.0, 0.5]) + "parameters: {lambda: [0.5, 1.5]}\n", SUMS),
+    "model-stock": ("merge_method: model_stock\nbase_model: ROOT/base\n" + _models("abc"), EXACT),
+    "model-stock-filter-wise": ("merge_method: model_stock\nbase_model: ROOT/base\n" + _models("ab")
+                                + "parameters: {filter_wise: true}\n", EXACT),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
 }
 
@@ -138,11 +141,11 @@ def test_the_outputs_load_and_generate_the_same_tokens(family, tmp_path):
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_bfloat16_linear_and_slerp_match_mergekit_within_one_rounding(family, tmp_path):
+def test_bfloat16_linear_slerp_and_model_stock_match_mergekit(family, tmp_path):
     """bfloat16 checkpoints: linear within one bfloat16 rounding (mergekit and fastmerge both sum in
-    float32, in another order), SLERP to the bit."""
-    for text, ulps in ((CASES["linear"][0], 1), (CASES["slerp"][0], 0)):
-        rc, theirs, ours = _run_both(family, tmp_path / str(ulps), text, dtype="bfloat16")
+    float32, in another order), SLERP and Model Stock to the bit."""
+    for k, (text, ulps) in enumerate(((CASES["linear"][0], 1), (CASES["slerp"][0], 0), (CASES["model-stock"][0], 0))):
+        rc, theirs, ours = _run_both(family, tmp_path / str(k), text, dtype="bfloat16")
         assert rc == 0
         a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))
         for key in a.keys():
@@ -153,7 +156,7 @@ def test_bfloat16_linear_and_slerp_match_mergekit_within_one_rounding(family, tm
 @pytest.mark.parametrize("text, message", [
     ("merge_method: dare_ties\nbase_model: ROOT/base\n" + _models("ab", weight=[1, 1], density=[0.5, 0.5]),
      "dare_ties is a mergekit method fastmerge does not have"),
-    ("merge_method: model_stock\nbase_model: ROOT/base\n" + _models("abc"), "model_stock"),
+    ("merge_method: della\nbase_model: ROOT/base\n" + _models("abc", weight=[1, 1, 1]), "della"),
     ("merge_method: linear\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
      "{model: ROOT/b, layer_range: [0, 1]}]\n", "slices work with passthrough"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 9]}]\n", "within its 2 layers"),
