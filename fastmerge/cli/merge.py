@@ -189,7 +189,8 @@ def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
         seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed,
         densities=tuple(settings["densities"]) if settings.get("densities") else None,
         normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat,
-        filter_wise=bool(settings.get("filter_wise")))
+        filter_wise=bool(settings.get("filter_wise")),
+        gammas=tuple(settings["gammas"]) if settings.get("gammas") else None, rescale=settings.get("rescale"))
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

@@ -46,11 +46,14 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dty
 # mergekit keys fastmerge does not implement: named in the refusal, so a user knows it is a gap
 UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules", "name")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
-             "slerp": (), "dare": ("weight",), "model_stock": ()}
+             "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
+             "breadcrumbs_ties": ("weight", "density", "gamma")}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
-          "model_stock": ("filter_wise",)}
-MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+          "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
+          "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale")}
+TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties")  # per-model density, mergekit's default 1.0
+MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear",
                          "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion",
                          "ram")
 
@@ -221,12 +224,15 @@ def read_config(path: str) -> dict:
     r.typed("parameters.int8_mask", params.get("int8_mask"), "bool")  # mergekit's mask dtype: same result
     numbers = ConfigParameters(
         path, method,
-        shared={key: r.setting(f"parameters.{key}", params.get(key)) for key in ("weight", "density", "lambda", "t")},
-        per_model=[{key: r.setting(f"models[{i}].parameters.{key}", v.get(key)) for key in ("weight", "density")}
+        shared={key: r.setting(f"parameters.{key}", params.get(key)) for key in ("weight", "density", "gamma",
+                                                                                 "lambda", "t")},
+        per_model=[{key: r.setting(f"models[{i}].parameters.{key}", v.get(key)) for key in ("weight", "density",
+                                                                                          "gamma")}
                    for i, v in enumerate(own)],
         normalize=normalize)
     settings["normalize"] = None if method == "linear" else normalize  # linear's is applied to its weights
     settings["filter_wise"] = r.typed("parameters.filter_wise", params.get("filter_wise"), "bool")
+    settings["rescale"] = r.typed("parameters.rescale", params.get("rescale"), "bool")
     settings["dtype"] = _output_dtype(r, config)
     if method == "slerp":
         _base_first(r, settings)
@@ -260,12 +266,14 @@ class ConfigParameters:
             r.fail(f"models[{weights.index(None)}] has no weight{where} (mergekit requires one for every model); add it")
         out = {"scale": first((self.shared["lambda"],), name, t), "t": first((self.shared["t"],), name, t)}
         densities = self._per_model("density", name, t)
-        if self.method == "ties":
+        if self.method in TRIMMING:
             # mergekit's default density is 1.0 (nothing trimmed), not the paper's 0.2 or fastmerge's CLI 0.5
             out["densities"] = [1.0 if d is None else d for d in densities] if densities else None
             out["density"] = 1.0 if densities is None else None
         else:
-            out["density"] = densities[0] if densities else None  # (per-model density: ties only)
+            out["density"] = densities[0] if densities else None  # (per-model density: the trimming methods)
+        gammas = self._per_model("gamma", name, t)
+        out["gammas"] = [0.01 if g is None else g for g in gammas] if gammas else None  # mergekit's default 0.01
         out["weights"] = _normalized(r, weights, self.normalize) if self.method == "linear" else weights
         return out
 

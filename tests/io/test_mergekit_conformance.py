@@ -109,6 +109,12 @@ CASES = {
     "model-stock": ("merge_method: model_stock\nbase_model: ROOT/base\n" + _models("abc"), EXACT),
     "model-stock-filter-wise": ("merge_method: model_stock\nbase_model: ROOT/base\n" + _models("ab")
                                 + "parameters: {filter_wise: true}\n", EXACT),
+    "breadcrumbs": ("merge_method: breadcrumbs\nbase_model: ROOT/base\n"
+                    + _models("abc", weight=[1.0, 0.7, 0.4], density=[0.8, 0.6, 0.9]) + "parameters: {lambda: 0.9}\n",
+                    EXACT),
+    "breadcrumbs-ties-gamma-rescale": ("merge_method: breadcrumbs_ties\nbase_model: ROOT/base\n"
+                                       + _models("ab", weight=[1.0, 0.5], density=[0.7, 0.7], gamma=[0.05, 0.02])
+                                       + "parameters: {rescale: true, normalize: true}\n", EXACT),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
 }
 
@@ -141,10 +147,11 @@ def test_the_outputs_load_and_generate_the_same_tokens(family, tmp_path):
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_bfloat16_linear_slerp_and_model_stock_match_mergekit(family, tmp_path):
+def test_bfloat16_merges_match_mergekit(family, tmp_path):
     """bfloat16 checkpoints: linear within one bfloat16 rounding (mergekit and fastmerge both sum in
-    float32, in another order), SLERP and Model Stock to the bit."""
-    for k, (text, ulps) in enumerate(((CASES["linear"][0], 1), (CASES["slerp"][0], 0), (CASES["model-stock"][0], 0))):
+    float32, in another order), SLERP, Model Stock and Breadcrumbs to the bit."""
+    for k, (text, ulps) in enumerate(((CASES["linear"][0], 1), (CASES["slerp"][0], 0), (CASES["model-stock"][0], 0),
+                                      (CASES["breadcrumbs"][0], 0))):
         rc, theirs, ours = _run_both(family, tmp_path / str(k), text, dtype="bfloat16")
         assert rc == 0
         a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))

@@ -6,6 +6,7 @@ import torch
 from ...errors import NonFiniteError
 from ...ops.same_init import ties_merge, ties_threshold_count, ties_thresholds
 from .base import SameInitMethod, register, task_weights
+from .gta import gta_as_mergekit
 
 
 def merge_ties(name, tensors, base, options, out_dtype, out):
@@ -13,8 +14,11 @@ def merge_ties(name, tensors, base, options, out_dtype, out):
     numel = base.numel()
     densities = list(options.densities) if options.densities is not None else [options.density] * n
     if options.mergekit_compat and base.dtype in (torch.bfloat16, torch.float16):
-        return ties_as_mergekit(tensors, base, task_weights(options, n), densities, options.scale,
-                                options.normalize is not False).to(out_dtype)
+        # mergekit's arithmetic (half-precision task vectors, exactly k kept): fastmerge's float32
+        # TIES differs from it by more than rounding on these checkpoints
+        return gta_as_mergekit(tensors, base, task_weights(options, n), densities, sparsify="magnitude",
+                               consensus=True, normalize=options.normalize is not False,
+                               scale=options.scale).to(out_dtype)
     thresholds = [0.0] * n  # density 1: nothing trimmed
     for density in sorted(set(d for d in densities if d < 1.0)):  # one pass per distinct density
         members = [i for i, d in enumerate(densities) if d == density]
@@ -30,34 +34,6 @@ def merge_ties(name, tensors, base, options, out_dtype, out):
     normalize = True if options.normalize is None else options.normalize
     return ties_merge(tensors, base, task_weights(options, n), thresholds, options.scale, out_dtype, out,
                       normalize=normalize)
-
-
-def ties_as_mergekit(tensors, base, weights, densities, scale, normalize) -> torch.Tensor:
-    """TIES as mergekit 0.1.5 computes it (--mergekit-compat), for half-precision checkpoints where
-    fastmerge's own differs by more than rounding: task vectors, their weighting and the sums in
-    the checkpoints' dtype (fastmerge: float32), and exactly int(density * numel) entries kept, the
-    ties broken by torch's argsort (fastmerge keeps every entry tied with the smallest kept one)."""
-    deltas = base.new_empty((len(tensors), *base.shape))
-    for i, (tensor, density) in enumerate(zip(tensors, densities)):
-        delta = tensor.to(base.dtype) - base
-        if density < 1.0 and delta.numel():
-            keep = torch.zeros(delta.numel(), dtype=delta.dtype)
-            keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:ties_threshold_count(
-                delta.numel(), density)]] = 1
-            delta = delta * keep.reshape_as(delta)
-        deltas[i] = delta
-    w = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
-    deltas.mul_(w)
-    elected = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-    agree = deltas.sign().to(base.dtype) == elected
-    mixed = (deltas * agree).sum(dim=0)
-    if normalize:
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-        mixed /= divisor
-    if scale != 1:
-        mixed *= scale
-    return (base + mixed).to(base.dtype)
 
 
 def _checks_finite(options) -> bool:

@@ -1,0 +1,25 @@
+"""Model Breadcrumbs (Davari & Belilovsky 2023): each task vector keeps a band of its magnitudes,
+the largest `gamma` (outliers) and the smallest dropped to leave `density` of it; then summed
+(breadcrumbs) or with TIES' sign consensus (breadcrumbs_ties). mergekit 0.1.5's arithmetic
+(methods/gta.py), so a config merged by both gives the same tensors to the bit."""
+
+from ...errors import InvalidArgumentError
+from .base import SameInitMethod, register, task_weights
+from .gta import gta_as_mergekit
+
+
+def _breadcrumbs(consensus: bool):
+    def merge(name, tensors, base, options, out_dtype, out):
+        n = len(tensors)
+        densities = list(options.densities) if options.densities is not None else [options.density] * n
+        if options.gammas is not None and len(options.gammas) != n:
+            raise InvalidArgumentError(f"got {len(options.gammas)} gammas for {n} models")
+        return gta_as_mergekit(tensors, base, task_weights(options, n), densities, sparsify="band",
+                               consensus=consensus, normalize=bool(options.normalize), scale=options.scale,
+                               gammas=options.gammas, rescale=bool(options.rescale)).to(out_dtype)
+    return merge
+
+
+for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
+    register(SameInitMethod(name=_name, merge=_breadcrumbs(_consensus), needs_base=True,
+                            uses=("weights", "scale", "density", "densities", "normalize", "gammas", "rescale")))

@@ -1,0 +1,70 @@
+"""mergekit's "generalised task arithmetic" in torch, operation for operation and in the
+checkpoints' dtype: task vectors sparsified one by one (TIES' magnitude top-k, Model Breadcrumbs'
+band that drops the largest `gamma` and the smallest entries; optionally rescaled to their L1
+norm), weighted, a sign consensus or none, summed, normalised by the weights, scaled by lambda.
+
+It backs Model Breadcrumbs (methods/breadcrumbs.py) and TIES under --mergekit-compat; it keeps
+every task vector of a tensor in memory (n x the tensor), as mergekit does. fastmerge's own TIES
+is the fused kernel (ops.same_init.ties_merge)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ...ops.same_init import ties_threshold_count
+
+
+def _magnitude(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """TIES' keep mask: the int(density * n) (at least 1) largest magnitudes, ties by torch's argsort."""
+    keep = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    keep[torch.argsort(delta.abs().reshape(-1).float(), descending=True)[:ties_threshold_count(delta.numel(),
+                                                                                              density)]] = 1
+    return keep.reshape_as(delta)
+
+
+def _band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' keep mask: int(density * n) entries, above the smallest magnitudes and
+    below the int(gamma * n) largest (the outliers), as far as the density allows."""
+    n = delta.numel()
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    keep = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    keep[torch.sort(delta.abs().reshape(-1).float(), descending=False).indices[bottom:bottom + target]] = 1
+    return keep.reshape_as(delta)
+
+
+SPARSIFIERS = {"magnitude": _magnitude, "band": _band}
+
+
+def gta_as_mergekit(tensors: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],
+                    densities: Sequence[float], *, sparsify: str | None, consensus: bool, normalize: bool,
+                    scale: float, gammas: Sequence[float] | None = None, rescale: bool = False) -> torch.Tensor:
+    deltas = base.new_empty((len(tensors), *base.shape))
+    for i, tensor in enumerate(tensors):
+        delta = tensor.to(base.dtype) - base
+        if sparsify is not None and densities[i] < 1.0 and delta.numel():
+            masked = delta * SPARSIFIERS[sparsify](delta, densities[i], gammas[i] if gammas else 0.01)
+            if rescale:  # to the task vector's L1 norm (mergekit's rescale: RescaleNorm.l1)
+                before, after = delta.abs().sum(), masked.abs().sum()
+                masked = masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+            delta = masked
+        deltas[i] = delta
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
+    deltas.mul_(w)
+    if consensus:
+        elected = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        agree = deltas.sign().to(base.dtype) == elected
+        mixed = (deltas * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if scale != 1:
+        mixed *= scale
+    return (base + mixed).to(base.dtype)
