@@ -190,7 +190,8 @@ def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
         densities=tuple(settings["densities"]) if settings.get("densities") else None,
         normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat,
         filter_wise=bool(settings.get("filter_wise")),
-        gammas=tuple(settings["gammas"]) if settings.get("gammas") else None, rescale=settings.get("rescale"))
+        gammas=tuple(settings["gammas"]) if settings.get("gammas") else None, rescale=settings.get("rescale"),
+        row_wise=settings.get("row_wise"), flatten=settings.get("flatten"))
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

@@ -47,14 +47,15 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dty
 UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules", "name")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
-             "breadcrumbs_ties": ("weight", "density", "gamma")}
+             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",)}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
-          "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale")}
+          "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale"),
+          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten")}
 TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties")  # per-model density, mergekit's default 1.0
 MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear",
-                         "nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion",
+                         "multislerp", "karcher", "sce", "nearswap", "arcee_fusion",
                          "ram")
 
 
@@ -233,6 +234,8 @@ def read_config(path: str) -> dict:
     settings["normalize"] = None if method == "linear" else normalize  # linear's is applied to its weights
     settings["filter_wise"] = r.typed("parameters.filter_wise", params.get("filter_wise"), "bool")
     settings["rescale"] = r.typed("parameters.rescale", params.get("rescale"), "bool")
+    settings["row_wise"] = r.typed("parameters.nuslerp_row_wise", params.get("nuslerp_row_wise"), "bool")
+    settings["flatten"] = r.typed("parameters.nuslerp_flatten", params.get("nuslerp_flatten"), "bool")
     settings["dtype"] = _output_dtype(r, config)
     if method == "slerp":
         _base_first(r, settings)

@@ -41,6 +41,8 @@ class SameInitOptions:
     filter_wise: model_stock: one angle per output row instead of per tensor.
     gammas: breadcrumbs: per model, the fraction of largest task-vector entries dropped (default 0.01).
     rescale: breadcrumbs: rescale each sparsified task vector to its L1 norm (default: no).
+    row_wise, flatten: nuslerp: interpolate each row (the first dimension), or the whole tensor
+        (flatten, the default), else the last dimension; mergekit's nuslerp_row_wise / nuslerp_flatten.
     mergekit_compat: ties on bfloat16/float16 checkpoints computed as mergekit 0.1.5 does (in the
         checkpoints' dtype, exactly k entries kept), where fastmerge's float32 TIES differs by more
         than rounding; elsewhere fastmerge already matches mergekit (tests/io/test_mergekit_conformance.py).
@@ -58,6 +60,8 @@ class SameInitOptions:
     filter_wise: bool = False
     gammas: tuple[float, ...] | None = None
     rescale: bool | None = None
+    row_wise: bool | None = None
+    flatten: bool | None = None
 
     def validate(self, num_models: int, has_base: bool) -> None:
         method = get_method(self.method)
@@ -78,7 +82,7 @@ class SameInitOptions:
             raise InvalidArgumentError(f"scale (lambda) must be a finite number, got {self.scale}")
         if not 0.0 < self.density <= 1.0:
             raise InvalidArgumentError(f"density must be in (0, 1], got {self.density}")
-        for option in ("densities", "normalize", "filter_wise", "gammas", "rescale"):
+        for option in ("densities", "normalize", "filter_wise", "gammas", "rescale", "row_wise", "flatten"):
             if getattr(self, option) not in (None, False) and option not in method.uses:
                 takers = ", ".join(m for m in METHODS if option in METHODS[m].uses)
                 raise InvalidArgumentError(f"{option} applies to {takers}, not to {self.method}")

@@ -115,6 +115,11 @@ CASES = {
     "breadcrumbs-ties-gamma-rescale": ("merge_method: breadcrumbs_ties\nbase_model: ROOT/base\n"
                                        + _models("ab", weight=[1.0, 0.5], density=[0.7, 0.7], gamma=[0.05, 0.02])
                                        + "parameters: {rescale: true, normalize: true}\n", EXACT),
+    "nuslerp": ("merge_method: nuslerp\n" + _models("ab", weight=[0.3, 0.7]), EXACT),
+    "nuslerp-base-row-wise": ("merge_method: nuslerp\nbase_model: ROOT/base\n" + _models("ab", weight=[1.0, 2.0])
+                              + "parameters: {nuslerp_row_wise: true, nuslerp_flatten: false}\n", EXACT),
+    "nuslerp-last-dim": ("merge_method: nuslerp\n" + _models("ab", weight=[1.0, 1.0])
+                         + "parameters: {nuslerp_flatten: false}\n", EXACT),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
 }
 
@@ -149,9 +154,9 @@ def test_the_outputs_load_and_generate_the_same_tokens(family, tmp_path):
 
 def test_bfloat16_merges_match_mergekit(family, tmp_path):
     """bfloat16 checkpoints: linear within one bfloat16 rounding (mergekit and fastmerge both sum in
-    float32, in another order), SLERP, Model Stock and Breadcrumbs to the bit."""
+    float32, in another order), SLERP, Model Stock, Breadcrumbs and NuSLERP to the bit."""
     for k, (text, ulps) in enumerate(((CASES["linear"][0], 1), (CASES["slerp"][0], 0), (CASES["model-stock"][0], 0),
-                                      (CASES["breadcrumbs"][0], 0))):
+                                      (CASES["breadcrumbs"][0], 0), (CASES["nuslerp-base-row-wise"][0], 0))):
         rc, theirs, ours = _run_both(family, tmp_path / str(k), text, dtype="bfloat16")
         assert rc == 0
         a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))

@@ -1,0 +1,45 @@
+"""NuSLERP: spherical interpolation of two models, at t = w_2 / (w_1 + w_2) from their weights
+(0.5 when the weights sum to about 0), of the whole tensor (flatten, the default), of its rows
+(nuslerp_row_wise) or of its last dimension; with a base, of the two task vectors, added to the
+base. mergekit 0.1.5's arithmetic, operation for operation and in the checkpoints' dtype, so a
+config merged by both gives the same tensors to the bit."""
+
+import torch
+
+from .base import SameInitMethod, register, task_weights
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
+
+
+def nuslerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten: bool = False,
+                   eps: float = 1e-8) -> torch.Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    cos = torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if dim != -1 and not flatten:
+        result = result.transpose(dim, -1)
+    return result.reshape(shape)
+
+
+def merge_nuslerp(name, tensors, base, options, out_dtype, out):
+    weights = task_weights(options, 2)
+    total = sum(weights)
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    dim = 0 if options.row_wise else -1
+    flatten = options.flatten is not False
+    if base is not None:
+        return (base + nuslerp_tensor(t, tensors[0] - base, tensors[1] - base, dim, flatten)).to(out_dtype)
+    return nuslerp_tensor(t, tensors[0], tensors[1], dim, flatten).to(out_dtype)
+
+
+register(SameInitMethod(name="nuslerp", merge=merge_nuslerp, min_models=2, max_models=2,
+                        uses=("weights", "row_wise", "flatten")))
