@@ -47,16 +47,15 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dty
 UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules", "name")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
-             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",)}
+             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",)}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
           "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale"),
-          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten")}
+          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",)}
 TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties")  # per-model density, mergekit's default 1.0
-MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear",
-                         "multislerp", "karcher", "sce", "nearswap", "arcee_fusion",
-                         "ram")
+MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear", "karcher", "sce", "nearswap",
+                         "arcee_fusion", "ram")
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -236,6 +235,8 @@ def read_config(path: str) -> dict:
     settings["rescale"] = r.typed("parameters.rescale", params.get("rescale"), "bool")
     settings["row_wise"] = r.typed("parameters.nuslerp_row_wise", params.get("nuslerp_row_wise"), "bool")
     settings["flatten"] = r.typed("parameters.nuslerp_flatten", params.get("nuslerp_flatten"), "bool")
+    if method == "multislerp":  # its normalize is called normalize_weights
+        settings["normalize"] = r.typed("parameters.normalize_weights", params.get("normalize_weights"), "bool")
     settings["dtype"] = _output_dtype(r, config)
     if method == "slerp":
         _base_first(r, settings)

@@ -120,6 +120,9 @@ CASES = {
                               + "parameters: {nuslerp_row_wise: true, nuslerp_flatten: false}\n", EXACT),
     "nuslerp-last-dim": ("merge_method: nuslerp\n" + _models("ab", weight=[1.0, 1.0])
                          + "parameters: {nuslerp_flatten: false}\n", EXACT),
+    "multislerp": ("merge_method: multislerp\n" + _models("abc", weight=[0.5, 0.3, 0.2]), EXACT),
+    "multislerp-base": ("merge_method: multislerp\nbase_model: ROOT/base\n" + _models("abc", weight=[1.0, 2.0, 1.0])
+                        + "parameters: {normalize_weights: false}\n", EXACT),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
 }
 
