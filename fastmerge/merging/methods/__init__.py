@@ -1,7 +1,9 @@
 """The same-initialisation merge methods, one module each; importing them registers them (in this
 order, which is the order of the CLI's choices)."""
 
-from . import linear, task_arithmetic, ties, dare, slerp, model_stock, breadcrumbs, nuslerp, multislerp  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    linear, task_arithmetic, ties, dare, slerp, model_stock, breadcrumbs, nuslerp, multislerp, nearswap,
+)
 from .base import METHODS, SameInitMethod, get_method, register
 
 __all__ = ["METHODS", "SameInitMethod", "get_method", "register"]
