@@ -191,7 +191,9 @@ def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
         normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat,
         filter_wise=bool(settings.get("filter_wise")),
         gammas=tuple(settings["gammas"]) if settings.get("gammas") else None, rescale=settings.get("rescale"),
-        row_wise=settings.get("row_wise"), flatten=settings.get("flatten"))
+        row_wise=settings.get("row_wise"), flatten=settings.get("flatten"),
+        max_iter=settings["max_iter"] if settings.get("max_iter") is not None else defaults.max_iter,
+        tol=float(settings["tol"]) if settings.get("tol") is not None else defaults.tol)
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

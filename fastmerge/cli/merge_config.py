@@ -47,15 +47,14 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dty
 UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules", "name")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
-             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": ()}
+             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": ()}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
           "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale"),
-          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",), "nearswap": ("t",)}
+          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",), "nearswap": ("t",), "karcher": ("max_iter", "tol")}
 TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties")  # per-model density, mergekit's default 1.0
-MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear", "karcher", "sce", "arcee_fusion",
-                         "ram")
+MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear", "sce", "arcee_fusion", "ram")
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -240,6 +239,11 @@ def read_config(path: str) -> dict:
     settings["dtype"] = _output_dtype(r, config)
     if method == "slerp":
         _base_first(r, settings)
+    if method == "karcher":
+        settings["max_iter"] = r.typed("parameters.max_iter", params.get("max_iter"), "integer")
+        settings["tol"] = r.typed("parameters.tol", params.get("tol"), "number")
+        if settings["base"] is not None:
+            r.fail("karcher takes no base_model (it averages the models listed); remove it")
     if method == "nearswap" and settings["base"] is not None:  # the base may be listed among the models too
         settings["models"] = [m for m in models if os.path.realpath(m) != os.path.realpath(settings["base"])]
     if numbers.uniform:

@@ -43,6 +43,7 @@ class SameInitOptions:
     rescale: breadcrumbs: rescale each sparsified task vector to its L1 norm (default: no).
     row_wise, flatten: nuslerp: interpolate each row (the first dimension), or the whole tensor
         (flatten, the default), else the last dimension; mergekit's nuslerp_row_wise / nuslerp_flatten.
+    max_iter, tol: karcher: the most Riemannian steps, and the step length that stops them.
     mergekit_compat: ties on bfloat16/float16 checkpoints computed as mergekit 0.1.5 does (in the
         checkpoints' dtype, exactly k entries kept), where fastmerge's float32 TIES differs by more
         than rounding; elsewhere fastmerge already matches mergekit (tests/io/test_mergekit_conformance.py).
@@ -62,6 +63,8 @@ class SameInitOptions:
     rescale: bool | None = None
     row_wise: bool | None = None
     flatten: bool | None = None
+    max_iter: int = 10
+    tol: float = 1e-5
 
     def validate(self, num_models: int, has_base: bool) -> None:
         method = get_method(self.method)
@@ -78,6 +81,10 @@ class SameInitOptions:
                                        "difference of models, not an average; give weights with a positive sum")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise InvalidArgumentError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or not 0 <= self.max_iter <= 10_000:
+            raise InvalidArgumentError(f"max_iter must be an integer in [0, 10000], got {self.max_iter!r}")
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise InvalidArgumentError(f"tol must be a positive number, got {self.tol}")
         if not math.isfinite(self.scale):
             raise InvalidArgumentError(f"scale (lambda) must be a finite number, got {self.scale}")
         if not 0.0 < self.density <= 1.0:

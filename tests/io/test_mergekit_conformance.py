@@ -126,6 +126,8 @@ CASES = {
     "nearswap": ("merge_method: nearswap\nbase_model: ROOT/a\n" + _models("ab") + "parameters: {t: 0.01}\n", EXACT),
     "nearswap-base-not-listed": ("merge_method: nearswap\nbase_model: ROOT/base\n" + _models("c")
                                  + "parameters: {t: [0.001, 0.05]}\n", EXACT),
+    "karcher": ("merge_method: karcher\n" + _models("abc"), EXACT),
+    "karcher-options": ("merge_method: karcher\n" + _models("ab") + "parameters: {max_iter: 3, tol: 1.0e-3}\n", EXACT),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
 }
 
