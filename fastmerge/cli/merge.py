@@ -193,7 +193,8 @@ def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
         gammas=tuple(settings["gammas"]) if settings.get("gammas") else None, rescale=settings.get("rescale"),
         row_wise=settings.get("row_wise"), flatten=settings.get("flatten"),
         max_iter=settings["max_iter"] if settings.get("max_iter") is not None else defaults.max_iter,
-        tol=float(settings["tol"]) if settings.get("tol") is not None else defaults.tol)
+        tol=float(settings["tol"]) if settings.get("tol") is not None else defaults.tol,
+        select_topk=float(settings["select_topk"]) if settings.get("select_topk") is not None else defaults.select_topk)
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

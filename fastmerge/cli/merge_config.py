@@ -47,14 +47,14 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dty
 UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules", "name")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
-             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": ()}
+             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": ()}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
           "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale"),
-          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",), "nearswap": ("t",), "karcher": ("max_iter", "tol")}
+          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",), "nearswap": ("t",), "karcher": ("max_iter", "tol"), "sce": ("select_topk", "int8_mask")}
 TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties")  # per-model density, mergekit's default 1.0
-MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear", "sce", "arcee_fusion", "ram")
+MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion", "ram")
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -239,6 +239,8 @@ def read_config(path: str) -> dict:
     settings["dtype"] = _output_dtype(r, config)
     if method == "slerp":
         _base_first(r, settings)
+    if method == "sce":
+        settings["select_topk"] = r.typed("parameters.select_topk", params.get("select_topk"), "number")
     if method == "karcher":
         settings["max_iter"] = r.typed("parameters.max_iter", params.get("max_iter"), "integer")
         settings["tol"] = r.typed("parameters.tol", params.get("tol"), "number")

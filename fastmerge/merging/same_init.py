@@ -44,6 +44,7 @@ class SameInitOptions:
     row_wise, flatten: nuslerp: interpolate each row (the first dimension), or the whole tensor
         (flatten, the default), else the last dimension; mergekit's nuslerp_row_wise / nuslerp_flatten.
     max_iter, tol: karcher: the most Riemannian steps, and the step length that stops them.
+    select_topk: sce: the fraction of entries (those whose task vectors vary most) kept.
     mergekit_compat: ties on bfloat16/float16 checkpoints computed as mergekit 0.1.5 does (in the
         checkpoints' dtype, exactly k entries kept), where fastmerge's float32 TIES differs by more
         than rounding; elsewhere fastmerge already matches mergekit (tests/io/test_mergekit_conformance.py).
@@ -65,6 +66,7 @@ class SameInitOptions:
     flatten: bool | None = None
     max_iter: int = 10
     tol: float = 1e-5
+    select_topk: float = 1.0
 
     def validate(self, num_models: int, has_base: bool) -> None:
         method = get_method(self.method)
@@ -83,6 +85,8 @@ class SameInitOptions:
             raise InvalidArgumentError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or not 0 <= self.max_iter <= 10_000:
             raise InvalidArgumentError(f"max_iter must be an integer in [0, 10000], got {self.max_iter!r}")
+        if not 0.0 <= self.select_topk <= 1.0:
+            raise InvalidArgumentError(f"select_topk must be in [0, 1], got {self.select_topk}")
         if not (math.isfinite(self.tol) and self.tol > 0):
             raise InvalidArgumentError(f"tol must be a positive number, got {self.tol}")
         if not math.isfinite(self.scale):

@@ -128,6 +128,9 @@ CASES = {
                                  + "parameters: {t: [0.001, 0.05]}\n", EXACT),
     "karcher": ("merge_method: karcher\n" + _models("abc"), EXACT),
     "karcher-options": ("merge_method: karcher\n" + _models("ab") + "parameters: {max_iter: 3, tol: 1.0e-3}\n", EXACT),
+    "sce": ("merge_method: sce\nbase_model: ROOT/base\n" + _models("abc"), EXACT),
+    "sce-select": ("merge_method: sce\nbase_model: ROOT/base\n" + _models("abc") + "parameters: {select_topk: 0.3}\n",
+                   EXACT),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
 }
 
