@@ -34,6 +34,7 @@ import math
 import os
 import re
 import stat
+import sys
 
 import yaml
 
@@ -44,7 +45,7 @@ from ..merging.passthrough import Slice
 MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "out_path")
 # mergekit keys fastmerge does not implement: named in the refusal, so a user knows it is a gap
-UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules", "name")
+UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
              "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": ()}
@@ -106,10 +107,13 @@ def _load(path: str):
 
 
 class _Reader:
-    """Typed access to one config's values, errors naming the file and the key."""
+    """Typed access to one config's values, errors naming the file and the key. With
+    `allow_unknown`, keys no method reads are dropped with a warning instead (mergekit ignores
+    them too); what fastmerge lacks (methods, slices with several sources, tokenizer keys) is still
+    refused."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, path: str, allow_unknown: bool = False) -> None:
+        self.path, self.allow_unknown = path, allow_unknown
 
     def fail(self, message: str):
         raise InvalidArgumentError(f"{self.path}: {message}")
@@ -166,13 +170,21 @@ class _Reader:
         unknown = sorted(set(values) - set(known), key=str)
         if unknown:
             takes = f"it takes {', '.join(known)} there" if known else "it takes none there"
-            self.fail(f"{where}.{unknown[0]} is not supported by fastmerge for {method} ({takes}); remove it")
+            if not self.allow_unknown:
+                self.fail(f"{where}.{unknown[0]} is not supported by fastmerge for {method} ({takes}); remove it "
+                          "(or pass --allow-unknown to ignore it, as mergekit does)")
+            self.ignore(where, unknown, values)
+
+    def ignore(self, where: str, keys: list, values: dict) -> None:
+        print(f"fastmerge merge: warning: {self.path}: ignoring {where} keys {keys} (--allow-unknown)", file=sys.stderr)
+        for key in keys:
+            del values[key]
 
 
-def read_config(path: str) -> dict:
+def read_config(path: str, allow_unknown: bool = False) -> dict:
     """The settings of the merge config at `path` (keys as SameInitOptions and the CLI name them:
     method, base, models, weights, densities, scale, density, t, seed, normalize, dtype, output)."""
-    r = _Reader(path)
+    r = _Reader(path, allow_unknown)
     config = _load(path)
     if not isinstance(config, dict):
         r.fail("the config must be a mapping (merge_method, models, ...)")
@@ -180,8 +192,10 @@ def read_config(path: str) -> dict:
     if unsupported:
         r.fail(f"{unsupported[0]}: is a mergekit feature fastmerge does not support yet; remove it")
     unknown = sorted(set(config) - set(TOP_KEYS), key=str)
+    if unknown and not allow_unknown:
+        r.fail(f"unknown keys {unknown}; known: {sorted(TOP_KEYS)} (--allow-unknown ignores them, as mergekit does)")
     if unknown:
-        r.fail(f"unknown keys {unknown}; known: {sorted(TOP_KEYS)}")
+        r.ignore("top-level", unknown, config)
     method = r.typed("merge_method", config.get("merge_method"), "text")
     if method is None:
         r.fail(f"merge_method is required (as in mergekit): {', '.join(PER_MODEL)} or passthrough")

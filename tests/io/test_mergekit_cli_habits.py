@@ -54,3 +54,16 @@ def test_mistakes_are_one_line(config, tmp_path, capsys, args, message):
     assert main(["merge", "--config", str(config), str(tmp_path / "o"), *args, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_allow_unknown_ignores_keys_no_method_reads_with_a_warning(config, tmp_path, capsys):
+    text = config.read_text().replace("{weight: 3}", "{weight: 3, density: 0.5}") + "name: my-merge\n"
+    config.write_text(text)
+    assert main(["merge", str(config), str(tmp_path / "refused"), "--quiet"]) == 2
+    assert "allow-unknown" in capsys.readouterr().err
+    out = tmp_path / "merged"
+    assert main(["merge", str(config), str(out), "--quiet", "--allow-unknown"]) == 0
+    err = capsys.readouterr().err
+    assert "ignoring" in err and "density" in err and "name" in err
+    merged, a, b = (Checkpoint(str(p)) for p in (out, tmp_path / "a", tmp_path / "b"))
+    torch.testing.assert_close(merged["w0"], 0.25 * a["w0"] + 0.75 * b["w0"])
