@@ -1,37 +1,42 @@
 """Model Stock (Jang et al. 2024): the fine-tunes' average pulled toward the base by the angle
-between their task vectors, t = n cos / (1 + (n - 1) cos) (cos: the mean pairwise cosine of the
-task vectors, over the whole tensor, or per output row with filter_wise), out = t * average +
-(1 - t) * base; the base is kept where 1 + (n - 1) cos vanishes.
+between their task vectors: t = n cos / (1 + (n - 1) cos), cos the mean pairwise cosine of the
+task vectors (over the whole tensor, or per output row with filter_wise), out = t * average +
+(1 - t) * base; where 1 + (n - 1) cos vanishes the base is kept.
 
-The arithmetic is mergekit 0.1.5's, operation for operation and in the checkpoints' dtype, so a
-config merged by both gives the same tensors to the bit (tests/io/test_mergekit_conformance.py)."""
+Written to agree with mergekit 0.1.5's model_stock to the bit (the same float operations in the
+same order, in the checkpoints' dtype; tests/io/test_mergekit_conformance.py)."""
+
+import itertools
 
 import torch
 
 from .base import SameInitMethod, register
 
 
-def model_stock_tensor(tensors, base: torch.Tensor, filter_wise: bool = False) -> torch.Tensor:
-    w_0, ws = base, list(tensors)
-    if filter_wise:
-        if w_0.dim() == 1:
-            w_0, ws = w_0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
-    else:
-        w_0, ws = w_0.reshape(-1), [w.reshape(-1) for w in ws]
-    offsets = [w - w_0 for w in ws]
+def _mean_cosine(offsets) -> torch.Tensor:
+    """The mean over pairs (in order) of the cosines of the task vectors, along the last dimension."""
     cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
+    for a, b in itertools.combinations(offsets, 2):
+        scale = (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6)
+        cosines.append(((a * b).sum(dim=-1) / scale).clamp(-1, 1))
+    return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+
+
+def model_stock_tensor(tensors, base: torch.Tensor, filter_wise: bool = False) -> torch.Tensor:
+    if not filter_wise:
+        anchor, models = base.reshape(-1), [x.reshape(-1) for x in tensors]
+    elif base.dim() == 1:
+        anchor, models = base.unsqueeze(0), [x.unsqueeze(0) for x in tensors]
+    else:
+        anchor, models = base, list(tensors)
+    cos = _mean_cosine([x - anchor for x in models])
+    n = len(models)
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(denominator),
-                                                                             denominator))
-    average = sum(ws) / n
-    return (t * average + (1 - t) * w_0).reshape(base.shape)
+    ratio = torch.where(singular, torch.zeros_like(cos),
+                        (n * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = sum(models) / n
+    return (ratio * average + (1 - ratio) * anchor).reshape(base.shape)
 
 
 def merge_model_stock(name, tensors, base, options, out_dtype, out):
