@@ -5,7 +5,7 @@ difference of the task vectors (merge - base; for linear, of the merged weights)
 masks differ between the tools by design, so only its expected value is comparable. ties_compat is
 fastmerge's TIES with --mergekit-compat, against mergekit's TIES.
 
-    python benchmarks/compare_outputs.py WORKDIR
+    python benchmarks/compare_outputs.py WORKDIR [METHOD ...]
 """
 
 import glob
@@ -29,9 +29,9 @@ def load(files: dict, name: str) -> torch.Tensor:
         return h.get_tensor(name).double()
 
 
-def main(work: str) -> None:
+def main(work: str, methods: list[str]) -> None:
     base = tensor_files(f"{work}/base/model.safetensors")
-    for method in ("linear", "ties", "ties_compat", "dare"):
+    for method in methods:
         ours = tensor_files(f"{work}/fm_{method}")
         theirs = tensor_files(f"{work}/mk_{method.removesuffix('_compat')}")
         common = [n for n in ours if n in theirs]
@@ -39,7 +39,7 @@ def main(work: str) -> None:
         for name in common:
             x, y = load(ours, name), load(theirs, name)
             equal += int(torch.equal(x, y))
-            if method != "linear":
+            if method != "linear" and name in base and x.shape == load(base, name).shape:
                 b = load(base, name)
                 x, y = x - b, y - b
             worst = max(worst, float((x - y).norm() / y.norm().clamp_min(1e-30)))
@@ -49,4 +49,4 @@ def main(work: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:] or ["linear", "ties", "ties_compat", "dare"])

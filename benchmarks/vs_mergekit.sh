@@ -5,6 +5,7 @@
 # /usr/bin/time, then how close the outputs are (benchmarks/compare_outputs.py).
 #
 #   benchmarks/vs_mergekit.sh [WORKDIR]          (default /tmp/fastmerge-vs-mergekit)
+#   METHODS="slerp model_stock breadcrumbs sce nuslerp multislerp karcher passthrough" benchmarks/vs_mergekit.sh
 #
 # mergekit goes into its own venv (WORKDIR/mkvenv: torch==2.13.0 first, so pip keeps the CPU build,
 # then mergekit==0.1.5). Needs about 12 GB of disk in WORKDIR.
@@ -41,6 +42,17 @@ models() { for m in "$@"; do echo "  - model: $WORK/$m"; echo "    parameters: {
   echo "parameters: {normalize: true}"; echo "dtype: bfloat16"; } > "$WORK/ties.yaml"
 { echo "merge_method: dare_linear"; echo "base_model: $WORK/base"; echo "models:"; models a b c
   echo "parameters: {normalize: false}"; echo "dtype: bfloat16"; } > "$WORK/dare.yaml"
+# the methods fastmerge added for mergekit's configs (METHODS="... slerp model_stock ..." runs them)
+plain() { for m in "$@"; do echo "  - model: $WORK/$m"; done; }
+{ echo "merge_method: slerp"; echo "base_model: $WORK/a"; echo "models:"; plain a b; echo "parameters: {t: 0.3}"; } > "$WORK/slerp.yaml"
+{ echo "merge_method: model_stock"; echo "base_model: $WORK/base"; echo "models:"; plain a b c; } > "$WORK/model_stock.yaml"
+{ echo "merge_method: breadcrumbs"; echo "base_model: $WORK/base"; echo "models:"; DENSITY=", density: 0.9" models a b c; } > "$WORK/breadcrumbs.yaml"
+{ echo "merge_method: sce"; echo "base_model: $WORK/base"; echo "models:"; plain a b c; echo "parameters: {select_topk: 0.5}"; } > "$WORK/sce.yaml"
+{ echo "merge_method: nuslerp"; echo "models:"; WEIGHT=0.5 DENSITY=" " models a b; } > "$WORK/nuslerp.yaml"
+{ echo "merge_method: multislerp"; echo "models:"; WEIGHT=1.0 DENSITY=" " models a b c; } > "$WORK/multislerp.yaml"
+{ echo "merge_method: karcher"; echo "models:"; plain a b c; } > "$WORK/karcher.yaml"
+{ echo "merge_method: passthrough"; echo "slices:"; echo "  - sources: [{model: $WORK/a, layer_range: [0, 8]}]"
+  echo "  - sources: [{model: $WORK/b, layer_range: [4, 13]}]"; } > "$WORK/passthrough.yaml"
 
 one() {  # name output command...: a fresh output, no pending writeback, then the timed run
   local name=$1 out=$2; shift 2
@@ -53,7 +65,7 @@ one() {  # name output command...: a fresh output, no pending writeback, then th
 # --mergekit-compat (mergekit's bfloat16 arithmetic)
 three=("$WORK/a/model.safetensors" "$WORK/b/model.safetensors" "$WORK/c/model.safetensors" --base "$WORK/base/model.safetensors")
 flags=(--quiet --no-copy-tokenizer --no-write-model-card)
-for method in linear ties ties_compat dare; do
+for method in ${METHODS:-linear ties ties_compat dare}; do
   case $method in
     dare) args=("${three[@]}" --method dare --density 0.5 -o "$WORK/fm_$method") ;;
     ties_compat) args=("$WORK/ties.yaml" "$WORK/fm_$method" --mergekit-compat) ;;
@@ -63,4 +75,4 @@ for method in linear ties ties_compat dare; do
   [ $method = ties_compat ] && continue
   one "mergekit_$method" "$WORK/mk_$method" "$MK" "$WORK/$method.yaml" "$WORK/mk_$method" --no-copy-tokenizer --no-write-model-card --quiet
 done
-$PY benchmarks/compare_outputs.py "$WORK"
+$PY benchmarks/compare_outputs.py "$WORK" ${METHODS:-linear ties ties_compat dare}
