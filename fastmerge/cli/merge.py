@@ -95,10 +95,13 @@ def add_parser(sub) -> None:
     kit.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
                      help="a folder output gets a README.md naming the inputs, method and parameters")
     kit.add_argument("--random-seed", type=int, help="the seed of random masks (as --seed)")
+    kit.add_argument("--own-masks", action="store_true",
+                     help="run a config's dare_linear / dare_ties with fastmerge's own reproducible random masks "
+                          "(mergekit's come from torch's generator: the merge differs by its draws)")
     kit.add_argument("--allow-unknown", action="store_true",
                      help="ignore config keys no method reads, with a warning (mergekit ignores them); by default "
                           "they are refused")
-    for flag, why in (("--cuda", "the streamed merges run on the CPU engine, at disk speed"),
+    for flag, why in (("--cuda", "the checkpoint merges run on the CPU"),
                       ("--allow-crimes", "tensors must match in name, shape and dtype anyway"),
                       ("--lazy-unpickle", "inputs are memory-mapped, never unpickled whole"),
                       ("--low-cpu-memory", "one tensor at a time is in memory"),
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "np_merge":
         raise InvalidArgumentError("--method np_merge learns coefficients on data: give --model, --data and --align")
     _mergekit_positionals(args)
-    settings = read_config(args.config, args.allow_unknown) if args.config else {}
+    settings = read_config(args.config, args.allow_unknown, args.own_masks) if args.config else {}
     if args.random_seed is not None and args.seed is None:
         args.seed = args.random_seed
     if args.out_shard_size is not None:

@@ -48,14 +48,18 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dty
 UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules")
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
-             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": ()}
+             "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": (), "dare_linear": ("weight", "density"),
+             "dare_ties": ("weight", "density")}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
           "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale"),
-          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",), "nearswap": ("t",), "karcher": ("max_iter", "tol"), "sce": ("select_topk", "int8_mask")}
-TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties")  # per-model density, mergekit's default 1.0
-MERGEKIT_ONLY_METHODS = ("dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion", "ram")
+          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",), "nearswap": ("t",), "karcher": ("max_iter", "tol"), "sce": ("select_topk", "int8_mask"),
+          "dare_linear": ("lambda", "normalize", "int8_mask", "rescale"),
+          "dare_ties": ("lambda", "normalize", "int8_mask", "rescale")}
+TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties")  # per-model density, mergekit's default 1.0
+MERGEKIT_ONLY_METHODS = ("della", "della_linear", "arcee_fusion", "ram")
+RANDOM_METHODS = ("dare_linear", "dare_ties")  # fastmerge's draws are not mergekit's: only with --own-masks
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -181,7 +185,7 @@ class _Reader:
             del values[key]
 
 
-def read_config(path: str, allow_unknown: bool = False) -> dict:
+def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False) -> dict:
     """The settings of the merge config at `path` (keys as SameInitOptions and the CLI name them:
     method, base, models, weights, densities, scale, density, t, seed, normalize, dtype, output)."""
     r = _Reader(path, allow_unknown)
@@ -202,6 +206,9 @@ def read_config(path: str, allow_unknown: bool = False) -> dict:
     if method in MERGEKIT_ONLY_METHODS:
         r.fail(f"merge_method {method} is a mergekit method fastmerge does not have yet; fastmerge has "
                f"{', '.join(PER_MODEL)}")
+    if method in RANDOM_METHODS and not own_masks:
+        r.fail(f"{method} drops entries at random: fastmerge draws its own reproducible masks, not mergekit's "
+               "(torch's generator), so the merge would differ from mergekit's; pass --own-masks to run it so")
     if method == "passthrough" or "slices" in config:
         return _passthrough(r, config, method)
     if method not in PER_MODEL:

@@ -46,7 +46,7 @@ def family(tmp_path_factory):
     return root
 
 
-def _run_both(family, tmp_path, text: str, dtype: str = "float32"):
+def _run_both(family, tmp_path, text: str, dtype: str = "float32", flags: tuple = ()):
     text = text.replace("ROOT", str(family / dtype))
     tmp_path.mkdir(parents=True, exist_ok=True)
     config_path = tmp_path / "merge.yml"
@@ -54,7 +54,7 @@ def _run_both(family, tmp_path, text: str, dtype: str = "float32"):
     theirs, ours = tmp_path / "mergekit", tmp_path / "fastmerge"
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(theirs),
               options=MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0))
-    rc = main(["merge", "--config", str(config_path), "-o", str(ours), "--quiet"])
+    rc = main(["merge", "--config", str(config_path), "-o", str(ours), "--quiet", *flags])
     return rc, theirs, ours
 
 
@@ -178,7 +178,7 @@ def test_bfloat16_merges_match_mergekit(family, tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("merge_method: dare_ties\nbase_model: ROOT/base\n" + _models("ab", weight=[1, 1], density=[0.5, 0.5]),
-     "dare_ties is a mergekit method fastmerge does not have"),
+     "pass --own-masks"),
     ("merge_method: della\nbase_model: ROOT/base\n" + _models("abc", weight=[1, 1, 1]), "della"),
     ("merge_method: linear\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
      "{model: ROOT/b, layer_range: [0, 1]}]\n", "slices work with passthrough"),
@@ -237,3 +237,35 @@ def test_passthrough_slices_build_the_same_model_as_mergekit(family, tmp_path, t
             tokens.append(model.generate(torch.tensor([[3, 9, 27]]), max_new_tokens=8, do_sample=False, pad_token_id=0))
     assert torch.equal(tokens[0], tokens[1])
     assert model.config.num_hidden_layers == layers
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_variants_match_mergekit_where_nothing_is_drawn(family, tmp_path, capsys, method):
+    """mergekit's DARE variants run with --own-masks only (fastmerge's draws are not torch's); at
+    density 1 nothing is drawn and the merges agree to the bit (weights, consensus, lambda)."""
+    text = (f"merge_method: {method}\nbase_model: ROOT/base\n" + _models("abc", weight=[1.0, 0.6, 0.3])
+            + "parameters: {lambda: 0.9}\n")
+    path = tmp_path / "refused.yml"
+    path.write_text(text.replace("ROOT", str(family / "float32")))
+    assert main(["merge", "--config", str(path), "-o", str(tmp_path / "no"), "--quiet"]) == 2
+    assert "--own-masks" in capsys.readouterr().err
+    rc, theirs, ours = _run_both(family, tmp_path / "run", text, flags=("--own-masks",))
+    assert rc == 0
+    a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))
+    assert all(torch.equal(a[k], b[k]) for k in a.keys())
+
+
+def test_own_dare_masks_drop_the_density_and_keep_the_l1_norm(family, tmp_path):
+    """dare_linear at density 0.4 on one model: about 60 % of each task vector dropped, what is left
+    rescaled to the task vector's L1 norm (mergekit's rescale), reproducibly."""
+    text = ("merge_method: dare_linear\nbase_model: ROOT/base\n" + _models("a", weight=[1.0], density=[0.4]))
+    rc, _, ours = _run_both(family, tmp_path, text, flags=("--own-masks",))
+    assert rc == 0
+    base, tuned, merged = (Checkpoint(str(p)) for p in (family / "float32" / "base", family / "float32" / "a", ours))
+    name = "model.layers.0.mlp.up_proj.weight"
+    delta, kept = tuned[name] - base[name], merged[name] - base[name]
+    assert 0.55 < float((kept == 0).float().mean()) < 0.65
+    torch.testing.assert_close(kept.abs().sum(), delta.abs().sum(), rtol=1e-4, atol=0)
+    again = tmp_path / "again"
+    assert main(["merge", "--config", str(tmp_path / "merge.yml"), "-o", str(again), "--quiet", "--own-masks"]) == 0
+    assert torch.equal(Checkpoint(str(again))[name], merged[name])

@@ -3,7 +3,8 @@ checkpoints' dtype: task vectors sparsified one by one (TIES' magnitude top-k, M
 band that drops the largest `gamma` and the smallest entries; optionally rescaled to their L1
 norm), weighted, a sign consensus or none, summed, normalised by the weights, scaled by lambda.
 
-It backs Model Breadcrumbs (methods/breadcrumbs.py) and TIES under --mergekit-compat; it keeps
+It backs Model Breadcrumbs (methods/breadcrumbs.py), mergekit's DARE variants (methods/dare_gta.py,
+with fastmerge's own random draws) and TIES under --mergekit-compat; it keeps
 every task vector of a tensor in memory (n x the tensor), as mergekit does. fastmerge's own TIES
 is the fused kernel (ops.same_init.ties_merge)."""
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ...ops.same_init import ties_threshold_count
+from ...ops.same_init import dare_draws, keep_below, ties_threshold_count
 
 
 def _magnitude(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -38,14 +39,25 @@ def _band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
 SPARSIFIERS = {"magnitude": _magnitude, "band": _band}
 
 
+def random_keep(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """DARE's keep mask from fastmerge's hashed draws (reproducible; not torch's generator, so not
+    mergekit's masks): an entry is kept with probability `density`."""
+    draws = dare_draws(seed, 0, delta.numel(), delta.device)
+    return (draws < keep_below(density)).to(delta.dtype).reshape_as(delta)
+
+
 def gta_as_mergekit(tensors: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],
                     densities: Sequence[float], *, sparsify: str | None, consensus: bool, normalize: bool,
-                    scale: float, gammas: Sequence[float] | None = None, rescale: bool = False) -> torch.Tensor:
+                    scale: float, gammas: Sequence[float] | None = None, rescale: bool = False,
+                    seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """`sparsify`: "magnitude" (TIES), "band" (Breadcrumbs), "random" (DARE, with `seeds`) or None."""
     deltas = base.new_empty((len(tensors), *base.shape))
     for i, tensor in enumerate(tensors):
         delta = tensor.to(base.dtype) - base
         if sparsify is not None and densities[i] < 1.0 and delta.numel():
-            masked = delta * SPARSIFIERS[sparsify](delta, densities[i], gammas[i] if gammas else 0.01)
+            keep = (random_keep(delta, densities[i], seeds[i]) if sparsify == "random" else
+                    SPARSIFIERS[sparsify](delta, densities[i], gammas[i] if gammas else 0.01))
+            masked = delta * keep
             if rescale:  # to the task vector's L1 norm (mergekit's rescale: RescaleNorm.l1)
                 before, after = delta.abs().sum(), masked.abs().sum()
                 masked = masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
