@@ -96,8 +96,9 @@ def add_parser(sub) -> None:
                      help="a folder output gets a README.md naming the inputs, method and parameters")
     kit.add_argument("--random-seed", type=int, help="the seed of random masks (as --seed)")
     kit.add_argument("--own-masks", action="store_true",
-                     help="run a config's dare_linear / dare_ties with fastmerge's own reproducible random masks "
-                          "(mergekit's come from torch's generator: the merge differs by its draws)")
+                     help="run a config's dare_linear, dare_ties, della or della_linear with fastmerge's own "
+                          "reproducible random masks (mergekit's come from torch's generator: the merge differs by "
+                          "its draws)")
     kit.add_argument("--allow-unknown", action="store_true",
                      help="ignore config keys no method reads, with a warning (mergekit ignores them); by default "
                           "they are refused")
@@ -200,7 +201,8 @@ def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
         row_wise=settings.get("row_wise"), flatten=settings.get("flatten"),
         max_iter=settings["max_iter"] if settings.get("max_iter") is not None else defaults.max_iter,
         tol=float(settings["tol"]) if settings.get("tol") is not None else defaults.tol,
-        select_topk=float(settings["select_topk"]) if settings.get("select_topk") is not None else defaults.select_topk)
+        select_topk=float(settings["select_topk"]) if settings.get("select_topk") is not None else defaults.select_topk,
+        epsilons=tuple(settings["epsilons"]) if settings.get("epsilons") else None)
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

@@ -49,17 +49,21 @@ UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modul
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
              "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": (), "dare_linear": ("weight", "density"),
-             "dare_ties": ("weight", "density")}
+             "dare_ties": ("weight", "density"), "della": ("weight", "density", "epsilon"),
+             "della_linear": ("weight", "density", "epsilon")}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
           "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale"),
           "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",), "nearswap": ("t",), "karcher": ("max_iter", "tol"), "sce": ("select_topk", "int8_mask"),
           "dare_linear": ("lambda", "normalize", "int8_mask", "rescale"),
-          "dare_ties": ("lambda", "normalize", "int8_mask", "rescale")}
-TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties")  # per-model density, mergekit's default 1.0
-MERGEKIT_ONLY_METHODS = ("della", "della_linear", "arcee_fusion", "ram")
-RANDOM_METHODS = ("dare_linear", "dare_ties")  # fastmerge's draws are not mergekit's: only with --own-masks
+          "dare_ties": ("lambda", "normalize", "int8_mask", "rescale"),
+          "della": ("lambda", "normalize", "int8_mask", "rescale"),
+          "della_linear": ("lambda", "normalize", "int8_mask", "rescale")}
+TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear")  # per-model density, mergekit's default 1.0
+MERGEKIT_ONLY_METHODS = ("arcee_fusion", "ram")
+# fastmerge's draws are not mergekit's: only with --own-masks
+RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -245,9 +249,9 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
     numbers = ConfigParameters(
         path, method,
         shared={key: r.setting(f"parameters.{key}", params.get(key)) for key in ("weight", "density", "gamma",
-                                                                                 "lambda", "t")},
+                                                                                 "epsilon", "lambda", "t")},
         per_model=[{key: r.setting(f"models[{i}].parameters.{key}", v.get(key)) for key in ("weight", "density",
-                                                                                          "gamma")}
+                                                                                          "gamma", "epsilon")}
                    for i, v in enumerate(own)],
         normalize=normalize)
     settings["normalize"] = None if method == "linear" else normalize  # linear's is applied to its weights
@@ -307,6 +311,8 @@ class ConfigParameters:
             out["density"] = densities[0] if densities else None  # (per-model density: the trimming methods)
         gammas = self._per_model("gamma", name, t)
         out["gammas"] = [0.01 if g is None else g for g in gammas] if gammas else None  # mergekit's default 0.01
+        epsilons = self._per_model("epsilon", name, t)
+        out["epsilons"] = [0.15 if e is None else e for e in epsilons] if epsilons else None  # mergekit's 0.15
         out["weights"] = _normalized(r, weights, self.normalize) if self.method == "linear" else weights
         return out
 

@@ -45,6 +45,7 @@ class SameInitOptions:
         (flatten, the default), else the last dimension; mergekit's nuslerp_row_wise / nuslerp_flatten.
     max_iter, tol: karcher: the most Riemannian steps, and the step length that stops them.
     select_topk: sce: the fraction of entries (those whose task vectors vary most) kept.
+    epsilons: della: per model, the spread of the keep probability around the density (default 0.15).
     mergekit_compat: ties on bfloat16/float16 checkpoints computed as mergekit 0.1.5 does (in the
         checkpoints' dtype, exactly k entries kept), where fastmerge's float32 TIES differs by more
         than rounding; elsewhere fastmerge already matches mergekit (tests/io/test_mergekit_conformance.py).
@@ -67,6 +68,7 @@ class SameInitOptions:
     max_iter: int = 10
     tol: float = 1e-5
     select_topk: float = 1.0
+    epsilons: tuple[float, ...] | None = None
 
     def validate(self, num_models: int, has_base: bool) -> None:
         method = get_method(self.method)
@@ -93,7 +95,7 @@ class SameInitOptions:
             raise InvalidArgumentError(f"scale (lambda) must be a finite number, got {self.scale}")
         if not 0.0 < self.density <= 1.0:
             raise InvalidArgumentError(f"density must be in (0, 1], got {self.density}")
-        for option in ("densities", "normalize", "filter_wise", "gammas", "rescale", "row_wise", "flatten"):
+        for option in ("densities", "normalize", "filter_wise", "gammas", "rescale", "row_wise", "flatten", "epsilons"):
             if getattr(self, option) not in (None, False) and option not in method.uses:
                 takers = ", ".join(m for m in METHODS if option in METHODS[m].uses)
                 raise InvalidArgumentError(f"{option} applies to {takers}, not to {self.method}")

@@ -239,7 +239,7 @@ def test_passthrough_slices_build_the_same_model_as_mergekit(family, tmp_path, t
     assert model.config.num_hidden_layers == layers
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
 def test_dare_variants_match_mergekit_where_nothing_is_drawn(family, tmp_path, capsys, method):
     """mergekit's DARE variants run with --own-masks only (fastmerge's draws are not torch's); at
     density 1 nothing is drawn and the merges agree to the bit (weights, consensus, lambda)."""
@@ -269,3 +269,20 @@ def test_own_dare_masks_drop_the_density_and_keep_the_l1_norm(family, tmp_path):
     again = tmp_path / "again"
     assert main(["merge", "--config", str(tmp_path / "merge.yml"), "-o", str(again), "--quiet", "--own-masks"]) == 0
     assert torch.equal(Checkpoint(str(again))[name], merged[name])
+
+
+def test_own_della_masks_keep_more_of_the_large_entries(family, tmp_path):
+    """della_linear at density 0.5, epsilon 0.3: about half of each row kept, the largest magnitudes
+    of a row kept about 0.8 of the time and the smallest about 0.2 (the rank-based probabilities)."""
+    text = ("merge_method: della_linear\nbase_model: ROOT/base\n" + _models("a", weight=[1.0], density=[0.5])
+            + "parameters: {epsilon: 0.3}\n")
+    rc, _, ours = _run_both(family, tmp_path, text, flags=("--own-masks",))
+    assert rc == 0
+    base, tuned, merged = (Checkpoint(str(p)) for p in (family / "float32" / "base", family / "float32" / "a", ours))
+    name = "model.layers.1.mlp.down_proj.weight"
+    delta, kept = (tuned[name] - base[name]), (merged[name] - base[name]) != 0
+    assert 0.45 < float(kept.float().mean()) < 0.55
+    order = delta.abs().argsort(dim=1)
+    quarter = delta.shape[1] // 4
+    small, large = kept.gather(1, order[:, :quarter]), kept.gather(1, order[:, -quarter:])
+    assert 0.2 < float(small.float().mean()) < 0.35 and 0.65 < float(large.float().mean()) < 0.8

@@ -39,6 +39,24 @@ def _band(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
 SPARSIFIERS = {"magnitude": _magnitude, "band": _band}
 
 
+def _uniform(numel: int, seed: int, device) -> torch.Tensor:
+    """fastmerge's hashed uniform draws in [0, 1) (float64), one per entry."""
+    return dare_draws(seed, 0, numel, device).to(torch.float64) / (1 << 24)
+
+
+def magnitude_keep(delta: torch.Tensor, density: float, epsilon: float, seed: int) -> torch.Tensor:
+    """DELLA's keep mask (MagPrune): along each row, an entry's keep probability rises linearly
+    with the rank of its magnitude from density - epsilon to density + epsilon; drawn with
+    fastmerge's hashed draws (not torch's generator, so not mergekit's masks)."""
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).to(torch.float64)
+    width = rows.shape[1] - 1
+    position = ranks / width if width > 0 else torch.zeros_like(ranks)  # ranks run 0..n-1 in every row
+    probability = (density - epsilon) + position * 2 * epsilon
+    keep = _uniform(rows.numel(), seed, delta.device).reshape(rows.shape) < probability
+    return keep.to(delta.dtype).reshape_as(delta)
+
+
 def random_keep(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
     """DARE's keep mask from fastmerge's hashed draws (reproducible; not torch's generator, so not
     mergekit's masks): an entry is kept with probability `density`."""
@@ -49,14 +67,19 @@ def random_keep(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
 def gta_as_mergekit(tensors: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],
                     densities: Sequence[float], *, sparsify: str | None, consensus: bool, normalize: bool,
                     scale: float, gammas: Sequence[float] | None = None, rescale: bool = False,
-                    seeds: Sequence[int] | None = None) -> torch.Tensor:
-    """`sparsify`: "magnitude" (TIES), "band" (Breadcrumbs), "random" (DARE, with `seeds`) or None."""
+                    seeds: Sequence[int] | None = None, epsilons: Sequence[float] | None = None) -> torch.Tensor:
+    """`sparsify`: "magnitude" (TIES), "band" (Breadcrumbs), "random" (DARE, with `seeds`),
+    "della" (with `seeds` and `epsilons`) or None."""
     deltas = base.new_empty((len(tensors), *base.shape))
     for i, tensor in enumerate(tensors):
         delta = tensor.to(base.dtype) - base
         if sparsify is not None and densities[i] < 1.0 and delta.numel():
-            keep = (random_keep(delta, densities[i], seeds[i]) if sparsify == "random" else
-                    SPARSIFIERS[sparsify](delta, densities[i], gammas[i] if gammas else 0.01))
+            if sparsify == "random":
+                keep = random_keep(delta, densities[i], seeds[i])
+            elif sparsify == "della":
+                keep = magnitude_keep(delta, densities[i], epsilons[i], seeds[i])
+            else:
+                keep = SPARSIFIERS[sparsify](delta, densities[i], gammas[i] if gammas else 0.01)
             masked = delta * keep
             if rescale:  # to the task vector's L1 norm (mergekit's rescale: RescaleNorm.l1)
                 before, after = delta.abs().sum(), masked.abs().sum()
