@@ -50,7 +50,7 @@ PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("we
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
              "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": (), "dare_linear": ("weight", "density"),
              "dare_ties": ("weight", "density"), "della": ("weight", "density", "epsilon"),
-             "della_linear": ("weight", "density", "epsilon")}
+             "della_linear": ("weight", "density", "epsilon"), "arcee_fusion": ()}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
@@ -59,11 +59,11 @@ SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "
           "dare_linear": ("lambda", "normalize", "int8_mask", "rescale"),
           "dare_ties": ("lambda", "normalize", "int8_mask", "rescale"),
           "della": ("lambda", "normalize", "int8_mask", "rescale"),
-          "della_linear": ("lambda", "normalize", "int8_mask", "rescale")}
+          "della_linear": ("lambda", "normalize", "int8_mask", "rescale"), "arcee_fusion": ()}
 TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear")  # per-model density, mergekit's default 1.0
-MERGEKIT_ONLY_METHODS = ("arcee_fusion", "ram")
+MERGEKIT_ONLY_METHODS = ("ram",)
 # fastmerge's draws are not mergekit's: only with --own-masks
-RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
+RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion")
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -271,7 +271,7 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
         settings["tol"] = r.typed("parameters.tol", params.get("tol"), "number")
         if settings["base"] is not None:
             r.fail("karcher takes no base_model (it averages the models listed); remove it")
-    if method == "nearswap" and settings["base"] is not None:  # the base may be listed among the models too
+    if method in ("nearswap", "arcee_fusion") and settings["base"] is not None:  # the base may be listed too
         settings["models"] = [m for m in models if os.path.realpath(m) != os.path.realpath(settings["base"])]
     if numbers.uniform:
         settings.update(numbers.resolve("", 0.0))

@@ -239,12 +239,14 @@ def test_passthrough_slices_build_the_same_model_as_mergekit(family, tmp_path, t
     assert model.config.num_hidden_layers == layers
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"])
 def test_dare_variants_match_mergekit_where_nothing_is_drawn(family, tmp_path, capsys, method):
-    """mergekit's DARE variants run with --own-masks only (fastmerge's draws are not torch's); at
-    density 1 nothing is drawn and the merges agree to the bit (weights, consensus, lambda)."""
+    """mergekit's DARE/DELLA variants and arcee_fusion run with --own-masks only (fastmerge's draws
+    are not torch's); where nothing is drawn (density 1; arcee_fusion on tensors of at most 10^6
+    entries) the merges agree to the bit (weights, consensus, lambda, the fusion threshold)."""
     text = (f"merge_method: {method}\nbase_model: ROOT/base\n" + _models("abc", weight=[1.0, 0.6, 0.3])
-            + "parameters: {lambda: 0.9}\n")
+            + "parameters: {lambda: 0.9}\n" if method != "arcee_fusion" else  # (every tensor under 10^6 entries)
+            "merge_method: arcee_fusion\nbase_model: ROOT/base\n" + _models("a"))
     path = tmp_path / "refused.yml"
     path.write_text(text.replace("ROOT", str(family / "float32")))
     assert main(["merge", "--config", str(path), "-o", str(tmp_path / "no"), "--quiet"]) == 2
