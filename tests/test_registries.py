@@ -35,7 +35,7 @@ def test_registered_lists_are_what_the_api_cli_and_demo_offer():
     assert tuple(SAME_INIT_METHODS) == ("linear", "task_arithmetic", "ties", "dare", "slerp", "model_stock", "breadcrumbs",
                                         "breadcrumbs_ties", "nuslerp", "multislerp", "nearswap",
                                         "karcher", "sce", "dare_linear", "dare_ties",
-                                        "della_linear", "della", "arcee_fusion")
+                                        "della_linear", "della", "arcee_fusion", "ram", "ramplus_tl")
     assert merge_methods() == ("average", *ALIGNMENT_METHODS, "np_merge")
     assert _cli_choices("merge", "--align") == tuple(ALIGNMENT_METHODS)
     assert _cli_choices("merge", "--method") == (*SAME_INIT_METHODS, "np_merge")

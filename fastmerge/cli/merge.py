@@ -202,7 +202,8 @@ def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
         max_iter=settings["max_iter"] if settings.get("max_iter") is not None else defaults.max_iter,
         tol=float(settings["tol"]) if settings.get("tol") is not None else defaults.tol,
         select_topk=float(settings["select_topk"]) if settings.get("select_topk") is not None else defaults.select_topk,
-        epsilons=tuple(settings["epsilons"]) if settings.get("epsilons") else None)
+        epsilons=tuple(settings["epsilons"]) if settings.get("epsilons") else None,
+        **{k: float(settings[k]) for k in ("threshold", "r", "alpha") if settings.get(k) is not None})
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

@@ -50,7 +50,7 @@ PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("we
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
              "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": (), "dare_linear": ("weight", "density"),
              "dare_ties": ("weight", "density"), "della": ("weight", "density", "epsilon"),
-             "della_linear": ("weight", "density", "epsilon"), "arcee_fusion": ()}
+             "della_linear": ("weight", "density", "epsilon"), "arcee_fusion": (), "ram": (), "ramplus_tl": ()}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
@@ -59,9 +59,10 @@ SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "
           "dare_linear": ("lambda", "normalize", "int8_mask", "rescale"),
           "dare_ties": ("lambda", "normalize", "int8_mask", "rescale"),
           "della": ("lambda", "normalize", "int8_mask", "rescale"),
-          "della_linear": ("lambda", "normalize", "int8_mask", "rescale"), "arcee_fusion": ()}
+          "della_linear": ("lambda", "normalize", "int8_mask", "rescale"), "arcee_fusion": (),
+          "ram": ("epsilon",), "ramplus_tl": ("epsilon", "r", "alpha")}
 TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear")  # per-model density, mergekit's default 1.0
-MERGEKIT_ONLY_METHODS = ("ram",)
+MERGEKIT_ONLY_METHODS = ()  # every mergekit 0.1.5 method for dense checkpoints is here
 # fastmerge's draws are not mergekit's: only with --own-masks
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion")
 
@@ -246,6 +247,11 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
                 "output": r.typed("out_path", config.get("out_path"), "text")}
     normalize = r.typed("parameters.normalize", params.get("normalize"), "bool")
     r.typed("parameters.int8_mask", params.get("int8_mask"), "bool")  # mergekit's mask dtype: same result
+    ram_settings = {}
+    if method in ("ram", "ramplus_tl"):  # their epsilon is a shared threshold, not della's per-model spread
+        ram_settings["threshold"] = r.typed("parameters.epsilon", params.pop("epsilon", None), "number")
+        ram_settings["r"] = r.typed("parameters.r", params.get("r"), "number")
+        ram_settings["alpha"] = r.typed("parameters.alpha", params.get("alpha"), "number")
     numbers = ConfigParameters(
         path, method,
         shared={key: r.setting(f"parameters.{key}", params.get(key)) for key in ("weight", "density", "gamma",
@@ -255,6 +261,7 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
                    for i, v in enumerate(own)],
         normalize=normalize)
     settings["normalize"] = None if method == "linear" else normalize  # linear's is applied to its weights
+    settings.update(ram_settings)
     settings["filter_wise"] = r.typed("parameters.filter_wise", params.get("filter_wise"), "bool")
     settings["rescale"] = r.typed("parameters.rescale", params.get("rescale"), "bool")
     settings["row_wise"] = r.typed("parameters.nuslerp_row_wise", params.get("nuslerp_row_wise"), "bool")

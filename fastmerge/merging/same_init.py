@@ -46,6 +46,8 @@ class SameInitOptions:
     max_iter, tol: karcher: the most Riemannian steps, and the step length that stops them.
     select_topk: sce: the fraction of entries (those whose task vectors vary most) kept.
     epsilons: della: per model, the spread of the keep probability around the density (default 0.15).
+    threshold, r, alpha: ram / ramplus_tl: the magnitude above which a task-vector entry counts as
+        changed (mergekit's epsilon), and RAM+'s rescaling of the unique parts.
     mergekit_compat: ties on bfloat16/float16 checkpoints computed as mergekit 0.1.5 does (in the
         checkpoints' dtype, exactly k entries kept), where fastmerge's float32 TIES differs by more
         than rounding; elsewhere fastmerge already matches mergekit (tests/io/test_mergekit_conformance.py).
@@ -69,6 +71,9 @@ class SameInitOptions:
     tol: float = 1e-5
     select_topk: float = 1.0
     epsilons: tuple[float, ...] | None = None
+    threshold: float = 1e-5
+    r: float = 0.1
+    alpha: float = 0.2
 
     def validate(self, num_models: int, has_base: bool) -> None:
         method = get_method(self.method)

@@ -394,7 +394,6 @@ def config_cases() -> list[Case]:
         config("model-missing-file", "models: [{model: GOOD}, {model: /no/such/model.safetensors}]\n", "no such"),
         config("method-unknown", "merge_method: frankenstein\n" + two, "frankenstein"),
         config("method-missing", "base_model: GOOD\n" + two, "merge_method is required"),
-        config("method-of-mergekit-only", "merge_method: ram\nbase_model: GOOD\n" + two, "does not have"),
         config("method-random-without-own-masks", "merge_method: dare_ties\nbase_model: GOOD\n" + two, "own-masks"),
         config("per-model-density-for-linear", "merge_method: linear\nmodels:\n  - {model: GOOD, parameters: "
                                                "{weight: 1, density: 0.5}}\n  - {model: OTHER, parameters: "

@@ -131,6 +131,9 @@ CASES = {
     "sce": ("merge_method: sce\nbase_model: ROOT/base\n" + _models("abc"), EXACT),
     "sce-select": ("merge_method: sce\nbase_model: ROOT/base\n" + _models("abc") + "parameters: {select_topk: 0.3}\n",
                    EXACT),
+    "ram": ("merge_method: ram\nbase_model: ROOT/base\n" + _models("abc") + "parameters: {epsilon: 0.02}\n", EXACT),
+    "ramplus-tl": ("merge_method: ramplus_tl\nbase_model: ROOT/base\n" + _models("abc")
+                   + "parameters: {epsilon: 0.015, r: 0.3, alpha: 0.5}\n", EXACT),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
 }
 

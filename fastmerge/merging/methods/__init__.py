@@ -3,7 +3,7 @@ order, which is the order of the CLI's choices)."""
 
 from . import (  # noqa: F401  (registration)
     linear, task_arithmetic, ties, dare, slerp, model_stock, breadcrumbs, nuslerp, multislerp, nearswap,
-    karcher, sce, dare_gta, arcee_fusion,
+    karcher, sce, dare_gta, arcee_fusion, ram,
 )
 from .base import METHODS, SameInitMethod, get_method, register
 
