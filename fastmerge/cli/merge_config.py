@@ -335,10 +335,19 @@ def _passthrough(r: _Reader, config: dict, method: str) -> dict:
     if method != "passthrough":
         r.fail(f"slices with merge_method {method} (merging layer ranges) are not supported by fastmerge yet; "
                "slices work with passthrough")
-    if config.get("models") is not None or not config.get("slices"):
-        r.fail("passthrough takes slices: (- sources: [{model: PATH, layer_range: [START, END]}]), not models:")
     params = r.mapping("parameters", config.get("parameters"))
     r.known("parameters", params, ("scale",), method)
+    if (config.get("models") is None) == (config.get("slices") is None):
+        r.fail("passthrough takes slices: (- sources: [{model: PATH, layer_range: [START, END]}]) or one model in "
+               "models:, not both or neither")
+    if config.get("models") is not None:  # one model, copied (scaled)
+        models = config["models"]
+        if not isinstance(models, list) or len(models) != 1:
+            r.fail(f"passthrough takes one model in models: (or slices:), got {models!r}")
+        entry = models[0] if isinstance(models[0], dict) else {"model": models[0]}
+        r.known("models[0]", entry, ("model", "parameters"), method)
+        config = {**config, "slices": [{"sources": [{"model": entry.get("model"), "layer_range": None,
+                                                     "parameters": entry.get("parameters")}]}]}
     entries = config["slices"]
     if not isinstance(entries, list):
         r.fail(f"slices must be a list of {{sources: [...]}}, got {entries!r}")
@@ -357,10 +366,15 @@ def _passthrough(r: _Reader, config: dict, method: str) -> dict:
         r.known(f"{where}.sources[0]", source, ("model", "layer_range", "parameters"), method)
         model = r.typed(f"{where}.sources[0].model", source.get("model"), "text")
         span = source.get("layer_range")
-        if (model is None or not isinstance(span, list) or len(span) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span) or span[0] >= span[1]):
+        whole = span is None and config.get("models") is not None  # passthrough of one model: all its layers
+        if not whole and (model is None or not isinstance(span, list) or len(span) != 2
+                          or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span)
+                          or span[0] >= span[1]):
             r.fail(f"{where}.sources[0] needs model: PATH and layer_range: [START, END] with 0 <= START < END, "
                    f"got {source!r}")
+        if model is None:
+            r.fail(f"{where}.sources[0] needs model: PATH")
+        span = [0, None] if whole else span
         own = r.mapping(f"{where}.sources[0].parameters", source.get("parameters"))
         r.known(f"{where}.sources[0].parameters", own, ("scale",), method)
         slices.append(Slice(model, span[0], span[1], r.setting(f"{where}.sources[0].parameters.scale", own.get("scale"))))

@@ -33,11 +33,12 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 @dataclass(frozen=True)
 class Slice:
-    """Layers [start, end) of `model`, scaled by `scale` (None: copied as they are)."""
+    """Layers [start, end) of `model` (end None: to its last layer), scaled by `scale` (None: copied
+    as they are)."""
 
     model: str
     start: int
-    end: int
+    end: int | None
     scale: Setting | None = None
 
 
@@ -70,14 +71,15 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
             parts = _layer(name)
             if parts is not None:
                 layers.setdefault(parts[1], []).append(parts)
+        end = len(layers) if s.end is None else s.end
         if sorted(layers) != list(range(len(layers))):
             raise CheckpointError(f"{s.model}: its layers are not numbered 0 to n-1 (found {sorted(layers)[:8]}); "
                                   "passthrough needs a transformer's layer stack")
-        if not 0 <= s.start < s.end <= len(layers):
-            raise InvalidArgumentError(f"{s.model}: layer_range [{s.start}, {s.end}] is not within its "
+        if not 0 <= s.start < end <= len(layers):
+            raise InvalidArgumentError(f"{s.model}: layer_range [{s.start}, {end}] is not within its "
                                        f"{len(layers)} layers")
-        for i in range(s.start, s.end):
-            t = (i - s.start) / (s.end - s.start - 1) if s.end - s.start > 1 else 1.0
+        for i in range(s.start, end):
+            t = (i - s.start) / (end - s.start - 1) if end - s.start > 1 else 1.0
             for prefix, _, rest in layers[i]:
                 plan.append((f"{prefix}{position}{rest}", ckpt, f"{prefix}{i}{rest}", s, t))
             position += 1

@@ -224,6 +224,8 @@ def test_bfloat16_ties_matches_mergekit_with_mergekit_compat(family, tmp_path):
     ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}]\n  - sources:\n"
      "      - model: ROOT/b\n        layer_range: [0, 2]\n        parameters:\n"
      "          scale: [{filter: o_proj, value: [0.5, 1.5]}, {value: 1.0}]\n", 3),
+    ("merge_method: passthrough\nmodels:\n  - model: ROOT/a\n    parameters: {scale: [{filter: up_proj, value: 0.5}, "
+     "{value: 1.0}]}\n", 2),
 ])
 def test_passthrough_slices_build_the_same_model_as_mergekit(family, tmp_path, text, layers):
     """Frankenmerges: layer ranges stacked (the layer count changes), tensors copied (scaled) to the bit;
