@@ -14,7 +14,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+# a tensor in a layer stack: (prefix up to the index, the layer index, the rest of the name)
+LAYER_NAME = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks)\.)(\d+)(\..+)$")
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def interpolate(values: tuple[float, ...], t: float) -> float:
 def layer_positions(names: Iterable[str]) -> dict[str, float]:
     """Each tensor's position t along the layers (0 outside them)."""
     names = list(names)
-    index = {n: int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    index = {n: int(m.group(2)) for n in names if (m := LAYER_NAME.match(n))}
     count = max(index.values(), default=-1) + 1
     return {n: (index[n] / (count - 1) if count > 1 else 1.0) if n in index else 0.0 for n in names}
 

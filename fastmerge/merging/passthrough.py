@@ -23,9 +23,8 @@ from ..errors import CheckpointError, InvalidArgumentError
 from ..io import Checkpoint, merge_metadata, parse_dtype, parse_size
 from ..io.hf_folder import model_card, read_config, source_folder, write_folder_files
 from ..io.writer import ShardedWriter
-from .gradients import Setting, first
+from .gradients import LAYER_NAME, Setting, first
 
-_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|layer|blocks)\.)(\d+)(\..+)$")
 # tensors outside the layers that come before them (taken from the first slice's model)
 _BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -43,7 +42,7 @@ class Slice:
 
 
 def _layer(name: str) -> tuple[str, int, str] | None:
-    match = _LAYER.match(name)
+    match = LAYER_NAME.match(name)
     return (match.group(1), int(match.group(2)), match.group(3)) if match else None
 
 
