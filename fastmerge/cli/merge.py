@@ -22,6 +22,7 @@ mergekit reads it (fastmerge/cli/merge_config.py says what is supported and what
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -134,9 +135,9 @@ def run(args: argparse.Namespace) -> int:
     options = _options(settings, args)
     tensor_options = None
     if settings.get("tensor_parameters") is not None:  # gradients or filters: options per tensor
-        names = Checkpoint(models[0]).keys()
-        tensor_options = {name: _options({**settings, **own, **_given(args)}, args)
-                          for name, own in settings["tensor_parameters"].tensor_settings(names).items()}
+        given = _given(args)  # flags still override every tensor's
+        tensor_options = {name: _options({**settings, **own, **given}, args) for name, own in
+                          settings["tensor_parameters"].tensor_settings(Checkpoint(models[0]).keys()).items()}
         options = next(iter(tensor_options.values()), options)  # the plan and metadata show the first's
     common = dict(base=settings.get("base"), dtype=settings.get("dtype"), max_shard_size=args.max_shard_size,
                   overwrite=args.overwrite, align=args.align, spec_file=args.spec,
@@ -169,7 +170,7 @@ def _run_passthrough(settings: dict, args: argparse.Namespace) -> int:
                             dtype=args.dtype or settings.get("dtype"), max_shard_size=args.max_shard_size,
                             overwrite=args.overwrite, shared_scale=settings.get("scale"),
                             copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
-                            progress=not args.quiet)
+                            allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in files))
         print(stage_summary(times), file=sys.stderr)
@@ -185,25 +186,15 @@ def _given(args: argparse.Namespace) -> dict:
     return given
 
 
+_OPTION_FIELDS = {f.name for f in dataclasses.fields(SameInitOptions)}
+
+
 def _options(settings: dict, args: argparse.Namespace) -> SameInitOptions:
-    defaults = SameInitOptions()
-    return SameInitOptions(
-        method=settings.get("method") or "linear",
-        weights=tuple(settings["weights"]) if settings.get("weights") else None,
-        scale=float(settings["scale"]) if settings.get("scale") is not None else defaults.scale,
-        density=float(settings["density"]) if settings.get("density") is not None else defaults.density,
-        t=float(settings["t"]) if settings.get("t") is not None else defaults.t,
-        seed=int(settings["seed"]) if settings.get("seed") is not None else defaults.seed,
-        densities=tuple(settings["densities"]) if settings.get("densities") else None,
-        normalize=settings.get("normalize"), mergekit_compat=args.mergekit_compat,
-        filter_wise=bool(settings.get("filter_wise")),
-        gammas=tuple(settings["gammas"]) if settings.get("gammas") else None, rescale=settings.get("rescale"),
-        row_wise=settings.get("row_wise"), flatten=settings.get("flatten"),
-        max_iter=settings["max_iter"] if settings.get("max_iter") is not None else defaults.max_iter,
-        tol=float(settings["tol"]) if settings.get("tol") is not None else defaults.tol,
-        select_topk=float(settings["select_topk"]) if settings.get("select_topk") is not None else defaults.select_topk,
-        epsilons=tuple(settings["epsilons"]) if settings.get("epsilons") else None,
-        **{k: float(settings[k]) for k in ("threshold", "r", "alpha") if settings.get(k) is not None})
+    """SameInitOptions from the settings that name its fields (lists as tuples); the rest default."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
+             if k in _OPTION_FIELDS and v is not None}
+    return SameInitOptions(**{**given, "method": settings.get("method") or "linear",
+                              "mergekit_compat": args.mergekit_compat})
 
 
 def _mergekit_positionals(args: argparse.Namespace) -> None:

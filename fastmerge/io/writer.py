@@ -146,12 +146,15 @@ class ShardedWriter:
                 raise CheckpointError(f"{existing[0]}: exists already; pass overwrite=True to replace it")
 
     # ------------------------------------------------------------------ the lock
-    def _locked_by(self) -> str:
+    def _busy(self) -> CheckpointError:
+        """The error for an output whose lock another run holds (naming its pid when it wrote one)."""
         try:
             with open(self.lock_path) as f:
-                return f"process {f.read(20).strip() or '?'}"
+                holder = f"process {f.read(20).strip() or '?'}"
         except OSError:
-            return "another process"
+            holder = "another process"
+        return CheckpointError(f"{self.output}: another fastmerge run ({holder}) is writing this output now; wait "
+                               "for it to finish or choose another output")
 
     def _check_unlocked(self) -> None:
         """Fails fast, before any work, when another run holds the output's lock (probed, not taken:
@@ -163,8 +166,7 @@ class ShardedWriter:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CheckpointError(f"{self.output}: another fastmerge run ({self._locked_by()}) is writing this output "
-                                  "now; wait for it to finish or choose another output") from None
+            raise self._busy() from None
         except OSError:
             pass  # a file system without flock: the no-clobber publication still guards the output
         finally:
@@ -183,8 +185,7 @@ class ShardedWriter:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise CheckpointError(f"{self.output}: another fastmerge run ({self._locked_by()}) is writing this "
-                                      "output now; wait for it to finish or choose another output") from None
+                raise self._busy() from None
             except OSError:
                 pass  # no flock on this file system: the no-clobber publication still guards the output
             try:

@@ -20,7 +20,7 @@ from ..alignment.weight_matching import weight_matching
 from ..checks import layout_difference
 from ..errors import CheckpointError, NonFiniteError, ShapeMismatchError
 from ..io import Checkpoint, merge_metadata, parse_dtype, plan_output, tensor_nbytes
-from ..io.hf_folder import CONFIG_NAME, COPIED, copied_files, model_card, read_config, source_folder, write_folder_files
+from ..io.hf_folder import CONFIG_NAME, copied_files, model_card, read_config, source_folder, write_folder_files
 from ..ops import count_nonfinite
 from ..spec import spec_from_yaml
 from ..spec.hf_config import config_folder, spec_from_config
@@ -41,9 +41,12 @@ class MergePlan:
     input_bytes: int
     output_files: list[str]
     out_dtype: str | None
+    option_sets: int = 0  # distinct per-tensor option sets (a config's gradients or filters), 0: none
 
     def describe(self) -> str:
         lines = [f"method: {self.options.method} ({', '.join(f'{k}={v}' for k, v in asdict(self.options).items() if k != 'method')})"]
+        if self.option_sets:
+            lines.append(f"options vary by tensor (gradients or filters): {self.option_sets} sets, the first shown")
         lines += [f"model {i}: {p}" for i, p in enumerate(self.inputs)]
         if self.base:
             lines.append(f"base: {self.base}")
@@ -98,19 +101,20 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
         raise CheckpointError("weight matching of checkpoint files needs the model's merge spec: spec_file=FILE.yaml "
                               "(fastmerge.spec.save_spec(trace_spec(model, inputs), ...)) or spec_file=auto (from the "
                               "Hugging Face config.json next to the first model)")
-    metadata = merge_metadata(options.method, align or "none", models, options=asdict(options))
+    recorded = asdict(options)
+    if tensor_options:  # gradients or filters: the options vary by tensor; the first tensor's are shown
+        recorded["per_tensor"] = f"{len(set(tensor_options.values()))} option sets; these are the first tensor's"
+    metadata = merge_metadata(options.method, align or "none", models, options=recorded)
     writer = plan_output(checkpoints[0], output, out_dtype=out_dtype, metadata=metadata,
                          max_shard_size=max_shard_size, overwrite=overwrite, protected=every)
     source = None if writer.single_file else source_folder(base or models[0])  # mergekit: the base's
-    if source is not None and not overwrite:
-        existing = [n for n in (CONFIG_NAME, "README.md", *COPIED) if os.path.exists(os.path.join(writer.folder, n))]
-        if existing:
-            raise CheckpointError(f"{os.path.join(writer.folder, existing[0])}: exists already; pass overwrite=True "
-                                  "to replace it")
     extras = [] if source is None else [os.path.join(writer.folder, n) for n in (
         CONFIG_NAME, *(["README.md"] if write_card else []), *copied_files(source, copy_tokenizer))]
+    existing = [p for p in extras if os.path.exists(p)]
+    if existing and not overwrite:
+        raise CheckpointError(f"{existing[0]}: exists already; pass overwrite=True to replace it")
     plan = MergePlan(list(models), base, output, options, len(checkpoints[0]), checkpoints[0].nbytes(),
-                     writer.final_paths + extras, dtype)
+                     writer.final_paths + extras, dtype, len(set((tensor_options or {}).values())))
     return plan, checkpoints, base_ckpt, writer, None if source is None else (source, read_config(source))
 
 
@@ -182,13 +186,13 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             every = tensors + ([base_tensor] if base_ckpt else [])
             own = tensor_options.get(name, options) if tensor_options else options
             if not (align or allow_nonfinite or checks_finite(own)):  # aligned: checked before matching
-                _check_finite(name, every, labels)
+                check_inputs_finite(name, every, labels)
             out_buffer = out_buffers[i % 2]
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
             try:
                 merged = merge_tensor(name, tensors, base_tensor, own, out_dtype, out=out)
             except NonFiniteError:
-                _check_finite(name, every, labels)  # names the file (finite inputs: the merge overflowed)
+                check_inputs_finite(name, every, labels)  # names the file (finite inputs: the merge overflowed)
                 raise
             if out_dtype.is_floating_point and not allow_nonfinite:  # nothing non-finite is written
                 narrowing = torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max
@@ -208,7 +212,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     return plan
 
 
-def _check_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+def check_inputs_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
     """A NaN or Inf in an input would spread into the merge (or vanish under TIES' trimming):
     refuse, naming the file and tensor. Bit tests at memory speed (fastmerge.ops.count_nonfinite)."""
     counts = count_nonfinite(tensors)
@@ -242,7 +246,7 @@ def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str, progress
     few tensors, not the models; their tensor_bytes gives sizes without reading (its chunking)."""
     for c in checkpoints:  # before matching: a NaN would poison every cost matrix (a tensor at a time)
         for name in c.keys():
-            _check_finite(name, [c.read(name)], [c.path])
+            check_inputs_finite(name, [c.read(name)], [c.path])
     shapes = {k: tuple(checkpoints[0].shape(k)) for k in checkpoints[0].keys()}
     if spec_path == "auto":  # from the Hugging Face config.json next to the first model
         spec = spec_from_config(config_folder(checkpoints[0].path), shapes)

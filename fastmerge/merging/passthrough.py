@@ -23,6 +23,7 @@ from ..errors import CheckpointError, InvalidArgumentError
 from ..io import Checkpoint, merge_metadata, parse_dtype, parse_size
 from ..io.hf_folder import model_card, read_config, source_folder, write_folder_files
 from ..io.writer import ShardedWriter
+from .checkpoints import check_inputs_finite, check_output_finite
 from .gradients import LAYER_NAME, Setting, first
 
 # tensors outside the layers that come before them (taken from the first slice's model)
@@ -48,10 +49,12 @@ def _layer(name: str) -> tuple[str, int, str] | None:
 
 def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None, dtype: str | None = None,
                 max_shard_size: str | int | None = "5GB", overwrite: bool = False, shared_scale: Setting | None = None,
-                copy_tokenizer: bool = True, write_card: bool = True, progress: bool = True) -> list[str]:
+                copy_tokenizer: bool = True, write_card: bool = True, allow_nonfinite: bool = False,
+                progress: bool = True) -> list[str]:
     """Writes the layers of `slices`, in order, with the tensors around them, to `output`; returns
     the files written. A folder output gets the config of `base` (else the first slice's model)
-    with the new layer count."""
+    with the new layer count. NaN/Inf, in an input or after a scale, is refused before anything is
+    renamed into place, as in every merge (allow_nonfinite: written)."""
     if not slices:
         raise InvalidArgumentError("passthrough needs at least one slice")
     out_dtype = parse_dtype(dtype)
@@ -105,10 +108,17 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
     with writer:
         for out, ckpt, name, s, t in tqdm(plan, desc="passthrough", unit="tensor", disable=not progress):
             tensor = ckpt.read(name)
+            dtype = target(ckpt, name)
+            if tensor.is_floating_point() and not allow_nonfinite:
+                check_inputs_finite(name, [tensor], [s.model])
             scale = first((s.scale, shared_scale), name, t)
             if scale is not None and tensor.is_floating_point():
                 tensor = tensor * scale
-            writer.write(out, tensor.to(target(ckpt, name)).contiguous())
+            tensor = tensor.to(dtype).contiguous()
+            if tensor.is_floating_point() and not allow_nonfinite:
+                narrowing = torch.finfo(dtype).max < torch.finfo(ckpt.dtype(name)).max
+                check_output_finite(out, tensor, dtype, narrowing=narrowing)
+            writer.write(out, tensor)
     files = list(writer.final_paths)
     if source is not None:
         card = model_card([s.model for s in slices], "passthrough",

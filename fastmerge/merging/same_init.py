@@ -81,6 +81,10 @@ class SameInitOptions:
             raise InvalidArgumentError(f"{self.method} needs the base model the others were fine-tuned from: "
                                        "pass base=PATH")
         method.check_count(num_models)
+        if self.mergekit_compat and self.method == "dare":
+            raise InvalidArgumentError("dare is fastmerge's own DARE (hashed masks): --mergekit-compat cannot make it "
+                                       "mergekit's; mergekit's are dare_linear and dare_ties (their random masks "
+                                       "differ from mergekit's draws anyway)")
         if self.weights is not None and len(self.weights) != num_models:
             raise InvalidArgumentError(f"got {len(self.weights)} weights for {num_models} models")
         if self.weights is not None and not all(math.isfinite(w) for w in self.weights):

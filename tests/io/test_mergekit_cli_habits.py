@@ -67,3 +67,58 @@ def test_allow_unknown_ignores_keys_no_method_reads_with_a_warning(config, tmp_p
     assert "ignoring" in err and "density" in err and "name" in err
     merged, a, b = (Checkpoint(str(p)) for p in (out, tmp_path / "a", tmp_path / "b"))
     torch.testing.assert_close(merged["w0"], 0.25 * a["w0"] + 0.75 * b["w0"])
+
+
+def _layer_stack(tmp_path, bad=None):
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    state = {f"model.layers.{i}.w": torch.full((4, 4), float(i + 1)) for i in range(3)}
+    state["model.embed_tokens.weight"] = torch.ones(8, 4)
+    if bad is not None:
+        state["model.layers.1.w"][0, 0] = bad
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("bad, scale, message", [(float("nan"), 1.0, "NaN"), (None, 1e39, "NaN/Inf")])
+def test_passthrough_refuses_non_finite_values_unless_allowed(tmp_path, capsys, bad, scale, message):
+    """A passthrough copies tensors (times a scale): NaN/Inf in an input, or a scale past float32's
+    range, is refused before anything is written, as in every merge; --allow-nonfinite writes it."""
+    folder = _layer_stack(tmp_path, bad)
+    config = tmp_path / "p.yml"
+    config.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {folder}\n"
+                      f"        layer_range: [0, 3]\n        parameters: {{scale: {scale!r}}}\n")
+    out = tmp_path / "out.safetensors"
+    assert main(["merge", str(config), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists()
+    assert main(["merge", str(config), str(out), "--quiet", "--allow-nonfinite"]) == 0
+    assert not torch.isfinite(Checkpoint(str(out))["model.layers.1.w"]).all()
+
+
+def test_mergekit_compat_refuses_fastmerges_own_dare(config, tmp_path, capsys):
+    base = str(tmp_path / "a")
+    assert main(["merge", base, str(tmp_path / "b"), "--base", base, "--method", "dare", "-o", str(tmp_path / "o"),
+                 "--mergekit-compat", "--quiet"]) == 2
+    assert "dare_linear" in capsys.readouterr().err
+
+
+def test_an_output_folder_with_a_tokenizer_is_free_when_no_tokenizer_is_copied(config, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # another tool's: kept, and no reason to refuse
+    assert main(["merge", str(config), str(out), "--quiet"]) == 2  # it would be replaced
+    assert main(["merge", str(config), str(out), "--quiet", "--no-copy-tokenizer"]) == 0
+    assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_a_plan_with_gradients_says_its_options_vary_by_tensor(tmp_path, capsys):
+    folder = _layer_stack(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({k: v * 2 for k, v in Checkpoint(str(folder)).items()}, str(other / "model.safetensors"))
+    config = tmp_path / "g.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {folder}\n    parameters: {{weight: [1, 3]}}\n"
+                      f"  - model: {other}\n    parameters: {{weight: 1}}\n")
+    assert main(["merge", str(config), str(tmp_path / "o.safetensors"), "--dry-run"]) == 0
+    assert "options vary by tensor (gradients or filters): 3 sets" in capsys.readouterr().out

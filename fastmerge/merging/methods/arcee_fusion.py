@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ...ops.same_init import dare_draws
 from .base import SameInitMethod, register
-from .dare import _seed
+from .dare import mask_seed
 
 QUANTILE_SAMPLE = 1_000_000
 
@@ -35,7 +35,7 @@ def _quartiles(values: torch.Tensor, seed: int) -> torch.Tensor:
 def merge_arcee_fusion(name, tensors, base, options, out_dtype, out):
     model = tensors[0]
     importance = _importance(model, base)
-    q1, median, q3 = _quartiles(importance, _seed(options.seed, 0, name))
+    q1, median, q3 = _quartiles(importance, mask_seed(options.seed, 0, name))
     chosen = (importance >= median + 1.5 * (q3 - q1)).float()
     return (base + (model - base) * chosen).to(out_dtype)
 

@@ -7,14 +7,15 @@ from ...ops.same_init import dare_merge
 from .base import SameInitMethod, register, task_weights
 
 
-def _seed(seed: int, model: int, name: str) -> int:
+def mask_seed(seed: int, model: int, name: str) -> int:
+    """The seed of model `model`'s random draws for tensor `name` (the run's seed mixed in)."""
     return (seed * 1_000_003 + model * 7919 + zlib.crc32(name.encode())) % (2**63)
 
 
 def merge_dare(name, tensors, base, options, out_dtype, out):
     n = len(tensors)
     coefs = [options.scale * w / options.density for w in task_weights(options, n)]
-    seeds = [_seed(options.seed, k, name) for k in range(n)]
+    seeds = [mask_seed(options.seed, k, name) for k in range(n)]
     return dare_merge(tensors, base, coefs, seeds, options.density, out_dtype, out)
 
 

@@ -12,7 +12,7 @@ to the bit."""
 
 from ...errors import InvalidArgumentError
 from .base import SameInitMethod, register, task_weights
-from .dare import _seed
+from .dare import mask_seed
 from .gta import gta_as_mergekit
 
 
@@ -30,7 +30,7 @@ def _dare(consensus: bool, sparsify: str, normalize_by_default: bool):
         return gta_as_mergekit(tensors, base, task_weights(options, n), densities, sparsify=sparsify,
                                consensus=consensus, normalize=normalize, scale=options.scale,
                                rescale=options.rescale is not False, epsilons=epsilons,
-                               seeds=[_seed(options.seed, k, name) for k in range(n)]).to(out_dtype)
+                               seeds=[mask_seed(options.seed, k, name) for k in range(n)]).to(out_dtype)
     return merge
 
 

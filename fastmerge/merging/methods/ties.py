@@ -20,10 +20,8 @@ def merge_ties(name, tensors, base, options, out_dtype, out):
                                consensus=True, normalize=options.normalize is not False,
                                scale=options.scale).to(out_dtype)
     thresholds = [0.0] * n  # density 1: nothing trimmed
-    for density in sorted(set(d for d in densities if d < 1.0)):  # one pass per distinct density
+    for density in sorted(set(d for d in densities if d < 1.0)) if numel else ():  # a pass per distinct density
         members = [i for i, d in enumerate(densities) if d == density]
-        if not numel:
-            break
         found, nonfinite = ties_thresholds([tensors[i] for i in members], base, ties_threshold_count(numel, density))
         if any(nonfinite):  # (the pass that selects the thresholds also checks the inputs)
             m = members[next(j for j, c in enumerate(nonfinite) if c)]
