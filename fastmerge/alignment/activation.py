@@ -9,6 +9,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..ops import linear_assignment
+from ..spec.residual import ones_complement
 
 
 def match_permutation(rho: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -102,6 +103,21 @@ def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *,
     t = (vx * lx.sqrt()) @ (rotation * ly.rsqrt()[None, :]) @ vy.T
     t_inv = (vy * ly.sqrt()) @ (rotation.T * lx.rsqrt()[None, :]) @ vx.T
     return t, t_inv, r
+
+
+def orthogonal_transform(s_xy: torch.Tensor, *, fix_ones: bool = False) -> torch.Tensor:
+    """The orthogonal Q that best maps model y's units onto the reference x's (orthogonal
+    Procrustes, CCA's limit of infinite regularisation): Q = polar factor of S_xy, maximising
+    tr(Q^T S_xy), so x ~ Q y. With `fix_ones`, Q maps the all-ones vector to itself and is the best
+    such map on the mean-free vectors (what a canonical LayerNorm stream allows,
+    fastmerge.spec.residual). float64."""
+    s_xy = s_xy.double()
+    size = s_xy.shape[0]
+    if not fix_ones or size < 2:
+        return _polar(s_xy)[0] if size else s_xy
+    basis = ones_complement(size, device=s_xy.device)
+    inner = _polar(basis.T @ s_xy @ basis)[0]
+    return basis @ inner @ basis.T + torch.full((size, size), 1.0 / size, dtype=torch.float64, device=s_xy.device)
 
 
 def zipit_matrices(rho: np.ndarray, num_models: int, size: int, *, alpha: float = 0.5,

@@ -20,6 +20,7 @@ warning names.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,9 @@ import torch
 from .. import distributed as _distributed
 from ..checks import check_models
 from ..errors import InvalidArgumentError
+from ..batches import first_batch, run_model
 from ..spec.folding import fold_state, folded_spec, unfold_state
+from ..spec.residual import ResidualGroup, canonical_spec, canonical_state, residual_groups
 from ..spec.structure import activation_groups
 from ..spec.transforms import Dense, apply_transforms
 from ..spec.types import MergeSpec
@@ -60,14 +63,21 @@ class Alignment:
     transforms: list[dict]
     diagnostics: dict = field(default_factory=dict)
     folded: bool = False
+    # residual-stream groups aligned in canonical form (fastmerge.spec.residual): apply() rewrites
+    # every state in that form first, and the merged state stays in it
+    canonical: dict[str, ResidualGroup] = field(default_factory=dict)
 
     @cached_property
     def transform_spec(self) -> MergeSpec:
-        """The spec the transforms land on: the folded spec when folded."""
+        """The spec the transforms land on: the folded or canonical spec."""
+        if self.canonical:
+            return canonical_spec(self.spec, self.canonical)
         return folded_spec(self.spec) if self.folded else self.spec
 
     def apply(self, model_index: int, state: dict) -> dict:
         transforms = self.transforms[model_index]
+        if self.canonical:
+            return apply_transforms(self.transform_spec, canonical_state(self.spec, state, self.canonical), transforms)
         if not self.folded:
             return apply_transforms(self.spec, state, transforms)
         moved = apply_transforms(self.transform_spec, fold_state(self.spec, state), transforms)
@@ -174,6 +184,39 @@ def _report_fallbacks(method: str, fallbacks: dict[str, str], diagnostics: dict)
                   "attention heads); diagnostics[group]['fallback'] says why for each", stacklevel=4)
 
 
+_CANONICAL_TOLERANCE = 1e-4  # relative to the outputs' scale: float32 rounding of the rewritten weights
+
+
+def _canonical_models(models, spec: MergeSpec, groups: dict, data) -> tuple[list, str]:
+    """Copies of the models in canonical form, checked on the first batch of `data` to compute what
+    the models compute; ([], why) when they do not (a per-unit parameter the analysis missed)."""
+    batch = first_batch(data, "check the canonical form on")
+    copies = []
+    for i, model in enumerate(models):
+        twin = copy.deepcopy(model)
+        twin.load_state_dict(canonical_state(spec, _float_state(model), groups))
+        with torch.no_grad():
+            want, got = run_model(model, batch, i), run_model(twin, batch, i)
+        want, got = _first_tensor(want), _first_tensor(got)
+        if want is not None and got is not None:
+            scale = float(want.detach().double().abs().max().clamp_min(1e-30))
+            error = float((want.detach().double() - got.detach().double()).abs().max()) / scale
+            if not error <= _CANONICAL_TOLERANCE:
+                return [], f"the canonical form changed model {i}'s outputs by {error:.2g} (relative)"
+        copies.append(twin)
+    return copies, ""
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        return next((t for t in map(_first_tensor, value) if t is not None), None)
+    if isinstance(value, dict):
+        return next((t for t in map(_first_tensor, value.values()) if t is not None), None)
+    return getattr(value, "logits", None)
+
+
 @timed("align")
 def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own, matching: WeightMatchingOptions, *,
                  spec: MergeSpec, stats, data: Iterable | None, reference: int, stats_options: dict | None,
@@ -186,11 +229,31 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         raise InvalidArgumentError(f"reference {reference} is outside [0, {n})")
     folded = bool(spec.folds)
     raw_spec = spec
+    diagnostics: dict = {}
+    fallbacks: dict[str, str] = {}  # groups a dense method permutes instead, and why
+    residual: dict[str, ResidualGroup] = {}
+    if method.wants_residual(own) and not folded:
+        residual, refused = residual_groups(spec)
+        fallbacks.update({name: f"passes through a norm that cannot be made exact: {why}" for name, why in refused.items()})
+        if residual and data is not None and iter(data) is data:
+            fallbacks.update({name: "data is a one-shot iterator (the canonical form is checked on its first batch): "
+                                    "pass a list or a DataLoader" for name in residual})
+            residual = {}
+        if residual and (stats is not None or data is None):
+            fallbacks.update({name: "statistics were given (collected on the models as they are, not in canonical "
+                                    "form): permuted" for name in residual})
+            residual = {}
+        if residual:
+            canonical_models, why = _canonical_models(models, spec, residual, data)
+            if why:
+                fallbacks.update({name: why for name in residual})
+                residual = {}
+            else:
+                models = canonical_models
+                spec = canonical_spec(spec, residual)
     if folded:  # BatchNorms folded into their producers: dense transforms and weight matching are exact on them
         spec = folded_spec(spec)
     states = [fold_state(raw_spec, _float_state(m)) for m in models]
-    diagnostics: dict = {}
-    fallbacks: dict[str, str] = {}  # groups a dense method permutes instead, and why
     device = next((v.device for v in states[0].values()), torch.device("cpu"))
     transforms = [dict(identity_perms(spec, device)) for _ in range(n)]
     frozen: dict[str, torch.Tensor] = {}
@@ -229,14 +292,19 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
             for i in range(n):
                 transforms[i][g.name] = perms[i]
             blockers = dense_blockers(g) if method.dense is not None else []
-            if method.dense is not None and not blockers:
+            if g.name in residual:
+                for i, t in enumerate(method.residual(g, stats, reference=reference, n=n, kind=residual[g.name].kind,
+                                                      info=info)):
+                    if t is not None:
+                        transforms[i][g.name] = t
+            elif method.dense is not None and not blockers:
                 dense = method.dense(g, stats, reference=reference, n=n, options=own, info=info, perms=perms)
                 for i, t in enumerate(dense):
                     if t is not None:
                         transforms[i][g.name] = t
             elif blockers:
-                fallbacks[g.name] = f"holds {', '.join(blockers[:2])}{' ...' if len(blockers) > 2 else ''}, " \
-                                    "which a dense transform would not move exactly"
+                fallbacks.setdefault(g.name, f"holds {', '.join(blockers[:2])}{' ...' if len(blockers) > 2 else ''}, "
+                                             "which a dense transform would not move exactly")
             diagnostics[g.name] = info
 
         if short:
@@ -255,6 +323,12 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         _report_fallbacks(method.name, fallbacks, diagnostics)
     remaining = [g for g in spec.groups if g.name not in frozen]
     if remaining:
+        # weight matching sees every model with the activation transforms (dense ones included)
+        # applied, so the groups left to it are matched on the weights as they will be merged
+        if frozen:
+            states = [apply_transforms(spec, s, {k: transforms[i][k] for k in frozen}) for i, s in enumerate(states)]
+            frozen = {k: torch.stack([torch.arange(v.shape[-1], device=v.device).repeat(v.shape[1], 1)] * n)
+                      for k, v in frozen.items()}
         perms, info = weight_matching(spec, states, reference=reference, max_iter=matching.max_iter,
                                       seed=matching.seed, merge_many=matching.merge_many,
                                       restarts=matching.restarts, frozen=frozen, progress=progress)
@@ -266,4 +340,4 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         d = diagnostics.setdefault(g.name, {})
         d["distance_from_identity"] = {i: _distance_from_identity(transforms[i][g.name]) for i in range(n) if i != reference}
     return Alignment(spec=raw_spec, method=method.name, reference=reference, transforms=transforms,
-                     diagnostics=diagnostics, folded=folded)
+                     diagnostics=diagnostics, folded=folded, canonical=residual)

@@ -219,7 +219,7 @@ def build_spec(result: TraceResult, shapes: dict) -> MergeSpec:
     for (tensor, axis, space), segs in zip(members, expansions):
         if not any(u >= 0 for _, levels in segs for _, tab in levels for u in _uids(tab).reshape(-1)):
             fixed.append((tensor, axis, find(space).why or "not tied to a permutable group"))
-    spec = MergeSpec(groups=spec_groups, fixed=fixed, folds=list(result.folds))
+    spec = MergeSpec(groups=spec_groups, fixed=fixed, folds=list(result.folds), norms=list(result.norms))
     spec.validate(shapes)  # the tracer's own output must fit the model
     return spec
 

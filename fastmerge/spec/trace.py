@@ -84,6 +84,7 @@ class _Tracer:
         self.taps: list = []
         self.unknown: dict = {}
         self.folds: list = []
+        self.norms: list = []
         self.state_names = set(model.state_dict().keys())
         sig = program.graph_signature
         self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
@@ -114,7 +115,7 @@ class _Tracer:
                 f"fastmerge.trace_spec: unsupported op {op} ({count}x); the axes it touches are left out of the spec",
                 stacklevel=3,
             )
-        return TraceResult(self.table, self.members, self.roles, self.taps, dict(self.unknown), self.folds)
+        return TraceResult(self.table, self.members, self.roles, self.taps, dict(self.unknown), self.folds, self.norms)
 
     def lookup(self, value):
         if isinstance(value, torch.fx.Node):

@@ -37,3 +37,4 @@ class TraceResult:
     taps: list = field(default_factory=list)
     unknown_ops: dict = field(default_factory=dict)
     folds: list = field(default_factory=list)  # NormFold
+    norms: list = field(default_factory=list)  # StreamNorm

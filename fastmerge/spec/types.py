@@ -129,6 +129,27 @@ class NormFold:
         return f"{self.norm}.{what}" if self.norm else what
 
 
+@dataclass(frozen=True)
+class StreamNorm:
+    """A LayerNorm or RMSNorm over the last axis whose output only Linear layers read, each through
+    a weight of its own (not tied, not shared): its affine part folds into those readers
+    (W <- W diag(gamma), b <- b + W beta), leaving a bare normalisation. A bare RMSNorm commutes
+    with every orthogonal map of its units, a bare LayerNorm with those that fix the all-ones
+    direction once the stream it reads is mean-free (fastmerge.spec.residual): the exact dense
+    transforms of a pre-norm transformer's residual stream.
+
+    kind: "layer" or "rms"; weight / bias: the norm's tensors (None: it has none);
+    readers: (weight, bias or None, input axis of the weight) of each Linear reading its output
+    (axis 1 for nn.Linear's (out, in) weights, 0 for Hugging Face Conv1D's (in, out));
+    obstacle: why the affine part cannot be folded (readers then empty), e.g. a tied LM head."""
+
+    kind: str
+    weight: str | None
+    bias: str | None
+    readers: tuple[tuple[str, str | None, int], ...] = ()
+    obstacle: str = ""
+
+
 @dataclass
 class MergeSpec:
     """The groups of a model, in the order their transforms are applied.
@@ -142,6 +163,8 @@ class MergeSpec:
     fixed: list[tuple[str, int, str]] = field(default_factory=list)
     # BatchNorms that can be folded into their producer (fastmerge.spec.folding)
     folds: list[NormFold] = field(default_factory=list)
+    # LayerNorms/RMSNorms whose affine part folds into their readers (fastmerge.spec.residual)
+    norms: list[StreamNorm] = field(default_factory=list)
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -163,6 +186,8 @@ class MergeSpec:
                 _validate_member(g, m, shapes)
         for f in self.folds:
             _validate_fold(f, shapes)
+        for norm in self.norms:
+            _validate_norm(norm, shapes)
 
     def random_permutations(self, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One random permutation per group instance: the transforms check_spec draws."""
@@ -189,6 +214,32 @@ def _validate_fold(f: NormFold, shapes: Mapping[str, Sequence[int]]) -> None:
     if wrong:
         raise SpecError(f"fold of BatchNorm {f.norm!r} into {f.producer!r}: {wrong[0]!r} has shape "
                         f"{tuple(shapes[wrong[0]])}, expected ({units},) (one entry per output unit)")
+
+
+def _validate_norm(norm: StreamNorm, shapes: Mapping[str, Sequence[int]]) -> None:
+    where = f"{norm.kind} norm {norm.weight or '(no affine)'}"
+    if norm.kind not in ("layer", "rms"):
+        raise SpecError(f"{where}: kind must be 'layer' or 'rms', got {norm.kind!r}")
+    names = [n for n in (norm.weight, norm.bias) if n]
+    if norm.obstacle:
+        missing = [n for n in names if n not in shapes]
+        if missing:
+            raise SpecError(f"{where}: the model has no tensor {missing[0]!r}")
+        return
+    if not norm.readers:
+        raise SpecError(f"{where}: a stream norm needs at least one reader (or an obstacle)")
+    missing = [n for n in names + [n for r in norm.readers for n in r[:2] if n] if n not in shapes]
+    if missing:
+        raise SpecError(f"{where}: the model has no tensor {missing[0]!r}")
+    if any(len(shapes[w]) != 2 or axis not in (0, 1) for w, _, axis in norm.readers):
+        raise SpecError(f"{where}: its readers must be 2-d Linear/Conv1D weights with input axis 0 or 1")
+    widths = {shapes[w][axis] for w, _, axis in norm.readers}
+    units = widths.pop()
+    if widths or any(tuple(shapes[n]) != (units,) for n in names):
+        raise SpecError(f"{where}: its readers' input width and its weight/bias must agree ({units} units)")
+    for w, b, axis in norm.readers:
+        if b is not None and tuple(shapes[b]) != (shapes[w][1 - axis],):
+            raise SpecError(f"{where}: reader bias {b!r} has shape {tuple(shapes[b])}, expected ({shapes[w][1 - axis]},)")
 
 
 def _validate_member(g: Group, m: Member, shapes: Mapping[str, Sequence[int]]) -> None:

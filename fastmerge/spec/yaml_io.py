@@ -18,6 +18,9 @@ Format (defaults omitted when written)::
     - {tensor: fc1.weight, axis: 1, reason: model input}
     folds:
     - {producer: conv1.weight, producer_bias: null, norm: bn1, eps: 1.0e-05}
+    norms:
+    - {kind: layer, weight: ln.weight, bias: ln.bias, readers: [[fc.weight, fc.bias, 1]]}
+    - {kind: layer, weight: ln_f.weight, bias: ln_f.bias, obstacle: the LM head is tied}
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 import yaml
 
 from ..io.atomic import write_text_atomic
-from .types import ROLES, Group, Member, MergeSpec, NormFold, SpecError, TapPoint
+from .types import ROLES, Group, Member, MergeSpec, NormFold, SpecError, StreamNorm, TapPoint
 
 FORMAT = "fastmerge-spec/1"
 _MEMBER_KEYS = {"tensor", "axis", "role", "factors", "unit", "instance", "select", "offset"}
@@ -85,6 +88,10 @@ def spec_to_dict(spec: MergeSpec) -> dict:
     if spec.folds:
         out["folds"] = [_Flow(producer=f.producer, producer_bias=f.producer_bias, norm=f.norm, eps=f.eps)
                         for f in spec.folds]
+    if spec.norms:
+        out["norms"] = [_Flow({"kind": n.kind, "weight": n.weight, "bias": n.bias,
+                               **({"obstacle": n.obstacle} if n.obstacle else {"readers": [list(r) for r in n.readers]})})
+                        for n in spec.norms]
     return out
 
 
@@ -133,7 +140,7 @@ def _layout_from(where: str, data: Mapping) -> dict:
 
 def spec_from_dict(data: Mapping) -> MergeSpec:
     """Builds a MergeSpec from parsed YAML, rejecting unknown keys and malformed values."""
-    _check_keys("spec", data, {"format", "groups", "fixed", "folds"})
+    _check_keys("spec", data, {"format", "groups", "fixed", "folds", "norms"})
     if data.get("format", FORMAT) != FORMAT:
         raise SpecError(f"spec: unsupported format {data.get('format')!r}, expected {FORMAT!r}")
     groups_data = data.get("groups")
@@ -188,7 +195,32 @@ def spec_from_dict(data: Mapping) -> MergeSpec:
     for fi, fd in enumerate(fixed_data):
         _check_keys(f"fixed[{fi}]", fd, {"tensor", "axis", "reason"})
         fixed.append((str(fd.get("tensor")), _int(f"fixed[{fi}].axis", fd.get("axis", 0)), str(fd.get("reason", ""))))
-    return MergeSpec(groups=groups, fixed=fixed, folds=_folds_from(data.get("folds") or []))
+    return MergeSpec(groups=groups, fixed=fixed, folds=_folds_from(data.get("folds") or []),
+                     norms=_norms_from(data.get("norms") or []))
+
+
+def _norms_from(data) -> list[StreamNorm]:
+    if not isinstance(data, list):
+        raise SpecError(f"spec: 'norms' must be a list, got {data!r}")
+    norms = []
+    for i, nd in enumerate(data):
+        where = f"norms[{i}]"
+        _check_keys(where, nd, {"kind", "weight", "bias", "readers", "obstacle"})
+        if nd.get("kind") not in ("layer", "rms"):
+            raise SpecError(f"{where}.kind: expected 'layer' or 'rms', got {nd.get('kind')!r}")
+        names = [nd.get("weight"), nd.get("bias")]
+        if any(n is not None and not isinstance(n, str) for n in names):
+            raise SpecError(f"{where}: 'weight' and 'bias' must be tensor names or null")
+        obstacle = nd.get("obstacle", "")
+        if not isinstance(obstacle, str):
+            raise SpecError(f"{where}.obstacle: expected a sentence, got {obstacle!r}")
+        readers = nd.get("readers") or []
+        if not isinstance(readers, list) or not all(
+                isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and (r[1] is None or isinstance(r[1], str))
+                and r[2] in (0, 1) and not isinstance(r[2], bool) for r in readers):
+            raise SpecError(f"{where}.readers: expected a list of [weight, bias or null, input axis 0 or 1]")
+        norms.append(StreamNorm(nd["kind"], names[0], names[1], tuple(tuple(r) for r in readers), obstacle))
+    return norms
 
 
 def _folds_from(data) -> list[NormFold]:

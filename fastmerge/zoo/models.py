@@ -492,18 +492,19 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    """A GPT-2-style decoder (nanoGPT layout) whose LM head is tied to ``wte``.
+    """A GPT-2-style decoder (nanoGPT layout) whose LM head is tied to ``wte`` by default.
 
     ``wte`` (token) + ``wpe`` (position) embeddings, ``h`` (ModuleList of
     :class:`GPT2Block`), ``ln_f``, then ``logits = F.linear(x, wte.weight)``: there is no
-    separate LM-head parameter.
+    separate LM-head parameter (with ``tie_embeddings=False``: an ``lm_head`` Linear).
 
     Input:  ``(B, T)`` int64 token ids in ``[0, vocab_size)``, ``T <= block_size``.
     Output: ``(B, T, vocab_size)`` logits.
     """
 
     def __init__(
-        self, vocab_size: int, block_size: int, dim: int, depth: int, heads: int, mlp_ratio: int
+        self, vocab_size: int, block_size: int, dim: int, depth: int, heads: int, mlp_ratio: int,
+        tie_embeddings: bool = True,
     ) -> None:
         super().__init__()
         self.block_size = block_size
@@ -513,6 +514,8 @@ class GPT2(nn.Module):
             [GPT2Block(dim, heads, block_size, mlp_ratio) for _ in range(depth)]
         )
         self.ln_f = nn.LayerNorm(dim)
+        # untied: a separate lm_head (GPT-2 with tie_word_embeddings=False)
+        self.lm_head = None if tie_embeddings else nn.Linear(dim, vocab_size, bias=False)
 
         # GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * depth).
         self.apply(self._init_weights)
@@ -541,7 +544,7 @@ class GPT2(nn.Module):
         for block in self.h:
             x = block(x)
         x = self.ln_f(x)
-        return F.linear(x, self.wte.weight)
+        return F.linear(x, self.wte.weight) if self.lm_head is None else self.lm_head(x)
 
 
 def gpt2(
@@ -552,6 +555,7 @@ def gpt2(
     depth: int = 2,
     heads: int = 4,
     mlp_ratio: int = 4,
+    tie_embeddings: bool = True,
 ) -> GPT2:
     """Build a small GPT-2-style decoder with hand-written causal attention and a tied head.
 
@@ -562,6 +566,7 @@ def gpt2(
         depth: Number of transformer blocks.
         heads: Attention heads per block.
         mlp_ratio: MLP hidden width is ``mlp_ratio * dim``.
+        tie_embeddings: The LM head reads ``wte``'s weight (GPT-2); False: its own ``lm_head``.
 
     Returns:
         A :class:`GPT2` mapping int64 ``(B, T)``, ``T <= block_size``, to
@@ -576,7 +581,7 @@ def gpt2(
         mlp_ratio=mlp_ratio,
     )
     _check_divides("dim", "heads", dim, heads)
-    return GPT2(vocab_size, block_size, dim, depth, heads, mlp_ratio)
+    return GPT2(vocab_size, block_size, dim, depth, heads, mlp_ratio, tie_embeddings)
 
 
 # --------------------------------------------------------------------------------------------

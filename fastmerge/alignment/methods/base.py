@@ -52,6 +52,8 @@ class AlignmentMethod:
     statistics: the block pairs of activation statistics it needs ("all_to_one", "full"), or None
         for a data-free method.
     dense: builds the group's dense transforms from the statistics (None: permutations only).
+    residual: orthogonal transforms of residual-stream groups in canonical form
+        (fastmerge.spec.residual; the option `residual="permute"` turns it off), or None;
     grid: for n models, the option sets worth trying on validation data (demo, bench);
     grid_label: what the grid varies, for table captions ("" when nothing is tuned)."""
 
@@ -60,8 +62,13 @@ class AlignmentMethod:
     options: type = NoOptions
     statistics: str | None = "all_to_one"
     dense: DenseFunction | None = None
+    residual: DenseFunction | None = None
     grid: Callable[[int], list[dict]] = lambda n: [{}]
     grid_label: str = ""
+
+    def wants_residual(self, own) -> bool:
+        """Whether, with its options `own`, the method aligns residual streams orthogonally."""
+        return self.residual is not None and getattr(own, "residual", "orthogonal") == "orthogonal"
 
     def parse_options(self, options: dict) -> tuple[object, WeightMatchingOptions]:
         """(own options, weight matching options) from fastmerge.align's keyword arguments."""

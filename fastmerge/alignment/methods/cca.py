@@ -8,16 +8,27 @@ from dataclasses import dataclass
 import torch
 
 from ...spec.transforms import Dense
-from ..activation import cca_transform
+from ...errors import InvalidArgumentError
+from ..activation import cca_transform, orthogonal_transform
 from .base import AlignmentMethod, register
+
+RESIDUAL_MODES = ("orthogonal", "permute")
 
 
 @dataclass(frozen=True)
 class CCAOptions:
-    """reg: the regularisation of the covariances; relative_reg: reg times the mean unit variance."""
+    """reg: the regularisation of the covariances; relative_reg: reg times the mean unit variance.
+    residual: how groups that pass through LayerNorm/RMSNorm (a transformer's residual stream) are
+    aligned: "orthogonal" (the models in canonical form, fastmerge.spec.residual, and the
+    orthogonal Procrustes map, CCA's limit of infinite regularisation: exact there) or "permute"."""
 
     reg: float = 0.1
     relative_reg: bool = True
+    residual: str = "orthogonal"
+
+    def __post_init__(self) -> None:
+        if self.residual not in RESIDUAL_MODES:
+            raise InvalidArgumentError(f"cca: residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
 
 
 def _permutation_matrix(perm):
@@ -43,6 +54,18 @@ def cca_dense(group, stats, *, reference: int, n: int, options: CCAOptions, info
     return out
 
 
-register(AlignmentMethod(name="cca", label="CCA", options=CCAOptions, dense=cca_dense,
+def cca_residual(group, stats, *, reference: int, n: int, kind: str, info: dict) -> list:
+    """Orthogonal Procrustes maps of a residual-stream group in canonical form (kind "layer": maps
+    that fix the all-ones vector)."""
+    out: list = [None] * n
+    for i in range(n):
+        if i != reference:
+            q = orthogonal_transform(stats.covariance(group.name, reference, i), fix_ones=kind == "layer")
+            out[i] = Dense(out=q[None], inp=q.T[None])
+    info["transform"] = f"orthogonal ({'LayerNorm' if kind == 'layer' else 'RMSNorm'} stream in canonical form)"
+    return out
+
+
+register(AlignmentMethod(name="cca", label="CCA", options=CCAOptions, dense=cca_dense, residual=cca_residual,
                          grid=lambda n: [{"reg": r} for r in (0.01, 0.03, 0.1, 0.3, 1.0)],
                          grid_label="regularisation"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..layout import plain
 from ..trace_types import Info
-from ..types import NormFold
+from ..types import NormFold, StreamNorm
 from .base import _op_name, _whole_param, handles, opaque_like
 
 _EVAL_BATCH_NORMS = ("_native_batch_norm_legit_no_training",)
@@ -31,10 +31,96 @@ def _layer_norm(t, args, kwargs, meta):
     axes = list(range(len(x.shape) - k, len(x.shape)))
     t.tap(x, -1)
     params = [a for a in args[2:4] if isinstance(a, Info)]
+    if k == 1:
+        _record_stream_norm(t, args)
     out = _norm_params(t, x, axes, params)
     if isinstance(meta, (list, tuple)):
         return [out] + [opaque_like(m) for m in meta[1:]]
     return out
+
+
+# ops a norm's output may pass through on its way to a Linear: views keep every row of the
+# normalised (last) axis whole when the last axis keeps its size; the others must leave it last
+_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "clone", "contiguous", "alias",
+          "detach", "dropout"}
+_MOVES = {"transpose", "permute", "select", "slice"}
+
+
+def _record_stream_norm(t, args) -> None:
+    """A LayerNorm/RMSNorm over the last axis whose output only Linear layers read, each through a
+    weight of its own (StreamNorm): its affine part can be folded into them."""
+    name = _op_name(t.node.target)
+    kind = "rms" if "rms" in name else "layer"
+    weight = args[2] if len(args) > 2 and isinstance(args[2], Info) else None
+    bias = args[3] if kind == "layer" and len(args) > 3 and isinstance(args[3], Info) else None
+    names = [_whole_param(p) if p is not None else None for p in (weight, bias)]
+    if any(p is not None and n is None for p, n in zip((weight, bias), names)):
+        return
+    width = int(args[1][0])
+    start = [(u, t.node) for u in t.node.users]
+    if name in ("native_layer_norm", "_fused_rms_norm"):  # tuple outputs: only the normalised one may be read
+        if any(_op_name(u.target) != "getitem" or u.args[1] != 0 for u, _ in start):
+            return
+        start = [(w, u) for u, _ in start for w in u.users]
+    readers: list = []
+    while start:
+        node, parent = start.pop()
+        found = _reader(t, node, parent, width)
+        if isinstance(found, str) and found != "pass":
+            if names[0] or names[1]:  # its parameters sit in the stream's group: say why they stay
+                t.norms.append(StreamNorm(kind=kind, weight=names[0], bias=names[1], obstacle=found))
+            return
+        if found == "pass":
+            start.extend((u, node) for u in node.users)
+        else:
+            readers.append(found)
+    if readers:
+        t.norms.append(StreamNorm(kind=kind, weight=names[0], bias=names[1], readers=tuple(readers)))
+
+
+def _reader(t, node, parent, width):
+    """"pass" for an op that keeps the normalised rows whole (its users are looked at next), the
+    (weight, bias, input axis) of a Linear/addmm reading them with parameters of its own, or why
+    the norm's output cannot take its affine part (a string)."""
+    op = _op_name(node.target) if node.op == "call_function" else ""
+    args = node.args
+    if op in _VIEWS | _MOVES:
+        after = node.meta.get("val")
+        before = parent.meta.get("val")
+        moved = f"its output is reshaped across the normalised axis ({op})"
+        if not args or args[0] is not parent or after is None or before is None or not len(after.shape):
+            return moved
+        if int(after.shape[-1]) != width:
+            return moved
+        last, ndim = len(before.shape) - 1, len(before.shape)
+        if op == "transpose" and last in {int(args[1]) % ndim, int(args[2]) % ndim} and args[1] != args[2]:
+            return moved
+        if op == "permute" and int(args[1][-1]) % ndim != last:
+            return moved
+        if op == "select" and int(args[1]) % ndim == last:
+            return moved
+        return "pass"
+    if op == "linear" and args and args[0] is parent:
+        return _own_params(t, args[1], args[2] if len(args) > 2 else node.kwargs.get("bias"), 1)
+    if op == "addmm" and len(args) > 2 and args[1] is parent and args[0] is not parent and args[2] is not parent:
+        return _own_params(t, args[2], args[0], 0)
+    return f"its output is read by {op or node.op} ({node.name}), not only by Linear layers"
+
+
+def _own_params(t, weight_node, bias_node, axis):
+    """(weight, bias, axis) when both are whole parameters that nothing else reads, else why not."""
+    out = []
+    for node in (weight_node, bias_node):
+        if node is None:
+            out.append(None)
+            continue
+        name = _whole_param(t.lookup(node)) if hasattr(node, "users") else None
+        if name is None:
+            return "a Linear reading its output has a computed weight or bias"
+        if len(node.users) != 1 or name in t.aliases:
+            return f"{name}, which reads its output, is tied to or shared with another use"
+        out.append(name)
+    return (out[0], out[1], axis)
 
 
 @handles("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
