@@ -35,12 +35,13 @@ from ..errors import InvalidArgumentError
 from ..batches import first_batch, run_model
 from ..spec.folding import fold_state, folded_spec, unfold_state
 from ..spec.residual import ResidualGroup, canonical_spec, canonical_state, residual_groups
-from ..spec.structure import activation_groups
+from ..spec.structure import activation_groups, head_blocks, statistics_groups
 from ..spec.transforms import Dense, apply_transforms
 from ..spec.types import MergeSpec
 from ..stages import timed
 from ..stats import collect_stats
 from .activation import match_permutation
+from .heads import align_heads
 from .methods import AlignmentMethod, WeightMatchingOptions, dense_blockers, get_method
 from .weight_matching import identity_perms, weight_matching
 
@@ -126,7 +127,7 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
     if not distributed:
         return _align_local(models, chosen, own, matching, stats=stats, **local)
     if chosen.statistics is not None and stats is None and data is not None:
-        stats = collect_stats(models, data, spec, groups=activation_groups(spec),  # a collective: every rank
+        stats = collect_stats(models, data, spec, groups=statistics_groups(spec),  # a collective: every rank
                               pairs=chosen.statistics, reference=reference, progress=progress, distributed=True,
                               **(stats_options or {}))
     payload = [None]
@@ -134,6 +135,13 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
         payload = [_align_local(models, chosen, own, matching, stats=stats, **local)]
     torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0]
+
+
+def _as_perm(t):
+    """The shape of a transform as permutations (count, size): frozen groups only need their shape."""
+    if isinstance(t, Dense):
+        return torch.arange(t.out.shape[-1], device=t.out.device).repeat(t.out.shape[0], 1)
+    return t
 
 
 _TIE_BREAK = 1e-6  # far below any real correlation difference, far above rounding
@@ -263,8 +271,8 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         if stats is None:
             if data is None:
                 raise InvalidArgumentError(f"method {method.name!r} needs activation statistics: pass data= or stats=")
-            stats = collect_stats(models, data, spec, groups=groups, pairs=method.statistics, reference=reference,
-                                  progress=progress, **(stats_options or {}))
+            stats = collect_stats(models, data, spec, groups=statistics_groups(spec), pairs=method.statistics,
+                                  reference=reference, progress=progress, **(stats_options or {}))
         short = []
         for g in groups:
             if g.name not in stats.states:
@@ -306,6 +314,21 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
                 fallbacks.setdefault(g.name, f"holds {', '.join(blockers[:2])}{' ...' if len(blockers) > 2 else ''}, "
                                              "which a dense transform would not move exactly")
             diagnostics[g.name] = info
+
+        for blocks in head_blocks(spec):
+            if blocks.flat.name not in stats.states:  # statistics gathered without the heads' features
+                continue
+            found = align_heads(blocks, stats, reference=reference, n=n, dense=method.dense, dense_options=own,
+                                info=diagnostics)
+            for group in [blocks.heads, *(g for g, _ in blocks.nested)]:
+                frozen[group.name] = torch.stack([_as_perm(found[i][group.name]) for i in range(n)])
+                for i in range(n):
+                    transforms[i][group.name] = found[i][group.name]
+            if method.dense is not None:
+                for group, _ in blocks.nested:
+                    if diagnostics.get(group.name, {}).get("transform") is None:
+                        fallbacks[group.name] = ("a level of the heads' features shared with another nested group "
+                                                 "(query heads sharing a key/value head): permuted")
 
         if short:
             warnings.warn(f"align({method.name!r}): {len(short)} group(s) saw fewer samples than units ({short[0]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,3 +50,49 @@ def activation_groups(spec: MergeSpec) -> list[Group]:
     no group nested inside their units."""
     nested = nested_groups(spec)
     return [g for g in spec.groups if g.tap is not None and g.count == 1 and not nested[g.name]]
+
+
+@dataclass(frozen=True)
+class HeadBlocks:
+    """Attention heads that activation statistics can align: the heads group (one instance) and
+    the groups nested in it whose units the same tap shows (per-head dims, query heads of a
+    key/value head), each with its level in the tap grid. `flat` is the statistics group: every
+    feature of the tapped axis as one unit (heads x features per head)."""
+
+    heads: Group
+    flat: Group
+    nested: tuple[tuple[Group, int], ...]
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(self.heads.tap.factors)
+
+
+def head_blocks(spec: MergeSpec) -> list[HeadBlocks]:
+    """Heads groups whose tap shows every head's features as a block of the tapped axis (the input
+    of an output projection: per-head attention outputs), with their tapped nested groups."""
+    nested = nested_groups(spec)
+    out = []
+    for g in spec.groups:
+        tap = g.tap
+        if (tap is None or g.count != 1 or not nested[g.name] or tap.factors is None or tap.unit != 0
+                or tap.instance or tap.select or tap.offset or tap.factors[0] != g.size):
+            continue
+        inner = []
+        for d, _ in nested[g.name]:
+            t = d.tap
+            if (t is not None and (t.module, t.kind, t.arg, t.dim, t.factors, t.offset) ==
+                    (tap.module, tap.kind, tap.arg, tap.dim, tap.factors, tap.offset)
+                    and t.instance == (0,) and not t.select and t.unit >= 1 and d.count == g.size
+                    and t.factors[t.unit] == d.size):
+                inner.append((d, t.unit))
+        flat = Group(name=f"{g.name}#features", size=math.prod(tap.factors), members=(),
+                     tap=replace(tap, factors=None, unit=0))
+        out.append(HeadBlocks(heads=g, flat=flat, nested=tuple(inner)))
+    return out
+
+
+def statistics_groups(spec: MergeSpec) -> list[Group]:
+    """Every group activation statistics are collected for: the activation groups and the heads'
+    feature groups."""
+    return activation_groups(spec) + [h.flat for h in head_blocks(spec)]

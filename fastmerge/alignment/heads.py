@@ -1,0 +1,181 @@
+"""Attention heads aligned from activations (fastmerge.spec.structure.HeadBlocks).
+
+The tap of a heads group shows every head's output (the input of the output projection) as a
+block of features. Heads are matched on their whole blocks: the similarity of reference head a
+and head b of a model is the value of the best matching between their features (a small
+assignment per pair), so a head is found whatever order its dims are in, and a linear assignment
+on those values pairs the heads. Each nested group (a head's dims, the query heads sharing one
+key/value head) is then matched inside every pair of matched heads the same way, on its own grid
+level; levels matched before it line up, the others are matched as sets. A method with dense
+transforms (CCA, ZipIt) transforms a nested group densely where its units are a whole block
+level (per-head value/output dims), from the pair's covariance blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import linear_assignment
+from ..spec.structure import HeadBlocks
+from ..spec.transforms import Dense
+from ..spec.types import Group
+
+
+def _match_value(block: torch.Tensor) -> torch.Tensor:
+    """(P, P, R, R) similarities -> (P, P) mean value of the best matching of each R x R block."""
+    p, q, r, _ = block.shape
+    if r == 1:
+        return block[..., 0, 0]
+    flat = block.reshape(p * q, r, r)
+    values = torch.empty(p * q, dtype=block.dtype, device=block.device)
+    rows = torch.arange(r, device=block.device)
+    for k in range(p * q):  # small assignments: the engine's LAP per pair
+        _, cols = linear_assignment(flat[k], maximize=True)
+        values[k] = flat[k][rows, cols].mean()
+    return values.reshape(p, q)
+
+
+def _level_cost(rho: torch.Tensor, level: int, decided: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The (size, size) similarity of the units of grid `level` inside one pair of blocks.
+
+    rho: (grid..., grid...) correlations of the reference block's features (first half of the
+    axes) with the model block's. Levels in `decided` (level -> permutation of the model's units)
+    line up: only matched entries count, averaged; the remaining levels are matched as sets."""
+    k = rho.dim() // 2
+    grid = rho.shape[:k]
+    for lvl, perm in decided.items():
+        rho = rho.index_select(k + lvl, perm.to(rho.device))
+    fixed = [lvl for lvl in range(k) if lvl != level and lvl in decided]
+    free = [lvl for lvl in range(k) if lvl != level and lvl not in decided]
+    order = [level, *fixed, *free]
+    x = rho.permute(*order, *(k + lvl for lvl in order))
+    n, d, r = grid[level], _prod(grid, fixed), _prod(grid, free)
+    x = x.reshape(n, d, r, n, d, r)
+    x = torch.diagonal(x, dim1=1, dim2=4).mean(-1)  # (n, r, n, r): decided levels matched
+    return _match_value(x.permute(0, 2, 1, 3))
+
+
+def _prod(grid, levels) -> int:
+    out = 1
+    for lvl in levels:
+        out *= int(grid[lvl])
+    return out
+
+
+class _PairStats:
+    """The statistics of one nested group inside one matched pair of head blocks, as a dense
+    method reads a group's statistics: model j's units are block `blocks[j]` of the features."""
+
+    def __init__(self, stats, flat: str, name: str, blocks: list[int], width: int) -> None:
+        self.stats, self.flat, self.name, self.blocks, self.width = stats, flat, name, blocks, width
+
+    def _cut(self, m: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        a, b = self.blocks[i] * self.width, self.blocks[j] * self.width
+        return m[a: a + self.width, b: b + self.width]
+
+    def covariance(self, group: str, i: int, j: int) -> torch.Tensor:
+        return self._cut(self.stats.covariance(self.flat, i, j), i, j)
+
+    def correlation(self, group: str, i: int, j: int) -> torch.Tensor:
+        return self._cut(self.stats.correlation(self.flat, i, j), i, j)
+
+    def covariance_eigh(self, group: str, i: int):
+        return torch.linalg.eigh(self.covariance(group, i, i).double())
+
+    @property
+    def states(self) -> dict:
+        return {self.name: _PairState(self)}
+
+
+class _PairState:
+    """What ZipIt reads of a group's CovarianceState, for one pair of head blocks."""
+
+    def __init__(self, view: _PairStats) -> None:
+        self.view = view
+        self.count = view.stats.states[view.flat].count
+
+    def joint_correlation(self) -> torch.Tensor:
+        n = len(self.view.blocks)
+        return torch.cat([torch.cat([self.view.correlation(self.view.name, i, j) for j in range(n)], dim=1)
+                          for i in range(n)], dim=0)
+
+
+def _permutation_matrices(perms: torch.Tensor) -> torch.Tensor:
+    """(count, size) permutations -> (count, size, size) matrices P with P[u, perm[u]] = 1."""
+    count, size = perms.shape
+    out = torch.zeros(count, size, size, dtype=torch.float64, device=perms.device)
+    out[torch.arange(count)[:, None], torch.arange(size)[None, :], perms] = 1.0
+    return out
+
+
+def align_heads(blocks: HeadBlocks, stats, *, reference: int, n: int, dense=None, dense_options=None,
+                info: dict) -> list[dict[str, object]]:
+    """Per model, {group: transform} for the heads group and its nested tapped groups: (count, size)
+    permutations, or Dense transforms of the nested groups `dense` (a method's dense function)
+    moves exactly. Writes the matched values into `info` (per group name)."""
+    grid = blocks.grid
+    heads, width = grid[0], blocks.flat.size // grid[0]
+    sub = grid[1:]
+    out: list[dict[str, object]] = [{} for _ in range(n)]
+    device = stats.states[blocks.flat.name].count.device if hasattr(stats, "states") else None
+    head_perms: list[torch.Tensor] = []
+    for i in range(n):
+        if i == reference:
+            head_perms.append(torch.arange(heads, device=device))
+            continue
+        rho = stats.correlation(blocks.flat.name, reference, i).double()
+        rho = rho.reshape(heads, width, heads, width).permute(0, 2, 1, 3)  # (ref head, head, f, f)
+        cost = _match_value(rho)
+        _, cols = linear_assignment(cost, maximize=True)
+        head_perms.append(cols)
+        info.setdefault(blocks.heads.name, {}).setdefault("matched_correlation", {})[i] = float(
+            cost[torch.arange(heads, device=cost.device), cols].mean())
+    for i in range(n):
+        out[i][blocks.heads.name] = head_perms[i][None]
+    nested_perms: dict[str, list[torch.Tensor]] = {}
+    for group, level in blocks.nested:
+        per_model = []
+        for i in range(n):
+            if i == reference:
+                per_model.append(torch.arange(group.size, device=device).repeat(heads, 1))
+                continue
+            rho = stats.correlation(blocks.flat.name, reference, i).double().reshape(heads, width, heads, width)
+            decided = {}
+            perms = []
+            for a in range(heads):
+                pair = rho[a, :, head_perms[i][a], :].reshape(*sub, *sub)
+                decided = {lvl - 1: nested_perms[g.name][i][a] for g, lvl in blocks.nested
+                           if g.name in nested_perms}
+                cost = _level_cost(pair, level - 1, decided)
+                _, cols = linear_assignment(cost, maximize=True)
+                perms.append(cols)
+            per_model.append(torch.stack(perms))
+        nested_perms[group.name] = per_model
+        for i in range(n):
+            out[i][group.name] = per_model[i]
+        if dense is not None and len(sub) == 1 and all(m.role in ("out", "in") for m in group.members):
+            _dense_nested(group, blocks, stats, head_perms, per_model, reference=reference, n=n, dense=dense,
+                          options=dense_options, out=out, info=info.setdefault(group.name, {}))
+    return out
+
+
+def _dense_nested(group: Group, blocks: HeadBlocks, stats, head_perms, perms, *, reference, n, dense, options,
+                  out, info) -> None:
+    """Dense transforms of a nested group whose units are a whole block level, instance by instance
+    (each instance: the pair of matched heads' covariance blocks)."""
+    heads, width = blocks.grid[0], blocks.flat.size // blocks.grid[0]
+    single = Group(name=group.name, size=group.size, members=group.members)
+    per_instance = []
+    for a in range(heads):
+        view = _PairStats(stats, blocks.flat.name, group.name, [int(p[a]) for p in head_perms], width)
+        per_instance.append(dense(single, view, reference=reference, n=n, options=options, info={},
+                                  perms=[p[a][None] for p in perms]))
+    for i in range(n):
+        mats = [per_instance[a][i] for a in range(heads)]
+        if all(t is None for t in mats):
+            continue
+        fallback = _permutation_matrices(perms[i])
+        outs = torch.stack([t.out[0] if t is not None else fallback[a] for a, t in enumerate(mats)])
+        inps = torch.stack([t.inp[0] if t is not None else fallback[a].T for a, t in enumerate(mats)])
+        out[i][group.name] = Dense(out=outs, inp=inps)
+    info["transform"] = "dense per head"
