@@ -107,8 +107,8 @@ def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *,
 
 def orthogonal_transform(s_xy: torch.Tensor, *, fix_ones: bool = False) -> torch.Tensor:
     """The orthogonal Q that best maps model y's units onto the reference x's (orthogonal
-    Procrustes, CCA's limit of infinite regularisation): Q = polar factor of S_xy, maximising
-    tr(Q^T S_xy), so x ~ Q y. With `fix_ones`, Q maps the all-ones vector to itself and is the best
+    Procrustes, CCA's limit of infinite regularisation): Q = polar factor of S_xy (a cross-covariance
+    or second moment), maximising tr(Q^T S_xy), so x ~ Q y. With `fix_ones`, Q maps the all-ones vector to itself and is the best
     such map on the mean-free vectors (what a canonical LayerNorm stream allows,
     fastmerge.spec.residual). float64."""
     s_xy = s_xy.double()

@@ -151,7 +151,7 @@ def _incoming_weight_similarity(spec: MergeSpec, group, ref_state: dict, state: 
     """(size, size) cosine similarity between the reference's and a model's units, from the rows
     each unit's producer writes (with the model's earlier groups already aligned), or None when the
     group has no plain producer rows."""
-    outs = [m for m in group.members if m.role == "out" and m.factors is None and m.tensor in state]
+    outs = [m for m in group.members if m.role in ("out", "gate") and m.factors is None and m.tensor in state]
     if not outs:
         return None
     names = sorted({m.tensor for m in outs})
@@ -177,6 +177,15 @@ def _data_report(stats, group, n: int) -> dict:
     return report
 
 
+def _blocked_because(group, blockers: list[str]) -> str:
+    """Why a dense method permutes a group instead (the members a dense transform would not move)."""
+    gates = [m.tensor for m in group.members if m.role == "gate"]
+    if gates:
+        return (f"its units are an elementwise product of two projections ({', '.join(gates[:2])}: a gated MLP); "
+                "a dense transform of each factor is not one of the product")
+    return f"holds {', '.join(blockers[:2])}{' ...' if len(blockers) > 2 else ''}, which a dense transform would not move exactly"
+
+
 def _report_fallbacks(method: str, fallbacks: dict[str, str], diagnostics: dict) -> None:
     """Groups a dense method permuted instead: recorded per group (diagnostics[group]["fallback"])
     and named in one warning."""
@@ -187,9 +196,8 @@ def _report_fallbacks(method: str, fallbacks: dict[str, str], diagnostics: dict)
     names = list(fallbacks)
     first = names[0]
     warnings.warn(f"align({method!r}): {len(names)} group(s) permuted instead of densely transformed "
-                  f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); {first}: {fallbacks[first]} "
-                  "(LayerNorm/GroupNorm parameters, a BatchNorm that does not directly follow a Linear/Conv, "
-                  "attention heads); diagnostics[group]['fallback'] says why for each", stacklevel=4)
+                  f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); {first}: {fallbacks[first]}; "
+                  "diagnostics[group]['fallback'] says why for each", stacklevel=4)
 
 
 _CANONICAL_TOLERANCE = 1e-4  # relative to the outputs' scale: float32 rounding of the rewritten weights
@@ -311,8 +319,7 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
                     if t is not None:
                         transforms[i][g.name] = t
             elif blockers:
-                fallbacks.setdefault(g.name, f"holds {', '.join(blockers[:2])}{' ...' if len(blockers) > 2 else ''}, "
-                                             "which a dense transform would not move exactly")
+                fallbacks.setdefault(g.name, _blocked_because(g, blockers))
             diagnostics[g.name] = info
 
         for blocks in head_blocks(spec):

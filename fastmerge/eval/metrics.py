@@ -28,6 +28,8 @@ def _score(predict: Callable, data: Iterable, max_batches: int | None) -> Metric
     loss_sum, correct, total = None, None, 0
     for args, kwargs, target in iterate_batches(data, max_batches=max_batches, labelled=True):
         logp = predict(args, kwargs)
+        if logp.dim() > 2 and logp.shape[:-1] == target.shape:  # a sequence model: every position is a sample
+            logp, target = logp.reshape(-1, logp.shape[-1]), target.reshape(-1)
         batch_loss = nn.functional.nll_loss(logp, target, reduction="sum")
         batch_correct = (logp.argmax(-1) == target).sum()
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
@@ -40,7 +42,9 @@ def _score(predict: Callable, data: Iterable, max_batches: int | None) -> Metric
 
 def evaluate(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> Metrics:
     """Cross-entropy and accuracy of a classifier (logits over the last axis) in eval mode; the
-    model is handed back in the mode it had."""
+    model is handed back in the mode it had. A sequence model's (batch, positions, classes) logits
+    with (batch, positions) targets count every position (a language model: loss per token,
+    perplexity exp(loss))."""
     mode = model.training
     model.eval()
     try:

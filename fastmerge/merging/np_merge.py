@@ -65,6 +65,14 @@ def _coefficient_shape(shape: torch.Size, granularity: str) -> tuple:
     return (1,) * len(shape)
 
 
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The default loss: cross-entropy over the last axis; a sequence model's (batch, positions,
+    classes) outputs with (batch, positions) targets count every position (a language model)."""
+    if output.dim() > 2 and output.shape[:-1] == target.shape:
+        return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+    return nn.functional.cross_entropy(output, target)
+
+
 @torch.no_grad()
 def _accuracy(forward, data: Iterable) -> float:
     correct = total = 0
@@ -117,7 +125,7 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
         val_data: held-out batches; the coefficients with the best validation accuracy (checked every
             `eval_every` steps) are returned, and training stops after `patience` checks without
             improvement. Without it, the last step's coefficients are returned.
-        loss_fn: loss(output, target), cross-entropy by default.
+        loss_fn: loss(output, target), cross-entropy by default (per position for sequence outputs).
         granularity: one coefficient per "entry" (default), per output "channel", or per "tensor".
         mode: for more than two models, "joint" (softmax over models per entry) or "pairwise"
             (successive two-model merges, the running merge weighted k/(k+1) at the start).
@@ -240,7 +248,7 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
         opt = optimizer(list(logits.values()))
     else:
         raise InvalidArgumentError(f"optimizer must be 'adam', 'sgd' or a callable, got {optimizer!r}")
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    loss_fn = loss_fn or cross_entropy
     history = []
     best = (-1.0, 0, {k: v.detach().clone() for k, v in logits.items()})
     checks_without_gain = 0

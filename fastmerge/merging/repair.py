@@ -82,7 +82,7 @@ def _combine_across_ranks(norms, seen: int) -> int:
 
 def producer_of(group: Group, model: nn.Module) -> str | None:
     """The single Linear/Conv module whose output rows are the group's units, if there is one."""
-    outs = [m for m in group.members if m.role == "out" and not m.tensor.endswith(".bias")]
+    outs = [m for m in group.members if m.role in ("out", "gate") and not m.tensor.endswith(".bias")]
     modules = {m.tensor.rsplit(".", 1)[0] for m in outs}
     if len(modules) != 1 or any(m.factors is not None or m.axis != 0 for m in outs):
         return None

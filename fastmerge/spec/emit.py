@@ -246,7 +246,8 @@ def _build_group(comp, occs, families, members, roles, irregular):
         grid = None if (len(occ.sizes) == 1 and occ.offset == 0 and occ.sizes[0] == shapes_axis(members, occ)) \
             else occ.sizes
         member_roles = roles.get((tensor, axis), set())
-        role = "out" if "out" in member_roles else "in" if "in" in member_roles else "param"
+        role = ("gate" if "gate" in member_roles else "out" if "out" in member_roles
+                else "in" if "in" in member_roles else "param")
         m = Member(tensor, axis, role=role, factors=grid, unit=occ.k, instance=instance, select=select,
                    offset=occ.offset)
         if m not in seen:
@@ -295,9 +296,9 @@ def _common_prefix(names: list[str]) -> str:
 
 
 def _name(group_members: list[Member], count: int) -> str:
-    outs = list(dict.fromkeys(_module(m.tensor) for m in group_members if m.role == "out"))
+    outs = list(dict.fromkeys(_module(m.tensor) for m in group_members if m.role in ("out", "gate")))
     if len(outs) <= 1:
-        first = next((m for m in group_members if m.role == "out"), group_members[0])
+        first = next((m for m in group_members if m.role in ("out", "gate")), group_members[0])
         base = _module(first.tensor) + (f"@{first.offset}" if first.offset else "")
     else:
         prefix = _common_prefix(outs)

@@ -86,6 +86,8 @@ def _obstacle(group: Group, norms: list[StreamNorm]) -> str:
     own = {n for norm in norms for n in (norm.weight, norm.bias) if n}
     readers = {(w, axis) for norm in norms for w, _, axis in norm.readers}
     for m in group.members:
+        if m.role == "gate":
+            return f"{m.tensor} is a factor of an elementwise product"
         if m.factors is not None or m.offset or m.select:
             return f"{m.tensor} holds the units in part of an axis"
         if m.role == "param" and m.tensor not in own:

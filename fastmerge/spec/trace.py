@@ -21,7 +21,7 @@ from .emit import build_spec
 from .layout import Layout, fix_layout, opaque, plain, prune_families, size_of, unify_layouts
 from .rules import HANDLERS, IGNORED, handles
 from .rules.base import _bind, _flatten, _op_name, _shape, opaque_like, replica_like
-from .spaces import SpaceTable
+from .spaces import SpaceTable, find
 from .trace_types import Info, TapCandidate, TraceResult
 from .types import MergeSpec, SpecError
 
@@ -85,6 +85,7 @@ class _Tracer:
         self.unknown: dict = {}
         self.folds: list = []
         self.norms: list = []
+        self.products: list = []  # layouts of elementwise products of two projections (gated units)
         self.state_names = set(model.state_dict().keys())
         sig = program.graph_signature
         self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
@@ -110,12 +111,22 @@ class _Tracer:
                             fix_layout(self.table, d, "model output")
             elif node.op == "get_attr":
                 self.env[node] = self.constant(node)
+        self.mark_gates()
         for op, count in sorted(self.unknown.items()):
             warnings.warn(
                 f"fastmerge.trace_spec: unsupported op {op} ({count}x); the axes it touches are left out of the spec",
                 stacklevel=3,
             )
         return TraceResult(self.table, self.members, self.roles, self.taps, dict(self.unknown), self.folds, self.norms)
+
+    def mark_gates(self) -> None:
+        """Producer rows of units that are multiplied elementwise with another projection's units
+        (a gated MLP) take the role "gate": permutations move them, dense transforms do not."""
+        roots = {id(find(sp)) for layout in self.products for f in layout for sp in f.spaces()}
+        for tensor, axis, space in self.members:
+            roles = self.roles.get((tensor, axis))
+            if roles and "out" in roles and id(find(space)) in roots:
+                roles.add("gate")
 
     def lookup(self, value):
         if isinstance(value, torch.fx.Node):

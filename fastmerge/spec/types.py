@@ -21,7 +21,9 @@ Examples (C = 32 hidden units of fc1 consumed by fc2; H = 4 heads of d = 8 dims)
 
 Roles record how a dense transform T would apply (permutations ignore them): ``out`` rows of a
 producer (W <- T W, b <- T b), ``in`` columns of a consumer (W <- W T^-1), ``param`` per-unit
-parameters and statistics (norm weights, running stats) that only permutations move exactly.
+parameters and statistics (norm weights, running stats) that only permutations move exactly,
+``gate`` producer rows of units that are multiplied elementwise with another projection's units (a
+gated MLP's gate and up rows: a dense transform of each factor is not one of the product).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from ..errors import SpecError
 from .grid import AxisGrid
 
-ROLES = ("out", "in", "param")
+ROLES = ("out", "in", "param", "gate")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,12 @@ class Stats:
     def covariance(self, group: str, i: int, j: int) -> torch.Tensor:
         return self.states[group].covariance(i, j)
 
+    def second_moment(self, group: str, i: int, j: int) -> torch.Tensor:
+        """E[x_i x_j^T] (not centred): what an orthogonal map x_j -> x_i, which cannot shift means,
+        is fitted to (min E||x_i - Q x_j||^2)."""
+        state = self.states[group]
+        return state.covariance(i, j) + state.mean[i][:, None] * state.mean[j][None, :]
+
     def all_reduce_(self) -> Stats:
         """Under torch.distributed: combines every rank's statistics exactly (a collective, call it
         on every rank), e.g. after a StatsCollector watched each rank's own training steps."""

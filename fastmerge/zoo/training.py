@@ -127,21 +127,28 @@ def trained_model(config: TrainConfig, split: Split, seed: int) -> nn.Module:
         del fields["arch"]
     if fields["optimizer"] == "adam":  # added later too
         del fields["optimizer"]
-    key = hashlib.sha256(json.dumps({**fields, "seed": seed, "recipe": RECIPE_VERSION,
-                                     "torch": torch.__version__.split("+")[0]},
+    stem = f"{config.dataset}-{'h' if config.arch == 'mlp' else config.arch}{config.hidden}-s{seed}"
+    return cached_model(stem, {**fields, "seed": seed, "recipe": RECIPE_VERSION},
+                        lambda: make_model(config, split.x_fit.shape[1]), lambda: train(config, split, seed))
+
+
+def cached_model(stem: str, fields: dict, make, fit) -> nn.Module:
+    """The model `fit()` trains, cached under `stem` and a hash of `fields` (the full configuration:
+    with the torch version) in cache_dir(): a later call with the same fields loads it into `make()`."""
+    key = hashlib.sha256(json.dumps({**fields, "torch": torch.__version__.split("+")[0]},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"{config.dataset}-{'h' if config.arch == 'mlp' else config.arch}{config.hidden}-s{seed}-{key}.pt")
-    model = make_model(config, split.x_fit.shape[1])
+    path = os.path.join(cache_dir(), f"{stem}-{key}.pt")
+    model = make()
     if os.path.exists(path):
         try:
             model.load_state_dict(torch.load(path, weights_only=True))
             return model.eval()
         except (RuntimeError, OSError, EOFError):
             pass  # a damaged cache entry: train again
-    model = train(config, split, seed)
+    model = fit()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     os.close(fd)
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
-    return model
+    return model.eval()

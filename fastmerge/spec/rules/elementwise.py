@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..trace_types import Info
-from .base import _broadcast, handles, opaque_like, replica_like
+from .base import _broadcast, _op_name, handles, opaque_like, replica_like
 
 
 @handles("relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "hardtanh", "leaky_relu", "elu", "selu", "celu",
@@ -46,7 +46,34 @@ def _add(t, args, kwargs, meta):
          "logical_or", "bitwise_and", "bitwise_or", "__and__", "__or__", "fmod", "remainder", "atan2",
          "floor_divide", "copysign")
 def _binary(t, args, kwargs, meta):
-    return _broadcast(t, [a for a in args[:2]], meta)
+    out = _broadcast(t, [a for a in args[:2]], meta)
+    if _op_name(t.node.target) in ("mul", "mul_") and _two_projections(t.node):
+        t.products.append(out.dims[-1] if out.dims else [])
+    return out
+
+
+# single-input ops a projection's output may pass through before it is multiplied (an activation)
+def _projection_of(node, depth: int = 8):
+    """The Linear/Conv node `node` computes from through single-input elementwise ops, or None."""
+    for _ in range(depth):
+        if not hasattr(node, "op") or node.op != "call_function":
+            return None
+        name = _op_name(node.target)
+        if name in ("linear", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "matmul"):
+            return node
+        inputs = [a for a in node.args if hasattr(a, "op")]
+        if len(inputs) != 1 or inputs[0] is not node.args[0]:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _two_projections(node) -> bool:
+    """An elementwise product of two different projections' outputs (a gated MLP's gate and up
+    branches): a dense transform of their units is not a transform of the product."""
+    a, b = (node.args[0], node.args[1]) if len(node.args) > 1 else (None, None)
+    pa, pb = _projection_of(a), _projection_of(b)
+    return pa is not None and pb is not None and pa is not pb
 
 
 @handles("where", "addcmul", "addcdiv", "lerp")
