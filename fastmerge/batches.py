@@ -89,3 +89,8 @@ def run_model(model, batch: Batch, index: int):
         first = next((line for line in str(exc).splitlines() if line.strip()), "")
         raise DataError(f"batch {index}: the model cannot run on it ({type(exc).__name__}: {first[:200]}); every "
                         "batch must hold inputs of the shape and dtype the model takes") from exc
+
+
+def output_logits(output):
+    """A model's output tensor: itself, or the logits of a Hugging Face ModelOutput."""
+    return output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)

@@ -32,7 +32,7 @@ import torch
 from .. import distributed as _distributed
 from ..checks import check_models
 from ..errors import InvalidArgumentError
-from ..batches import first_batch, run_model
+from ..batches import first_batch, output_logits, run_model
 from ..spec.folding import fold_state, folded_spec, unfold_state
 from ..spec.residual import ResidualGroup, canonical_spec, canonical_state, residual_groups
 from ..spec.structure import activation_groups, head_blocks, statistics_groups
@@ -213,24 +213,14 @@ def _canonical_models(models, spec: MergeSpec, groups: dict, data) -> tuple[list
         twin.load_state_dict(canonical_state(spec, _float_state(model), groups))
         with torch.no_grad():
             want, got = run_model(model, batch, i), run_model(twin, batch, i)
-        want, got = _first_tensor(want), _first_tensor(got)
-        if want is not None and got is not None:
+        want, got = output_logits(want), output_logits(got)
+        if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor):
             scale = float(want.detach().double().abs().max().clamp_min(1e-30))
             error = float((want.detach().double() - got.detach().double()).abs().max()) / scale
             if not error <= _CANONICAL_TOLERANCE:
                 return [], f"the canonical form changed model {i}'s outputs by {error:.2g} (relative)"
         copies.append(twin)
     return copies, ""
-
-
-def _first_tensor(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (list, tuple)):
-        return next((t for t in map(_first_tensor, value) if t is not None), None)
-    if isinstance(value, dict):
-        return next((t for t in map(_first_tensor, value.values()) if t is not None), None)
-    return getattr(value, "logits", None)
 
 
 @timed("align")
@@ -327,12 +317,12 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
                 continue
             found = align_heads(blocks, stats, reference=reference, n=n, dense=method.dense, dense_options=own,
                                 info=diagnostics)
-            for group in [blocks.heads, *(g for g, _ in blocks.nested)]:
+            for group in [blocks.heads, *(g for g, _ in blocks.nested), *(g for g, _ in blocks.shared)]:
                 frozen[group.name] = torch.stack([_as_perm(found[i][group.name]) for i in range(n)])
                 for i in range(n):
                     transforms[i][group.name] = found[i][group.name]
             if method.dense is not None:
-                for group, _ in blocks.nested:
+                for group, _ in (*blocks.nested, *blocks.shared):
                     if diagnostics.get(group.name, {}).get("transform") is None:
                         fallbacks[group.name] = ("a level of the heads' features shared with another nested group "
                                                  "(query heads sharing a key/value head): permuted")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import linear_assignment
+from ..ops.covariance import correlation_from_covariance
 from ..spec.structure import HeadBlocks
 from ..spec.transforms import Dense
 from ..spec.types import Group
@@ -62,35 +63,35 @@ def _prod(grid, levels) -> int:
     return out
 
 
-class _PairStats:
-    """The statistics of one nested group inside one matched pair of head blocks, as a dense
-    method reads a group's statistics: model j's units are block `blocks[j]` of the features."""
+class _BlockStats:
+    """The statistics of one group inside the heads, as a dense method reads a group's statistics:
+    model j's units are the feature blocks `blocks[j]` (one head block: a nested group's instance;
+    every head's block, summed in matched order: a group shared by all heads)."""
 
-    def __init__(self, stats, flat: str, name: str, blocks: list[int], width: int) -> None:
+    def __init__(self, stats, flat: str, name: str, blocks: list[list[int]], width: int) -> None:
         self.stats, self.flat, self.name, self.blocks, self.width = stats, flat, name, blocks, width
 
-    def _cut(self, m: torch.Tensor, i: int, j: int) -> torch.Tensor:
-        a, b = self.blocks[i] * self.width, self.blocks[j] * self.width
-        return m[a: a + self.width, b: b + self.width]
-
     def covariance(self, group: str, i: int, j: int) -> torch.Tensor:
-        return self._cut(self.stats.covariance(self.flat, i, j), i, j)
+        full, w = self.stats.covariance(self.flat, i, j), self.width
+        return sum(full[a * w: (a + 1) * w, b * w: (b + 1) * w] for a, b in zip(self.blocks[i], self.blocks[j]))
 
     def correlation(self, group: str, i: int, j: int) -> torch.Tensor:
-        return self._cut(self.stats.correlation(self.flat, i, j), i, j)
+        std_i = self.covariance(group, i, i).diagonal().clamp_min(0).sqrt()
+        std_j = self.covariance(group, j, j).diagonal().clamp_min(0).sqrt()
+        return correlation_from_covariance(self.covariance(group, i, j), std_i, std_j)
 
     def covariance_eigh(self, group: str, i: int):
         return torch.linalg.eigh(self.covariance(group, i, i).double())
 
     @property
     def states(self) -> dict:
-        return {self.name: _PairState(self)}
+        return {self.name: _BlockState(self)}
 
 
-class _PairState:
-    """What ZipIt reads of a group's CovarianceState, for one pair of head blocks."""
+class _BlockState:
+    """What ZipIt reads of a group's CovarianceState, for a _BlockStats view."""
 
-    def __init__(self, view: _PairStats) -> None:
+    def __init__(self, view: _BlockStats) -> None:
         self.view = view
         self.count = view.stats.states[view.flat].count
 
@@ -132,50 +133,52 @@ def align_heads(blocks: HeadBlocks, stats, *, reference: int, n: int, dense=None
             cost[torch.arange(heads, device=cost.device), cols].mean())
     for i in range(n):
         out[i][blocks.heads.name] = head_perms[i][None]
-    nested_perms: dict[str, list[torch.Tensor]] = {}
-    for group, level in blocks.nested:
+    # per model and head: the permutations of the levels inside the heads decided so far
+    decided: list[list[dict[int, torch.Tensor]]] = [[{} for _ in range(heads)] for _ in range(n)]
+    levels = [(g, lvl, False) for g, lvl in blocks.nested] + [(g, lvl, True) for g, lvl in blocks.shared]
+    for group, level, shared in levels:
         per_model = []
         for i in range(n):
+            count = 1 if shared else heads
             if i == reference:
-                per_model.append(torch.arange(group.size, device=device).repeat(heads, 1))
+                per_model.append(torch.arange(group.size, device=device).repeat(count, 1))
                 continue
             rho = stats.correlation(blocks.flat.name, reference, i).double().reshape(heads, width, heads, width)
-            decided = {}
-            perms = []
+            costs = [_level_cost(rho[a, :, head_perms[i][a], :].reshape(*sub, *sub), level - 1, decided[i][a])
+                     for a in range(heads)]
+            if shared:  # one permutation for every head: matched on all pairs of matched heads
+                costs = [sum(costs) / heads]
+            perms = torch.stack([linear_assignment(c, maximize=True)[1] for c in costs])
+            per_model.append(perms)
             for a in range(heads):
-                pair = rho[a, :, head_perms[i][a], :].reshape(*sub, *sub)
-                decided = {lvl - 1: nested_perms[g.name][i][a] for g, lvl in blocks.nested
-                           if g.name in nested_perms}
-                cost = _level_cost(pair, level - 1, decided)
-                _, cols = linear_assignment(cost, maximize=True)
-                perms.append(cols)
-            per_model.append(torch.stack(perms))
-        nested_perms[group.name] = per_model
+                decided[i][a][level - 1] = perms[0 if shared else a]
         for i in range(n):
             out[i][group.name] = per_model[i]
         if dense is not None and len(sub) == 1 and all(m.role in ("out", "in") for m in group.members):
-            _dense_nested(group, blocks, stats, head_perms, per_model, reference=reference, n=n, dense=dense,
+            _dense_inside(group, shared, blocks, stats, head_perms, per_model, reference=reference, n=n, dense=dense,
                           options=dense_options, out=out, info=info.setdefault(group.name, {}))
     return out
 
 
-def _dense_nested(group: Group, blocks: HeadBlocks, stats, head_perms, perms, *, reference, n, dense, options,
-                  out, info) -> None:
-    """Dense transforms of a nested group whose units are a whole block level, instance by instance
-    (each instance: the pair of matched heads' covariance blocks)."""
+def _dense_inside(group: Group, shared: bool, blocks: HeadBlocks, stats, head_perms, perms, *, reference, n, dense,
+                  options, out, info) -> None:
+    """Dense transforms of a group whose units are a whole block level inside the heads: per head
+    from the pair of matched heads' covariance blocks, or (shared) one for all heads from their sum."""
     heads, width = blocks.grid[0], blocks.flat.size // blocks.grid[0]
     single = Group(name=group.name, size=group.size, members=group.members)
+    instances = [list(range(heads))] if shared else [[a] for a in range(heads)]
     per_instance = []
-    for a in range(heads):
-        view = _PairStats(stats, blocks.flat.name, group.name, [int(p[a]) for p in head_perms], width)
+    for k, those in enumerate(instances):
+        view = _BlockStats(stats, blocks.flat.name, group.name, [[int(p[a]) for a in those] for p in head_perms],
+                           width)
         per_instance.append(dense(single, view, reference=reference, n=n, options=options, info={},
-                                  perms=[p[a][None] for p in perms]))
+                                  perms=[p[k][None] for p in perms]))
     for i in range(n):
-        mats = [per_instance[a][i] for a in range(heads)]
+        mats = [per_instance[k][i] for k in range(len(instances))]
         if all(t is None for t in mats):
             continue
         fallback = _permutation_matrices(perms[i])
         outs = torch.stack([t.out[0] if t is not None else fallback[a] for a, t in enumerate(mats)])
         inps = torch.stack([t.inp[0] if t is not None else fallback[a].T for a, t in enumerate(mats)])
         out[i][group.name] = Dense(out=outs, inp=inps)
-    info["transform"] = "dense per head"
+    info["transform"] = "dense, one for all heads" if shared else "dense per head"

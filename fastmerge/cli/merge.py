@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 
@@ -33,11 +34,13 @@ from .. import distributed
 from ..alignment import METHODS as ALIGNMENT_METHODS
 from ..errors import InvalidArgumentError
 from ..io import DTYPES, Checkpoint
+from ..io.text import TextBatches, is_text_file, load_tokenizer
 from ..merging import METHODS as SAME_INIT_METHODS
 from ..merging.checkpoints import merge_checkpoints, plan_merge
 from ..merging.passthrough import passthrough
 from ..merging.same_init import SameInitOptions
 from ..merging.with_data import merge_files_with_data
+from ..spec.hf_config import model_builder
 from ..stages import record_stages, stage_summary
 from .merge_config import read_config
 from .references import data_from, model_factory
@@ -62,15 +65,23 @@ def add_parser(sub) -> None:
                         "weight_matching from the files with --spec, or any method with --model (and --data)")
     p.add_argument("--spec", help="for --align: the architecture's merge spec (YAML from fastmerge.spec.save_spec), "
                                   "or 'auto' to infer it from the Hugging Face config.json next to the first model")
-    data = p.add_argument_group("aligning on data (--model): the architecture from Python, statistics from batches")
+    data = p.add_argument_group("aligning on data: the architecture from Python (--model) or from a Hugging Face "
+                                "folder's config.json, statistics from batches")
     data.add_argument("--model", metavar="MODULE:ATTR",
-                      help="builds the architecture: module:callable or file.py:callable returning an nn.Module")
+                      help="builds the architecture: module:callable or file.py:callable returning an nn.Module "
+                           "(default for Hugging Face folders: the model transformers builds from config.json)")
     data.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for --model, as a JSON object")
     data.add_argument("--data", metavar="REF", help="batches: digits | mnist5k (built-in real data, ':val' for the "
-                                                    "validation split) or module:attr (an iterable, or a callable "
-                                                    "returning one); (inputs, targets) for np_merge")
+                                                    "validation split), a text corpus FILE.txt or FILE.jsonl ('text' "
+                                                    "per line; tokenised with the first model folder's tokenizer), "
+                                                    "or module:attr (an iterable, or a callable returning one); "
+                                                    "(inputs, targets) for np_merge")
     data.add_argument("--val-data", metavar="REF", help="np_merge: held-out batches to choose the step count on")
-    data.add_argument("--batch-size", type=int, default=256, help="batch size of the built-in data (default 256)")
+    data.add_argument("--batch-size", type=int, default=None,
+                      help="batch size of the built-in data (default 256) or of a text corpus (default 16 windows)")
+    data.add_argument("--seq-len", type=int, default=128, help="a text corpus: tokens per window (default 128)")
+    data.add_argument("--max-batches", type=int, default=64,
+                      help="a text corpus: at most this many batches are read (default 64)")
     data.add_argument("--repair", choices=("auto", "none", "reset", "repair"), default="auto",
                       help="after averaging: BatchNorm reset (auto when the model has BatchNorm), REPAIR, or none")
     data.add_argument("--np-steps", type=int, default=300, help="np_merge: optimisation steps (default 300)")
@@ -220,11 +231,20 @@ def _kmb(text: str) -> int:
     return size
 
 
+def _hf_folder(path: str) -> str | None:
+    """The Hugging Face folder (config.json) a checkpoint path is or sits in, else None."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
+
+
 def _run_with_data(args: argparse.Namespace) -> int:
-    """--model: build the architecture, load the files, align on --data and merge (torchrun-aware)."""
-    if not args.model:
+    """--model (or a Hugging Face folder): build the architecture, load the files, align on --data and
+    merge (torchrun-aware)."""
+    folder = _hf_folder(args.models[0]) if args.models else None
+    if not args.model and folder is None:
         raise InvalidArgumentError(f"--align {args.align} works on activations: give --model MODULE:ATTR (the "
-                                   "architecture) and --data (batches)")
+                                   "architecture) and --data (batches), or Hugging Face checkpoint folders "
+                                   "(config.json: the architecture is built from it)")
     if args.config or args.base or any(getattr(args, k) is not None for k in ("scale", "density", "t", "seed")):
         raise InvalidArgumentError("--config, --base, --scale, --density, --t and --seed belong to the same-base "
                                    "merges; with --model use --method linear|np_merge and --weights")
@@ -245,17 +265,33 @@ def _run_with_data(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--model-kwargs is not valid JSON ({exc})") from None
     if not isinstance(kwargs, dict):
         raise InvalidArgumentError("--model-kwargs must be a JSON object of keyword arguments")
+    if args.model:
+        build = model_factory(args.model, kwargs)
+    else:
+        first = Checkpoint(args.models[0])
+        build = model_builder(folder, {n: tuple(first.shape(n)) for n in first.keys()})
+
+    def batches(reference):
+        if reference is None:
+            return None
+        if is_text_file(reference):
+            if folder is None:
+                raise InvalidArgumentError(f"--data {reference}: a text corpus is tokenised with the first model "
+                                           "folder's tokenizer; give Hugging Face checkpoint folders")
+            return TextBatches(reference, load_tokenizer(folder), seq_len=args.seq_len,
+                               batch_size=args.batch_size or 16, max_batches=args.max_batches)
+        return data_from(reference, args.batch_size or 256)
+
     owned = distributed.init_from_environment(args.device)  # torchrun: join (or create) the process group
     try:
         with record_stages() as times:
             files = merge_files_with_data(
-                args.models, args.output, build_model=model_factory(args.model, kwargs),
-                data=data_from(args.data, args.batch_size) if args.data else None, align=args.align or "none",
-                method=method, weights=args.weights, repair_mode=args.repair,
-                val_data=data_from(args.val_data, args.batch_size) if args.val_data else None,
+                args.models, args.output, build_model=build, data=batches(args.data), align=args.align or "none",
+                method=method, weights=args.weights, repair_mode=args.repair, val_data=batches(args.val_data),
                 np_options={"steps": args.np_steps, "lr": args.np_lr}, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
-                progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
+                progress=not args.quiet, allow_nonfinite=args.allow_nonfinite, copy_tokenizer=args.copy_tokenizer,
+                write_card=args.write_model_card)
         if not args.quiet and distributed.rank() == 0:
             print("\n".join(f"wrote {p}" for p in files))
             print(stage_summary(times), file=sys.stderr)

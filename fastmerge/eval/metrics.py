@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..batches import iterate_batches
+from ..batches import iterate_batches, output_logits
 from ..errors import DataError
 
 
@@ -48,7 +48,7 @@ def evaluate(model: nn.Module, data: Iterable, *, max_batches: int | None = None
     mode = model.training
     model.eval()
     try:
-        return _score(lambda a, k: torch.log_softmax(model(*a, **k).float(), -1), data, max_batches)
+        return _score(lambda a, k: torch.log_softmax(output_logits(model(*a, **k)).float(), -1), data, max_batches)
     finally:
         model.train(mode)
 
@@ -60,7 +60,7 @@ def ensemble(models: Sequence[nn.Module], data: Iterable, *, max_batches: int | 
         m.eval()
 
     def predict(args, kwargs):
-        probs = sum(torch.softmax(m(*args, **kwargs).float(), -1) for m in models) / len(models)
+        probs = sum(torch.softmax(output_logits(m(*args, **kwargs)).float(), -1) for m in models) / len(models)
         return probs.clamp_min(1e-30).log()
 
     try:

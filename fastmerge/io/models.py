@@ -19,7 +19,7 @@ def load_models(paths: Sequence[str], build_model: Callable[[], nn.Module], devi
     for path in paths:
         ckpt = Checkpoint(path)
         model = build_model()
-        expected = model.state_dict()
+        expected = _untied(model, set(ckpt.keys()))
         missing, unexpected, differ = layout_difference({n: tuple(t.shape) for n, t in expected.items()},
                                                         {n: tuple(ckpt.shape(n)) for n in ckpt.keys()})
         if missing or unexpected:
@@ -30,6 +30,21 @@ def load_models(paths: Sequence[str], build_model: Callable[[], nn.Module], devi
             name = differ[0]
             raise ShapeMismatchError(f"{path}: tensor {name!r} has shape {tuple(ckpt.shape(name))}, the architecture "
                                      f"build_model makes {tuple(expected[name].shape)}; check model_kwargs")
-        model.load_state_dict({name: ckpt[name] for name in expected})
+        model.load_state_dict({name: ckpt[name] for name in expected}, strict=len(expected) == len(model.state_dict()))
         models.append(model.to(device).eval())
     return models
+
+
+def _untied(model: nn.Module, present: set[str]) -> dict[str, torch.Tensor]:
+    """The model's state without the second names of tied tensors that the file leaves out (a tied
+    LM head: save_pretrained writes the embedding only); loading the first name sets both."""
+    state = model.state_dict(keep_vars=True)
+    first: dict[tuple, str] = {}
+    out = {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else (name,)
+        if key in first and name not in present:
+            continue  # tied to an earlier name: loaded through it
+        first.setdefault(key, name)
+        out[name] = t.detach()
+    return out

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..batches import batch_samples, cycle_batches, iterate_batches
+from ..batches import batch_samples, cycle_batches, iterate_batches, output_logits
 from ..checks import check_models
 from ..errors import InvalidArgumentError
 from ..ops import combine, sigmoid_merge
@@ -67,7 +67,9 @@ def _coefficient_shape(shape: torch.Size, granularity: str) -> tuple:
 
 def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The default loss: cross-entropy over the last axis; a sequence model's (batch, positions,
-    classes) outputs with (batch, positions) targets count every position (a language model)."""
+    classes) outputs with (batch, positions) targets count every position (a language model); a
+    Hugging Face model's output counts by its logits."""
+    output = output_logits(output)
     if output.dim() > 2 and output.shape[:-1] == target.shape:
         return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
     return nn.functional.cross_entropy(output, target)
@@ -77,7 +79,7 @@ def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def _accuracy(forward, data: Iterable) -> float:
     correct = total = 0
     for args, kwargs, target in iterate_batches(data, labelled=True):
-        pred = forward(args, kwargs).argmax(-1)
+        pred = output_logits(forward(args, kwargs)).argmax(-1)
         correct = correct + (pred == target).sum()  # summed where the model runs, read once
         total += int(target.numel())
     if distributed.active():  # every rank scores its shard; all of them see the accuracy on the union

@@ -14,6 +14,7 @@ its --model / --data references in fastmerge.cli.references).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -21,8 +22,9 @@ from torch import nn
 
 from .. import distributed
 from ..alignment import METHODS as ALIGNMENT_METHODS
-from ..errors import InvalidArgumentError
+from ..errors import CheckpointError, InvalidArgumentError
 from ..io import Checkpoint, load_models, merge_metadata, parse_dtype, plan_output
+from ..io.hf_folder import CONFIG_NAME, copied_files, model_card, read_config, source_folder, write_folder_files
 from ..stages import stage
 from .api import merge
 from .checkpoints import check_output_finite
@@ -41,7 +43,8 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
                           val_data: Iterable | None = None, np_options: dict | None = None,
                           align_options: dict | None = None, dtype: str | None = None,
                           max_shard_size: str | int | None = "5GB", overwrite: bool = False, device: str = "cpu",
-                          progress: bool = True, allow_nonfinite: bool = False) -> list[str]:
+                          progress: bool = True, allow_nonfinite: bool = False, copy_tokenizer: bool = True,
+                          write_card: bool = True) -> list[str]:
     """Aligns the checkpoints `models` on `data` and writes their merge to `output`.
 
     Args:
@@ -56,6 +59,8 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
         dtype: dtype of the written floating tensors (default: as the first input).
         allow_nonfinite: write NaN/Inf merged values (refused by default, before anything is renamed
             into place).
+        copy_tokenizer, write_card: a folder output of Hugging Face folders gets config.json, the
+            generation config, the first model's tokenizer files and a model card (README.md).
 
     Returns:
         The files written (on every rank; only rank 0 writes them).
@@ -71,6 +76,14 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
     # planned (and the output checked) on every rank before any work, so a bad output path fails fast
     writer = plan_output(inputs[0], output, out_dtype=out_dtype, metadata=merge_metadata(method, align, models),
                          max_shard_size=max_shard_size, overwrite=overwrite, protected=inputs)
+    # a folder output of Hugging Face folders becomes a model folder too (config, tokenizer, card)
+    source = None if writer.single_file else source_folder(models[0])
+    extras = [] if source is None else [os.path.join(writer.folder, n) for n in (
+        CONFIG_NAME, *(["README.md"] if write_card else []), *copied_files(source, copy_tokenizer))]
+    existing = [p for p in extras if os.path.exists(p)]
+    if existing and not overwrite:
+        raise CheckpointError(f"{existing[0]}: exists already; pass overwrite=True to replace it")
+    config = read_config(source) if source is not None else None
     loaded = load_models(models, build_model, distributed.rank_device(device))
     shard = distributed.shard(data)
     if method == "np_merge":
@@ -91,6 +104,11 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
                     narrowing = torch.finfo(target).max < torch.finfo(state[name].dtype).max
                     check_output_finite(name, tensor, target, narrowing=narrowing)
                 writer.write(name, tensor)
+        if source is not None:
+            card = model_card(models, f"{align} alignment, {method}", {"weights": list(weights) if weights else None,
+                                                                      "repair": repair_mode}, None)
+            write_folder_files(writer.folder, source, config, dtype=out_dtype, copy_tokenizer=copy_tokenizer,
+                               card=card if write_card else None)
     if distributed.active():
         torch.distributed.barrier()  # the files exist for every rank when this returns
     return writer.final_paths

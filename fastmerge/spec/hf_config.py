@@ -32,20 +32,50 @@ def config_folder(path: str) -> str:
     return folder
 
 
-def spec_from_config(folder: str, shapes: Mapping[str, Sequence[int]]):
-    """The merge spec of the Hugging Face model in `folder`, restricted to the tensors in `shapes`."""
+def _transformers():
     try:
-        import transformers  # optional dependency: only this path needs it
+        import transformers  # optional dependency: only these paths need it
     except ImportError:
-        raise CheckpointError("inferring a spec from config.json needs the transformers package "
+        raise CheckpointError("building a model from config.json needs the transformers package "
                               "(pip install transformers), or give the spec as YAML (spec_file=FILE)") from None
+    return transformers
+
+
+def _config(transformers, folder: str):
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types on a bad file
         raise CheckpointError(f"{folder}/config.json: not a usable Hugging Face config "
                               f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     if hasattr(config, "use_cache"):
-        config.use_cache = False
+        config.use_cache = False  # no key/value cache: nothing to export or keep
+    return config
+
+
+def model_builder(folder: str, shapes: Mapping[str, Sequence[int]]):
+    """A function building (random weights, eval mode) the transformers model of `folder`'s
+    config.json whose tensor names are the checkpoint's (`shapes`): the architecture for merges on
+    data without the user's model code."""
+    transformers = _transformers()
+    config = _config(transformers, folder)
+    cls, own, rename = _matching_class(transformers, config, shapes)
+    moved = next((n for n in own if rename(n) != n), None)
+    if moved is not None:
+        raise CheckpointError(f"{folder}: the checkpoint names its tensors differently from the model transformers "
+                              f"builds from config.json ({moved!r} is {rename(moved)!r} in the files); give the "
+                              "architecture with --model MODULE:ATTR")
+
+    def build():
+        model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        return model.eval()
+
+    return build
+
+
+def spec_from_config(folder: str, shapes: Mapping[str, Sequence[int]]):
+    """The merge spec of the Hugging Face model in `folder`, restricted to the tensors in `shapes`."""
+    transformers = _transformers()
+    config = _config(transformers, folder)
     model, rename = _build_matching(transformers, config, shapes)
     model.eval()
     ids = torch.zeros((1, 8), dtype=torch.long)
@@ -61,9 +91,16 @@ def spec_from_config(folder: str, shapes: Mapping[str, Sequence[int]]):
 
 
 def _build_matching(transformers, config, shapes: Mapping[str, Sequence[int]]):
+    """The model (built on the CPU) of _matching_class and its name map."""
+    cls, _, rename = _matching_class(transformers, config, shapes)
+    model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    return model, rename
+
+
+def _matching_class(transformers, config, shapes: Mapping[str, Sequence[int]]):
     """The model class (from config.architectures, then the Auto classes) whose parameter names
-    cover the checkpoint's best, and the map from its names to the checkpoint's (a base-model
-    prefix such as 'bert.' or 'model.' added or removed).
+    cover the checkpoint's best, its {name: shape}, and the map from its names to the checkpoint's
+    (a base-model prefix such as 'bert.' or 'model.' added or removed).
 
     The candidates are built on the meta device (no memory): a config.json whose sizes do not match
     the checkpoint's tensors (a hostile hidden_size of 10^7, a config from another model) is refused
@@ -93,5 +130,4 @@ def _build_matching(transformers, config, shapes: Mapping[str, Sequence[int]]):
         raise CheckpointError(f"config.json does not describe this checkpoint: its model has {wrong!r} of shape "
                               f"{list(own[wrong])}, the file {list(shapes[rename(wrong)])}; use the config the "
                               "checkpoint was saved with, or give the spec as YAML (spec_file=FILE)")
-    model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
-    return model, rename
+    return cls, own, rename

@@ -46,10 +46,13 @@ def nested_groups(spec: MergeSpec) -> dict[str, list[tuple[Group, dict]]]:
 
 
 def activation_groups(spec: MergeSpec) -> list[Group]:
-    """Groups that activation statistics can align on their own: a tap point, one instance, and
-    no group nested inside their units."""
+    """Groups that activation statistics can align on their own: a tap point, one instance, no
+    group nested inside their units, and no head level among their samples (per-head dims shared by
+    all heads are aligned with the heads: HeadBlocks.shared)."""
     nested = nested_groups(spec)
-    return [g for g in spec.groups if g.tap is not None and g.count == 1 and not nested[g.name]]
+    shared = {d.name for h in head_blocks(spec) for d, _ in h.shared}
+    return [g for g in spec.groups if g.tap is not None and g.count == 1 and not nested[g.name]
+            and g.name not in shared]
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class HeadBlocks:
     heads: Group
     flat: Group
     nested: tuple[tuple[Group, int], ...]
+    # groups of one instance on a level inside the heads: the same transform for every head (the
+    # value dims of attention whose heads share one permutation of them)
+    shared: tuple[tuple[Group, int], ...] = ()
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -78,17 +84,21 @@ def head_blocks(spec: MergeSpec) -> list[HeadBlocks]:
         if (tap is None or g.count != 1 or not nested[g.name] or tap.factors is None or tap.unit != 0
                 or tap.instance or tap.select or tap.offset or tap.factors[0] != g.size):
             continue
-        inner = []
-        for d, _ in nested[g.name]:
+        def same_tap(d: Group) -> bool:
             t = d.tap
-            if (t is not None and (t.module, t.kind, t.arg, t.dim, t.factors, t.offset) ==
+            return (t is not None and (t.module, t.kind, t.arg, t.dim, t.factors, t.offset) ==
                     (tap.module, tap.kind, tap.arg, tap.dim, tap.factors, tap.offset)
-                    and t.instance == (0,) and not t.select and t.unit >= 1 and d.count == g.size
-                    and t.factors[t.unit] == d.size):
-                inner.append((d, t.unit))
+                    and not t.select and t.unit >= 1 and t.factors[t.unit] == d.size)
+
+        inner = [(d, d.tap.unit) for d, _ in nested[g.name]
+                 if same_tap(d) and d.tap.instance == (0,) and d.count == g.size]
+        axes = {(m.tensor, m.axis) for m in g.members}
+        shared = [(d, d.tap.unit) for d in spec.groups
+                  if d is not g and d.count == 1 and same_tap(d) and not d.tap.instance
+                  and any((m.tensor, m.axis) in axes for m in d.members)]
         flat = Group(name=f"{g.name}#features", size=math.prod(tap.factors), members=(),
                      tap=replace(tap, factors=None, unit=0))
-        out.append(HeadBlocks(heads=g, flat=flat, nested=tuple(inner)))
+        out.append(HeadBlocks(heads=g, flat=flat, nested=tuple(inner), shared=tuple(shared)))
     return out
 
 

@@ -58,6 +58,10 @@ def trace_spec(model: torch.nn.Module, example_inputs: tuple, example_kwargs: di
 def trace_model(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> TraceResult:
     modes = {name: m.training for name, m in model.named_modules()}
     model.eval()
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:  # Hugging Face models: a key/value cache in the output is not exportable (nor needed here)
+        config.use_cache = False
     try:
         with torch.no_grad():
             program = torch.export.export(model, tuple(example_inputs), example_kwargs or {}, strict=False)
@@ -70,7 +74,44 @@ def trace_model(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
     finally:
         for name, m in model.named_modules():
             m.training = modes[name]
+        if use_cache:
+            config.use_cache = use_cache
     return _Tracer(model, program).run()
+
+
+def _in_module(node, path: str) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(entry[0] == path for entry in stack.values())
+
+
+def _norm_kind(module: torch.nn.Module) -> str | None:
+    """"rms" / "layer" for a norm module outside torch.nn (which the aten norm rule sees) that
+    computes x / rms(x) * weight (+ bias) or the LayerNorm of x over its last axis, else None."""
+    name = type(module).__name__
+    if type(module).__module__.startswith("torch.nn") or not name.endswith(("RMSNorm", "LayerNorm")):
+        return None
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not weight.is_floating_point():
+        return None
+    width = weight.shape[0]
+    x = 10.0 * torch.randn(3, 5, width, generator=torch.Generator().manual_seed(0)).to(weight)  # eps negligible
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except Exception:  # noqa: BLE001 - a module that does not take one tensor: not a norm we can use
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return None
+    shift = bias.detach() if isinstance(bias, torch.Tensor) else 0.0
+    xf = x.double()
+    candidates = {"rms": xf * xf.pow(2).mean(-1, keepdim=True).rsqrt(),
+                  "layer": (xf - xf.mean(-1, keepdim=True)) * xf.var(-1, unbiased=False, keepdim=True).rsqrt()}
+    for kind, normed in candidates.items():
+        want = normed * weight.detach().double() + (shift.double() if isinstance(shift, torch.Tensor) else shift)
+        if (y.double() - want).abs().max() <= 1e-2 * want.abs().max().clamp_min(1e-6):
+            return kind
+    return None
 
 
 class _Tracer:
@@ -86,6 +127,7 @@ class _Tracer:
         self.folds: list = []
         self.norms: list = []
         self.products: list = []  # layouts of elementwise products of two projections (gated units)
+        self.model = model
         self.state_names = set(model.state_dict().keys())
         sig = program.graph_signature
         self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
@@ -112,6 +154,7 @@ class _Tracer:
             elif node.op == "get_attr":
                 self.env[node] = self.constant(node)
         self.mark_gates()
+        self.module_norms()
         for op, count in sorted(self.unknown.items()):
             warnings.warn(
                 f"fastmerge.trace_spec: unsupported op {op} ({count}x); the axes it touches are left out of the spec",
@@ -127,6 +170,30 @@ class _Tracer:
             roles = self.roles.get((tensor, axis))
             if roles and "out" in roles and id(find(space)) in roots:
                 roles.add("gate")
+
+    def module_norms(self) -> None:
+        """Norm modules written with elementwise ops (Hugging Face's LlamaRMSNorm and kin): a module
+        whose class is named *RMSNorm/*LayerNorm and that computes that norm on a test input (checked
+        numerically: a variant such as Gemma's (1 + weight) scale is not taken) is recorded like the
+        aten norms (StreamNorm), from the graph node its output leaves the module by."""
+        from .rules.norm import stream_norm
+
+        recorded = {n.weight for n in self.norms} | {n.bias for n in self.norms}
+        for path, module in self.model.named_modules():
+            kind = _norm_kind(module)
+            weight = f"{path}.weight" if path else "weight"
+            if kind is None or weight in recorded or weight not in self.state_names:
+                continue
+            bias = f"{path}.bias" if f"{path}.bias" in self.state_names else None
+            inside = [n for n in self.graph.nodes if _in_module(n, path)]
+            # the module's result: the last of its nodes read outside it (an earlier one is its input,
+            # passed on by a no-op dtype cast, e.g. to the residual add)
+            outputs = [n for n in inside if any(not _in_module(u, path) for u in n.users)]
+            if not outputs:
+                continue
+            norm = stream_norm(self, outputs[-1:], kind, weight, bias, int(module.weight.shape[0]))
+            if norm is not None:
+                self.norms.append(norm)
 
     def lookup(self, value):
         if isinstance(value, torch.fx.Node):

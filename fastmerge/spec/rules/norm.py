@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..layout import plain
 from ..trace_types import Info
 from ..types import NormFold, StreamNorm
-from .base import _op_name, _whole_param, handles, opaque_like
+from .base import IGNORED, _op_name, _whole_param, handles, opaque_like
 
 _EVAL_BATCH_NORMS = ("_native_batch_norm_legit_no_training",)
 
@@ -42,7 +42,7 @@ def _layer_norm(t, args, kwargs, meta):
 # ops a norm's output may pass through on its way to a Linear: views keep every row of the
 # normalised (last) axis whole when the last axis keeps its size; the others must leave it last
 _VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "clone", "contiguous", "alias",
-          "detach", "dropout"}
+          "detach", "dropout", "to", "_to_copy", "type_as"}
 _MOVES = {"transpose", "permute", "select", "slice"}
 
 
@@ -56,26 +56,34 @@ def _record_stream_norm(t, args) -> None:
     names = [_whole_param(p) if p is not None else None for p in (weight, bias)]
     if any(p is not None and n is None for p, n in zip((weight, bias), names)):
         return
-    width = int(args[1][0])
-    start = [(u, t.node) for u in t.node.users]
+    start = [t.node]
     if name in ("native_layer_norm", "_fused_rms_norm"):  # tuple outputs: only the normalised one may be read
-        if any(_op_name(u.target) != "getitem" or u.args[1] != 0 for u, _ in start):
+        if any(_op_name(u.target) != "getitem" or u.args[1] != 0 for u in t.node.users):
             return
-        start = [(w, u) for u, _ in start for w in u.users]
+        start = list(t.node.users)
+    norm = stream_norm(t, start, kind, names[0], names[1], int(args[1][0]))
+    if norm is not None:
+        t.norms.append(norm)
+
+
+def stream_norm(t, outputs, kind: str, weight: str | None, bias: str | None, width: int) -> StreamNorm | None:
+    """The StreamNorm of a norm whose output nodes are `outputs`: its readers when only Linear layers
+    with weights of their own read it (through row-preserving ops), else one that says why not
+    (None when it has no parameters to say it of)."""
     readers: list = []
-    while start:
-        node, parent = start.pop()
+    stack = [(u, node) for node in outputs for u in node.users]
+    while stack:
+        node, parent = stack.pop()
         found = _reader(t, node, parent, width)
-        if isinstance(found, str) and found != "pass":
-            if names[0] or names[1]:  # its parameters sit in the stream's group: say why they stay
-                t.norms.append(StreamNorm(kind=kind, weight=names[0], bias=names[1], obstacle=found))
-            return
+        if found == "skip":
+            continue
         if found == "pass":
-            start.extend((u, node) for u in node.users)
+            stack.extend((u, node) for u in node.users)
+        elif isinstance(found, str):
+            return StreamNorm(kind=kind, weight=weight, bias=bias, obstacle=found) if (weight or bias) else None
         else:
             readers.append(found)
-    if readers:
-        t.norms.append(StreamNorm(kind=kind, weight=names[0], bias=names[1], readers=tuple(readers)))
+    return StreamNorm(kind=kind, weight=weight, bias=bias, readers=tuple(readers)) if readers else None
 
 
 def _reader(t, node, parent, width):
@@ -84,6 +92,8 @@ def _reader(t, node, parent, width):
     the norm's output cannot take its affine part (a string)."""
     op = _op_name(node.target) if node.op == "call_function" else ""
     args = node.args
+    if op in IGNORED:
+        return "skip"
     if op in _VIEWS | _MOVES:
         after = node.meta.get("val")
         before = parent.meta.get("val")

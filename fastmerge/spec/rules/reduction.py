@@ -41,7 +41,7 @@ def _reduce(t, args, kwargs, meta):
 
 
 @handles("argmax", "argmin", "sort", "topk", "cumsum", "cumprod", "cummax", "cummin", "flip", "roll", "argsort",
-         "kthvalue")
+         "kthvalue", "diff")
 def _order_dependent(t, args, kwargs, meta):
     """Results that depend on the order of units along some axes: those axes are fixed (and
     become non-features); the other axes keep their layout."""
