@@ -3,7 +3,9 @@
 alignment tests and the bench merge.
 
 A LLaMA-style (RMSNorm, RoPE, SwiGLU) or GPT-2-style (LayerNorm, learned positions, GELU; untied
-head) decoder over 256 byte tokens, trained with AdamW, a short warm-up and a cosine decay.
+head) decoder over 256 byte tokens, trained with AdamW, a short warm-up and a cosine decay:
+the zoo's own modules ("llama", "gpt2") or the Hugging Face classes ("hf_llama", "hf_gpt2": saved
+with `save_pretrained` and `byte_tokenizer()` they are checkpoint folders the CLI merges).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..errors import InvalidArgumentError
 from .models import gpt2, llama
 from .training import cached_model
 
-LM_ARCHS = ("llama", "gpt2")
+LM_ARCHS = ("llama", "gpt2", "hf_llama", "hf_gpt2")
 RECIPE_VERSION = 1  # part of the cache key: bump when the data or the training loop changes
 
 
@@ -44,7 +46,46 @@ def make_lm(config: LMConfig) -> nn.Module:
     if config.arch == "gpt2":
         return gpt2(vocab_size=256, block_size=config.block, dim=config.dim, depth=config.depth, heads=config.heads,
                     tie_embeddings=False)
+    if config.arch in ("hf_llama", "hf_gpt2"):
+        return _hf_lm(config)
     raise InvalidArgumentError(f"unknown language model architecture {config.arch!r}; use one of {LM_ARCHS}")
+
+
+def _hf_lm(config: LMConfig) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise InvalidArgumentError(f"{config.arch} needs the transformers package (pip install transformers)") from None
+    if config.arch == "hf_llama":
+        hf = transformers.LlamaConfig(vocab_size=256, hidden_size=config.dim, intermediate_size=4 * config.dim,
+                                      num_hidden_layers=config.depth, num_attention_heads=config.heads,
+                                      num_key_value_heads=config.heads, max_position_embeddings=config.block,
+                                      tie_word_embeddings=False, use_cache=False)
+    else:
+        hf = transformers.GPT2Config(vocab_size=256, n_embd=config.dim, n_layer=config.depth, n_head=config.heads,
+                                     n_positions=config.block, tie_word_embeddings=False, use_cache=False,
+                                     bos_token_id=None, eos_token_id=None)
+    return transformers.AutoModelForCausalLM.from_config(hf)
+
+
+def byte_tokenizer():
+    """A Hugging Face tokenizer whose token ids are the text's UTF-8 bytes (what the zoo's LMs
+    read): byte-level BPE without merges, over GPT-2's printable map of the 256 bytes."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def train_lm(config: LMConfig, text: TextSplit, seed: int) -> nn.Module:
@@ -65,7 +106,8 @@ def train_lm(config: LMConfig, text: TextSplit, seed: int) -> nn.Module:
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, rate)
     model.train()
     for x, y in text_windows(text.fit, config.block, config.batch_size, config.steps, seed=seed):
-        logits = model(x)
+        out = model(x)
+        logits = out if isinstance(out, torch.Tensor) else out.logits  # a Hugging Face model's output
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
