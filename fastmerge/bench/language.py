@@ -52,9 +52,11 @@ class LMResult:
 
 
 def run_lm_quality(arch: str = "llama", seeds: Sequence[int] = (0, 1), *, config: LMConfig | None = None,
-                   stats_batches: int = 16, np_steps: int = 200, progress: bool = False) -> LMResult:
-    """Parents, their ensemble and every method of LM_ROWS (plus NP Merge after the best CCA) on
-    two or more models trained from `seeds`."""
+                   stats_batches: int = 16, np_steps: int = 1500, np_lr: float = 0.05,
+                   progress: bool = False) -> LMResult:
+    """Parents, their ensemble and every method of LM_ROWS (plus NP Merge after the best CCA, its
+    step count chosen on validation; lr 0.05 gave lower validation loss than 0.01 on the stdlib
+    LLaMA) on two or more models trained from `seeds`."""
     config = config or LMConfig(arch=arch)
     text = load_text(config.text)
     models = [trained_lm(config, text, s) for s in seeds]
@@ -89,12 +91,15 @@ def run_lm_quality(arch: str = "llama", seeds: Sequence[int] = (0, 1), *, config
             best_cca = best[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        learned = merge(models, "np_merge", data=fit, spec=spec, align_method="cca", val_data=val, progress=progress,
-                        np_options={"steps": np_steps, "eval_every": max(1, np_steps // 10)},
+        # fresh windows for every step (the statistics' few batches, cycled, are memorised)
+        steps_data = text_windows(text.fit, config.block, 32, np_steps, seed=20_000)
+        learned = merge(models, "np_merge", data=steps_data, spec=spec, align_method="cca", val_data=val,
+                        progress=progress,
+                        np_options={"steps": np_steps, "lr": np_lr, "eval_every": max(1, np_steps // 10)},
                         **{k: v for k, v in (best_cca or {}).items()})
     result.rows["NP Merge (after CCA, orthogonal)"] = {"val": evaluate(learned, val).loss,
                                                        "test": evaluate(learned, test).loss,
-                                                       "options": {"steps": np_steps}}
+                                                       "options": {"steps": np_steps, "lr": np_lr}}
     return result
 
 
