@@ -19,7 +19,7 @@ from torch import nn
 from ..datasets import Split
 from ..errors import InvalidArgumentError
 from ..threads import is_small_step, single_thread_if
-from .models import mlp, resnet20, vgg
+from .models import mlp, resnet20, vgg, vit
 
 # part of the cache key: bump when the data preparation or the training loop changes
 RECIPE_VERSION = 2
@@ -35,7 +35,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     # "mlp"; CNNs on the images: "vgg" (widths hidden/2, hidden), "vgg_bn" (the same with BatchNorm),
-    # "resnet20" (ResNet-20 of width hidden/16: stages of hidden, 2 hidden, 4 hidden channels)
+    # "resnet20" (ResNet-20 of width hidden/16: stages of hidden, 2 hidden, 4 hidden channels),
+    # "vit" (a pre-LN ViT of width hidden and `depth` blocks on 4x4 patches)
     arch: str = "mlp"
     # "adam" (constant rate) or "sgd" (Nesterov momentum 0.9, one-cycle schedule peaking at lr): the
     # usual recipe for BatchNorm CNNs; with weight decay the weights forget their initialisation,
@@ -44,8 +45,8 @@ class TrainConfig:
     optimizer: str = "adam"
 
 
-ARCHS = ("mlp", "vgg", "vgg_bn", "resnet20")
-CNN_ARCHS = ("vgg", "vgg_bn", "resnet20")
+ARCHS = ("mlp", "vgg", "vgg_bn", "resnet20", "vit")
+CNN_ARCHS = ("vgg", "vgg_bn", "resnet20", "vit")  # archs that take images (N, 1, side, side)
 
 
 def make_model(config: TrainConfig, in_features: int) -> nn.Module:
@@ -54,6 +55,10 @@ def make_model(config: TrainConfig, in_features: int) -> nn.Module:
     if config.arch in ("vgg", "vgg_bn"):
         return vgg(in_channels=1, image_size=image_side(in_features), widths=(config.hidden // 2, config.hidden),
                    fc_hidden=2 * config.hidden, batch_norm=config.arch == "vgg_bn")
+    if config.arch == "vit":  # patches of 4x4 pixels (49 tokens on 28x28), 4 heads, MLP 2x wide
+        side = image_side(in_features)
+        return vit(image_size=side, patch_size=4, in_channels=1, dim=config.hidden, depth=config.depth, heads=4,
+                   mlp_dim=2 * config.hidden, num_classes=10)
     if config.arch == "resnet20":
         if config.hidden % 16:
             raise InvalidArgumentError(f"resnet20: hidden must be a multiple of 16 (16 x width), got {config.hidden}")
