@@ -246,8 +246,9 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
                                     "pass a list or a DataLoader" for name in residual})
             residual = {}
         if residual and (stats is not None or data is None):
-            fallbacks.update({name: "statistics were given (collected on the models as they are, not in canonical "
-                                    "form): permuted" for name in residual})
+            fallbacks.update({name: "the statistics were collected outside the alignment (given as stats=, or "
+                                    "under torch.distributed) on the models as they are, not in canonical form: "
+                                    "permuted" for name in residual})
             residual = {}
         if residual:
             canonical_models, why = _canonical_models(models, spec, residual, data)

@@ -255,7 +255,7 @@ def _run_with_data(args: argparse.Namespace) -> int:
     if not args.output:
         raise InvalidArgumentError("no output: give -o PATH")
     if args.data is None:
-        raise InvalidArgumentError("--model needs --data: the spec is traced, statistics collected (and np_merge "
+        raise InvalidArgumentError("aligning on data needs --data: the spec is traced, statistics collected (and np_merge "
                                    "trained) on its batches")
     if args.dry_run:
         raise InvalidArgumentError("--dry-run is for the streamed merges; an aligned merge on data has no plan to print")
