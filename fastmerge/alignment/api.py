@@ -30,9 +30,9 @@ from functools import cached_property
 import torch
 
 from .. import distributed as _distributed
+from ..batches import first_batch, output_logits, run_model
 from ..checks import check_models
 from ..errors import InvalidArgumentError
-from ..batches import first_batch, output_logits, run_model
 from ..spec.folding import fold_state, folded_spec, unfold_state
 from ..spec.residual import ResidualGroup, canonical_spec, canonical_state, residual_groups
 from ..spec.structure import activation_groups, head_blocks, statistics_groups
@@ -322,11 +322,14 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
                 frozen[group.name] = torch.stack([_as_perm(found[i][group.name]) for i in range(n)])
                 for i in range(n):
                     transforms[i][group.name] = found[i][group.name]
-            if method.dense is not None:
-                for group, _ in (*blocks.nested, *blocks.shared):
-                    if diagnostics.get(group.name, {}).get("transform") is None:
-                        fallbacks[group.name] = ("a level of the heads' features shared with another nested group "
-                                                 "(query heads sharing a key/value head): permuted")
+            innermost = len(blocks.grid) - 1
+            for group, level in (*blocks.nested, *blocks.shared):
+                info = diagnostics.setdefault(group.name, {})
+                if level < innermost:  # whole heads (query heads of a key/value head): they never mix
+                    info.setdefault("transform", "permutation (heads do not mix)")
+                elif method.dense is not None and info.get("transform") is None:
+                    fallbacks[group.name] = ("per-head dims shared by several query heads (grouped-query attention): "
+                                             "permuted")
 
         if short:
             warnings.warn(f"align({method.name!r}): {len(short)} group(s) saw fewer samples than units ({short[0]}"

@@ -13,6 +13,8 @@ level (per-head value/output dims), from the pair's covariance blocks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops import linear_assignment
@@ -28,12 +30,8 @@ def _match_value(block: torch.Tensor) -> torch.Tensor:
     if r == 1:
         return block[..., 0, 0]
     flat = block.reshape(p * q, r, r)
-    values = torch.empty(p * q, dtype=block.dtype, device=block.device)
-    rows = torch.arange(r, device=block.device)
-    for k in range(p * q):  # small assignments: the engine's LAP per pair
-        _, cols = linear_assignment(flat[k], maximize=True)
-        values[k] = flat[k][rows, cols].mean()
-    return values.reshape(p, q)
+    _, cols = linear_assignment(flat, maximize=True)  # one batched call: an assignment per pair
+    return flat.gather(2, cols[:, :, None]).squeeze(-1).mean(-1).reshape(p, q)
 
 
 def _level_cost(rho: torch.Tensor, level: int, decided: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -50,17 +48,10 @@ def _level_cost(rho: torch.Tensor, level: int, decided: dict[int, torch.Tensor])
     free = [lvl for lvl in range(k) if lvl != level and lvl not in decided]
     order = [level, *fixed, *free]
     x = rho.permute(*order, *(k + lvl for lvl in order))
-    n, d, r = grid[level], _prod(grid, fixed), _prod(grid, free)
+    n, d, r = grid[level], math.prod(grid[lvl] for lvl in fixed), math.prod(grid[lvl] for lvl in free)
     x = x.reshape(n, d, r, n, d, r)
     x = torch.diagonal(x, dim1=1, dim2=4).mean(-1)  # (n, r, n, r): decided levels matched
     return _match_value(x.permute(0, 2, 1, 3))
-
-
-def _prod(grid, levels) -> int:
-    out = 1
-    for lvl in levels:
-        out *= int(grid[lvl])
-    return out
 
 
 class _BlockStats:
