@@ -126,13 +126,19 @@ def align(models: Sequence[torch.nn.Module], method: str = "permute", *, spec: M
         distributed = _distributed.active()
     if not distributed:
         return _align_local(models, chosen, own, matching, stats=stats, **local)
+    prepared = None
     if chosen.statistics is not None and stats is None and data is not None:
-        stats = collect_stats(models, data, spec, groups=statistics_groups(spec),  # a collective: every rank
+        # every rank decides on the canonical form (agreeing: one rank's failed check is everyone's)
+        # and collects its shard's statistics on the models in that form
+        prepared = _residual_plan(models, chosen, own, spec, None, data, distributed=True)
+        residual, seen_models, _ = prepared
+        seen_spec = canonical_spec(spec, residual) if residual else spec
+        stats = collect_stats(seen_models, data, seen_spec, groups=statistics_groups(seen_spec),  # a collective
                               pairs=chosen.statistics, reference=reference, progress=progress, distributed=True,
                               **(stats_options or {}))
     payload = [None]
     if torch.distributed.get_rank() == 0:
-        payload = [_align_local(models, chosen, own, matching, stats=stats, **local)]
+        payload = [_align_local(models, chosen, own, matching, stats=stats, prepared=prepared, **local)]
     torch.distributed.broadcast_object_list(payload, src=0)
     return payload[0]
 
@@ -223,11 +229,43 @@ def _canonical_models(models, spec: MergeSpec, groups: dict, data) -> tuple[list
     return copies, ""
 
 
+def _residual_plan(models, method: AlignmentMethod, own, spec: MergeSpec, stats, data, *,
+                   distributed: bool = False) -> tuple[dict, list, dict]:
+    """(residual groups aligned in canonical form, the models to align (canonical copies when there
+    are any), {group: why it keeps a permutation}). Under torch.distributed (a collective) the
+    ranks agree: a canonical form that fails its check on one rank's batch is used by none."""
+    fallbacks: dict[str, str] = {}  # groups a dense method permutes instead, and why
+    if not method.wants_residual(own) or spec.folds:
+        return {}, list(models), fallbacks
+    residual, refused = residual_groups(spec)
+    fallbacks.update({name: f"passes through a norm that cannot be made exact: {why}" for name, why in refused.items()})
+    why = ""
+    if residual and data is not None and iter(data) is data:
+        why = "data is a one-shot iterator (the canonical form is checked on its first batch): pass a list or a DataLoader"
+    elif residual and (stats is not None or data is None):
+        why = ("the statistics were given (stats=), collected on the models as they are, not in canonical form: "
+               "permuted")
+    canonical = []
+    if residual and not why:
+        canonical, why = _canonical_models(models, spec, residual, data)
+    if distributed and residual:
+        failed = torch.tensor([1.0 if why else 0.0], dtype=torch.float64,
+                              device=next((t.device for t in models[0].state_dict().values()), None))
+        _distributed.all_reduce_sum_([failed])
+        if float(failed) > 0 and not why:
+            why = "the canonical form failed its check on another rank's batch: permuted"
+    if why or not residual:
+        fallbacks.update({name: why for name in residual})
+        return {}, list(models), fallbacks
+    return residual, canonical, fallbacks
+
+
 @timed("align")
 def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own, matching: WeightMatchingOptions, *,
                  spec: MergeSpec, stats, data: Iterable | None, reference: int, stats_options: dict | None,
-                 progress: bool) -> Alignment:
-    """fastmerge.align in one process: `own` and `matching` are the method's parsed options."""
+                 progress: bool, prepared: tuple | None = None) -> Alignment:
+    """fastmerge.align in one process: `own` and `matching` are the method's parsed options;
+    `prepared`: the _residual_plan the statistics were collected with (torch.distributed)."""
     n = len(models)
     if n < 2:
         raise InvalidArgumentError(f"align needs at least two models, got {n}")
@@ -236,28 +274,9 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
     folded = bool(spec.folds)
     raw_spec = spec
     diagnostics: dict = {}
-    fallbacks: dict[str, str] = {}  # groups a dense method permutes instead, and why
-    residual: dict[str, ResidualGroup] = {}
-    if method.wants_residual(own) and not folded:
-        residual, refused = residual_groups(spec)
-        fallbacks.update({name: f"passes through a norm that cannot be made exact: {why}" for name, why in refused.items()})
-        if residual and data is not None and iter(data) is data:
-            fallbacks.update({name: "data is a one-shot iterator (the canonical form is checked on its first batch): "
-                                    "pass a list or a DataLoader" for name in residual})
-            residual = {}
-        if residual and (stats is not None or data is None):
-            fallbacks.update({name: "the statistics were collected outside the alignment (given as stats=, or "
-                                    "under torch.distributed) on the models as they are, not in canonical form: "
-                                    "permuted" for name in residual})
-            residual = {}
-        if residual:
-            canonical_models, why = _canonical_models(models, spec, residual, data)
-            if why:
-                fallbacks.update({name: why for name in residual})
-                residual = {}
-            else:
-                models = canonical_models
-                spec = canonical_spec(spec, residual)
+    residual, models, fallbacks = prepared or _residual_plan(models, method, own, spec, stats, data)
+    if residual:
+        spec = canonical_spec(spec, residual)
     if folded:  # BatchNorms folded into their producers: dense transforms and weight matching are exact on them
         spec = folded_spec(spec)
     states = [fold_state(raw_spec, _float_state(m)) for m in models]
