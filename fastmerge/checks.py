@@ -60,3 +60,13 @@ def check_models(models: Sequence[nn.Module]) -> None:
             bad = [(k, int(c)) for k, c in zip(state, counts.tolist()) if c]
             raise NonFiniteError(f"model {i}: {len(bad)} tensor(s) hold NaN or Inf, e.g. {bad[0][0]!r} ({bad[0][1]} "
                                  "entries); that checkpoint is broken (diverged training?): fix or drop it")
+
+
+def tied_names(state: Mapping[str, object]) -> list[list[str]]:
+    """Names of a state dict (``state_dict(keep_vars=True)``) that share one tensor (tied weights),
+    in state order; each list has two or more names. Empty tensors are never tied."""
+    by_storage: dict = {}
+    for name, t in state.items():
+        if t.numel():
+            by_storage.setdefault((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype), []).append(name)
+    return [names for names in by_storage.values() if len(names) > 1]

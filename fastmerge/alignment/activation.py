@@ -19,6 +19,15 @@ def match_permutation(rho: torch.Tensor) -> tuple[torch.Tensor, float]:
     return cols[None, :], float(rho[torch.arange(rho.shape[0], device=rho.device), cols].mean()) if rho.numel() else 0.0
 
 
+def permutation_matrices(perms: torch.Tensor) -> torch.Tensor:
+    """(count, size) permutations -> (count, size, size) float64 matrices P with P[u, perm[u]] = 1
+    (new unit u is old unit perm[u]: a permutation as a dense transform)."""
+    count, size = perms.shape
+    out = torch.zeros(count, size, size, dtype=torch.float64, device=perms.device)
+    out[torch.arange(count, device=perms.device)[:, None], torch.arange(size, device=perms.device)[None, :], perms] = 1.0
+    return out
+
+
 def _polar(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """U V^T and the singular values (descending) of M = U diag(r) V^T.
 
@@ -107,10 +116,10 @@ def cca_transform(s_xx: torch.Tensor, s_yy: torch.Tensor, s_xy: torch.Tensor, *,
 
 def orthogonal_transform(s_xy: torch.Tensor, *, fix_ones: bool = False) -> torch.Tensor:
     """The orthogonal Q that best maps model y's units onto the reference x's (orthogonal
-    Procrustes, CCA's limit of infinite regularisation): Q = polar factor of S_xy (a cross-covariance
-    or second moment), maximising tr(Q^T S_xy), so x ~ Q y. With `fix_ones`, Q maps the all-ones vector to itself and is the best
-    such map on the mean-free vectors (what a canonical LayerNorm stream allows,
-    fastmerge.spec.residual). float64."""
+    Procrustes, CCA's limit of infinite regularisation): Q = polar factor of S_xy (a
+    cross-covariance or second moment), maximising tr(Q^T S_xy), so x ~ Q y. With `fix_ones`, Q maps
+    the all-ones vector to itself and is the best such map on the mean-free vectors (what a
+    canonical LayerNorm stream allows, fastmerge.spec.residual). float64."""
     s_xy = s_xy.double()
     size = s_xy.shape[0]
     if not fix_ones or size < 2:

@@ -285,12 +285,14 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
     frozen: dict[str, torch.Tensor] = {}
 
     if method.statistics is not None:
-        groups = activation_groups(spec)
+        heads = head_blocks(spec)
+        groups = activation_groups(spec, heads)
         if stats is None:
             if data is None:
                 raise InvalidArgumentError(f"method {method.name!r} needs activation statistics: pass data= or stats=")
-            stats = collect_stats(models, data, spec, groups=statistics_groups(spec), pairs=method.statistics,
-                                  reference=reference, progress=progress, **(stats_options or {}))
+            stats = collect_stats(models, data, spec, groups=groups + [h.flat for h in heads],
+                                  pairs=method.statistics, reference=reference, progress=progress,
+                                  **(stats_options or {}))
         short = []
         for g in groups:
             if g.name not in stats.states:
@@ -332,7 +334,7 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
                 fallbacks.setdefault(g.name, _blocked_because(g, blockers))
             diagnostics[g.name] = info
 
-        for blocks in head_blocks(spec):
+        for blocks in heads:
             if blocks.flat.name not in stats.states:  # statistics gathered without the heads' features
                 continue
             found = align_heads(blocks, stats, reference=reference, n=n, dense=method.dense, dense_options=own,

@@ -22,6 +22,7 @@ from ..ops.covariance import correlation_from_covariance
 from ..spec.structure import HeadBlocks
 from ..spec.transforms import Dense
 from ..spec.types import Group
+from .activation import permutation_matrices
 
 
 def _match_value(block: torch.Tensor) -> torch.Tensor:
@@ -92,14 +93,6 @@ class _BlockState:
                           for i in range(n)], dim=0)
 
 
-def _permutation_matrices(perms: torch.Tensor) -> torch.Tensor:
-    """(count, size) permutations -> (count, size, size) matrices P with P[u, perm[u]] = 1."""
-    count, size = perms.shape
-    out = torch.zeros(count, size, size, dtype=torch.float64, device=perms.device)
-    out[torch.arange(count)[:, None], torch.arange(size)[None, :], perms] = 1.0
-    return out
-
-
 def align_heads(blocks: HeadBlocks, stats, *, reference: int, n: int, dense=None, dense_options=None,
                 info: dict) -> list[dict[str, object]]:
     """Per model, {group: transform} for the heads group and its nested tapped groups: (count, size)
@@ -109,15 +102,16 @@ def align_heads(blocks: HeadBlocks, stats, *, reference: int, n: int, dense=None
     heads, width = grid[0], blocks.flat.size // grid[0]
     sub = grid[1:]
     out: list[dict[str, object]] = [{} for _ in range(n)]
-    device = stats.states[blocks.flat.name].count.device if hasattr(stats, "states") else None
+    device = stats.states[blocks.flat.name].count.device
+    # (ref head, feature, head, feature) correlations of each model with the reference, read once
+    rhos = {i: stats.correlation(blocks.flat.name, reference, i).double().reshape(heads, width, heads, width)
+            for i in range(n) if i != reference}
     head_perms: list[torch.Tensor] = []
     for i in range(n):
         if i == reference:
             head_perms.append(torch.arange(heads, device=device))
             continue
-        rho = stats.correlation(blocks.flat.name, reference, i).double()
-        rho = rho.reshape(heads, width, heads, width).permute(0, 2, 1, 3)  # (ref head, head, f, f)
-        cost = _match_value(rho)
+        cost = _match_value(rhos[i].permute(0, 2, 1, 3))  # (ref head, head, f, f)
         _, cols = linear_assignment(cost, maximize=True)
         head_perms.append(cols)
         info.setdefault(blocks.heads.name, {}).setdefault("matched_correlation", {})[i] = float(
@@ -134,8 +128,7 @@ def align_heads(blocks: HeadBlocks, stats, *, reference: int, n: int, dense=None
             if i == reference:
                 per_model.append(torch.arange(group.size, device=device).repeat(count, 1))
                 continue
-            rho = stats.correlation(blocks.flat.name, reference, i).double().reshape(heads, width, heads, width)
-            costs = [_level_cost(rho[a, :, head_perms[i][a], :].reshape(*sub, *sub), level - 1, decided[i][a])
+            costs = [_level_cost(rhos[i][a, :, head_perms[i][a], :].reshape(*sub, *sub), level - 1, decided[i][a])
                      for a in range(heads)]
             if shared:  # one permutation for every head: matched on all pairs of matched heads
                 costs = [sum(costs) / heads]
@@ -168,7 +161,7 @@ def _dense_inside(group: Group, shared: bool, blocks: HeadBlocks, stats, head_pe
         mats = [per_instance[k][i] for k in range(len(instances))]
         if all(t is None for t in mats):
             continue
-        fallback = _permutation_matrices(perms[i])
+        fallback = permutation_matrices(perms[i])
         outs = torch.stack([t.out[0] if t is not None else fallback[a] for a, t in enumerate(mats)])
         inps = torch.stack([t.inp[0] if t is not None else fallback[a].T for a, t in enumerate(mats)])
         out[i][group.name] = Dense(out=outs, inp=inps)

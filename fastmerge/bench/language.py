@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 
 from ..datasets import load_text, text_windows
 from ..eval.metrics import ensemble, evaluate
@@ -111,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=LMConfig.steps, help="training steps per model")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     result = run_lm_quality(args.arch, args.seeds, config=LMConfig(arch=args.arch, steps=args.steps), progress=True)
     print("\n".join(result.table()))
     return 0

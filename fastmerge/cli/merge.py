@@ -79,8 +79,8 @@ def add_parser(sub) -> None:
     data.add_argument("--val-data", metavar="REF", help="np_merge: held-out batches to choose the step count on")
     data.add_argument("--batch-size", type=int, default=None,
                       help="batch size of the built-in data (default 256) or of a text corpus (default 16 windows)")
-    data.add_argument("--seq-len", type=int, default=128, help="a text corpus: tokens per window (default 128)")
-    data.add_argument("--max-batches", type=int, default=64,
+    data.add_argument("--seq-len", type=int, help="a text corpus: tokens per window (default 128)")
+    data.add_argument("--max-batches", type=int,
                       help="a text corpus: at most this many batches are read (default 64)")
     data.add_argument("--repair", choices=("auto", "none", "reset", "repair"), default="auto",
                       help="after averaging: BatchNorm reset (auto when the model has BatchNorm), REPAIR, or none")
@@ -278,8 +278,13 @@ def _run_with_data(args: argparse.Namespace) -> int:
             if folder is None:
                 raise InvalidArgumentError(f"--data {reference}: a text corpus is tokenised with the first model "
                                            "folder's tokenizer; give Hugging Face checkpoint folders")
-            return TextBatches(reference, load_tokenizer(folder), seq_len=args.seq_len,
-                               batch_size=args.batch_size or 16, max_batches=args.max_batches)
+            return TextBatches(reference, load_tokenizer(folder), seq_len=args.seq_len or 128,
+                               batch_size=args.batch_size or 16, max_batches=args.max_batches or 64)
+        given = [flag for flag, value in (("--seq-len", args.seq_len), ("--max-batches", args.max_batches))
+                 if value is not None]
+        if given:  # they shape a text corpus's batches only: never ignored silently
+            raise InvalidArgumentError(f"{given[0]} applies to a text corpus (--data FILE.txt or FILE.jsonl), not "
+                                       f"--data {reference}")
         return data_from(reference, args.batch_size or 256)
 
     owned = distributed.init_from_environment(args.device)  # torchrun: join (or create) the process group

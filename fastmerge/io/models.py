@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..checks import layout_difference
+from ..checks import layout_difference, tied_names
 from ..errors import CheckpointError, ShapeMismatchError
 from ..stages import timed
 from .reader import Checkpoint
@@ -36,15 +36,8 @@ def load_models(paths: Sequence[str], build_model: Callable[[], nn.Module], devi
 
 
 def _untied(model: nn.Module, present: set[str]) -> dict[str, torch.Tensor]:
-    """The model's state without the second names of tied tensors that the file leaves out (a tied
+    """The model's state without the later names of tied tensors that the file leaves out (a tied
     LM head: save_pretrained writes the embedding only); loading the first name sets both."""
     state = model.state_dict(keep_vars=True)
-    first: dict[tuple, str] = {}
-    out = {}
-    for name, t in state.items():
-        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else (name,)
-        if key in first and name not in present:
-            continue  # tied to an earlier name: loaded through it
-        first.setdefault(key, name)
-        out[name] = t.detach()
-    return out
+    skipped = {n for names in tied_names(state) for n in names[1:] if n not in present}
+    return {name: t.detach() for name, t in state.items() if name not in skipped}

@@ -59,11 +59,11 @@ class TextBatches:
     def _documents(self) -> Iterator[str]:
         with open(self.path, encoding="utf-8", errors="replace") as f:
             if self.path.endswith(".txt"):
-                while True:
+                while True:  # chunks of whole lines: a word is never cut in two before tokenising
                     chunk = f.read(1 << 16)
                     if not chunk:
                         return
-                    yield chunk
+                    yield chunk if chunk.endswith("\n") else chunk + f.readline()
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -135,8 +135,9 @@ def canonical_state(spec: MergeSpec, state: Mapping[str, torch.Tensor],
                 out[weight] = w.to(state[weight].dtype)
             if norm.weight:
                 out[norm.weight] = torch.ones_like(state[norm.weight])
-            if norm.bias:  # 0, or the shift before the scale: beta / gamma (a zero scale with a shift is not exact)
-                kept = beta / gamma if gamma is not None else beta
+            if norm.bias:  # 0, or the shift before the scale: beta / gamma (a zero scale with a shift is not
+                # exact: the first batch's check refuses it; a zero scale without one keeps 0, not 0/0)
+                kept = beta if gamma is None else torch.where(beta == 0, 0.0, beta / gamma)
                 out[norm.bias] = torch.zeros_like(state[norm.bias]) if shift else kept.to(state[norm.bias].dtype)
         if residual.kind == "layer":
             norm_tensors = {n for norm in residual.norms for n in (norm.weight, norm.bias) if n}

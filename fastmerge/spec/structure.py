@@ -45,12 +45,13 @@ def nested_groups(spec: MergeSpec) -> dict[str, list[tuple[Group, dict]]]:
     return nested
 
 
-def activation_groups(spec: MergeSpec) -> list[Group]:
+def activation_groups(spec: MergeSpec, blocks: list[HeadBlocks] | None = None) -> list[Group]:
     """Groups that activation statistics can align on their own: a tap point, one instance, no
     group nested inside their units, and no head level among their samples (per-head dims shared by
-    all heads are aligned with the heads: HeadBlocks.shared)."""
+    all heads are aligned with the heads: HeadBlocks.shared). `blocks`: head_blocks(spec), when the
+    caller has them."""
     nested = nested_groups(spec)
-    shared = {d.name for h in head_blocks(spec) for d, _ in h.shared}
+    shared = {d.name for h in (head_blocks(spec) if blocks is None else blocks) for d, _ in h.shared}
     return [g for g in spec.groups if g.tap is not None and g.count == 1 and not nested[g.name]
             and g.name not in shared]
 
@@ -105,4 +106,5 @@ def head_blocks(spec: MergeSpec) -> list[HeadBlocks]:
 def statistics_groups(spec: MergeSpec) -> list[Group]:
     """Every group activation statistics are collected for: the activation groups and the heads'
     feature groups."""
-    return activation_groups(spec) + [h.flat for h in head_blocks(spec)]
+    blocks = head_blocks(spec)
+    return activation_groups(spec, blocks) + [h.flat for h in blocks]

@@ -16,11 +16,13 @@ import warnings
 
 import torch
 
+from ..checks import tied_names
 from ..stages import timed
 from .emit import build_spec
 from .layout import Layout, fix_layout, opaque, plain, prune_families, size_of, unify_layouts
 from .rules import HANDLERS, IGNORED, handles
 from .rules.base import _bind, _flatten, _op_name, _shape, opaque_like, replica_like
+from .rules.norm import stream_norm
 from .spaces import SpaceTable, find
 from .trace_types import Info, TapCandidate, TraceResult
 from .types import MergeSpec, SpecError
@@ -79,9 +81,9 @@ def trace_model(model: torch.nn.Module, example_inputs: tuple, example_kwargs: d
     return _Tracer(model, program).run()
 
 
-def _in_module(node, path: str) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    return any(entry[0] == path for entry in stack.values())
+def _module_paths(node) -> set[str]:
+    """The paths of the modules a graph node runs in."""
+    return {entry[0] for entry in (node.meta.get("nn_module_stack") or {}).values()}
 
 
 def _norm_kind(module: torch.nn.Module) -> str | None:
@@ -92,7 +94,8 @@ def _norm_kind(module: torch.nn.Module) -> str | None:
         return None
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not weight.is_floating_point():
+    if (not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not weight.is_floating_point()
+            or weight.device.type == "meta"):  # nothing to compute on the meta device: not recognised
         return None
     width = weight.shape[0]
     x = 10.0 * torch.randn(3, 5, width, generator=torch.Generator().manual_seed(0)).to(weight)  # eps negligible
@@ -132,11 +135,7 @@ class _Tracer:
         sig = program.graph_signature
         self.param_of = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         # names that share one tensor (tied weights): every alias is a member wherever one is
-        by_storage: dict = {}
-        for n, t in model.state_dict(keep_vars=True).items():
-            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-            by_storage.setdefault(key, []).append(n)
-        self.aliases = {n: names for names in by_storage.values() for n in names if len(names) > 1}
+        self.aliases = {n: names for names in tied_names(model.state_dict(keep_vars=True)) for n in names}
 
     # ------------------------------------------------------------------ walking
     def run(self) -> TraceResult:
@@ -176,19 +175,26 @@ class _Tracer:
         whose class is named *RMSNorm/*LayerNorm and that computes that norm on a test input (checked
         numerically: a variant such as Gemma's (1 + weight) scale is not taken) is recorded like the
         aten norms (StreamNorm), from the graph node its output leaves the module by."""
-        from .rules.norm import stream_norm
-
         recorded = {n.weight for n in self.norms} | {n.bias for n in self.norms}
+        candidates = {}
         for path, module in self.model.named_modules():
-            kind = _norm_kind(module)
             weight = f"{path}.weight" if path else "weight"
-            if kind is None or weight in recorded or weight not in self.state_names:
-                continue
+            if weight not in recorded and weight in self.state_names:
+                kind = _norm_kind(module)
+                if kind is not None:
+                    candidates[path] = (kind, weight, module)
+        if not candidates:
+            return
+        inside: dict[str, list] = {path: [] for path in candidates}
+        for node in self.graph.nodes:  # one pass: each node to the candidate modules it runs in
+            for path in _module_paths(node):
+                if path in inside:
+                    inside[path].append(node)
+        for path, (kind, weight, module) in candidates.items():
             bias = f"{path}.bias" if f"{path}.bias" in self.state_names else None
-            inside = [n for n in self.graph.nodes if _in_module(n, path)]
             # the module's result: the last of its nodes read outside it (an earlier one is its input,
             # passed on by a no-op dtype cast, e.g. to the residual add)
-            outputs = [n for n in inside if any(not _in_module(u, path) for u in n.users)]
+            outputs = [n for n in inside[path] if any(path not in _module_paths(u) for u in n.users)]
             if not outputs:
                 continue
             norm = stream_norm(self, outputs[-1:], kind, weight, bias, int(module.weight.shape[0]))

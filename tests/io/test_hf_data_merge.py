@@ -163,3 +163,15 @@ def test_a_text_corpus_needs_a_folder_with_a_tokenizer(tmp_path, corpus, capsys)
     code = main(["merge", a, a, "--align", "cca", "--data", corpus, "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no usable tokenizer" in err[0]
+
+
+def test_text_flags_without_a_text_corpus_are_refused(tmp_path, capsys):
+    torch.manual_seed(0)
+    a = str(tmp_path / "a")
+    transformers.AutoModelForCausalLM.from_config(_config("llama")).save_pretrained(a)
+    capsys.readouterr()
+    code = main(["merge", a, a, "--align", "permute", "--data", "digits", "--seq-len", "32",
+                 "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--seq-len applies to a text corpus" in err[0]
+    assert not (tmp_path / "out").exists()

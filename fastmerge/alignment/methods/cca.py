@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ...spec.transforms import Dense
 from ...errors import InvalidArgumentError
-from ..activation import cca_transform, orthogonal_transform
+from ...spec.transforms import Dense
+from ..activation import cca_transform, orthogonal_transform, permutation_matrices
 from .base import AlignmentMethod, register
 
 RESIDUAL_MODES = ("orthogonal", "permute")
@@ -31,13 +29,6 @@ class CCAOptions:
             raise InvalidArgumentError(f"cca: residual must be one of {RESIDUAL_MODES}, got {self.residual!r}")
 
 
-def _permutation_matrix(perm):
-    """P with P[u, perm[u]] = 1: new unit u is old unit perm[u] (a permutation as a transform)."""
-    out = torch.zeros(perm.numel(), perm.numel(), dtype=torch.float64, device=perm.device)
-    out[torch.arange(perm.numel(), device=perm.device), perm] = 1.0
-    return out
-
-
 def cca_dense(group, stats, *, reference: int, n: int, options: CCAOptions, info: dict, perms=None) -> list:
     out: list = [None] * n
     for i in range(n):
@@ -48,7 +39,7 @@ def cca_dense(group, stats, *, reference: int, n: int, options: CCAOptions, info
                                     reg=options.reg, relative=options.relative_reg,
                                     eigh_xx=stats.covariance_eigh(group.name, reference),
                                     eigh_yy=stats.covariance_eigh(group.name, i),
-                                    null_reference=None if perms is None else _permutation_matrix(perms[i][0]))
+                                    null_reference=None if perms is None else permutation_matrices(perms[i])[0])
         out[i] = Dense(out=t[None], inp=t_inv[None])
         info.setdefault("canonical_correlations", {})[i] = r
     return out
