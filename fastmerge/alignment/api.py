@@ -42,6 +42,7 @@ from ..stages import timed
 from ..stats import collect_stats
 from .activation import match_permutation
 from .heads import align_heads
+from .query_key import query_key_groups, query_key_rotation
 from .methods import AlignmentMethod, WeightMatchingOptions, dense_blockers, get_method
 from .weight_matching import identity_perms, weight_matching
 
@@ -360,9 +361,11 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         if constant:  # dead units: no activation to match on (correlation 0, CCA regularised), reported
             logger.info("align(%r): constant (zero-variance) units on this data: %s", method.name, constant)
 
+    # query/key dims: orthogonal per head after weight matching (dense methods; query_key.py)
+    rotated = [g for g in query_key_groups(spec) if g.name not in frozen] if method.dense is not None else []
     if method.dense is not None:
         for g in spec.groups:
-            if g.name not in frozen:
+            if g.name not in frozen and g not in rotated:
                 fallbacks[g.name] = ("not observable by activation statistics (attention heads, nested or "
                                      "untapped groups): permuted by weight matching")
         _report_fallbacks(method.name, fallbacks, diagnostics)
@@ -381,6 +384,14 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
             for i in range(n):
                 transforms[i][g.name] = perms[i][g.name]
         diagnostics["weight_matching"] = info
+        if rotated:
+            others = {g.name for g in remaining} - {g.name for g in rotated}
+            moved = [apply_transforms(spec, s, {k: transforms[i][k] for k in others}) for i, s in enumerate(states)]
+            for g in rotated:
+                for i in range(n):
+                    if i != reference:
+                        transforms[i][g.name] = query_key_rotation(g, moved[reference], moved[i], transforms[i][g.name])
+                diagnostics.setdefault(g.name, {})["transform"] = "orthogonal (query/key dims: Procrustes on the weights)"
     for g in spec.groups:
         d = diagnostics.setdefault(g.name, {})
         d["distance_from_identity"] = {i: _distance_from_identity(transforms[i][g.name]) for i in range(n) if i != reference}

@@ -276,7 +276,7 @@ def _choose_tap(comp, uid_order, tap_occurrences, taps, families):
         key = (cand.preference, 0 if whole else 1, -cand.order)
         if best is None or key < best[0]:
             grid = None if whole and occ.offset == 0 else occ.sizes
-            best = (key, TapPoint(module=cand.module, kind="input", arg=0, dim=cand.dim, factors=grid, unit=occ.k,
+            best = (key, TapPoint(module=cand.module, kind=cand.kind, arg=0, dim=cand.dim, factors=grid, unit=occ.k,
                                   instance=instance, select=select, offset=occ.offset))
     return best[1] if best else None
 

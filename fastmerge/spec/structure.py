@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .types import Group, Member, MergeSpec
+from .types import Group, Member, MergeSpec, TapPoint
 
 
 def unfold(tensor: torch.Tensor, member: Member, keep: int | None = None) -> torch.Tensor:
@@ -108,3 +108,23 @@ def statistics_groups(spec: MergeSpec) -> list[Group]:
     feature groups."""
     blocks = head_blocks(spec)
     return activation_groups(spec, blocks) + [h.flat for h in blocks]
+
+
+def stream_taps(spec: MergeSpec) -> dict[str, list[TapPoint]]:
+    """More places to observe a residual stream: for each group that LayerNorms/RMSNorms over the
+    last axis read (spec.norms), the output of every such norm, i.e. the stream at every layer and
+    position as its readers see it (normalised per token). One tap shows one layer, often one
+    token (a ViT's head reads the class token after the last block); the stream has one basis at
+    every layer, so its statistics pool them all. The norm's module is its weight's (bias's) owner."""
+    out: dict[str, list[TapPoint]] = {}
+    for norm in spec.norms:
+        tensor = norm.weight or norm.bias
+        if tensor is None or "." not in tensor:
+            continue
+        # the norm's own vectors, or (canonical specs, where they are constants) its readers' inputs
+        axes = {(tensor, 0)} | {(w, axis) for w, _, axis in norm.readers}
+        group = next((g for g in spec.groups if g.count == 1 and g.tap is not None
+                      and any((m.tensor, m.axis) in axes for m in g.members)), None)
+        if group is not None:
+            out.setdefault(group.name, []).append(TapPoint(module=tensor.rsplit(".", 1)[0], kind="output"))
+    return out

@@ -309,8 +309,13 @@ class _Tracer:
     def where(self) -> str:
         return f"{self.node.target} ({self.node.name})"
 
-    def tap(self, x: Info, dim: int) -> None:
-        """Records the input of the module this node runs in as a place to observe features."""
+    def tap(self, x: Info, dim: int, weight: Info | None = None) -> None:
+        """Records the input of the module this node runs in as a place to observe features.
+
+        nn.MultiheadAttention applies its output projection functionally (no module call a hook
+        could see): the input of the linear that reads `<attention>.out_proj.weight` (the heads'
+        outputs, concatenated) becomes a tap of kind "heads" on the attention module, which the
+        statistics recompute from the module's own inputs (stats/attention.py)."""
         stack = self.node.meta.get("nn_module_stack") or {}
         if not stack or not isinstance(x, Info):
             return
@@ -318,3 +323,6 @@ class _Tracer:
         cls = str(type_name).rsplit(".", 1)[-1].strip("'>")
         if cls in _TAP_PREFERENCE and path:
             self.taps.append(TapCandidate(_TAP_PREFERENCE[cls], self.order, path, dim, list(x.dims[dim])))
+        elif (cls == "MultiheadAttention" and path and isinstance(weight, Info)
+              and weight.param == f"{path}.out_proj.weight" and weight.param_axes == (0, 1)):
+            self.taps.append(TapCandidate(0, self.order, path, -1, list(x.dims[dim]), kind="heads"))

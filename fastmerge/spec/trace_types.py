@@ -27,6 +27,7 @@ class TapCandidate:
     module: str
     dim: int
     layout: Layout
+    kind: str = "input"  # TapPoint.kind: "input" of the module, or "heads" (MultiheadAttention, below)
 
 
 @dataclass

@@ -38,6 +38,9 @@ from ..errors import SpecError
 from .grid import AxisGrid
 
 ROLES = ("out", "in", "param", "gate")
+# where a tap reads: the module's input `arg`, its output (element `arg` of a tuple), or "heads": the
+# per-head outputs of an nn.MultiheadAttention, recomputed from its call (stats/attention.py)
+TAP_KINDS = ("input", "output", "heads")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ class Member(AxisGrid):
 @dataclass(frozen=True)
 class TapPoint(AxisGrid):
     """Where a group's features can be observed: an input (or output) of a module, the axis `dim`
-    of that tensor laid out like a member (grid `factors`, units on level `unit`...)."""
+    of that tensor laid out like a member (grid `factors`, units on level `unit`...); `kind` is
+    one of TAP_KINDS."""
 
     module: str
     kind: str = "input"

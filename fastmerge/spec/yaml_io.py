@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from ..io.atomic import write_text_atomic
-from .types import ROLES, Group, Member, MergeSpec, NormFold, SpecError, StreamNorm, TapPoint
+from .types import ROLES, TAP_KINDS, Group, Member, MergeSpec, NormFold, SpecError, StreamNorm, TapPoint
 
 FORMAT = "fastmerge-spec/1"
 _MEMBER_KEYS = {"tensor", "axis", "role", "factors", "unit", "instance", "select", "offset"}
@@ -180,8 +180,8 @@ def spec_from_dict(data: Mapping) -> MergeSpec:
             if "module" not in td or not isinstance(td["module"], str):
                 raise SpecError(f"{where}.tap: needs a 'module' name")
             kind = td.get("kind", "input")
-            if kind not in ("input", "output"):
-                raise SpecError(f"{where}.tap.kind: must be 'input' or 'output', got {kind!r}")
+            if kind not in TAP_KINDS:
+                raise SpecError(f"{where}.tap.kind: must be one of {TAP_KINDS}, got {kind!r}")
             tap = TapPoint(module=td["module"], kind=kind, arg=_int(f"{where}.tap.arg", td.get("arg", 0), minimum=0),
                            dim=_int(f"{where}.tap.dim", td.get("dim", -1)),
                            offset=_int(f"{where}.tap.offset", td.get("offset", 0), minimum=0),

@@ -26,9 +26,10 @@ from .. import distributed as _distributed
 from ..batches import batch_samples, iterate_batches, run_model
 from ..errors import DataError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from ..ops import CovarianceState
-from ..spec.structure import activation_groups
+from ..spec.structure import activation_groups, stream_taps
 from ..spec.types import Group, MergeSpec, TapPoint
 from ..stages import timed
+from .attention import multihead_attention_heads
 
 
 @dataclass
@@ -92,10 +93,13 @@ class StatsCollector:
         max_rows: cap on feature rows per group and batch (random subset of positions, the same
             rows for every model): spatial subsampling for convolutions.
         seed: for that subsampling.
+        pool_stream: a residual stream (a group that LayerNorms/RMSNorms read) is also observed at
+            every norm's output, all layers pooled (fastmerge.spec.structure.stream_taps).
     """
 
     def __init__(self, models: Sequence[torch.nn.Module], spec: MergeSpec, *, groups: Sequence[Group] | None = None,
-                 pairs: str = "all_to_one", reference: int = 0, max_rows: int | None = None, seed: int = 0) -> None:
+                 pairs: str = "all_to_one", reference: int = 0, max_rows: int | None = None, seed: int = 0,
+                 pool_stream: bool = True) -> None:
         if len(models) < 1:
             raise InvalidArgumentError("StatsCollector needs at least one model")
         self.models = list(models)
@@ -103,6 +107,11 @@ class StatsCollector:
         for g in self.groups:
             if g.tap is None or g.count != 1:
                 raise InvalidArgumentError(f"group {g.name!r} has no single-instance tap point; statistics cannot observe it")
+        # every place each group is observed: its tap, and for a residual stream every norm's output
+        extra = stream_taps(spec) if pool_stream else {}
+        modules = dict(self.models[0].named_modules())
+        self.taps = [(g, i, tap) for g in self.groups
+                     for i, tap in enumerate([g.tap] + [t for t in extra.get(g.name, []) if t.module in modules])]
         n = len(self.models)
         # the statistics live where the models run (features never leave that device)
         device = next((t.device for t in self.models[0].state_dict().values()), torch.device("cpu"))
@@ -110,19 +119,23 @@ class StatsCollector:
                                                     reference=reference, device=device) for g in self.groups}, n)
         self.max_rows = max_rows
         self.generator = torch.Generator().manual_seed(seed)
-        self._pending = {g.name: [None] * n for g in self.groups}
+        self._pending = {(g.name, i): [None] * n for g, i, _ in self.taps}
         self._handles: list = []
 
     def __enter__(self) -> StatsCollector:
-        by_module: dict[str, list[Group]] = {}
-        for g in self.groups:
-            by_module.setdefault(g.tap.module, []).append(g)
-        for i, model in enumerate(self.models):
+        by_module: dict[tuple[str, str], list] = {}
+        for g, i, tap in self.taps:
+            by_module.setdefault((tap.module, tap.kind), []).append((g, i, tap))
+        for index, model in enumerate(self.models):
             modules = dict(model.named_modules())
-            for path, groups in by_module.items():
+            for (path, kind), taps in by_module.items():
                 if path not in modules:
-                    raise InvalidArgumentError(f"tap module {path!r} is not a submodule of model {i}")
-                self._handles.append(modules[path].register_forward_pre_hook(self._hook(i, groups), with_kwargs=True))
+                    raise InvalidArgumentError(f"tap module {path!r} is not a submodule of model {index}")
+                if kind == "input":
+                    handle = modules[path].register_forward_pre_hook(self._input_hook(index, taps), with_kwargs=True)
+                else:
+                    handle = modules[path].register_forward_hook(self._output_hook(index, taps, kind), with_kwargs=True)
+                self._handles.append(handle)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -130,23 +143,37 @@ class StatsCollector:
             h.remove()
         self._handles.clear()
         if exc[0] is None:
-            waiting = [name for name, p in self._pending.items() if any(x is not None for x in p)]
+            waiting = sorted({name for (name, _), p in self._pending.items() if any(x is not None for x in p)})
             if waiting:
                 raise InvalidArgumentError(f"some models did not run on the last batch (groups {waiting[:3]} wait for them)")
 
-    def _hook(self, model_index: int, groups: list[Group]):
+    def _input_hook(self, model_index: int, taps: list):
         def hook(module, args, kwargs):
-            for g in groups:
-                x = args[g.tap.arg] if g.tap.arg < len(args) else None
-                if not isinstance(x, torch.Tensor):
-                    raise InvalidArgumentError(f"tap {g.tap.module}: input {g.tap.arg} is not a tensor")
-                self._receive(g, model_index, tap_features(x, g.tap, g.size))
+            for g, i, tap in taps:
+                self._receive_tensor(g, i, tap, model_index, args[tap.arg] if tap.arg < len(args) else None)
             return None
 
         return hook
 
-    def _receive(self, group: Group, model_index: int, features: torch.Tensor) -> None:
-        pending = self._pending[group.name]
+    def _output_hook(self, model_index: int, taps: list, kind: str):
+        def hook(module, args, kwargs, output):
+            if kind == "heads":
+                with torch.no_grad():
+                    output = multihead_attention_heads(module, args, kwargs)
+            for g, i, tap in taps:
+                x = output[tap.arg] if isinstance(output, (tuple, list)) else output
+                self._receive_tensor(g, i, tap, model_index, x)
+            return None
+
+        return hook
+
+    def _receive_tensor(self, group: Group, tap_index: int, tap: TapPoint, model_index: int, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InvalidArgumentError(f"tap {tap.module}: {tap.kind} {tap.arg} is not a tensor")
+        self._receive(group, tap_index, model_index, tap_features(x, tap, group.size))
+
+    def _receive(self, group: Group, tap_index: int, model_index: int, features: torch.Tensor) -> None:
+        pending = self._pending[(group.name, tap_index)]
         if pending[model_index] is not None:
             raise InvalidArgumentError(
                 f"model {model_index} ran twice before every model saw the batch (group {group.name!r}); "
@@ -165,12 +192,13 @@ class StatsCollector:
             self.stats.states[group.name].update(*pending)
         except NonFiniteError as exc:
             raise NonFiniteError(f"group {group.name!r} (tap {group.tap.module}): {exc}") from None
-        self._pending[group.name] = [None] * len(self.models)
+        self._pending[(group.name, tap_index)] = [None] * len(self.models)
 @timed("statistics")
 def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: MergeSpec, *,
                   groups: Sequence[Group] | None = None, pairs: str = "all_to_one", reference: int = 0,
                   max_batches: int | None = None, max_samples: int | None = None, max_rows: int | None = None,
-                  seed: int = 0, progress: bool = True, distributed: bool | None = None) -> Stats:
+                  seed: int = 0, progress: bool = True, distributed: bool | None = None,
+                  pool_stream: bool = True) -> Stats:
     """One pass over `data` (a DataLoader or any iterable of batches) with every model in eval mode
     and no gradients, accumulating each group's statistics. Stops after `max_batches` batches or
     `max_samples` inputs. Models are returned in the mode they had.
@@ -183,7 +211,7 @@ def collect_stats(models: Sequence[torch.nn.Module], data: Iterable, spec: Merge
         m.eval()
     seen = 0
     collector = StatsCollector(models, spec, groups=groups, pairs=pairs, reference=reference, max_rows=max_rows,
-                               seed=seed)
+                               seed=seed, pool_stream=pool_stream)
     total = max_batches if max_batches is not None else (len(data) if hasattr(data, "__len__") else None)
     try:
         with torch.no_grad(), collector, tqdm(total=total, desc="activation statistics", disable=not progress,

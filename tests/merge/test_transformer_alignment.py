@@ -11,6 +11,7 @@ from torch import nn
 import fastmerge
 import fastmerge.zoo as zoo
 from fastmerge.alignment.activation import orthogonal_transform
+from fastmerge.alignment.query_key import query_key_groups
 from fastmerge.spec import trace_spec
 from fastmerge.spec.residual import canonical_spec, canonical_state, ones_complement, residual_groups
 from fastmerge.spec.structure import head_blocks
@@ -56,8 +57,9 @@ def _random_rotation(size: int, kind: str, generator: torch.Generator) -> torch.
 
 
 def _rotated_copy(model: nn.Module, spec, seed: int = 1) -> nn.Module:
-    """The model in canonical form with its residual stream rotated and every other group permuted:
-    the same function, other weights."""
+    """The model in canonical form with its residual stream rotated, each head's query/key dims
+    rotated (one orthogonal map for both) and every other group permuted: the same function, other
+    weights."""
     groups, _ = residual_groups(spec)
     state = canonical_state(spec, model.state_dict(), groups)
     cspec = canonical_spec(spec, groups)
@@ -66,6 +68,9 @@ def _rotated_copy(model: nn.Module, spec, seed: int = 1) -> nn.Module:
     for name, residual in groups.items():
         q = _random_rotation(cspec.group(name).size, residual.kind, generator)
         transforms[name] = Dense(out=q[None], inp=q.T[None])
+    for g in query_key_groups(cspec):
+        q = torch.stack([_random_rotation(g.size, "rms", generator) for _ in range(g.count)])
+        transforms[g.name] = Dense(out=q, inp=q.transpose(1, 2))
     twin = copy.deepcopy(model)
     twin.load_state_dict(apply_transforms(cspec, state, transforms))
     return twin
@@ -132,12 +137,17 @@ def test_cca_merges_a_rotated_and_permuted_copy_back_to_the_model(name):
     twin = _rotated_copy(model, spec)
     assert (twin.state_dict()[next(iter(twin.state_dict()))] - model.state_dict()[next(iter(model.state_dict()))]).abs().max() > 1e-3
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # untapped groups (q/k dims) are weight-matched: reported, expected
+        warnings.simplefilter("ignore")
         merged, alignment = fastmerge.merge([model, twin], "cca", data=data, spec=spec, return_alignment=True,
                                             progress=False)
     stream = next(iter(residual_groups(spec)[0]))
     assert alignment.diagnostics[stream]["transform"].startswith("orthogonal")
     assert isinstance(alignment.transforms[1][stream], Dense)
+    rotated = query_key_groups(canonical_spec(spec, residual_groups(spec)[0]))
+    assert len(rotated) == (0 if name == "llama" else 2)  # rotary dims are fixed by the tracer
+    for g in rotated:
+        assert alignment.diagnostics[g.name]["transform"].startswith("orthogonal (query/key")
+        assert "fallback" not in alignment.diagnostics[g.name]
     for inputs in data[:2]:
         want = _logits(model, inputs)
         assert (_logits(merged, inputs) - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
@@ -146,7 +156,8 @@ def test_cca_merges_a_rotated_and_permuted_copy_back_to_the_model(name):
     assert (_logits(same, data[0]) - _logits(model, data[0])).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2_untied"])
+# vit: nn.MultiheadAttention, whose heads' outputs are recomputed from its call ("heads" taps)
+@pytest.mark.parametrize("name", ["llama", "gpt2_untied", "vit"])
 @pytest.mark.parametrize("method", ["permute", "zipit", "cca"])
 def test_heads_are_matched_from_their_outputs(name, method):
     model = _model(name)

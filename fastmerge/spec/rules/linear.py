@@ -17,7 +17,7 @@ def _linear(t, args, kwargs, meta):
     t.role(w, 0, "out")
     t.role(w, 1, "in")
     t.role(b, 0, "out")
-    t.tap(x, -1)
+    t.tap(x, -1, weight=w)
     t.unify(x.dims[-1], w.dims[1])
     out = [list(d) for d in x.dims[:-1]] + [list(w.dims[0])]
     if isinstance(b, Info):
