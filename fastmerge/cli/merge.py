@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
         options = next(iter(tensor_options.values()), options)  # the plan and metadata show the first's
     common = dict(base=settings.get("base"), dtype=settings.get("dtype"), max_shard_size=args.max_shard_size,
                   overwrite=args.overwrite, align=args.align, spec_file=args.spec,
-                  copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card, tensor_options=tensor_options)
+                  copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card, tensor_options=tensor_options,
+                  tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"))
     if args.dry_run:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())

@@ -24,8 +24,14 @@ configs through mergekit). What is read as mergekit does:
 - passthrough with `slices` (one source each: `model`, `layer_range`, `parameters: {scale}`):
   fastmerge/merging/passthrough.py.
 
-Refused, with the reason: slices with several sources (merged layer ranges), tokenizer and chat
-template keys, model+LoRA references, and the methods fastmerge does not have.
+- `tokenizer_source` / `tokenizer: {source, pad_to_multiple_of}` ("base" or a model folder): every
+  input's embeddings and LM head re-indexed to that tokenizer's vocabulary by token string, as
+  mergekit does (fastmerge/merging/vocabulary.py); `chat_template`: Jinja text or "auto" (the
+  template most inputs carry), stored in the output's tokenizer_config.json.
+
+Refused, with the reason: slices with several sources (merged layer ranges), `modules`,
+tokenizer_source "union" and `tokenizer.tokens`, mergekit's named chat templates (its own files),
+model+LoRA references, and the methods fastmerge does not have.
 """
 
 from __future__ import annotations
@@ -41,11 +47,13 @@ import yaml
 from ..errors import InvalidArgumentError
 from ..merging.gradients import Setting, first, layer_positions
 from ..merging.passthrough import Slice
+from ..merging.vocabulary import chat_template_text
 
 MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
-TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "out_path")
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "out_path",
+            "tokenizer_source", "tokenizer", "chat_template")
 # mergekit keys fastmerge does not implement: named in the refusal, so a user knows it is a gap
-UNSUPPORTED_TOP_KEYS = ("tokenizer_source", "tokenizer", "chat_template", "modules")
+UNSUPPORTED_TOP_KEYS = ("modules",)
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
              "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": (), "dare_linear": ("weight", "density"),
@@ -215,6 +223,9 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
         r.fail(f"{method} drops entries at random: fastmerge draws its own reproducible masks, not mergekit's "
                "(torch's generator), so the merge would differ from mergekit's; pass --own-masks to run it so")
     if method == "passthrough" or "slices" in config:
+        given = [k for k in ("tokenizer_source", "tokenizer", "chat_template") if config.get(k) is not None]
+        if given:
+            r.fail(f"{given[0]} with passthrough/slices is not supported by fastmerge yet; remove it")
         return _passthrough(r, config, method)
     if method not in PER_MODEL:
         r.fail(f"unknown merge_method {method!r}; choose one of {', '.join(PER_MODEL)}, passthrough")
@@ -269,6 +280,13 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
     if method == "multislerp":  # its normalize is called normalize_weights
         settings["normalize"] = r.typed("parameters.normalize_weights", params.get("normalize_weights"), "bool")
     settings["dtype"] = _output_dtype(r, config)
+    settings["tokenizer"] = _tokenizer(r, config)
+    settings["chat_template"] = r.typed("chat_template", config.get("chat_template"), "text")
+    if settings["chat_template"] is not None:
+        try:  # named templates are refused before any model is opened
+            chat_template_text(settings["chat_template"], [])
+        except InvalidArgumentError as exc:
+            r.fail(str(exc))
     if method == "slerp":
         _base_first(r, settings)
     if method == "sce":
@@ -381,6 +399,35 @@ def _passthrough(r: _Reader, config: dict, method: str) -> dict:
     return {"method": "passthrough", "slices": slices, "base": r.typed("base_model", config.get("base_model"), "text"),
             "scale": r.setting("parameters.scale", params.get("scale")), "dtype": _output_dtype(r, config),
             "output": r.typed("out_path", config.get("out_path"), "text")}
+
+
+def _tokenizer(r: _Reader, config: dict) -> dict | None:
+    """tokenizer_source, or the tokenizer block ({source, pad_to_multiple_of}), as
+    fastmerge.merging.vocabulary takes it (None: the base's tokenizer files are copied as they are)."""
+    source, block = config.get("tokenizer_source"), config.get("tokenizer")
+    if source is not None and block is not None:
+        r.fail("tokenizer_source and tokenizer are both given; mergekit refuses that too: keep one")
+    pad = None
+    if block is not None:
+        block = r.mapping("tokenizer", block)
+        unknown = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"}, key=str)
+        if unknown:
+            r.fail(f"tokenizer.{unknown[0]} is not a tokenizer key (source, tokens, pad_to_multiple_of)")
+        if block.get("tokens"):
+            r.fail("tokenizer.tokens (per-token embedding sources) is not supported by fastmerge yet; remove it")
+        source = block.get("source", "union")  # mergekit's default
+        pad = r.typed("tokenizer.pad_to_multiple_of", block.get("pad_to_multiple_of"), "integer")
+        if pad is not None and pad < 1:
+            r.fail(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad}")
+    if source is None:
+        return None
+    source = r.typed("tokenizer_source", source, "text")
+    if source == "union":
+        r.fail("tokenizer_source: union (a vocabulary built from every model's) is not supported by fastmerge yet; "
+               "use base or a model path")
+    if source != "base" and "+" in source and not os.path.exists(source):
+        r.fail("tokenizer_source: model+LoRA references are not supported by fastmerge")
+    return {"source": source, "pad_to_multiple_of": pad}
 
 
 def _output_dtype(r: _Reader, config: dict) -> str | None:

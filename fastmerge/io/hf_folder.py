@@ -71,16 +71,30 @@ def read_config(source: str) -> dict:
     return config
 
 
-def copied_files(source: str, copy_tokenizer: bool = True) -> list[str]:
-    """The names of the files of folder `source` that a merged folder gets as they are."""
-    return [n for n in COPIED if (copy_tokenizer or n == GENERATION_CONFIG) and os.path.isfile(os.path.join(source, n))]
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # they override tokenizer_config's template
+
+
+def copied_files(source: str, copy_tokenizer: bool = True, tokenizer_folder: str | None = None,
+                 chat_template: str | None = None) -> list[tuple[str, str]]:
+    """(folder, name) of the files a merged folder gets as they are: the generation config of
+    `source`, the tokenizer files of `tokenizer_folder` (default `source`); with a `chat_template`
+    of its own, not the template files it replaces."""
+    tokenizer_folder = tokenizer_folder or source
+    out = [(source, GENERATION_CONFIG)] if os.path.isfile(os.path.join(source, GENERATION_CONFIG)) else []
+    if copy_tokenizer or tokenizer_folder != source:
+        out += [(tokenizer_folder, n) for n in COPIED if n != GENERATION_CONFIG and os.path.isfile(
+            os.path.join(tokenizer_folder, n)) and not (chat_template is not None and n in TEMPLATE_FILES)]
+    return out
 
 
 def write_folder_files(output: str, source: str, config: dict, *, dtype: torch.dtype | None, card: str | None,
-                       copy_tokenizer: bool = True) -> list[str]:
+                       copy_tokenizer: bool = True, tokenizer_folder: str | None = None,
+                       chat_template: str | None = None) -> list[str]:
     """config.json (`config`, read by read_config, with torch_dtype set to `dtype` when given), the
-    generation config, tokenizer files (unless not `copy_tokenizer`) and README.md (the card, unless
-    None) from folder `source` into folder `output`; returns the files written."""
+    generation config, tokenizer files (unless not `copy_tokenizer`; from `tokenizer_folder` when
+    given, then always) and README.md (the card, unless None) from folder `source` into folder
+    `output`; `chat_template` (text) replaces the tokenizer's; returns the files written."""
     written = []
     config = dict(config)
     if dtype is not None:
@@ -89,10 +103,17 @@ def write_folder_files(output: str, source: str, config: dict, *, dtype: torch.d
         if "dtype" in config:  # newer transformers write this key
             config["dtype"] = name
     written.append(write_text_atomic(os.path.join(output, CONFIG_NAME), json.dumps(config, indent=2) + "\n"))
-    for name in copied_files(source, copy_tokenizer):
-        with atomic_path(os.path.join(output, name)) as tmp:
-            shutil.copyfile(os.path.join(source, name), tmp)
-        written.append(os.path.join(output, name))
+    for folder, name in copied_files(source, copy_tokenizer, tokenizer_folder, chat_template):
+        target = os.path.join(output, name)
+        if name == TOKENIZER_CONFIG and chat_template is not None:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                settings = json.load(f)
+            settings["chat_template"] = chat_template
+            written.append(write_text_atomic(target, json.dumps(settings, indent=2, ensure_ascii=False) + "\n"))
+            continue
+        with atomic_path(target) as tmp:
+            shutil.copyfile(os.path.join(folder, name), tmp)
+        written.append(target)
     if card is not None:
         written.append(write_text_atomic(os.path.join(output, "README.md"), card))
     return written

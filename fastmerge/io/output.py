@@ -28,11 +28,13 @@ def merge_metadata(method: str, alignment: str, inputs: Sequence[str], options: 
 
 def plan_output(source: Checkpoint, output: str, *, out_dtype: torch.dtype | None = None,
                 metadata: Mapping[str, str] | None = None, max_shard_size: str | int | None = "5GB",
-                overwrite: bool = False, protected: Iterable[Checkpoint] = ()) -> ShardedWriter:
+                overwrite: bool = False, protected: Iterable[Checkpoint] = (),
+                shapes: Mapping[str, tuple] | None = None) -> ShardedWriter:
     """The writer of a merge of checkpoints like `source` into `output` (a .safetensors file or a
     folder for shards of at most `max_shard_size`, e.g. "5GB"). `out_dtype`: the dtype of the
     floating tensors (None: as `source`; other tensors keep theirs). `protected`: the inputs,
-    whose files the output must not replace.
+    whose files the output must not replace. `shapes`: tensors whose output shape differs from
+    the source's (a vocabulary re-indexed to another tokenizer).
 
     Raises:
         CheckpointError: a bad size, an output that exists (without overwrite) or is an input.
@@ -42,6 +44,7 @@ def plan_output(source: Checkpoint, output: str, *, out_dtype: torch.dtype | Non
         dtype = source.dtype(name)
         return out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
 
-    layout = [(name, source.shape(name), target_dtype(name)) for name in source.keys()]
+    shapes = shapes or {}
+    layout = [(name, tuple(shapes.get(name, source.shape(name))), target_dtype(name)) for name in source.keys()]
     return ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=dict(metadata or {}),
                          overwrite=overwrite, protected=[f for ckpt in protected for f in ckpt.files()])

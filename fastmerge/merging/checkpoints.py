@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,7 @@ from ..spec.hf_config import config_folder, spec_from_config
 from ..spec.transforms import apply_permutations
 from ..stages import stage
 from .same_init import SameInitOptions, checks_finite, merge_tensor
+from .vocabulary import chat_template_text, output_config, plan_vocabulary
 
 
 @dataclass
@@ -42,6 +43,8 @@ class MergePlan:
     output_files: list[str]
     out_dtype: str | None
     option_sets: int = 0  # distinct per-tensor option sets (a config's gradients or filters), 0: none
+    # write_folder_files' tokenizer_folder (a tokenizer_source) and chat_template (its text)
+    folder_options: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         lines = [f"method: {self.options.method} ({', '.join(f'{k}={v}' for k, v in asdict(self.options).items() if k != 'method')})"]
@@ -52,17 +55,25 @@ class MergePlan:
             lines.append(f"base: {self.base}")
         lines.append(f"tensors: {self.tensors} ({self.input_bytes / 1e9:.2f} GB per model)")
         lines.append(f"dtype: {self.out_dtype or 'as the inputs'}")
+        if self.folder_options.get("tokenizer_folder"):
+            lines.append(f"tokenizer: {self.folder_options['tokenizer_folder']} (embeddings re-indexed to its vocabulary)")
+        if self.folder_options.get("chat_template"):
+            lines.append("chat template: set (tokenizer_config.json)")
         lines += [f"writes: {p}" for p in self.output_files]
         return "\n".join(lines)
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str], *, cast: bool = False) -> None:
+def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str], *, cast: bool = False,
+                     vocabulary: frozenset[str] = frozenset()) -> None:
     """Same tensor names and shapes in every checkpoint, and the same dtypes unless the output is
     cast to one (`cast`: merge_tensor then combines mixed precisions in float32); the error lists
-    what differs."""
-    ref = {k: tuple(checkpoints[0].shape(k)) for k in checkpoints[0].keys()}
+    what differs. The rows of `vocabulary` tensors may differ (re-indexed by a tokenizer_source)."""
+    def layout(ckpt):
+        return {k: (None,) + tuple(ckpt.shape(k))[1:] if k in vocabulary else tuple(ckpt.shape(k)) for k in ckpt.keys()}
+
+    ref = layout(checkpoints[0])
     for ckpt, label in zip(checkpoints[1:], labels[1:]):
-        other = {k: tuple(ckpt.shape(k)) for k in ckpt.keys()}
+        other = layout(ckpt)
         missing, extra, differ = layout_difference(ref, other)
         if missing or extra:
             raise ShapeMismatchError(
@@ -85,16 +96,35 @@ def check_compatible(checkpoints: Sequence[Checkpoint], labels: Sequence[str], *
 def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, base: str | None = None,
                dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
                align: str | None = None, spec_file: str | None = None, copy_tokenizer: bool = True,
-               write_card: bool = True, tensor_options: Mapping[str, SameInitOptions] | None = None):
+               write_card: bool = True, tensor_options: Mapping[str, SameInitOptions] | None = None,
+               tokenizer: Mapping | None = None, chat_template: str | None = None):
     """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer,
-    (the folder whose config and tokenizer a folder output gets, its config) or None)."""
+    (the folder whose config and tokenizer a folder output gets, its config) or None, the
+    VocabularyPlan of a `tokenizer` ({"source": "base" or a folder, "pad_to_multiple_of": n}) or
+    None)."""
     out_dtype = parse_dtype(dtype)
     checkpoints = [Checkpoint(p) for p in models]
     base_ckpt = Checkpoint(base) if base else None
     for each in {options, *(tensor_options or {}).values()}:  # per-tensor options (gradients, filters) too
         each.validate(len(checkpoints), base_ckpt is not None)
     every = checkpoints + ([base_ckpt] if base_ckpt else [])
-    check_compatible(every, list(models) + ([base] if base else []), cast=dtype is not None)
+    labels = list(models) + ([base] if base else [])
+    vocabulary = None
+    if tokenizer is not None or chat_template is not None:
+        folders = [source_folder(p) for p in labels]
+        if None in folders:
+            key = "tokenizer_source" if tokenizer is not None else "chat_template"
+            raise CheckpointError(f"{labels[folders.index(None)]}: {key} needs Hugging Face model folders "
+                                  "(config.json and tokenizer next to the weights)")
+    if tokenizer is not None:
+        copy_tokenizer = True  # mergekit writes the tokenizer of a tokenizer_source whatever --copy-tokenizer says
+        if align:
+            raise CheckpointError("tokenizer_source with weight matching is not supported; merge without --align")
+        vocabulary = plan_vocabulary(folders, [{k: tuple(c.shape(k)) for k in c.keys()} for c in every],
+                                     tokenizer["source"], base_index=len(models) if base else None,
+                                     pad_to_multiple_of=tokenizer.get("pad_to_multiple_of"))
+    check_compatible(every, labels, cast=dtype is not None,
+                     vocabulary=vocabulary.names if vocabulary else frozenset())
     if align not in (None, "weight_matching"):
         raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with spec_file=FILE.yaml)")
     if align and not spec_file:
@@ -105,17 +135,37 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
     if tensor_options:  # gradients or filters: the options vary by tensor; the first tensor's are shown
         recorded["per_tensor"] = f"{len(set(tensor_options.values()))} option sets; these are the first tensor's"
     metadata = merge_metadata(options.method, align or "none", models, options=recorded)
+    if vocabulary is not None:
+        metadata["tokenizer_source"] = tokenizer["source"]
+    shapes = {n: (vocabulary.size, *checkpoints[0].shape(n)[1:]) for n in vocabulary.names} if vocabulary else None
     writer = plan_output(checkpoints[0], output, out_dtype=out_dtype, metadata=metadata,
-                         max_shard_size=max_shard_size, overwrite=overwrite, protected=every)
+                         max_shard_size=max_shard_size, overwrite=overwrite, protected=every, shapes=shapes)
     source = None if writer.single_file else source_folder(base or models[0])  # mergekit: the base's
+    if source is None and (vocabulary is not None or chat_template is not None):
+        raise CheckpointError(f"{output}: tokenizer_source and chat_template write a model folder; give a folder "
+                              "as the output, not a .safetensors file")
+    template = None
+    if chat_template is not None:
+        template = chat_template_text(chat_template, folders)
+        tokenizer_folder = vocabulary.folder if vocabulary else source
+        if template is not None and not os.path.isfile(os.path.join(tokenizer_folder, "tokenizer_config.json")):
+            raise CheckpointError(f"chat_template: {tokenizer_folder} has no tokenizer_config.json to hold it")
+    folder_options = {"tokenizer_folder": vocabulary.folder if vocabulary else None, "chat_template": template}
     extras = [] if source is None else [os.path.join(writer.folder, n) for n in (
-        CONFIG_NAME, *(["README.md"] if write_card else []), *copied_files(source, copy_tokenizer))]
+        CONFIG_NAME, *(["README.md"] if write_card else []),
+        *(n for _, n in copied_files(source, copy_tokenizer, **folder_options)))]
     existing = [p for p in extras if os.path.exists(p)]
     if existing and not overwrite:
         raise CheckpointError(f"{existing[0]}: exists already; pass overwrite=True to replace it")
     plan = MergePlan(list(models), base, output, options, len(checkpoints[0]), checkpoints[0].nbytes(),
-                     writer.final_paths + extras, dtype, len(set((tensor_options or {}).values())))
-    return plan, checkpoints, base_ckpt, writer, None if source is None else (source, read_config(source))
+                     writer.final_paths + extras, dtype, len(set((tensor_options or {}).values())),
+                     folder_options=folder_options)
+    config = None
+    if source is not None:
+        config = read_config(source)
+        if vocabulary is not None:
+            config = output_config(config, vocabulary)
+    return plan, checkpoints, base_ckpt, writer, None if source is None else (source, config), vocabulary
 
 
 def _write_folder_files(plan: MergePlan, writer, source: tuple[str, dict] | None, out_dtype, copy_tokenizer: bool,
@@ -124,16 +174,20 @@ def _write_folder_files(plan: MergePlan, writer, source: tuple[str, dict] | None
     if source is None:
         return
     parameters = {k: v for k, v in asdict(plan.options).items() if k != "method"}
+    if plan.folder_options.get("tokenizer_folder"):
+        parameters["tokenizer_source"] = plan.folder_options["tokenizer_folder"]
+    copy_tokenizer = copy_tokenizer or bool(plan.folder_options.get("tokenizer_folder"))  # as plan_merge
     write_folder_files(writer.folder, *source, dtype=out_dtype, copy_tokenizer=copy_tokenizer,
-                       card=model_card(plan.inputs, plan.options.method, parameters, plan.base) if card else None)
+                       card=model_card(plan.inputs, plan.options.method, parameters, plan.base) if card else None,
+                       **plan.folder_options)
 
 
 def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptions | None = None, *,
                       base: str | None = None, dtype: str | None = None, max_shard_size: str | int | None = "5GB",
                       overwrite: bool = False, progress: bool = True, align: str | None = None,
                       spec_file: str | None = None, allow_nonfinite: bool = False, copy_tokenizer: bool = True,
-                      write_card: bool = True,
-                      tensor_options: Mapping[str, SameInitOptions] | None = None) -> MergePlan:
+                      write_card: bool = True, tensor_options: Mapping[str, SameInitOptions] | None = None,
+                      tokenizer: Mapping | None = None, chat_template: str | None = None) -> MergePlan:
     """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
 
     With ``align="weight_matching"`` and `spec_file` (a YAML merge spec of the architecture, or "auto":
@@ -144,6 +198,11 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
 
     `tensor_options` gives tensors options of their own (the same method; mergekit's gradients and
     filters resolved per tensor); the others get `options`.
+
+    `tokenizer` ({"source": "base" or a model folder, "pad_to_multiple_of": n}): mergekit's
+    tokenizer_source, the inputs' embeddings and LM heads re-indexed to that tokenizer's vocabulary
+    (fastmerge.merging.vocabulary); `chat_template`: Jinja text or "auto", stored in the output's
+    tokenizer_config.json.
 
     NaN/Inf in an input tensor, or in a merged one (an overflowing sum, a narrowing cast), is refused
     before anything is renamed into place; ``allow_nonfinite=True`` merges and writes them (a model
@@ -156,11 +215,10 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         InvalidArgumentError: options that do not fit the method.
     """
     options = options or SameInitOptions()
-    plan, checkpoints, base_ckpt, writer, source = plan_merge(models, output, options, base=base, dtype=dtype,
-                                                              max_shard_size=max_shard_size, overwrite=overwrite,
-                                                              align=align, spec_file=spec_file,
-                                                              copy_tokenizer=copy_tokenizer, write_card=write_card,
-                                                              tensor_options=tensor_options)
+    plan, checkpoints, base_ckpt, writer, source, vocabulary = plan_merge(
+        models, output, options, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+        align=align, spec_file=spec_file, copy_tokenizer=copy_tokenizer, write_card=write_card,
+        tensor_options=tensor_options, tokenizer=tokenizer, chat_template=chat_template)
     inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
     labels = list(models) + ([base] if base_ckpt else [])
     sources = _aligned_sources(inputs, spec_file, progress) if align else [c.read for c in inputs]
@@ -184,6 +242,9 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             tensors = [read(name, buf) for read, buf in zip(sources[: len(checkpoints)], read_buffers)]
             base_tensor = sources[-1](name, read_buffers[-1]) if base_ckpt else None
             every = tensors + ([base_tensor] if base_ckpt else [])
+            if vocabulary is not None and name in vocabulary.names:  # rows re-indexed to the output's tokenizer
+                every = vocabulary.remap(every)
+                tensors, base_tensor = every[: len(checkpoints)], (every[-1] if base_ckpt else None)
             own = tensor_options.get(name, options) if tensor_options else options
             if not (align or allow_nonfinite or checks_finite(own)):  # aligned: checked before matching
                 check_inputs_finite(name, every, labels)

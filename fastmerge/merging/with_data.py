@@ -79,7 +79,7 @@ def merge_files_with_data(models: Sequence[str], output: str, *, build_model: Ca
     # a folder output of Hugging Face folders becomes a model folder too (config, tokenizer, card)
     source = None if writer.single_file else source_folder(models[0])
     extras = [] if source is None else [os.path.join(writer.folder, n) for n in (
-        CONFIG_NAME, *(["README.md"] if write_card else []), *copied_files(source, copy_tokenizer))]
+        CONFIG_NAME, *(["README.md"] if write_card else []), *(n for _, n in copied_files(source, copy_tokenizer)))]
     existing = [p for p in extras if os.path.exists(p)]
     if existing and not overwrite:
         raise CheckpointError(f"{existing[0]}: exists already; pass overwrite=True to replace it")

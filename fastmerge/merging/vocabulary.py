@@ -1,0 +1,226 @@
+"""A merge config's `tokenizer_source` (or `tokenizer: {source, pad_to_multiple_of}`): the output
+gets one tokenizer, and every input's vocabulary tensors (embeddings, LM head) are re-indexed to
+its vocabulary by token string before the merge, as mergekit 0.1.5 does:
+
+- row t of an input is the input's own row for the token (looked up in the input's tokenizer,
+  among its first config.vocab_size ids);
+- a token an input lacks takes a default row, the same for every input: the row of the one input
+  that has it, else the base model's row when the base has it, else the mean of the rows of the
+  inputs that have it; a token no input has gets zeros (with a warning);
+- with pad_to_multiple_of, the vocabulary is padded with the mean row of each input.
+
+Vocabulary tensors are the 2-D tensors whose first axis is the model's config.vocab_size (a tied
+LM head has no tensor of its own). The output's config.json gets the new vocab_size and its
+tokenizer files come from the source folder. Sources: "base" (the base model, else the first
+model) or a model folder; "union" (a new vocabulary built from all) is refused, as are
+per-token overrides (`tokenizer.tokens`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CheckpointError, InvalidArgumentError
+
+# the default row of a token some inputs lack: ("model", i) one input's row, ("mean", (i, ...)),
+# or ("zero",)
+Default = tuple
+
+
+@dataclass
+class VocabularyPlan:
+    """How each input's vocabulary tensors are re-indexed (inputs in merge order, the base last)."""
+
+    folder: str  # the tokenizer's folder: the output's tokenizer files come from it
+    size: int  # rows of the output's vocabulary tensors (padded)
+    vocab: int  # tokens in the output's vocabulary
+    names: frozenset[str]  # the vocabulary tensors
+    rows: list[torch.Tensor]  # per input, (vocab,) source row per output token, -1 where it lacks one
+    defaults: dict[int, Default] = field(default_factory=dict)  # output token -> its default row
+
+    def remap(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every input's tensor (the same order as `rows`) with `size` rows, as module docstring."""
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        fill = {}
+        for token, rule in self.defaults.items():
+            if rule[0] == "model":
+                i = rule[1]
+                fill[token] = tensors[i][int(self.rows[i][token])].to(dtype)
+            elif rule[0] == "mean":
+                total = torch.zeros(tensors[0].shape[1:], dtype=dtype)
+                for i in rule[1]:
+                    total = total + tensors[i][int(self.rows[i][token])].to(dtype)
+                fill[token] = total / len(rule[1])
+            else:
+                fill[token] = torch.zeros(tensors[0].shape[1:], dtype=dtype)
+        out = []
+        for t, rows in zip(tensors, self.rows):
+            new = torch.zeros((self.size, *t.shape[1:]), dtype=dtype)
+            present = (rows >= 0).nonzero().flatten()
+            new[present] = t[rows[present]].to(dtype)
+            for token, row in fill.items():
+                if rows[token] < 0:
+                    new[token] = row
+            if self.size > self.vocab:  # padding rows: the mean row
+                new[self.vocab:] = new[: self.vocab].mean(0)
+            out.append(new)
+        return out
+
+
+def _tokenizer_vocab(folder: str) -> dict[str, int]:
+    try:
+        import transformers
+    except ImportError:
+        raise InvalidArgumentError("tokenizer_source needs transformers to read the tokenizers: pip install "
+                                   "transformers") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
+        raise CheckpointError(f"tokenizer_source: {folder}: cannot load its tokenizer ({str(exc)[:200]})") from None
+    return dict(tokenizer.get_vocab())
+
+
+def _vocab_size(folder: str) -> int:
+    from ..io.hf_folder import read_config
+
+    value = read_config(folder).get("vocab_size")
+    if not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"{folder}/config.json: no vocab_size; tokenizer_source needs it to find the vocabulary "
+                              "tensors")
+    return value
+
+
+def plan_vocabulary(folders: Sequence[str], shapes: Sequence[dict], source: str, *, base_index: int | None,
+                    pad_to_multiple_of: int | None = None) -> VocabularyPlan:
+    """The plan for inputs in `folders` (model folders, merge order, the base last when
+    `base_index` is given) with tensor `shapes` each; `source`: "base" or a model folder."""
+    if source == "union":
+        raise InvalidArgumentError("tokenizer_source: union (a new vocabulary built from every model's) is not "
+                                   "supported by fastmerge yet; use base or a model path")
+    if source == "base":
+        folder = folders[base_index if base_index is not None else 0]
+    else:
+        folder = source
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"tokenizer_source {source}: not a model folder")
+    vocab_out = _tokenizer_vocab(folder)
+    if source == "base" and max(vocab_out.values(), default=-1) >= _vocab_size(folder):
+        raise InvalidArgumentError(f"tokenizer_source: base: {folder}'s tokenizer has ids past its config's vocab_size "
+                                   "(mergekit strips them from BPE tokenizers); fastmerge does not, give the "
+                                   "tokenizer of the size you want as a model path")
+    sizes = [_vocab_size(f) for f in folders]
+    names = sorted(n for n, s in shapes[0].items() if len(s) == 2 and s[0] == sizes[0])
+    if not names:
+        raise CheckpointError(f"{folders[0]}: no tensor has config.vocab_size ({sizes[0]}) rows; tokenizer_source "
+                              "needs the embedding/LM head")
+    for f, shape, size in zip(folders, shapes, sizes):
+        for n in names:
+            s = shape.get(n)
+            if s is None or len(s) != 2 or s[0] != size or s[1] != shapes[0][n][1]:
+                raise CheckpointError(f"{f}: tensor {n!r} has shape {s}, expected ({size}, {shapes[0][n][1]}) "
+                                      "(its config's vocab_size rows)")
+    vocab = len(vocab_out)
+    size = vocab
+    if pad_to_multiple_of and size % pad_to_multiple_of:
+        size += pad_to_multiple_of - size % pad_to_multiple_of
+    rows = []
+    own_vocabs: dict[str, dict[str, int]] = {folder: vocab_out}
+    for f, n in zip(folders, sizes):
+        if f not in own_vocabs:
+            own_vocabs[f] = _tokenizer_vocab(f) if _has_tokenizer(f) else _assumed(f, folders[base_index or 0],
+                                                                                   own_vocabs)
+        model_vocab = own_vocabs[f]
+        r = torch.full((vocab,), -1, dtype=torch.long)
+        for token, index in vocab_out.items():
+            own = model_vocab.get(token)
+            if own is not None and own < n:
+                r[index] = own
+        rows.append(r)
+    defaults: dict[int, Default] = {}
+    have = torch.stack([r >= 0 for r in rows])  # (inputs, vocab)
+    missing = (~have.all(0)).nonzero().flatten().tolist()
+    absent = []
+    for token in missing:
+        holders = have[:, token].nonzero().flatten().tolist()
+        if len(holders) == 1:
+            defaults[token] = ("model", holders[0])
+        elif not holders:
+            defaults[token] = ("zero",)
+            absent.append(token)
+        elif base_index is not None and have[base_index, token]:
+            defaults[token] = ("model", base_index)
+        else:
+            defaults[token] = ("mean", tuple(holders))
+    if absent:
+        words = {i: t for t, i in vocab_out.items()}
+        warnings.warn(f"tokenizer_source: {len(absent)} token(s) of the output vocabulary are in no model "
+                      f"(e.g. {words[absent[0]]!r}); their rows are zeros", stacklevel=3)
+    return VocabularyPlan(folder=folder, size=size, vocab=vocab, names=frozenset(names), rows=rows,
+                          defaults=defaults)
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "tokenizer.model", "vocab.json"))
+
+
+def _assumed(folder: str, base: str, known: dict) -> dict[str, int]:
+    """mergekit: a model without a tokenizer is assumed to share the base's (with a warning)."""
+    warnings.warn(f"{folder} has no tokenizer: assumed to be {base}'s (as mergekit does)", stacklevel=4)
+    if base not in known:
+        known[base] = _tokenizer_vocab(base)
+    return known[base]
+
+
+def output_config(config: dict, plan: VocabularyPlan) -> dict:
+    """The merged model's config.json: the output vocabulary's size."""
+    return {**config, "vocab_size": plan.size}
+
+
+def chat_template_text(template: str, folders: Sequence[str]) -> str | None:
+    """A config's chat_template as the text to store: "auto" (the template most of `folders`'
+    tokenizers carry, ties to the first listed; None when none has one) or the Jinja text itself.
+    mergekit's named templates (chatml, llama3, ...) are its own files: refused."""
+    if template == "auto":
+        found = [t for t in (_folder_template(f) for f in folders) if t]
+        if not found:
+            return None
+        return max(found, key=found.count)  # max keeps the first of equal counts
+    if "{" not in template or len(template) < 20:
+        raise InvalidArgumentError(f"chat_template: {template[:40]!r} is not a Jinja template; named templates "
+                                   "(chatml, llama3, alpaca, mistral, exaone) are mergekit's files, which fastmerge "
+                                   "does not ship: give the template's text or auto")
+    return template
+
+
+def _folder_template(folder: str) -> str | None:
+    """The chat template a tokenizer folder carries (chat_template.jinja, else tokenizer_config.json's
+    chat_template, its "default" when it holds several), stripped as mergekit compares them."""
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or None
+    template = None
+    for name in ("chat_template.json", "tokenizer_config.json"):  # the first that has one
+        path = os.path.join(folder, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                template = json.load(f).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if template:
+            break
+    if isinstance(template, list):  # [{"name": ..., "template": ...}]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    elif isinstance(template, dict):
+        template = template.get("default")
+    return template.strip() if isinstance(template, str) and template.strip() else None
