@@ -38,6 +38,7 @@ from ..io.text import TextBatches, is_text_file, load_tokenizer
 from ..merging import METHODS as SAME_INIT_METHODS
 from ..merging.checkpoints import merge_checkpoints, plan_merge
 from ..merging.passthrough import passthrough
+from ..merging.slices import MergedSlice, merge_slices
 from ..merging.same_init import SameInitOptions
 from ..merging.with_data import merge_files_with_data
 from ..spec.hf_config import model_builder
@@ -137,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         args.max_shard_size = _kmb(args.out_shard_size)
     if settings.get("method") == "passthrough":
         return _run_passthrough(settings, args)
+    if settings.get("merged_slices") is not None:
+        return _run_merged_slices(settings, args)
     settings.update(_given(args))
     models = args.models or settings.get("models") or []
     if not models:
@@ -163,6 +166,42 @@ def run(args: argparse.Namespace) -> int:
                                  allow_nonfinite=args.allow_nonfinite, **common)
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
+        print(stage_summary(times), file=sys.stderr)
+    return 0
+
+
+def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
+    """A config's slices merged by a method (layer ranges merged layer by layer)."""
+    if args.models or any(getattr(args, k) is not None for k in ("method", "base", "weights", "scale", "density", "t")):
+        raise InvalidArgumentError("a slices config takes its models and parameters from its slices: give only the "
+                                   "output (and --dtype, shard and folder options)")
+    output = args.output or settings.get("output")
+    if not output:
+        raise InvalidArgumentError("no output: give -o PATH (or out_path: in --config)")
+    if args.dry_run:
+        raise InvalidArgumentError("--dry-run does not cover slices yet")
+    if args.align is not None:
+        raise InvalidArgumentError("--align does not apply to a slices config")
+
+    def options_of(own: dict):
+        numbers = own.get("tensor_parameters")
+
+        def options(name: str, t: float):
+            chosen = _options({**own, **(numbers.resolve(name, t) if numbers is not None else {})}, args)
+            chosen.validate(len(own["models"]), own.get("base") is not None)
+            return chosen
+
+        return options
+
+    slices = [MergedSlice(models=tuple(own["models"]), ranges=tuple(own["ranges"]), options=options_of(own),
+                          base=own.get("base"), base_range=own.get("base_range")) for own in settings["merged_slices"]]
+    with record_stages() as times:
+        files = merge_slices(slices, output, dtype=args.dtype or settings.get("dtype"),
+                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                             copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
+                             allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
+    if not args.quiet:
+        print("\n".join(f"wrote {p}" for p in files))
         print(stage_summary(times), file=sys.stderr)
     return 0
 

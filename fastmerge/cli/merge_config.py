@@ -29,7 +29,12 @@ configs through mergekit). What is read as mergekit does:
   mergekit does (fastmerge/merging/vocabulary.py); `chat_template`: Jinja text or "auto" (the
   template most inputs carry), stored in the output's tokenizer_config.json.
 
-Refused, with the reason: slices with several sources (merged layer ranges), `modules`,
+- slices with any other method: each slice's sources merged layer by layer (its `parameters` over the
+  shared ones, its `base_model` else the config's): fastmerge/merging/slices.py.
+- a base_model also listed under models: dropped from the merged models by the methods that hold
+  the base apart (BASE_APART), as mergekit does.
+
+Refused, with the reason: a model twice in one slice, `modules`,
 tokenizer_source "union" and `tokenizer.tokens`, mergekit's named chat templates (its own files),
 model+LoRA references, and the methods fastmerge does not have.
 """
@@ -70,6 +75,10 @@ SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "
           "della_linear": ("lambda", "normalize", "int8_mask", "rescale"), "arcee_fusion": (),
           "ram": ("epsilon",), "ramplus_tl": ("epsilon", "r", "alpha")}
 TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della", "della_linear")  # per-model density, mergekit's default 1.0
+# methods whose base is apart from the merged models (mergekit's BasePolicy.REQUIRED, but SLERP, whose
+# base is one of its two): a base also listed under models: is dropped from them, as mergekit does
+BASE_APART = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+              "della_linear", "model_stock", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion")
 MERGEKIT_ONLY_METHODS = ()  # every mergekit 0.1.5 method for dense checkpoints is here
 # fastmerge's draws are not mergekit's: only with --own-masks
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion")
@@ -226,10 +235,19 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
         given = [k for k in ("tokenizer_source", "tokenizer", "chat_template") if config.get(k) is not None]
         if given:
             r.fail(f"{given[0]} with passthrough/slices is not supported by fastmerge yet; remove it")
-        return _passthrough(r, config, method)
+        if method == "passthrough":
+            return _passthrough(r, config, method)
     if method not in PER_MODEL:
         r.fail(f"unknown merge_method {method!r}; choose one of {', '.join(PER_MODEL)}, passthrough")
-    params = r.mapping("parameters", config.get("parameters"))
+    if "slices" in config:
+        return _merged_slices(r, config, method)
+    return _models_settings(r, config, method)
+
+
+def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> dict:
+    """The settings of a `models:` config (or of one slice of a slices config, rewritten as one:
+    `where` names the slice in messages)."""
+    params = r.mapping(f"{where}parameters", config.get("parameters"))
     r.known("parameters", params, SHARED[method] + PER_MODEL[method], method)
 
     entries = config.get("models") or []
@@ -264,7 +282,7 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
         ram_settings["r"] = r.typed("parameters.r", params.get("r"), "number")
         ram_settings["alpha"] = r.typed("parameters.alpha", params.get("alpha"), "number")
     numbers = ConfigParameters(
-        path, method,
+        r.path, method,
         shared={key: r.setting(f"parameters.{key}", params.get(key)) for key in ("weight", "density", "gamma",
                                                                                  "epsilon", "lambda", "t")},
         per_model=[{key: r.setting(f"models[{i}].parameters.{key}", v.get(key)) for key in ("weight", "density",
@@ -296,8 +314,13 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
         settings["tol"] = r.typed("parameters.tol", params.get("tol"), "number")
         if settings["base"] is not None:
             r.fail("karcher takes no base_model (it averages the models listed); remove it")
-    if method in ("nearswap", "arcee_fusion") and settings["base"] is not None:  # the base may be listed too
-        settings["models"] = [m for m in models if os.path.realpath(m) != os.path.realpath(settings["base"])]
+    if method in BASE_APART and settings["base"] is not None:
+        # a base listed among the models (with or without parameters) is not one of the merged models
+        keep = [i for i, m in enumerate(models) if os.path.realpath(m) != os.path.realpath(settings["base"])]
+        if len(keep) < len(models):
+            settings["models"] = [models[i] for i in keep]
+            numbers.per_model = [numbers.per_model[i] for i in keep]
+            numbers.uniform = numbers.check_uniform()
     if numbers.uniform:
         settings.update(numbers.resolve("", 0.0))
     else:
@@ -312,8 +335,12 @@ class ConfigParameters:
 
     def __init__(self, path: str, method: str, shared: dict, per_model: list[dict], normalize: bool | None) -> None:
         self.path, self.method, self.shared, self.per_model, self.normalize = path, method, shared, per_model, normalize
-        settings = [*shared.values(), *(s for own in per_model for s in own.values())]
-        self.uniform = all(s is None or s.scalar is not None for s in settings)
+        self.uniform = self.check_uniform()
+
+    def check_uniform(self) -> bool:
+        """Whether every setting is one value for every tensor (no gradient, no filter)."""
+        settings = [*self.shared.values(), *(s for own in self.per_model for s in own.values())]
+        return all(s is None or s.scalar is not None for s in settings)
 
     def _per_model(self, key: str, name: str, t: float) -> list[float] | None:
         values = [first((own[key], self.shared[key]), name, t) for own in self.per_model]
@@ -428,6 +455,63 @@ def _tokenizer(r: _Reader, config: dict) -> dict | None:
     if source != "base" and "+" in source and not os.path.exists(source):
         r.fail("tokenizer_source: model+LoRA references are not supported by fastmerge")
     return {"source": source, "pad_to_multiple_of": pad}
+
+
+def _merged_slices(r: _Reader, config: dict, method: str) -> dict:
+    """`slices:` with a merge method: each output slice merges the same-length layer ranges of its
+    sources, layer by layer (fastmerge.merging.slices). Each slice is read as a `models:` config of
+    its sources (their parameters per model; the slice's parameters over the shared ones; its
+    base_model, else the config's), so every method reads its parameters as it does there."""
+    if config.get("models") is not None:
+        r.fail("give slices: or models:, not both (mergekit refuses that too)")
+    entries = config["slices"]
+    if not isinstance(entries, list) or not entries:
+        r.fail(f"slices must be a non-empty list of {{sources: [...]}}, got {entries!r}")
+    shared = r.mapping("parameters", config.get("parameters"))
+    slices = []
+    for i, entry in enumerate(entries):
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict):
+            r.fail(f"{where} must be {{sources: [...]}}, got {entry!r}")
+        r.known(where, entry, ("sources", "parameters", "base_model"), method)
+        sources = entry.get("sources")
+        if not isinstance(sources, list) or not sources:
+            r.fail(f"{where}.sources must be a non-empty list of {{model: PATH, layer_range: [START, END]}}")
+        ranges = []
+        for j, source in enumerate(sources):
+            if not isinstance(source, dict):
+                r.fail(f"{where}.sources[{j}] must be {{model: PATH, layer_range: [START, END]}}, got {source!r}")
+            r.known(f"{where}.sources[{j}]", source, ("model", "layer_range", "parameters"), method)
+            model = r.typed(f"{where}.sources[{j}].model", source.get("model"), "text")
+            span = source.get("layer_range")
+            if (model is None or not isinstance(span, list) or len(span) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span)
+                    or span[0] >= span[1]):
+                r.fail(f"{where}.sources[{j}] needs model: PATH and layer_range: [START, END] with 0 <= START < END, "
+                       f"got {source!r}")
+            ranges.append((model, span[0], span[1]))
+        if len({e - s for _, s, e in ranges}) != 1:
+            r.fail(f"{where}: its sources' layer ranges differ in length {[[s, e] for _, s, e in ranges]}; every "
+                   "source of a slice gives the same number of layers (as in mergekit)")
+        if len({os.path.realpath(m) for m, _, _ in ranges}) != len(ranges):
+            r.fail(f"{where}: a model appears twice among its sources; fastmerge merges distinct models per slice")
+        own = r.mapping(f"{where}.parameters", entry.get("parameters"))
+        rewritten = {"base_model": entry.get("base_model", config.get("base_model")),
+                     "parameters": {**shared, **own},  # the slice's over the shared ones
+                     "models": [{"model": m, "parameters": src.get("parameters")} for (m, _, _), src in
+                                zip(ranges, sources)],
+                     "dtype": config.get("dtype"), "out_dtype": config.get("out_dtype")}
+        settings = _models_settings(r, rewritten, method, where=f"{where}.")
+        # the method may reorder or drop models (slerp: the base first; nearswap: the base apart)
+        span = {os.path.realpath(m): (s, e) for m, s, e in ranges}
+        settings["ranges"] = [span[os.path.realpath(m)] for m in settings["models"]]
+        settings["base_range"] = span.get(os.path.realpath(settings["base"])) if settings.get("base") else None
+        if settings.get("base") and settings["base_range"] is None:
+            r.fail(f"{where}: base_model {settings['base']} is not among the slice's sources; list it with its "
+                   "layer_range")
+        slices.append(settings)
+    return {"method": method, "merged_slices": slices, "dtype": _output_dtype(r, config),
+            "output": r.typed("out_path", config.get("out_path"), "text"), "tokenizer": None, "chat_template": None}
 
 
 def _output_dtype(r: _Reader, config: dict) -> str | None:

@@ -184,7 +184,7 @@ def test_bfloat16_merges_match_mergekit(family, tmp_path):
      "pass --own-masks"),
     ("merge_method: della\nbase_model: ROOT/base\n" + _models("abc", weight=[1, 1, 1]), "della"),
     ("merge_method: linear\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
-     "{model: ROOT/b, layer_range: [0, 1]}]\n", "slices work with passthrough"),
+     "{model: ROOT/b, layer_range: [0, 2]}]\n", "differ in length"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 9]}]\n", "within its 2 layers"),
     ("merge_method: linear\n" + _models("ab", weight=[1, 1]) + "tokenizer_source: union\n", "union"),
     # these folders have no tokenizer files
@@ -244,6 +244,58 @@ def test_passthrough_slices_build_the_same_model_as_mergekit(family, tmp_path, t
             tokens.append(model.generate(torch.tensor([[3, 9, 27]]), max_new_tokens=8, do_sample=False, pad_token_id=0))
     assert torch.equal(tokens[0], tokens[1])
     assert model.config.num_hidden_layers == layers
+
+
+MERGED_SLICES = {
+    # mergekit's gradient SLERP: t a gradient over the slice's layers, per-filter values
+    "slerp, gradient t": ("merge_method: slerp\nbase_model: ROOT/a\nslices:\n  - sources:\n"
+                          "      - {model: ROOT/a, layer_range: [0, 2]}\n      - {model: ROOT/b, layer_range: [0, 2]}\n"
+                          "parameters:\n  t:\n    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}\n"
+                          "    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}\n    - {value: 0.5}\n", EXACT, 2),
+    # TIES with the base among the sources (its own layer range), per-source parameters
+    "ties, base among sources": ("merge_method: ties\nbase_model: ROOT/base\nslices:\n  - sources:\n"
+                                 "      - {model: ROOT/base, layer_range: [0, 2]}\n"
+                                 "      - {model: ROOT/a, layer_range: [0, 2], parameters: {weight: 1, density: 0.6}}\n"
+                                 "      - {model: ROOT/b, layer_range: [0, 2], parameters: {weight: [0.5, 1], "
+                                 "density: 0.6}}\n", EXACT, 2),
+    # two slices (3 layers out): the slice's own parameters over the shared ones, shifted ranges
+    "linear, two slices": ("merge_method: linear\nparameters: {weight: 1.0}\nslices:\n  - sources:\n"
+                           "      - {model: ROOT/a, layer_range: [0, 2]}\n      - {model: ROOT/c, layer_range: [0, 2]}\n"
+                           "  - sources:\n      - {model: ROOT/b, layer_range: [1, 2], parameters: {weight: 3}}\n"
+                           "      - {model: ROOT/c, layer_range: [0, 1]}\n    parameters: {weight: 0.5}\n", SUMS, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MERGED_SLICES))
+def test_merged_slices_build_the_same_model_as_mergekit(family, tmp_path, name):
+    """slices merged by a method, layer by layer (mergekit's most common SLERP form): the same
+    tensors, layer count and greedy tokens."""
+    text, ulps, layers = MERGED_SLICES[name]
+    rc, theirs, ours = _run_both(family, tmp_path, text)
+    assert rc == 0
+    a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))
+    assert sorted(a.keys()) == sorted(b.keys())
+    for k in a.keys():
+        tol = ulps * torch.finfo(torch.float32).eps * float(a[k].abs().max())
+        assert (a[k] - b[k]).abs().max() <= tol, k
+    tokens = []
+    for folder in (theirs, ours):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            tokens.append(model.generate(torch.tensor([[3, 9, 27]]), max_new_tokens=8, do_sample=False, pad_token_id=0))
+    assert torch.equal(tokens[0], tokens[1])
+    assert model.config.num_hidden_layers == layers
+
+
+def test_a_base_listed_among_the_models_is_not_merged_as_a_model(family, tmp_path):
+    """mergekit's TIES (every method with a base apart) drops a base listed under models:."""
+    text = ("merge_method: ties\nbase_model: ROOT/base\nmodels:\n  - model: ROOT/base\n"
+            "  - model: ROOT/a\n    parameters: {weight: 1, density: 0.5}\n"
+            "  - model: ROOT/b\n    parameters: {weight: 0.7, density: 0.5}\n")
+    rc, theirs, ours = _run_both(family, tmp_path, text)
+    assert rc == 0
+    a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))
+    assert all(torch.equal(a[k], b[k]) for k in a.keys())
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"])

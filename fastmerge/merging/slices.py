@@ -1,0 +1,168 @@
+"""Merged layer slices (mergekit's `slices:` with a merge method other than passthrough): each
+output slice merges the same-length layer ranges of its sources layer by layer, and the slices
+follow one another (so the layer count may change, as with passthrough).
+
+As mergekit assembles them: output layer j of a slice is the merge of layer start_k + j of every
+source k, its position for gradients t = j / (n - 1) over the slice's n layers (1 when n = 1); the
+tensors before the layers (embeddings) merge the first slice's sources, the ones after them (the
+final norm, the output head) the last slice's, both at t = 0. A tensor's filters match its output
+name. Streamed tensor by tensor into safetensors; a folder output gets the base's (else the first
+source's) config with the new layer count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..errors import CheckpointError, InvalidArgumentError, NonFiniteError
+from ..io import Checkpoint, merge_metadata, parse_dtype, parse_size
+from ..io.hf_folder import model_card, read_config, source_folder, write_folder_files
+from ..io.writer import ShardedWriter
+from .checkpoints import check_inputs_finite, check_output_finite
+from .passthrough import _BEFORE_LAYERS, LAYER_COUNT_KEYS, _layer
+from .same_init import SameInitOptions, merge_tensor
+
+
+@dataclass(frozen=True)
+class MergedSlice:
+    """Layers ranges[k] = (start, end) of models[k], merged; the base (when the method has one)
+    with its own range; `options(name, t)`: the method's options for output tensor `name` at
+    position t."""
+
+    models: tuple[str, ...]
+    ranges: tuple[tuple[int, int], ...]
+    options: Callable[[str, float], SameInitOptions]
+    base: str | None = None
+    base_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class _Planned:
+    out: str
+    inputs: tuple[tuple[Checkpoint, str], ...]
+    base: tuple[Checkpoint, str] | None
+    options: SameInitOptions
+
+
+def _layers(ckpt: Checkpoint) -> dict[int, list[tuple[str, int, str]]]:
+    layers: dict[int, list] = {}
+    for name in ckpt.keys():
+        parts = _layer(name)
+        if parts is not None:
+            layers.setdefault(parts[1], []).append(parts)
+    if sorted(layers) != list(range(len(layers))):
+        raise CheckpointError(f"{ckpt.path}: its layers are not numbered 0 to n-1 (found {sorted(layers)[:8]}); "
+                              "slices need a transformer's layer stack")
+    return layers
+
+
+def plan_slices(slices: Sequence[MergedSlice]) -> tuple[list[_Planned], int]:
+    """(every output tensor with its inputs, the output's layer count); checks the ranges and shapes."""
+    if not slices:
+        raise InvalidArgumentError("slices: at least one slice is needed")
+    opened: dict[str, Checkpoint] = {}
+
+    def ckpt(path: str) -> Checkpoint:
+        if path not in opened:
+            opened[path] = Checkpoint(path)
+        return opened[path]
+
+    counts = {}
+    for s in slices:
+        for path, (start, end) in zip((*s.models, *([s.base] if s.base else [])),
+                                      (*s.ranges, *([s.base_range] if s.base else []))):
+            counts.setdefault(path, len(_layers(ckpt(path))))
+            if not 0 <= start < end <= counts[path]:
+                raise InvalidArgumentError(f"{path}: layer_range [{start}, {end}] is not within its {counts[path]} layers")
+
+    def entry(s: MergedSlice, out: str, names: Sequence[str], base_name: str | None, t: float) -> _Planned:
+        inputs = tuple((ckpt(m), n) for m, n in zip(s.models, names))
+        base = (ckpt(s.base), base_name) if s.base else None
+        shapes = {tuple(c.shape(n)) if n in c.keys() else None for c, n in (*inputs, *([base] if base else []))}
+        if None in shapes:
+            missing = next(c.path for c, n in (*inputs, *([base] if base else [])) if n not in c.keys())
+            raise CheckpointError(f"{missing}: has no tensor for output {out!r}; a slice merges models of one architecture")
+        if len(shapes) > 1:
+            raise CheckpointError(f"output tensor {out!r}: its sources differ in shape {sorted(shapes)}; merge models "
+                                  "of one architecture")
+        return _Planned(out, inputs, base, s.options(out, t))
+
+    plan = []
+    first, last = slices[0], slices[-1]
+    outside_first = [n for n in ckpt(first.models[0]).keys() if _layer(n) is None]
+    for name in outside_first:
+        if _BEFORE_LAYERS.search(name):
+            plan.append(entry(first, name, [name] * len(first.models), name, 0.0))
+    position = 0
+    for s in slices:
+        n = s.ranges[0][1] - s.ranges[0][0]
+        layers = _layers(ckpt(s.models[0]))
+        for j in range(n):
+            t = j / (n - 1) if n > 1 else 1.0
+            for prefix, _, rest in layers[s.ranges[0][0] + j]:
+                names = [f"{prefix}{start + j}{rest}" for start, _ in s.ranges]
+                base_name = f"{prefix}{s.base_range[0] + j}{rest}" if s.base else None
+                plan.append(entry(s, f"{prefix}{position}{rest}", names, base_name, t))
+            position += 1
+    for name in [n for n in ckpt(last.models[0]).keys() if _layer(n) is None and not _BEFORE_LAYERS.search(n)]:
+        plan.append(entry(last, name, [name] * len(last.models), name, 0.0))
+    return plan, position
+
+
+def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | None = None,
+                 max_shard_size: str | int | None = "5GB", overwrite: bool = False, copy_tokenizer: bool = True,
+                 write_card: bool = True, allow_nonfinite: bool = False, progress: bool = True) -> list[str]:
+    """Writes the merged slices to `output` (module docstring); returns the files written. NaN/Inf
+    in an input or a merged tensor is refused before anything is renamed into place."""
+    out_dtype = parse_dtype(dtype)
+    plan, layer_count = plan_slices(slices)
+
+    def target(p: _Planned) -> torch.dtype:
+        c, n = p.inputs[0]
+        own = c.dtype(n)
+        return out_dtype if out_dtype is not None and own.is_floating_point else own
+
+    layout = [(p.out, tuple(p.inputs[0][0].shape(p.inputs[0][1])), target(p)) for p in plan]
+    every = {c.path: c for p in plan for c, _ in (*p.inputs, *([p.base] if p.base else []))}
+    method = plan[0].options.method if plan else "linear"
+    metadata = merge_metadata(method, "none", sorted(every))
+    writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
+                           overwrite=overwrite, protected=[f for c in every.values() for f in c.files()])
+    source = None if writer.single_file else source_folder(slices[0].base or slices[0].models[0])
+    config = None
+    if source is not None:
+        config = read_config(source)
+        key = next((k for k in LAYER_COUNT_KEYS if k in config), None)
+        if key is None:
+            raise CheckpointError(f"{source}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}) to set to "
+                                  f"the slices' {layer_count} layers")
+        config = {**config, key: layer_count}
+    with writer:
+        for p in tqdm(plan, desc=f"merge slices ({method})", unit="tensor", disable=not progress):
+            tensors = [c.read(n) for c, n in p.inputs]
+            base = p.base[0].read(p.base[1]) if p.base else None
+            labels = [c.path for c, _ in p.inputs] + ([p.base[0].path] if p.base else [])
+            if not allow_nonfinite:
+                check_inputs_finite(p.out, tensors + ([base] if base is not None else []), labels)
+            dtype_out = target(p)
+            try:
+                merged = merge_tensor(p.out, tensors, base, p.options, dtype_out)
+            except NonFiniteError:
+                check_inputs_finite(p.out, tensors + ([base] if base is not None else []), labels)
+                raise
+            if dtype_out.is_floating_point and not allow_nonfinite:
+                narrowing = torch.finfo(dtype_out).max < torch.finfo(tensors[0].dtype).max
+                check_output_finite(p.out, merged, dtype_out, narrowing=narrowing)
+            writer.write(p.out, merged.contiguous())
+    files = list(writer.final_paths)
+    if source is not None:
+        ranges = [[(os.path.basename(os.path.abspath(m)), *r) for m, r in zip(s.models, s.ranges)] for s in slices]
+        card = model_card(sorted(every), method, {"slices": ranges}, slices[0].base) if write_card else None
+        files += write_folder_files(writer.folder, source, config, dtype=out_dtype, card=card,
+                                    copy_tokenizer=copy_tokenizer)
+    return files
