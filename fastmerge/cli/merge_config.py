@@ -24,7 +24,7 @@ configs through mergekit). What is read as mergekit does:
 - passthrough with `slices` (one source each: `model`, `layer_range`, `parameters: {scale}`):
   fastmerge/merging/passthrough.py.
 
-- `tokenizer_source` / `tokenizer: {source, pad_to_multiple_of}` ("base" or a model folder): every
+- `tokenizer_source` / `tokenizer: {source, pad_to_multiple_of}` ("base", "union" or a model folder): every
   input's embeddings and LM head re-indexed to that tokenizer's vocabulary by token string, as
   mergekit does (fastmerge/merging/vocabulary.py); `chat_template`: Jinja text or "auto" (the
   template most inputs carry), stored in the output's tokenizer_config.json.
@@ -35,7 +35,7 @@ configs through mergekit). What is read as mergekit does:
   the base apart (BASE_APART), as mergekit does.
 
 Refused, with the reason: a model twice in one slice, `modules`,
-tokenizer_source "union" and `tokenizer.tokens`, mergekit's named chat templates (its own files),
+`tokenizer.tokens`, mergekit's named chat templates (its own files),
 model+LoRA references, and the methods fastmerge does not have.
 """
 
@@ -449,9 +449,6 @@ def _tokenizer(r: _Reader, config: dict) -> dict | None:
     if source is None:
         return None
     source = r.typed("tokenizer_source", source, "text")
-    if source == "union":
-        r.fail("tokenizer_source: union (a vocabulary built from every model's) is not supported by fastmerge yet; "
-               "use base or a model path")
     if source != "base" and "+" in source and not os.path.exists(source):
         r.fail("tokenizer_source: model+LoRA references are not supported by fastmerge")
     return {"source": source, "pad_to_multiple_of": pad}

@@ -12,14 +12,19 @@ its vocabulary by token string before the merge, as mergekit 0.1.5 does:
 Vocabulary tensors are the 2-D tensors whose first axis is the model's config.vocab_size (a tied
 LM head has no tensor of its own). The output's config.json gets the new vocab_size and its
 tokenizer files come from the source folder. Sources: "base" (the base model, else the first
-model) or a model folder; "union" (a new vocabulary built from all) is refused, as are
-per-token overrides (`tokenizer.tokens`).
+model), a model folder, or "union": the base's tokenizer extended by every other model's tokens
+(mergekit's construction; mergekit adds them in a hash map's order, which changes between runs:
+fastmerge by model in the config's order, by id within a model, so the same tokens, rows by
+token the same, ids possibly permuted). Per-token overrides (`tokenizer.tokens`) are refused.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,17 +80,53 @@ class VocabularyPlan:
         return out
 
 
-def _tokenizer_vocab(folder: str) -> dict[str, int]:
+def _load_tokenizer(folder: str):
     try:
         import transformers
     except ImportError:
         raise InvalidArgumentError("tokenizer_source needs transformers to read the tokenizers: pip install "
                                    "transformers") from None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        return transformers.AutoTokenizer.from_pretrained(folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a folder it cannot read
         raise CheckpointError(f"tokenizer_source: {folder}: cannot load its tokenizer ({str(exc)[:200]})") from None
-    return dict(tokenizer.get_vocab())
+
+
+def _tokenizer_vocab(folder: str) -> dict[str, int]:
+    return dict(_load_tokenizer(folder).get_vocab())
+
+
+def _union_tokenizer(folders: Sequence[str], base: str) -> str:
+    """mergekit's union vocabulary, saved in a temporary folder (removed at exit): the base's
+    tokenizer, then every other model's tokens (below its config.vocab_size) that the base lacks,
+    in the order the models are listed and by id within a model (mergekit's order is a hash map's,
+    not reproducible), added as plain tokens, then every model's added tokens with their settings
+    (the first model's settings where they differ)."""
+    base_tokenizer = _load_tokenizer(base)
+    ordered = [base] + [f for f in dict.fromkeys(folders) if f != base and _has_tokenizer(f)]
+    base_vocab = base_tokenizer.get_vocab()
+    plain: dict[str, None] = {}
+    added: dict[str, object] = {}
+    for folder in ordered:
+        tokenizer = base_tokenizer if folder == base else _load_tokenizer(folder)
+        limit = _vocab_size(folder)
+        # by id: mergekit takes get_vocab()'s order, a hash map's (it changes from process to process)
+        for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+            if index < limit:
+                plain.setdefault(token, None)
+        for index, info in tokenizer.added_tokens_decoder.items():
+            if index < limit:
+                added.setdefault(info.content, info)
+    union = _load_tokenizer(base)  # a fresh copy to extend
+    for token in plain:
+        if token not in added and token not in base_vocab:
+            union.add_tokens(token)
+    for info in added.values():
+        union.add_tokens(info)
+    folder = tempfile.mkdtemp(prefix="fastmerge-union-tokenizer-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    union.save_pretrained(folder)
+    return folder
 
 
 def _vocab_size(folder: str) -> int:
@@ -102,20 +143,20 @@ def plan_vocabulary(folders: Sequence[str], shapes: Sequence[dict], source: str,
                     pad_to_multiple_of: int | None = None) -> VocabularyPlan:
     """The plan for inputs in `folders` (model folders, merge order, the base last when
     `base_index` is given) with tensor `shapes` each; `source`: "base" or a model folder."""
+    base_folder = folders[base_index if base_index is not None else 0]
+    if source in ("base", "union") and max(_tokenizer_vocab(base_folder).values(), default=-1) >= _vocab_size(base_folder):
+        raise InvalidArgumentError(f"tokenizer_source: {source}: {base_folder}'s tokenizer has ids past its config's "
+                                   "vocab_size (mergekit strips them from BPE tokenizers); fastmerge does not, give "
+                                   "the tokenizer of the size you want as a model path")
     if source == "union":
-        raise InvalidArgumentError("tokenizer_source: union (a new vocabulary built from every model's) is not "
-                                   "supported by fastmerge yet; use base or a model path")
-    if source == "base":
-        folder = folders[base_index if base_index is not None else 0]
+        folder = _union_tokenizer(folders, base_folder)
+    elif source == "base":
+        folder = base_folder
     else:
         folder = source
         if not os.path.isdir(folder):
             raise CheckpointError(f"tokenizer_source {source}: not a model folder")
     vocab_out = _tokenizer_vocab(folder)
-    if source == "base" and max(vocab_out.values(), default=-1) >= _vocab_size(folder):
-        raise InvalidArgumentError(f"tokenizer_source: base: {folder}'s tokenizer has ids past its config's vocab_size "
-                                   "(mergekit strips them from BPE tokenizers); fastmerge does not, give the "
-                                   "tokenizer of the size you want as a model path")
     sizes = [_vocab_size(f) for f in folders]
     names = sorted(n for n, s in shapes[0].items() if len(s) == 2 and s[0] == sizes[0])
     if not names:

@@ -186,7 +186,6 @@ def test_bfloat16_merges_match_mergekit(family, tmp_path):
     ("merge_method: linear\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
      "{model: ROOT/b, layer_range: [0, 2]}]\n", "differ in length"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 9]}]\n", "within its 2 layers"),
-    ("merge_method: linear\n" + _models("ab", weight=[1, 1]) + "tokenizer_source: union\n", "union"),
     # these folders have no tokenizer files
     ("merge_method: linear\n" + _models("ab", weight=[1, 1]) + "tokenizer_source: base\n", "cannot load its tokenizer"),
     ("merge_method: slerp\nbase_model: ROOT/base\n" + _models("ab") + "parameters: {t: 0.5}\n", "one of its two models"),
