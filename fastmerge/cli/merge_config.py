@@ -35,8 +35,11 @@ configs through mergekit). What is read as mergekit does:
   the base apart (BASE_APART), as mergekit does.
 
 Refused, with the reason: a model twice in one slice, `modules`,
-`tokenizer.tokens`, mergekit's named chat templates (its own files),
-model+LoRA references, and the methods fastmerge does not have.
+`tokenizer.tokens`, mergekit's named chat templates (its own files), and the methods fastmerge does
+not have.
+
+- `model+lora` references (a PEFT LoRA adapter folder after the model): the adapter merged in as
+  each tensor is read (fastmerge/io/lora.py).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import yaml
 from ..errors import InvalidArgumentError
 from ..merging.gradients import Setting, first, layer_positions
 from ..merging.passthrough import Slice
+from ..io.lora import split_reference
 from ..merging.vocabulary import chat_template_text
 
 MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
@@ -262,9 +266,6 @@ def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> 
         r.known(f"models[{i}]", entry, ("model", "parameters"), method)
         if not isinstance(entry["model"], str) or not entry["model"]:
             r.fail(f"models[{i}].model must be a path, got {entry['model']!r}")
-        if "+" in entry["model"] and not os.path.exists(entry["model"]):
-            r.fail(f"models[{i}].model: model+LoRA references are not supported by fastmerge; merge the adapter "
-                   "into the model first")
         models.append(entry["model"])
         values = r.mapping(f"models[{i}].parameters", entry.get("parameters"))
         r.known(f"models[{i}].parameters", values, PER_MODEL[method], method)
@@ -449,8 +450,8 @@ def _tokenizer(r: _Reader, config: dict) -> dict | None:
     if source is None:
         return None
     source = r.typed("tokenizer_source", source, "text")
-    if source != "base" and "+" in source and not os.path.exists(source):
-        r.fail("tokenizer_source: model+LoRA references are not supported by fastmerge")
+    if source not in ("base", "union") and split_reference(source):
+        source = split_reference(source)[0]  # a model+lora reference: the model's tokenizer
     return {"source": source, "pad_to_multiple_of": pad}
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import CheckpointError
 from .atomic import atomic_path, write_text_atomic
+from .lora import split_reference
 
 CONFIG_NAME = "config.json"
 # copied as they are when the source folder has them
@@ -25,7 +26,10 @@ COPIED = (GENERATION_CONFIG, "tokenizer.json", "tokenizer_config.json", "special
 
 
 def source_folder(path: str) -> str | None:
-    """The folder of a checkpoint path that holds its config.json, or None."""
+    """The folder of a checkpoint path that holds its config.json, or None (a model+lora
+    reference: the model's)."""
+    reference = split_reference(path)
+    path = reference[0] if reference else path
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     # lexists: a config.json that is not a regular file (a FIFO, a dangling link) is refused by
     # read_config, not skipped

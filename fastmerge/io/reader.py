@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..errors import CheckpointError
+from .lora import LoraAdapter, split_reference
 from .torch_zip import check_storage_records
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -48,7 +49,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self._handles: dict[str, object] = {}
         self._torch_state: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, str] = {}
-        self._open(path)
+        self._lora = None
+        reference = split_reference(path)  # mergekit's model+lora: the adapter merged in on read
+        self._open(reference[0] if reference else path)
+        if reference:
+            self._lora = LoraAdapter(reference[1], self._files, Checkpoint)
 
     # ------------------------------------------------------------------ opening
     def _open(self, path: str) -> None:
@@ -193,18 +198,21 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if self._torch_state is not None:
             if name not in self._torch_state:
                 raise CheckpointError(f"{self.path}: no tensor named {name!r}")
-            return self._torch_state[name]
-        self._entry(name)
-        return self._handles[self._files[name]].read(name, buffer)
+            tensor = self._torch_state[name]
+        else:
+            self._entry(name)
+            tensor = self._handles[self._files[name]].read(name, buffer)
+        return self._lora.apply(name, tensor) if self._lora is not None and name in self._lora else tensor
 
     def tensor_bytes(self, name: str) -> int:
         return tensor_nbytes(self.shape(name), self.dtype(name))
 
     def files(self) -> list[str]:
         """Every file this checkpoint reads (shards and index), e.g. to refuse writing over one."""
-        found = set(self._files.values())
-        if self.path.endswith(".index.json") or (os.path.isdir(self.path) and os.path.exists(os.path.join(self.path, INDEX_NAME))):
-            found.add(self.path if self.path.endswith(".json") else os.path.join(self.path, INDEX_NAME))
+        found = set(self._files.values()) | set(self._lora.files() if self._lora is not None else [])
+        path = split_reference(self.path)[0] if self._lora is not None else self.path
+        if path.endswith(".index.json") or (os.path.isdir(path) and os.path.exists(os.path.join(path, INDEX_NAME))):
+            found.add(path if path.endswith(".json") else os.path.join(path, INDEX_NAME))
         return sorted(os.path.abspath(f) for f in found)
 
     def nbytes(self) -> int:
