@@ -24,7 +24,7 @@ configs through mergekit). What is read as mergekit does:
 - passthrough with `slices` (one source each: `model`, `layer_range`, `parameters: {scale}`):
   fastmerge/merging/passthrough.py.
 
-- `tokenizer_source` / `tokenizer: {source, pad_to_multiple_of}` ("base", "union" or a model folder): every
+- `tokenizer_source` / `tokenizer: {source, tokens, pad_to_multiple_of}` ("base", "union" or a model folder): every
   input's embeddings and LM head re-indexed to that tokenizer's vocabulary by token string, as
   mergekit does (fastmerge/merging/vocabulary.py); `chat_template`: Jinja text or "auto" (the
   template most inputs carry), stored in the output's tokenizer_config.json.
@@ -35,8 +35,7 @@ configs through mergekit). What is read as mergekit does:
   the base apart (BASE_APART), as mergekit does.
 
 Refused, with the reason: a model twice in one slice, `modules`,
-`tokenizer.tokens`, mergekit's named chat templates (its own files), and the methods fastmerge does
-not have.
+mergekit's named chat templates (its own files), and the methods fastmerge does not have.
 
 - `model+lora` references (a PEFT LoRA adapter folder after the model): the adapter merged in as
   each tensor is read (fastmerge/io/lora.py).
@@ -441,18 +440,54 @@ def _tokenizer(r: _Reader, config: dict) -> dict | None:
         unknown = sorted(set(block) - {"source", "tokens", "pad_to_multiple_of"}, key=str)
         if unknown:
             r.fail(f"tokenizer.{unknown[0]} is not a tokenizer key (source, tokens, pad_to_multiple_of)")
-        if block.get("tokens"):
-            r.fail("tokenizer.tokens (per-token embedding sources) is not supported by fastmerge yet; remove it")
+        tokens = _token_sources(r, block.get("tokens"))
         source = block.get("source", "union")  # mergekit's default
         pad = r.typed("tokenizer.pad_to_multiple_of", block.get("pad_to_multiple_of"), "integer")
         if pad is not None and pad < 1:
             r.fail(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad}")
+    else:
+        tokens = {}
     if source is None:
         return None
     source = r.typed("tokenizer_source", source, "text")
     if source not in ("base", "union") and split_reference(source):
         source = split_reference(source)[0]  # a model+lora reference: the model's tokenizer
-    return {"source": source, "pad_to_multiple_of": pad}
+    return {"source": source, "pad_to_multiple_of": pad, "tokens": tokens}
+
+
+def _token_sources(r: _Reader, tokens) -> dict[str, dict]:
+    """tokenizer.tokens: {token: {source: MODEL | {kind: zero} | {kind: model_token, model: MODEL,
+    token: T | token_id: N}, force: bool}} as fastmerge.merging.vocabulary takes it."""
+    if tokens is None:
+        return {}
+    tokens = r.mapping("tokenizer.tokens", tokens)
+    out = {}
+    for token, entry in tokens.items():
+        where = f"tokenizer.tokens[{token!r}]"
+        entry = r.mapping(where, entry)
+        unknown = sorted(set(entry) - {"source", "force"}, key=str)
+        if unknown:
+            r.fail(f"{where}.{unknown[0]}: a token takes source and force")
+        source = entry.get("source")
+        force = r.typed(f"{where}.force", entry.get("force", False), "bool")
+        if isinstance(source, str):
+            rule = {"kind": "model", "model": source}
+        elif isinstance(source, dict) and source.get("kind") == "zero" and set(source) == {"kind"}:
+            rule = {"kind": "zero"}
+        elif isinstance(source, dict) and source.get("kind") == "model_token":
+            if set(source) - {"kind", "model", "token", "token_id"} or ("token" in source) == ("token_id" in source):
+                r.fail(f"{where}.source: model_token takes model and one of token, token_id")
+            model = r.typed(f"{where}.source.model", source.get("model"), "text")
+            if model is None:
+                r.fail(f"{where}.source: model_token needs model")
+            rule = {"kind": "model_token", "model": model,
+                    "token": r.typed(f"{where}.source.token", source.get("token"), "text"),
+                    "token_id": r.typed(f"{where}.source.token_id", source.get("token_id"), "integer")}
+        else:
+            r.fail(f"{where}.source must be a model path, {{kind: zero}} or {{kind: model_token, model, token or "
+                   f"token_id}}, got {source!r}")
+        out[str(token)] = {**rule, "force": bool(force)}
+    return out
 
 
 def _merged_slices(r: _Reader, config: dict, method: str) -> dict:

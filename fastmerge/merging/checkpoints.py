@@ -122,7 +122,7 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
             raise CheckpointError("tokenizer_source with weight matching is not supported; merge without --align")
         vocabulary = plan_vocabulary(folders, [{k: tuple(c.shape(k)) for k in c.keys()} for c in every],
                                      tokenizer["source"], base_index=len(models) if base else None,
-                                     pad_to_multiple_of=tokenizer.get("pad_to_multiple_of"))
+                                     pad_to_multiple_of=tokenizer.get("pad_to_multiple_of"), tokens=tokenizer.get("tokens"))
     check_compatible(every, labels, cast=dtype is not None,
                      vocabulary=vocabulary.names if vocabulary else frozenset())
     if align not in (None, "weight_matching"):

@@ -26,12 +26,13 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
+from ..io.hf_folder import read_config, source_folder
 
 # the default row of a token some inputs lack: ("model", i) one input's row, ("mean", (i, ...)),
 # or ("zero",)
@@ -48,6 +49,7 @@ class VocabularyPlan:
     names: frozenset[str]  # the vocabulary tensors
     rows: list[torch.Tensor]  # per input, (vocab,) source row per output token, -1 where it lacks one
     defaults: dict[int, Default] = field(default_factory=dict)  # output token -> its default row
+    forced: frozenset[int] = frozenset()  # tokens every input takes the default row of (tokens' force)
 
     def remap(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Every input's tensor (the same order as `rows`) with `size` rows, as module docstring."""
@@ -59,6 +61,8 @@ class VocabularyPlan:
             if rule[0] == "model":
                 i = rule[1]
                 fill[token] = tensors[i][int(self.rows[i][token])].to(dtype)
+            elif rule[0] == "row":  # a named row of one input (tokenizer.tokens' model_token)
+                fill[token] = tensors[rule[1]][rule[2]].to(dtype)
             elif rule[0] == "mean":
                 total = torch.zeros(tensors[0].shape[1:], dtype=dtype)
                 for i in rule[1]:
@@ -72,7 +76,7 @@ class VocabularyPlan:
             present = (rows >= 0).nonzero().flatten()
             new[present] = t[rows[present]].to(dtype)
             for token, row in fill.items():
-                if rows[token] < 0:
+                if rows[token] < 0 or token in self.forced:
                     new[token] = row
             if self.size > self.vocab:  # padding rows: the mean row
                 new[self.vocab:] = new[: self.vocab].mean(0)
@@ -130,8 +134,6 @@ def _union_tokenizer(folders: Sequence[str], base: str) -> str:
 
 
 def _vocab_size(folder: str) -> int:
-    from ..io.hf_folder import read_config
-
     value = read_config(folder).get("vocab_size")
     if not isinstance(value, int) or value <= 0:
         raise CheckpointError(f"{folder}/config.json: no vocab_size; tokenizer_source needs it to find the vocabulary "
@@ -140,9 +142,12 @@ def _vocab_size(folder: str) -> int:
 
 
 def plan_vocabulary(folders: Sequence[str], shapes: Sequence[dict], source: str, *, base_index: int | None,
-                    pad_to_multiple_of: int | None = None) -> VocabularyPlan:
+                    pad_to_multiple_of: int | None = None, tokens: Mapping[str, dict] | None = None) -> VocabularyPlan:
     """The plan for inputs in `folders` (model folders, merge order, the base last when
-    `base_index` is given) with tensor `shapes` each; `source`: "base" or a model folder."""
+    `base_index` is given) with tensor `shapes` each; `source`: "base", "union" or a model folder;
+    `tokens`: tokenizer.tokens as the config reader gives them ({token: {kind: model | zero |
+    model_token, model, token, token_id, force}}): a token's row where an input lacks it (every
+    input's with force)."""
     base_folder = folders[base_index if base_index is not None else 0]
     if source in ("base", "union") and max(_tokenizer_vocab(base_folder).values(), default=-1) >= _vocab_size(base_folder):
         raise InvalidArgumentError(f"tokenizer_source: {source}: {base_folder}'s tokenizer has ids past its config's "
@@ -187,11 +192,15 @@ def plan_vocabulary(folders: Sequence[str], shapes: Sequence[dict], source: str,
         rows.append(r)
     defaults: dict[int, Default] = {}
     have = torch.stack([r >= 0 for r in rows])  # (inputs, vocab)
-    missing = (~have.all(0)).nonzero().flatten().tolist()
+    configured = _configured(tokens or {}, vocab_out, folders, own_vocabs, rows, sizes)
+    forced = frozenset(t for t, (_, force) in configured.items() if force)
+    missing = sorted(set((~have.all(0)).nonzero().flatten().tolist()) | forced)
     absent = []
     for token in missing:
         holders = have[:, token].nonzero().flatten().tolist()
-        if len(holders) == 1:
+        if token in configured:
+            defaults[token] = configured[token][0]
+        elif len(holders) == 1:
             defaults[token] = ("model", holders[0])
         elif not holders:
             defaults[token] = ("zero",)
@@ -205,7 +214,37 @@ def plan_vocabulary(folders: Sequence[str], shapes: Sequence[dict], source: str,
         warnings.warn(f"tokenizer_source: {len(absent)} token(s) of the output vocabulary are in no model "
                       f"(e.g. {words[absent[0]]!r}); their rows are zeros", stacklevel=3)
     return VocabularyPlan(folder=folder, size=size, vocab=vocab, names=frozenset(names), rows=rows,
-                          defaults=defaults)
+                          defaults=defaults, forced=forced)
+
+
+def _configured(tokens: Mapping[str, dict], vocab_out: dict[str, int], folders: Sequence[str], own_vocabs: dict,
+                rows: list[torch.Tensor], sizes: list[int]) -> dict[int, tuple[Default, bool]]:
+    """tokenizer.tokens as {output token id: (default rule, force)}; tokens outside the output
+    vocabulary are ignored, as mergekit ignores them."""
+    index = {os.path.realpath(f): i for i, f in reversed(list(enumerate(folders)))}
+    out = {}
+    for token, cfg in tokens.items():
+        if token not in vocab_out:
+            continue
+        tid = vocab_out[token]
+        if cfg["kind"] == "zero":
+            out[tid] = (("zero",), cfg["force"])
+            continue
+        folder = source_folder(cfg["model"])
+        i = index.get(os.path.realpath(folder)) if folder else None
+        if i is None:
+            raise InvalidArgumentError(f"tokenizer.tokens[{token!r}]: {cfg['model']} is not one of the merged models")
+        if cfg["kind"] == "model":
+            if rows[i][tid] < 0:
+                raise InvalidArgumentError(f"tokenizer.tokens[{token!r}]: {cfg['model']} has no token {token!r}")
+            out[tid] = (("model", i), cfg["force"])
+            continue
+        src = cfg["token_id"] if cfg.get("token_id") is not None else own_vocabs[folders[i]].get(cfg["token"])
+        if src is None or not 0 <= src < sizes[i]:
+            raise InvalidArgumentError(f"tokenizer.tokens[{token!r}]: {cfg['model']} has no row for "
+                                       f"{cfg.get('token') if cfg.get('token_id') is None else cfg['token_id']!r}")
+        out[tid] = (("row", i, int(src)), cfg["force"])
+    return out
 
 
 def _has_tokenizer(folder: str) -> bool:

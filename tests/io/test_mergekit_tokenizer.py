@@ -132,6 +132,18 @@ CONFIGS = {
                                       "  - model: ROOT/a\n    parameters: {weight: 0.5}\n"
                                       "  - model: ROOT/b\n    parameters: {weight: 0.5}\n"
                                       "tokenizer:\n  source: union\n  pad_to_multiple_of: 16\ndtype: float32\n",
+    # tokens: a new token's row named in another model (model_token), one forced to zeros in every
+    # input, one forced to a model's own row
+    "task arithmetic, tokens": "merge_method: task_arithmetic\nbase_model: ROOT/a\nmodels:\n"
+                      "  - model: ROOT/b\n    parameters: {weight: 1}\n"
+                      "  - model: ROOT/c\n    parameters: {weight: 0.5}\n"
+                      "tokenizer:\n  source: union\n  tokens:\n"
+                      "    new0: {source: {kind: model_token, model: ROOT/a, token: w1}}\n"
+                      "    new1: {source: {kind: model_token, model: ROOT/a, token_id: 7}, force: true}\n"
+                      "    w10: {source: {kind: zero}, force: true}\n"
+                      "    w20: {source: ROOT/b, force: true}\n"
+                      "    w2: {source: ROOT/a}\n"
+                      "dtype: float32\n",
     "linear, no base, averaged defaults": "merge_method: linear\nmodels:\n  - model: ROOT/a\n"
                                           "    parameters: {weight: 1}\n  - model: ROOT/c\n    parameters: {weight: 1}\n"
                                           "  - model: ROOT/b\n    parameters: {weight: 1}\n"
@@ -187,7 +199,8 @@ def test_chat_template_without_a_tokenizer_source_keeps_the_base_tokenizer(famil
 
 
 @pytest.mark.parametrize("tail, message", [
-    ("tokenizer:\n  source: base\n  tokens: {w1: {source: ROOT/a}}\n", "tokenizer.tokens"),
+    ("tokenizer:\n  source: base\n  tokens: {w1: {source: ROOT/c}}\n", "not one of the merged models"),
+    ("tokenizer:\n  source: base\n  tokens: {w1: {source: {kind: model_token, model: ROOT/a}}}\n", "model_token"),
     ("tokenizer_source: base\ntokenizer: {source: base}\n", "both given"),
     ("chat_template: chatml\n", "named templates"),
     ("tokenizer_source: ROOT/nowhere\n", "not a model folder"),
