@@ -199,7 +199,8 @@ def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
         files = merge_slices(slices, output, dtype=args.dtype or settings.get("dtype"),
                              max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                              copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
-                             allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
+                             allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
+                             tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"))
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in files))
         print(stage_summary(times), file=sys.stderr)

@@ -27,7 +27,8 @@ configs through mergekit). What is read as mergekit does:
 - `tokenizer_source` / `tokenizer: {source, tokens, pad_to_multiple_of}` ("base", "union" or a model folder): every
   input's embeddings and LM head re-indexed to that tokenizer's vocabulary by token string, as
   mergekit does (fastmerge/merging/vocabulary.py); `chat_template`: Jinja text or "auto" (the
-  template most inputs carry), stored in the output's tokenizer_config.json.
+  template most inputs carry), stored in the output's tokenizer_config.json; with `models:` and
+  with merged slices (not passthrough).
 
 - slices with any other method: each slice's sources merged layer by layer (its `parameters` over the
   shared ones, its `base_model` else the config's): fastmerge/merging/slices.py.
@@ -234,12 +235,11 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
     if method in RANDOM_METHODS and not own_masks:
         r.fail(f"{method} drops entries at random: fastmerge draws its own reproducible masks, not mergekit's "
                "(torch's generator), so the merge would differ from mergekit's; pass --own-masks to run it so")
-    if method == "passthrough" or "slices" in config:
+    if method == "passthrough":
         given = [k for k in ("tokenizer_source", "tokenizer", "chat_template") if config.get(k) is not None]
         if given:
-            r.fail(f"{given[0]} with passthrough/slices is not supported by fastmerge yet; remove it")
-        if method == "passthrough":
-            return _passthrough(r, config, method)
+            r.fail(f"{given[0]} with passthrough is not supported by fastmerge yet; remove it")
+        return _passthrough(r, config, method)
     if method not in PER_MODEL:
         r.fail(f"unknown merge_method {method!r}; choose one of {', '.join(PER_MODEL)}, passthrough")
     if "slices" in config:
@@ -298,13 +298,7 @@ def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> 
     if method == "multislerp":  # its normalize is called normalize_weights
         settings["normalize"] = r.typed("parameters.normalize_weights", params.get("normalize_weights"), "bool")
     settings["dtype"] = _output_dtype(r, config)
-    settings["tokenizer"] = _tokenizer(r, config)
-    settings["chat_template"] = r.typed("chat_template", config.get("chat_template"), "text")
-    if settings["chat_template"] is not None:
-        try:  # named templates are refused before any model is opened
-            chat_template_text(settings["chat_template"], [])
-        except InvalidArgumentError as exc:
-            r.fail(str(exc))
+    settings.update(_tokenizer_settings(r, config))
     if method == "slerp":
         _base_first(r, settings)
     if method == "sce":
@@ -544,7 +538,19 @@ def _merged_slices(r: _Reader, config: dict, method: str) -> dict:
                    "layer_range")
         slices.append(settings)
     return {"method": method, "merged_slices": slices, "dtype": _output_dtype(r, config),
-            "output": r.typed("out_path", config.get("out_path"), "text"), "tokenizer": None, "chat_template": None}
+            "output": r.typed("out_path", config.get("out_path"), "text"), **_tokenizer_settings(r, config)}
+
+
+def _tokenizer_settings(r: _Reader, config: dict) -> dict:
+    """{"tokenizer": ..., "chat_template": ...}; a named chat template is refused before any model
+    is opened."""
+    template = r.typed("chat_template", config.get("chat_template"), "text")
+    if template is not None:
+        try:
+            chat_template_text(template, [])
+        except InvalidArgumentError as exc:
+            r.fail(str(exc))
+    return {"tokenizer": _tokenizer(r, config), "chat_template": template}
 
 
 def _output_dtype(r: _Reader, config: dict) -> str | None:

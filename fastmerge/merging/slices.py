@@ -13,7 +13,7 @@ source's) config with the new layer count.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +26,7 @@ from ..io.writer import ShardedWriter
 from .checkpoints import check_inputs_finite, check_output_finite
 from .passthrough import _BEFORE_LAYERS, LAYER_COUNT_KEYS, _layer
 from .same_init import SameInitOptions, merge_tensor
+from .vocabulary import VocabularyPlan, chat_template_text, output_config, plan_vocabulary, tokenizer_folder
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class _Planned:
     inputs: tuple[tuple[Checkpoint, str], ...]
     base: tuple[Checkpoint, str] | None
     options: SameInitOptions
+    vocabulary: VocabularyPlan | None = None  # re-indexes this tensor's rows (a tokenizer_source)
 
 
 def _layers(ckpt: Checkpoint) -> dict[int, list[tuple[str, int, str]]]:
@@ -61,8 +63,34 @@ def _layers(ckpt: Checkpoint) -> dict[int, list[tuple[str, int, str]]]:
     return layers
 
 
-def plan_slices(slices: Sequence[MergedSlice]) -> tuple[list[_Planned], int]:
-    """(every output tensor with its inputs, the output's layer count); checks the ranges and shapes."""
+def _vocabularies(slices: Sequence[MergedSlice], tokenizer: Mapping, opened) -> dict[int, VocabularyPlan]:
+    """The vocabulary plans of the first and last slices' inputs (the tensors outside the layers
+    come from them), all for one output tokenizer: mergekit builds it from every model of the
+    config (its base: the first slice's base, else its first model)."""
+    def folder(path: str) -> str:
+        found = source_folder(path)
+        if found is None:
+            raise CheckpointError(f"{path}: tokenizer_source needs Hugging Face model folders")
+        return found
+
+    everything = list(dict.fromkeys(folder(p) for s in slices for p in (*([s.base] if s.base else []), *s.models)))
+    # one output tokenizer for every plan (a union is built once)
+    source = tokenizer_folder(tokenizer["source"], everything, folder(slices[0].base or slices[0].models[0]))
+    plans = {}
+    for s in {id(slices[0]): slices[0], id(slices[-1]): slices[-1]}.values():
+        paths = [*s.models, *([s.base] if s.base else [])]
+        plans[id(s)] = plan_vocabulary([folder(p) for p in paths],
+                                       [{k: tuple(opened(p).shape(k)) for k in opened(p).keys()} for p in paths],
+                                       source, base_index=len(s.models) if s.base else None,
+                                       pad_to_multiple_of=tokenizer.get("pad_to_multiple_of"),
+                                       tokens=tokenizer.get("tokens"))
+    return plans
+
+
+def plan_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = None) -> tuple[list[_Planned], int, VocabularyPlan | None]:
+    """(every output tensor with its inputs, the output's layer count, the vocabulary plan of a
+    `tokenizer` ({"source", "pad_to_multiple_of", "tokens"}: fastmerge.merging.vocabulary) or None);
+    checks the ranges and shapes."""
     if not slices:
         raise InvalidArgumentError("slices: at least one slice is needed")
     opened: dict[str, Checkpoint] = {}
@@ -80,17 +108,22 @@ def plan_slices(slices: Sequence[MergedSlice]) -> tuple[list[_Planned], int]:
             if not 0 <= start < end <= counts[path]:
                 raise InvalidArgumentError(f"{path}: layer_range [{start}, {end}] is not within its {counts[path]} layers")
 
+    vocabularies = _vocabularies(slices, tokenizer, ckpt) if tokenizer is not None else {}
+
     def entry(s: MergedSlice, out: str, names: Sequence[str], base_name: str | None, t: float) -> _Planned:
         inputs = tuple((ckpt(m), n) for m, n in zip(s.models, names))
         base = (ckpt(s.base), base_name) if s.base else None
-        shapes = {tuple(c.shape(n)) if n in c.keys() else None for c, n in (*inputs, *([base] if base else []))}
+        vocabulary = vocabularies.get(id(s))
+        vocabulary = vocabulary if vocabulary is not None and out in vocabulary.names else None
+        cut = 1 if vocabulary is not None else 0  # a vocabulary tensor's rows differ between inputs
+        shapes = {tuple(c.shape(n))[cut:] if n in c.keys() else None for c, n in (*inputs, *([base] if base else []))}
         if None in shapes:
             missing = next(c.path for c, n in (*inputs, *([base] if base else [])) if n not in c.keys())
             raise CheckpointError(f"{missing}: has no tensor for output {out!r}; a slice merges models of one architecture")
         if len(shapes) > 1:
             raise CheckpointError(f"output tensor {out!r}: its sources differ in shape {sorted(shapes)}; merge models "
                                   "of one architecture")
-        return _Planned(out, inputs, base, s.options(out, t))
+        return _Planned(out, inputs, base, s.options(out, t), vocabulary)
 
     plan = []
     first, last = slices[0], slices[-1]
@@ -111,29 +144,42 @@ def plan_slices(slices: Sequence[MergedSlice]) -> tuple[list[_Planned], int]:
             position += 1
     for name in [n for n in ckpt(last.models[0]).keys() if _layer(n) is None and not _BEFORE_LAYERS.search(n)]:
         plan.append(entry(last, name, [name] * len(last.models), name, 0.0))
-    return plan, position
+    return plan, position, vocabularies.get(id(first))
 
 
 def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | None = None,
                  max_shard_size: str | int | None = "5GB", overwrite: bool = False, copy_tokenizer: bool = True,
-                 write_card: bool = True, allow_nonfinite: bool = False, progress: bool = True) -> list[str]:
+                 write_card: bool = True, allow_nonfinite: bool = False, progress: bool = True,
+                 tokenizer: Mapping | None = None, chat_template: str | None = None) -> list[str]:
     """Writes the merged slices to `output` (module docstring); returns the files written. NaN/Inf
-    in an input or a merged tensor is refused before anything is renamed into place."""
+    in an input or a merged tensor is refused before anything is renamed into place. `tokenizer`
+    and `chat_template` as for fastmerge.merging.checkpoints.merge_checkpoints."""
     out_dtype = parse_dtype(dtype)
-    plan, layer_count = plan_slices(slices)
+    plan, layer_count, vocabulary = plan_slices(slices, tokenizer)
 
     def target(p: _Planned) -> torch.dtype:
         c, n = p.inputs[0]
         own = c.dtype(n)
         return out_dtype if out_dtype is not None and own.is_floating_point else own
 
-    layout = [(p.out, tuple(p.inputs[0][0].shape(p.inputs[0][1])), target(p)) for p in plan]
+    def shape(p: _Planned) -> tuple[int, ...]:
+        own = tuple(p.inputs[0][0].shape(p.inputs[0][1]))
+        return (p.vocabulary.size, *own[1:]) if p.vocabulary is not None else own
+
+    layout = [(p.out, shape(p), target(p)) for p in plan]
     every = {c.path: c for p in plan for c, _ in (*p.inputs, *([p.base] if p.base else []))}
     method = plan[0].options.method if plan else "linear"
     metadata = merge_metadata(method, "none", sorted(every))
     writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
                            overwrite=overwrite, protected=[f for c in every.values() for f in c.files()])
     source = None if writer.single_file else source_folder(slices[0].base or slices[0].models[0])
+    if source is None and (vocabulary is not None or chat_template is not None):
+        raise CheckpointError(f"{output}: tokenizer_source and chat_template write a model folder; give a folder "
+                              "as the output, not a .safetensors file")
+    template = None
+    if chat_template is not None:
+        template = chat_template_text(chat_template, list(dict.fromkeys(
+            f for s in slices for f in (source_folder(p) for p in (*([s.base] if s.base else []), *s.models)) if f)))
     config = None
     if source is not None:
         config = read_config(source)
@@ -142,10 +188,15 @@ def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | Non
             raise CheckpointError(f"{source}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}) to set to "
                                   f"the slices' {layer_count} layers")
         config = {**config, key: layer_count}
+        if vocabulary is not None:
+            config = output_config(config, vocabulary)
     with writer:
         for p in tqdm(plan, desc=f"merge slices ({method})", unit="tensor", disable=not progress):
             tensors = [c.read(n) for c, n in p.inputs]
             base = p.base[0].read(p.base[1]) if p.base else None
+            if p.vocabulary is not None:  # rows re-indexed to the output's tokenizer
+                remapped = p.vocabulary.remap(tensors + ([base] if base is not None else []))
+                tensors, base = remapped[: len(p.inputs)], (remapped[-1] if base is not None else None)
             labels = [c.path for c, _ in p.inputs] + ([p.base[0].path] if p.base else [])
             if not allow_nonfinite:
                 check_inputs_finite(p.out, tensors + ([base] if base is not None else []), labels)
@@ -164,5 +215,7 @@ def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | Non
         ranges = [[(os.path.basename(os.path.abspath(m)), *r) for m, r in zip(s.models, s.ranges)] for s in slices]
         card = model_card(sorted(every), method, {"slices": ranges}, slices[0].base) if write_card else None
         files += write_folder_files(writer.folder, source, config, dtype=out_dtype, card=card,
-                                    copy_tokenizer=copy_tokenizer)
+                                    copy_tokenizer=copy_tokenizer or vocabulary is not None,
+                                    tokenizer_folder=vocabulary.folder if vocabulary else None,
+                                    chat_template=template)
     return files

@@ -141,6 +141,22 @@ def _vocab_size(folder: str) -> int:
     return value
 
 
+def tokenizer_folder(source: str, folders: Sequence[str], base_folder: str) -> str:
+    """The folder of the output's tokenizer: the base's ("base"), a union of `folders`' built on
+    the base's ("union", in a temporary folder) or the folder `source` names."""
+    if source in ("base", "union") and max(_tokenizer_vocab(base_folder).values(), default=-1) >= _vocab_size(base_folder):
+        raise InvalidArgumentError(f"tokenizer_source: {source}: {base_folder}'s tokenizer has ids past its config's "
+                                   "vocab_size (mergekit strips them from BPE tokenizers); fastmerge does not, give "
+                                   "the tokenizer of the size you want as a model path")
+    if source == "union":
+        return _union_tokenizer(folders, base_folder)
+    if source == "base":
+        return base_folder
+    if not os.path.isdir(source):
+        raise CheckpointError(f"tokenizer_source {source}: not a model folder")
+    return source
+
+
 def plan_vocabulary(folders: Sequence[str], shapes: Sequence[dict], source: str, *, base_index: int | None,
                     pad_to_multiple_of: int | None = None, tokens: Mapping[str, dict] | None = None) -> VocabularyPlan:
     """The plan for inputs in `folders` (model folders, merge order, the base last when
@@ -148,19 +164,7 @@ def plan_vocabulary(folders: Sequence[str], shapes: Sequence[dict], source: str,
     `tokens`: tokenizer.tokens as the config reader gives them ({token: {kind: model | zero |
     model_token, model, token, token_id, force}}): a token's row where an input lacks it (every
     input's with force)."""
-    base_folder = folders[base_index if base_index is not None else 0]
-    if source in ("base", "union") and max(_tokenizer_vocab(base_folder).values(), default=-1) >= _vocab_size(base_folder):
-        raise InvalidArgumentError(f"tokenizer_source: {source}: {base_folder}'s tokenizer has ids past its config's "
-                                   "vocab_size (mergekit strips them from BPE tokenizers); fastmerge does not, give "
-                                   "the tokenizer of the size you want as a model path")
-    if source == "union":
-        folder = _union_tokenizer(folders, base_folder)
-    elif source == "base":
-        folder = base_folder
-    else:
-        folder = source
-        if not os.path.isdir(folder):
-            raise CheckpointError(f"tokenizer_source {source}: not a model folder")
+    folder = tokenizer_folder(source, folders, folders[base_index if base_index is not None else 0])
     vocab_out = _tokenizer_vocab(folder)
     sizes = [_vocab_size(f) for f in folders]
     names = sorted(n for n, s in shapes[0].items() if len(s) == 2 and s[0] == sizes[0])

@@ -144,6 +144,13 @@ CONFIGS = {
                       "    w20: {source: ROOT/b, force: true}\n"
                       "    w2: {source: ROOT/a}\n"
                       "dtype: float32\n",
+    # slices (mergekit's gradient SLERP) with a tokenizer: the embeddings come from the first slice's
+    # sources, the LM head from the last's
+    "slerp slices, tokenizer_source c": "merge_method: slerp\nbase_model: ROOT/a\nslices:\n  - sources:\n"
+                                        "      - {model: ROOT/a, layer_range: [0, 1]}\n"
+                                        "      - {model: ROOT/c, layer_range: [0, 1]}\n"
+                                        "parameters: {t: [0.2, 0.7]}\ntokenizer_source: ROOT/c\n"
+                                        "chat_template: auto\ndtype: float32\n",
     "linear, no base, averaged defaults": "merge_method: linear\nmodels:\n  - model: ROOT/a\n"
                                           "    parameters: {weight: 1}\n  - model: ROOT/c\n    parameters: {weight: 1}\n"
                                           "  - model: ROOT/b\n    parameters: {weight: 1}\n"
