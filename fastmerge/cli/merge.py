@@ -170,16 +170,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
-    """A config's slices merged by a method (layer ranges merged layer by layer)."""
+def _slices_output(settings: dict, args: argparse.Namespace, kind: str) -> str:
+    """The output of a slices or passthrough config, whose models and parameters come from the
+    config alone."""
     if args.models or any(getattr(args, k) is not None for k in ("method", "base", "weights", "scale", "density", "t")):
-        raise InvalidArgumentError("a slices config takes its models and parameters from its slices: give only the "
-                                   "output (and --dtype, shard and folder options)")
+        raise InvalidArgumentError(f"a {kind} config takes its models and parameters from its slices: give only "
+                                   "the output (and --dtype, shard and folder options)")
     output = args.output or settings.get("output")
     if not output:
         raise InvalidArgumentError("no output: give -o PATH (or out_path: in --config)")
     if args.dry_run:
-        raise InvalidArgumentError("--dry-run does not cover slices yet")
+        raise InvalidArgumentError(f"--dry-run does not cover {kind} configs yet")
+    return output
+
+
+def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
+    """A config's slices merged by a method (layer ranges merged layer by layer)."""
+    output = _slices_output(settings, args, "slices")
     if args.align is not None:
         raise InvalidArgumentError("--align does not apply to a slices config")
 
@@ -209,14 +216,7 @@ def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
 
 def _run_passthrough(settings: dict, args: argparse.Namespace) -> int:
     """A config's passthrough slices (layer ranges stacked into a new model)."""
-    if args.models or any(getattr(args, k) is not None for k in ("method", "base", "weights", "scale", "density", "t")):
-        raise InvalidArgumentError("a passthrough config takes its models and parameters from its slices: give only "
-                                   "the output (and --dtype, shard and folder options)")
-    output = args.output or settings.get("output")
-    if not output:
-        raise InvalidArgumentError("no output: give -o PATH (or out_path: in --config)")
-    if args.dry_run:
-        raise InvalidArgumentError("--dry-run does not cover passthrough slices yet")
+    output = _slices_output(settings, args, "passthrough")
     with record_stages() as times:
         files = passthrough(settings["slices"], output, base=settings.get("base"),
                             dtype=args.dtype or settings.get("dtype"), max_shard_size=args.max_shard_size,

@@ -47,6 +47,16 @@ def _layer(name: str) -> tuple[str, int, str] | None:
     return (match.group(1), int(match.group(2)), match.group(3)) if match else None
 
 
+def config_with_layers(source: str, count: int, whose: str) -> dict:
+    """Folder `source`'s config.json with its layer count set to `count` (a slices output's)."""
+    config = read_config(source)
+    key = next((k for k in LAYER_COUNT_KEYS if k in config), None)
+    if key is None:
+        raise CheckpointError(f"{source}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}) to set to "
+                              f"{whose} {count} layers")
+    return {**config, key: count}
+
+
 def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None, dtype: str | None = None,
                 max_shard_size: str | int | None = "5GB", overwrite: bool = False, shared_scale: Setting | None = None,
                 copy_tokenizer: bool = True, write_card: bool = True, allow_nonfinite: bool = False,
@@ -97,14 +107,7 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
     writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
                            overwrite=overwrite, protected=[f for c in models.values() for f in c.files()])
     source = None if writer.single_file else source_folder(base or slices[0].model)
-    config = None
-    if source is not None:
-        config = read_config(source)
-        key = next((k for k in LAYER_COUNT_KEYS if k in config), None)
-        if key is None:
-            raise CheckpointError(f"{source}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}) to set to "
-                                  f"the passthrough's {position} layers")
-        config = {**config, key: position}
+    config = None if source is None else config_with_layers(source, position, "the passthrough's")
     with writer:
         for out, ckpt, name, s, t in tqdm(plan, desc="passthrough", unit="tensor", disable=not progress):
             tensor = ckpt.read(name)

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, InvalidArgumentError, NonFiniteError
 from ..io import Checkpoint, merge_metadata, parse_dtype, parse_size
-from ..io.hf_folder import model_card, read_config, source_folder, write_folder_files
+from ..io.hf_folder import model_card, source_folder, write_folder_files
 from ..io.writer import ShardedWriter
 from .checkpoints import check_inputs_finite, check_output_finite
-from .passthrough import _BEFORE_LAYERS, LAYER_COUNT_KEYS, _layer
+from .passthrough import _BEFORE_LAYERS, _layer, config_with_layers
 from .same_init import SameInitOptions, merge_tensor
 from .vocabulary import VocabularyPlan, chat_template_text, output_config, plan_vocabulary, tokenizer_folder
 
@@ -182,12 +182,7 @@ def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | Non
             f for s in slices for f in (source_folder(p) for p in (*([s.base] if s.base else []), *s.models)) if f)))
     config = None
     if source is not None:
-        config = read_config(source)
-        key = next((k for k in LAYER_COUNT_KEYS if k in config), None)
-        if key is None:
-            raise CheckpointError(f"{source}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}) to set to "
-                                  f"the slices' {layer_count} layers")
-        config = {**config, key: layer_count}
+        config = config_with_layers(source, layer_count, "the slices'")
         if vocabulary is not None:
             config = output_config(config, vocabulary)
     with writer:
