@@ -185,6 +185,12 @@ def test_bfloat16_merges_match_mergekit(family, tmp_path):
     ("merge_method: della\nbase_model: ROOT/base\n" + _models("abc", weight=[1, 1, 1]), "della"),
     ("merge_method: linear\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
      "{model: ROOT/b, layer_range: [0, 2]}]\n", "differ in length"),
+    ("merge_method: linear\nparameters: {weight: 1}\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 9]}, "
+     "{model: ROOT/b, layer_range: [0, 9]}]\n", "within its 2 layers"),
+    ("merge_method: linear\nparameters: {weight: 1}\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
+     "{model: ROOT/a, layer_range: [1, 2]}]\n", "appears twice"),
+    ("merge_method: ties\nbase_model: ROOT/base\nparameters: {weight: 1}\nslices:\n  - sources: [{model: ROOT/a, "
+     "layer_range: [0, 2]}, {model: ROOT/b, layer_range: [0, 2]}]\n", "not among the slice's sources"),
     ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 9]}]\n", "within its 2 layers"),
     # these folders have no tokenizer files
     ("merge_method: linear\n" + _models("ab", weight=[1, 1]) + "tokenizer_source: base\n", "cannot load its tokenizer"),
