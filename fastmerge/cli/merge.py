@@ -38,7 +38,7 @@ from ..io.text import TextBatches, is_text_file, load_tokenizer
 from ..merging import METHODS as SAME_INIT_METHODS
 from ..merging.checkpoints import merge_checkpoints, plan_merge
 from ..merging.passthrough import passthrough
-from ..merging.slices import MergedSlice, merge_slices
+from ..merging.slices import MergedSlice, describe_slices, merge_slices
 from ..merging.same_init import SameInitOptions
 from ..merging.with_data import merge_files_with_data
 from ..spec.hf_config import model_builder
@@ -179,7 +179,7 @@ def _slices_output(settings: dict, args: argparse.Namespace, kind: str) -> str:
     output = args.output or settings.get("output")
     if not output:
         raise InvalidArgumentError("no output: give -o PATH (or out_path: in --config)")
-    if args.dry_run:
+    if args.dry_run and kind == "passthrough":
         raise InvalidArgumentError(f"--dry-run does not cover {kind} configs yet")
     return output
 
@@ -202,6 +202,9 @@ def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
 
     slices = [MergedSlice(models=tuple(own["models"]), ranges=tuple(own["ranges"]), options=options_of(own),
                           base=own.get("base"), base_range=own.get("base_range")) for own in settings["merged_slices"]]
+    if args.dry_run:
+        print(describe_slices(slices, settings.get("tokenizer")))
+        return 0
     with record_stages() as times:
         files = merge_slices(slices, output, dtype=args.dtype or settings.get("dtype"),
                              max_shard_size=args.max_shard_size, overwrite=args.overwrite,

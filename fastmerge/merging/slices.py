@@ -147,6 +147,19 @@ def plan_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = None)
     return plan, position, vocabularies.get(id(first))
 
 
+def describe_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = None) -> str:
+    """What merge_slices would do (--dry-run): each slice's sources, the layer count, the tensors."""
+    plan, layers, vocabulary = plan_slices(slices, tokenizer)
+    lines = [f"method: {plan[0].options.method if plan else '-'}"]
+    for i, s in enumerate(slices):
+        sources = ", ".join(f"{m} [{a}, {b})" for m, (a, b) in zip(s.models, s.ranges))
+        lines.append(f"slice {i}: {sources}" + (f"; base {s.base} {list(s.base_range)}" if s.base else ""))
+    lines.append(f"layers: {layers}; tensors: {len(plan)}")
+    if vocabulary is not None:
+        lines.append(f"tokenizer: {vocabulary.folder} ({vocabulary.size} vocabulary rows)")
+    return "\n".join(lines)
+
+
 def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | None = None,
                  max_shard_size: str | int | None = "5GB", overwrite: bool = False, copy_tokenizer: bool = True,
                  write_card: bool = True, allow_nonfinite: bool = False, progress: bool = True,

@@ -1,4 +1,4 @@
-"""A merge config's `tokenizer_source` (or `tokenizer: {source, pad_to_multiple_of}`): the output
+"""A merge config's `tokenizer_source` (or `tokenizer: {source, tokens, pad_to_multiple_of}`): the output
 gets one tokenizer, and every input's vocabulary tensors (embeddings, LM head) are re-indexed to
 its vocabulary by token string before the merge, as mergekit 0.1.5 does:
 
@@ -15,7 +15,9 @@ tokenizer files come from the source folder. Sources: "base" (the base model, el
 model), a model folder, or "union": the base's tokenizer extended by every other model's tokens
 (mergekit's construction; mergekit adds them in a hash map's order, which changes between runs:
 fastmerge by model in the config's order, by id within a model, so the same tokens, rows by
-token the same, ids possibly permuted). Per-token overrides (`tokenizer.tokens`) are refused.
+token the same, ids possibly permuted). `tokenizer.tokens` names a token's row where an input
+lacks it (every input's with `force`): a model's row of the token, a model's named row
+(`model_token`: token or token_id in that model's own vocabulary), or zeros.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import torch
 from ..errors import CheckpointError, InvalidArgumentError
 from ..io.hf_folder import read_config, source_folder
 
-# the default row of a token some inputs lack: ("model", i) one input's row, ("mean", (i, ...)),
-# or ("zero",)
+# the default row of a token some inputs lack: ("model", i) one input's row of it, ("row", i, r) row r
+# of input i, ("mean", (i, ...)) the mean of those inputs' rows of it, or ("zero",)
 Default = tuple
 
 

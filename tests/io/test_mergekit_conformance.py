@@ -285,6 +285,15 @@ def test_merged_slices_build_the_same_model_as_mergekit(family, tmp_path, name):
     _assert_same_layered_model(family, tmp_path, *MERGED_SLICES[name])
 
 
+def test_dry_run_of_a_slices_config_names_its_slices_and_writes_nothing(family, tmp_path, capsys):
+    path = tmp_path / "merge.yml"
+    path.write_text(MERGED_SLICES["linear, two slices"][0].replace("ROOT", str(family / "float32")))
+    assert main(["merge", "--config", str(path), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "slice 1:" in out and "layers: 3" in out
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_base_listed_among_the_models_is_not_merged_as_a_model(family, tmp_path):
     """mergekit's TIES (every method with a base apart) drops a base listed under models:."""
     text = ("merge_method: ties\nbase_model: ROOT/base\nmodels:\n  - model: ROOT/base\n"
