@@ -210,6 +210,16 @@ def _report_fallbacks(method: str, fallbacks: dict[str, str], diagnostics: dict)
 _CANONICAL_TOLERANCE = 1e-4  # relative to the outputs' scale: float32 rounding of the rewritten weights
 
 
+def _output_change(model, twin, batch, index: int) -> float:
+    """max |twin(batch) - model(batch)| relative to the outputs' scale (0 when not comparable)."""
+    with torch.no_grad():
+        want, got = output_logits(run_model(model, batch, index)), output_logits(run_model(twin, batch, index))
+    if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor)):
+        return 0.0
+    scale = float(want.detach().double().abs().max().clamp_min(1e-30))
+    return float((want.detach().double() - got.detach().double()).abs().max()) / scale
+
+
 def _canonical_models(models, spec: MergeSpec, groups: dict, data) -> tuple[list, str]:
     """Copies of the models in canonical form, checked on the first batch of `data` to compute what
     the models compute; ([], why) when they do not (a per-unit parameter the analysis missed)."""
@@ -218,16 +228,29 @@ def _canonical_models(models, spec: MergeSpec, groups: dict, data) -> tuple[list
     for i, model in enumerate(models):
         twin = copy.deepcopy(model)
         twin.load_state_dict(canonical_state(spec, _float_state(model), groups))
-        with torch.no_grad():
-            want, got = run_model(model, batch, i), run_model(twin, batch, i)
-        want, got = output_logits(want), output_logits(got)
-        if isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor):
-            scale = float(want.detach().double().abs().max().clamp_min(1e-30))
-            error = float((want.detach().double() - got.detach().double()).abs().max()) / scale
-            if not error <= _CANONICAL_TOLERANCE:
-                return [], f"the canonical form changed model {i}'s outputs by {error:.2g} (relative)"
+        error = _output_change(model, twin, batch, i)
+        if not error <= _CANONICAL_TOLERANCE:
+            return [], f"the canonical form changed model {i}'s outputs by {error:.2g} (relative)"
         copies.append(twin)
     return copies, ""
+
+
+def _rotations_exact(model, spec: MergeSpec, groups: list, data, index: int) -> str:
+    """"" when random orthogonal maps of the query/key groups keep `model`'s outputs on the first
+    batch of `data` (the tracer's structure says they do: this checks it), else why not."""
+    if data is None or iter(data) is data:
+        return "no re-iterable data to check an orthogonal map of them on: permuted by weight matching"
+    generator = torch.Generator().manual_seed(0)
+    rotations = {}
+    for g in groups:
+        q, _ = torch.linalg.qr(torch.randn(g.count, g.size, g.size, dtype=torch.float64, generator=generator))
+        rotations[g.name] = Dense(out=q, inp=q.transpose(1, 2))
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(apply_transforms(spec, _float_state(model), rotations))
+    error = _output_change(model, twin, first_batch(data, "check the query/key rotation on"), index)
+    if not error <= _CANONICAL_TOLERANCE:
+        return f"an orthogonal map of them changed the outputs by {error:.2g} (relative): permuted by weight matching"
+    return ""
 
 
 def _residual_plan(models, method: AlignmentMethod, own, spec: MergeSpec, stats, data, *,
@@ -361,13 +384,19 @@ def _align_local(models: Sequence[torch.nn.Module], method: AlignmentMethod, own
         if constant:  # dead units: no activation to match on (correlation 0, CCA regularised), reported
             logger.info("align(%r): constant (zero-variance) units on this data: %s", method.name, constant)
 
-    # query/key dims: orthogonal per head after weight matching (dense methods; query_key.py)
-    rotated = [g for g in query_key_groups(spec) if g.name not in frozen] if method.dense is not None else []
+    # query/key dims: orthogonal per head after weight matching (dense methods; query_key.py), once
+    # a random rotation of them is seen to keep the reference's outputs
+    rotated = ([g for g in query_key_groups(spec) if g.name not in frozen]
+               if method.dense is not None and not folded else [])
+    why = _rotations_exact(models[reference], spec, rotated, data, reference) if rotated else ""
     if method.dense is not None:
         for g in spec.groups:
             if g.name not in frozen and g not in rotated:
                 fallbacks[g.name] = ("not observable by activation statistics (attention heads, nested or "
                                      "untapped groups): permuted by weight matching")
+        if why:
+            fallbacks.update({g.name: why for g in rotated})
+            rotated = []
         _report_fallbacks(method.name, fallbacks, diagnostics)
     remaining = [g for g in spec.groups if g.name not in frozen]
     if remaining:
