@@ -225,7 +225,8 @@ def _run_passthrough(settings: dict, args: argparse.Namespace) -> int:
                             dtype=args.dtype or settings.get("dtype"), max_shard_size=args.max_shard_size,
                             overwrite=args.overwrite, shared_scale=settings.get("scale"),
                             copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
-                            allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
+                            allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
+                            tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"))
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in files))
         print(stage_summary(times), file=sys.stderr)

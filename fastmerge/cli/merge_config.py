@@ -27,8 +27,8 @@ configs through mergekit). What is read as mergekit does:
 - `tokenizer_source` / `tokenizer: {source, tokens, pad_to_multiple_of}` ("base", "union" or a model folder): every
   input's embeddings and LM head re-indexed to that tokenizer's vocabulary by token string, as
   mergekit does (fastmerge/merging/vocabulary.py); `chat_template`: Jinja text or "auto" (the
-  template most inputs carry), stored in the output's tokenizer_config.json; with `models:` and
-  with merged slices (not passthrough).
+  template most inputs carry), stored in the output's tokenizer_config.json; with `models:`,
+  merged slices and passthrough.
 
 - slices with any other method: each slice's sources merged layer by layer (its `parameters` over the
   shared ones, its `base_model` else the config's): fastmerge/merging/slices.py.
@@ -236,10 +236,7 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
         r.fail(f"{method} drops entries at random: fastmerge draws its own reproducible masks, not mergekit's "
                "(torch's generator), so the merge would differ from mergekit's; pass --own-masks to run it so")
     if method == "passthrough":
-        given = [k for k in ("tokenizer_source", "tokenizer", "chat_template") if config.get(k) is not None]
-        if given:
-            r.fail(f"{given[0]} with passthrough is not supported by fastmerge yet; remove it")
-        return _passthrough(r, config, method)
+        return {**_passthrough(r, config, method), **_tokenizer_settings(r, config)}
     if method not in PER_MODEL:
         r.fail(f"unknown merge_method {method!r}; choose one of {', '.join(PER_MODEL)}, passthrough")
     if "slices" in config:

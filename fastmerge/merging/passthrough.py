@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ from ..io.hf_folder import model_card, read_config, source_folder, write_folder_
 from ..io.writer import ShardedWriter
 from .checkpoints import check_inputs_finite, check_output_finite
 from .gradients import LAYER_NAME, Setting, first
+from .vocabulary import chat_template_text, model_folder, output_config, plan_vocabulary, tokenizer_folder
 
 # tensors outside the layers that come before them (taken from the first slice's model)
 _BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
@@ -60,11 +61,13 @@ def config_with_layers(source: str, count: int, whose: str) -> dict:
 def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None, dtype: str | None = None,
                 max_shard_size: str | int | None = "5GB", overwrite: bool = False, shared_scale: Setting | None = None,
                 copy_tokenizer: bool = True, write_card: bool = True, allow_nonfinite: bool = False,
-                progress: bool = True) -> list[str]:
+                progress: bool = True, tokenizer: Mapping | None = None, chat_template: str | None = None) -> list[str]:
     """Writes the layers of `slices`, in order, with the tensors around them, to `output`; returns
     the files written. A folder output gets the config of `base` (else the first slice's model)
     with the new layer count. NaN/Inf, in an input or after a scale, is refused before anything is
-    renamed into place, as in every merge (allow_nonfinite: written)."""
+    renamed into place, as in every merge (allow_nonfinite: written). `tokenizer` and
+    `chat_template` as for merge_checkpoints: the embeddings (first slice's model) and the LM head
+    (last slice's) re-indexed to the output tokenizer's vocabulary."""
     if not slices:
         raise InvalidArgumentError("passthrough needs at least one slice")
     out_dtype = parse_dtype(dtype)
@@ -102,15 +105,32 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
         own = ckpt.dtype(name)
         return out_dtype if out_dtype is not None and own.is_floating_point else own
 
-    layout = [(out, ckpt.shape(name), target(ckpt, name)) for out, ckpt, name, _, _ in plan]
+    vocabularies = _vocabularies(slices, models, base, tokenizer) if tokenizer is not None else {}
+
+    def shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
+        vocabulary = vocabularies.get(id(ckpt))
+        own = tuple(ckpt.shape(name))
+        return (vocabulary.size, *own[1:]) if vocabulary is not None and name in vocabulary.names else own
+
+    layout = [(out, shape(ckpt, name), target(ckpt, name)) for out, ckpt, name, _, _ in plan]
     metadata = merge_metadata("passthrough", "none", [s.model for s in slices])
     writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
                            overwrite=overwrite, protected=[f for c in models.values() for f in c.files()])
     source = None if writer.single_file else source_folder(base or slices[0].model)
+    if source is None and (tokenizer is not None or chat_template is not None):
+        raise CheckpointError(f"{output}: tokenizer_source and chat_template write a model folder; give a folder "
+                              "as the output, not a .safetensors file")
     config = None if source is None else config_with_layers(source, position, "the passthrough's")
+    vocabulary = next(iter(vocabularies.values()), None)
+    if config is not None and vocabulary is not None:
+        config = output_config(config, vocabulary)
+    template = None if chat_template is None else chat_template_text(chat_template, list(dict.fromkeys(
+        f for f in (source_folder(p) for p in ([base] if base else []) + [s.model for s in slices]) if f)))
     with writer:
         for out, ckpt, name, s, t in tqdm(plan, desc="passthrough", unit="tensor", disable=not progress):
             tensor = ckpt.read(name)
+            if id(ckpt) in vocabularies and name in vocabularies[id(ckpt)].names:  # rows of the output's tokenizer
+                tensor = vocabularies[id(ckpt)].remap([tensor])[0]
             dtype = target(ckpt, name)
             if tensor.is_floating_point() and not allow_nonfinite:
                 check_inputs_finite(name, [tensor], [s.model])
@@ -128,5 +148,21 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
                           {"slices": [(os.path.basename(os.path.abspath(s.model)), s.start, s.end) for s in slices]},
                           base) if write_card else None
         files += write_folder_files(writer.folder, source, config, dtype=out_dtype, card=card,
-                                    copy_tokenizer=copy_tokenizer)
+                                    copy_tokenizer=copy_tokenizer or vocabulary is not None,
+                                    tokenizer_folder=vocabulary.folder if vocabulary else None,
+                                    chat_template=template)
     return files
+
+
+def _vocabularies(slices: Sequence[Slice], models: dict, base: str | None, tokenizer: Mapping) -> dict:
+    """{id(checkpoint): VocabularyPlan} for the first and last slices' models (their embeddings and
+    LM head are the output's), one output tokenizer built from every model of the config."""
+    everything = list(dict.fromkeys(model_folder(p) for p in ([base] if base else []) + [s.model for s in slices]))
+    source = tokenizer_folder(tokenizer["source"], everything, model_folder(base or slices[0].model))
+    plans = {}
+    for path in dict.fromkeys((slices[0].model, slices[-1].model)):
+        ckpt = models[path]
+        plans[id(ckpt)] = plan_vocabulary([model_folder(path)], [{k: tuple(ckpt.shape(k)) for k in ckpt.keys()}], source,
+                                          base_index=None, pad_to_multiple_of=tokenizer.get("pad_to_multiple_of"),
+                                          tokens=tokenizer.get("tokens"))
+    return plans

@@ -26,7 +26,8 @@ from ..io.writer import ShardedWriter
 from .checkpoints import check_inputs_finite, check_output_finite
 from .passthrough import _BEFORE_LAYERS, _layer, config_with_layers
 from .same_init import SameInitOptions, merge_tensor
-from .vocabulary import VocabularyPlan, chat_template_text, output_config, plan_vocabulary, tokenizer_folder
+from .vocabulary import (VocabularyPlan, chat_template_text, model_folder, output_config, plan_vocabulary,
+                         tokenizer_folder)
 
 
 @dataclass(frozen=True)
@@ -67,19 +68,13 @@ def _vocabularies(slices: Sequence[MergedSlice], tokenizer: Mapping, opened) -> 
     """The vocabulary plans of the first and last slices' inputs (the tensors outside the layers
     come from them), all for one output tokenizer: mergekit builds it from every model of the
     config (its base: the first slice's base, else its first model)."""
-    def folder(path: str) -> str:
-        found = source_folder(path)
-        if found is None:
-            raise CheckpointError(f"{path}: tokenizer_source needs Hugging Face model folders")
-        return found
-
-    everything = list(dict.fromkeys(folder(p) for s in slices for p in (*([s.base] if s.base else []), *s.models)))
+    everything = list(dict.fromkeys(model_folder(p) for s in slices for p in (*([s.base] if s.base else []), *s.models)))
     # one output tokenizer for every plan (a union is built once)
-    source = tokenizer_folder(tokenizer["source"], everything, folder(slices[0].base or slices[0].models[0]))
+    source = tokenizer_folder(tokenizer["source"], everything, model_folder(slices[0].base or slices[0].models[0]))
     plans = {}
     for s in {id(slices[0]): slices[0], id(slices[-1]): slices[-1]}.values():
         paths = [*s.models, *([s.base] if s.base else [])]
-        plans[id(s)] = plan_vocabulary([folder(p) for p in paths],
+        plans[id(s)] = plan_vocabulary([model_folder(p) for p in paths],
                                        [{k: tuple(opened(p).shape(k)) for k in opened(p).keys()} for p in paths],
                                        source, base_index=len(s.models) if s.base else None,
                                        pad_to_multiple_of=tokenizer.get("pad_to_multiple_of"),

@@ -143,6 +143,15 @@ def _vocab_size(folder: str) -> int:
     return value
 
 
+def model_folder(path: str) -> str:
+    """The Hugging Face folder of a model path (its config.json and tokenizer)."""
+    found = source_folder(path)
+    if found is None:
+        raise CheckpointError(f"{path}: tokenizer_source needs Hugging Face model folders (config.json and tokenizer "
+                              "next to the weights)")
+    return found
+
+
 def tokenizer_folder(source: str, folders: Sequence[str], base_folder: str) -> str:
     """The folder of the output's tokenizer: the base's ("base"), a union of `folders`' built on
     the base's ("union", in a temporary folder) or the folder `source` names."""

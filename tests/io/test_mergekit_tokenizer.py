@@ -151,6 +151,11 @@ CONFIGS = {
                                         "      - {model: ROOT/c, layer_range: [0, 1]}\n"
                                         "parameters: {t: [0.2, 0.7]}\ntokenizer_source: ROOT/c\n"
                                         "chat_template: auto\ndtype: float32\n",
+    # passthrough: a's embeddings (c's added words are in no input of them: zeros), c's LM head
+    "passthrough, tokenizer_source c": "merge_method: passthrough\nslices:\n"
+                                       "  - sources: [{model: ROOT/a, layer_range: [0, 1]}]\n"
+                                       "  - sources: [{model: ROOT/c, layer_range: [0, 1]}]\n"
+                                       "tokenizer_source: ROOT/c\nchat_template: auto\ndtype: float32\n",
     "linear, no base, averaged defaults": "merge_method: linear\nmodels:\n  - model: ROOT/a\n"
                                           "    parameters: {weight: 1}\n  - model: ROOT/c\n    parameters: {weight: 1}\n"
                                           "  - model: ROOT/b\n    parameters: {weight: 1}\n"
