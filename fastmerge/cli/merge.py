@@ -205,28 +205,23 @@ def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_slices(slices, settings.get("tokenizer")))
         return 0
-    with record_stages() as times:
-        files = merge_slices(slices, output, dtype=args.dtype or settings.get("dtype"),
-                             max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                             copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
-                             allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
-                             tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"))
-    if not args.quiet:
-        print("\n".join(f"wrote {p}" for p in files))
-        print(stage_summary(times), file=sys.stderr)
-    return 0
+    return _write_layered(merge_slices, slices, output, settings, args)
 
 
 def _run_passthrough(settings: dict, args: argparse.Namespace) -> int:
     """A config's passthrough slices (layer ranges stacked into a new model)."""
     output = _slices_output(settings, args, "passthrough")
+    return _write_layered(passthrough, settings["slices"], output, settings, args, base=settings.get("base"),
+                          shared_scale=settings.get("scale"))
+
+
+def _write_layered(write, slices, output: str, settings: dict, args: argparse.Namespace, **own) -> int:
+    """Runs merge_slices or passthrough with the CLI's output options; prints what it wrote."""
     with record_stages() as times:
-        files = passthrough(settings["slices"], output, base=settings.get("base"),
-                            dtype=args.dtype or settings.get("dtype"), max_shard_size=args.max_shard_size,
-                            overwrite=args.overwrite, shared_scale=settings.get("scale"),
-                            copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
-                            allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
-                            tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"))
+        files = write(slices, output, dtype=args.dtype or settings.get("dtype"), max_shard_size=args.max_shard_size,
+                      overwrite=args.overwrite, copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
+                      allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
+                      tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"), **own)
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in files))
         print(stage_summary(times), file=sys.stderr)
