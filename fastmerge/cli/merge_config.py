@@ -35,7 +35,9 @@ configs through mergekit). What is read as mergekit does:
 - a base_model also listed under models: dropped from the merged models by the methods that hold
   the base apart (BASE_APART), as mergekit does.
 
-Refused, with the reason: a model twice in one slice, `modules`,
+- `modules: {default: ...}` (a single-module architecture's one module): read as the top level.
+
+Refused, with the reason: a model twice in one slice, several `modules` (multi-module models),
 mergekit's named chat templates (its own files), and the methods fastmerge does not have.
 
 - `model+lora` references (a PEFT LoRA adapter folder after the model): the adapter merged in as
@@ -60,9 +62,9 @@ from ..merging.vocabulary import chat_template_text
 
 MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "out_path",
-            "tokenizer_source", "tokenizer", "chat_template")
+            "tokenizer_source", "tokenizer", "chat_template", "modules")
 # mergekit keys fastmerge does not implement: named in the refusal, so a user knows it is a gap
-UNSUPPORTED_TOP_KEYS = ("modules",)
+UNSUPPORTED_TOP_KEYS = ()
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
              "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": (), "dare_linear": ("weight", "density"),
@@ -218,6 +220,8 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
     config = _load(path)
     if not isinstance(config, dict):
         r.fail("the config must be a mapping (merge_method, models, ...)")
+    if "modules" in config:
+        config = _single_module(r, config)
     unsupported = sorted(k for k in config if k in UNSUPPORTED_TOP_KEYS)
     if unsupported:
         r.fail(f"{unsupported[0]}: is a mergekit feature fastmerge does not support yet; remove it")
@@ -479,6 +483,29 @@ def _token_sources(r: _Reader, tokens) -> dict[str, dict]:
                    f"token_id}}, got {source!r}")
         out[str(token)] = {**rule, "force": bool(force)}
     return out
+
+
+def _single_module(r: _Reader, config: dict) -> dict:
+    """`modules: {default: {models | slices, parameters}}`, mergekit's form for the one module of a
+    single-module architecture (every decoder LLM), as the top-level config it means: the module's
+    parameters over the shared ones. Several modules (vision-language models) are refused."""
+    modules = r.mapping("modules", config["modules"])
+    if list(modules) != ["default"]:
+        r.fail(f"modules {sorted(map(str, modules))}: fastmerge merges single-module architectures, whose one module "
+               "mergekit calls default (modules: {default: {models: ...}}); multi-module models are not supported")
+    module = r.mapping("modules.default", modules["default"])
+    unknown = sorted(set(module) - {"models", "slices", "parameters"}, key=str)
+    if unknown:
+        r.fail(f"modules.default.{unknown[0]}: a module takes models or slices, and parameters")
+    if any(config.get(k) is not None for k in ("models", "slices")):
+        r.fail("give modules:, slices: or models:, one of them (mergekit refuses more)")
+    shared = r.mapping("parameters", config.get("parameters"))
+    own = r.mapping("modules.default.parameters", module.get("parameters"))
+    rewritten = {k: v for k, v in config.items() if k != "modules"}
+    rewritten.update({k: module[k] for k in ("models", "slices") if module.get(k) is not None})
+    if shared or own:
+        rewritten["parameters"] = {**shared, **own}
+    return rewritten
 
 
 def _merged_slices(r: _Reader, config: dict, method: str) -> dict:

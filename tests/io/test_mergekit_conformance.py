@@ -185,6 +185,7 @@ def test_bfloat16_merges_match_mergekit(family, tmp_path):
     ("merge_method: della\nbase_model: ROOT/base\n" + _models("abc", weight=[1, 1, 1]), "della"),
     ("merge_method: linear\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
      "{model: ROOT/b, layer_range: [0, 2]}]\n", "differ in length"),
+    ("merge_method: linear\nmodules:\n  vision_tower: {models: [{model: ROOT/a}]}\n", "multi-module"),
     ("merge_method: linear\nparameters: {weight: 1}\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 9]}, "
      "{model: ROOT/b, layer_range: [0, 9]}]\n", "within its 2 layers"),
     ("merge_method: linear\nparameters: {weight: 1}\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1]}, "
@@ -283,6 +284,16 @@ def test_merged_slices_build_the_same_model_as_mergekit(family, tmp_path, name):
     """slices merged by a method, layer by layer (mergekit's most common SLERP form): the same
     tensors, layer count and greedy tokens."""
     _assert_same_layered_model(family, tmp_path, *MERGED_SLICES[name])
+
+
+def test_modules_default_is_read_as_the_top_level(family, tmp_path):
+    """mergekit's `modules: {default: ...}` (the one module of a decoder LLM), parameters of the
+    module over the shared ones."""
+    text = ("merge_method: ties\nbase_model: ROOT/base\nparameters: {density: 0.4}\nmodules:\n  default:\n"
+            "    parameters: {density: 0.6}\n    models:\n"
+            "      - model: ROOT/a\n        parameters: {weight: 1}\n"
+            "      - model: ROOT/b\n        parameters: {weight: 0.5}\n")
+    _assert_same_layered_model(family, tmp_path, text, EXACT, 2)
 
 
 def test_dry_run_of_a_slices_config_names_its_slices_and_writes_nothing(family, tmp_path, capsys):
