@@ -24,6 +24,7 @@ from ..io.hf_folder import CONFIG_NAME, copied_files, model_card, read_config, s
 from ..ops import count_nonfinite
 from ..spec import spec_from_yaml
 from ..spec.hf_config import config_folder, spec_from_config
+from ..spec.folding import fold_state, folded_spec
 from ..spec.transforms import apply_permutations
 from ..stages import stage
 from .same_init import SameInitOptions, checks_finite, merge_tensor
@@ -318,7 +319,16 @@ def _aligned_sources(checkpoints: Sequence[Checkpoint], spec_path: str, progress
         except OSError as exc:
             raise CheckpointError(f"{spec_path}: cannot read the spec ({exc})") from None
         spec = spec_from_yaml(text, shapes)
-    perms, _ = weight_matching(spec, checkpoints, reference=0, progress=progress)
+    if spec.folds:
+        # BatchNorms folded into their producers first, as in-memory alignment does: a BatchNorm
+        # divides away any positive per-channel scale of its producer, so raw weights of one function
+        # can differ; the folded ones cannot. Permutations found on folded weights permute the raw
+        # ones exactly. The states are read into memory for that (BatchNorm networks are CNNs).
+        states = [fold_state(spec, {k: c.read(k).clone() for k in c.keys()}) for c in checkpoints]
+        perms, _ = weight_matching(folded_spec(spec), states, reference=0, progress=progress)
+        del states
+    else:
+        perms, _ = weight_matching(spec, checkpoints, reference=0, progress=progress)
 
     def getter(checkpoint, perm):
         if perm is None:

@@ -291,3 +291,32 @@ def test_aligned_state_is_an_ordinary_one(name):
             tolerance = (1e-3 if train else 1e-4) * float(expected.abs().max())
             assert torch.allclose(aligned(x), expected, atol=tolerance), train
     model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_weight_matching_from_files_folds_the_batch_norms(name, tmp_path):
+    """Checkpoint files of a BatchNorm network and its rescaled permuted copy, aligned by weight
+    matching from the files and the YAML spec: the copy's aligned channels are the model's own
+    (each producer row a positive multiple of the model's row at the same index), because the
+    matching compares folded weights; raw weights would pair channels by their arbitrary scales."""
+    from safetensors.torch import save_file
+
+    from fastmerge.io import Checkpoint
+    from fastmerge.merging.same_init import SameInitOptions
+    from fastmerge.merging.checkpoints import merge_checkpoints
+
+    model, spec = setup(name)
+    copy = rescaled_permuted_copy(model, spec)
+    paths = []
+    for i, m in enumerate((model, copy)):
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, paths[-1])
+    (tmp_path / "spec.yaml").write_text(spec_to_yaml(spec))
+    out = str(tmp_path / "aligned.safetensors")
+    merge_checkpoints(paths, out, SameInitOptions(method="linear", weights=(0.0, 1.0)), align="weight_matching",
+                      spec_file=str(tmp_path / "spec.yaml"), progress=False)
+    aligned, original = Checkpoint(out), model.state_dict()
+    for f in spec.folds:
+        a, b = aligned.read(f.producer).flatten(1).double(), original[f.producer].flatten(1).double()
+        cosine = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+        assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-5), (f.producer, cosine.min())
