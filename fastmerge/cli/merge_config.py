@@ -36,12 +36,13 @@ configs through mergekit). What is read as mergekit does:
   the base apart (BASE_APART), as mergekit does.
 
 - `modules: {default: ...}` (a single-module architecture's one module): read as the top level.
+- `model+lora` references (a PEFT LoRA adapter folder after the model): the adapter merged in as
+  each tensor is read (fastmerge/io/lora.py).
+- Parameters in scopes as mergekit resolves them: a source's own, then its slice's (or module's),
+  then the shared ones; a scope whose filters give a tensor no value falls through to the next.
 
 Refused, with the reason: a model twice in one slice, several `modules` (multi-module models),
 mergekit's named chat templates (its own files), and the methods fastmerge does not have.
-
-- `model+lora` references (a PEFT LoRA adapter folder after the model): the adapter merged in as
-  each tensor is read (fastmerge/io/lora.py).
 """
 
 from __future__ import annotations
@@ -63,8 +64,6 @@ from ..merging.vocabulary import chat_template_text
 MAX_CONFIG_BYTES = 2**20  # a merge config is a few hundred bytes
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "out_path",
             "tokenizer_source", "tokenizer", "chat_template", "modules")
-# mergekit keys fastmerge does not implement: named in the refusal, so a user knows it is a gap
-UNSUPPORTED_TOP_KEYS = ()
 PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("weight", "density"),
              "slerp": (), "dare": ("weight",), "model_stock": (), "breadcrumbs": ("weight", "density", "gamma"),
              "breadcrumbs_ties": ("weight", "density", "gamma"), "nuslerp": ("weight",), "multislerp": ("weight",), "nearswap": (), "karcher": (), "sce": (), "dare_linear": ("weight", "density"),
@@ -220,16 +219,13 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
     config = _load(path)
     if not isinstance(config, dict):
         r.fail("the config must be a mapping (merge_method, models, ...)")
-    if "modules" in config:
-        config = _single_module(r, config)
-    unsupported = sorted(k for k in config if k in UNSUPPORTED_TOP_KEYS)
-    if unsupported:
-        r.fail(f"{unsupported[0]}: is a mergekit feature fastmerge does not support yet; remove it")
     unknown = sorted(set(config) - set(TOP_KEYS), key=str)
     if unknown and not allow_unknown:
         r.fail(f"unknown keys {unknown}; known: {sorted(TOP_KEYS)} (--allow-unknown ignores them, as mergekit does)")
     if unknown:
         r.ignore("top-level", unknown, config)
+    if "modules" in config:
+        config = _single_module(r, config)
     method = r.typed("merge_method", config.get("merge_method"), "text")
     if method is None:
         r.fail(f"merge_method is required (as in mergekit): {', '.join(PER_MODEL)} or passthrough")
@@ -251,8 +247,13 @@ def read_config(path: str, allow_unknown: bool = False, own_masks: bool = False)
 def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> dict:
     """The settings of a `models:` config (or of one slice of a slices config, rewritten as one:
     `where` names the slice in messages)."""
-    params = r.mapping(f"{where}parameters", config.get("parameters"))
-    r.known("parameters", params, SHARED[method] + PER_MODEL[method], method)
+    # parameter scopes, highest precedence first: a slice's or module's own, then the shared ones
+    # (mergekit falls through to the next scope when a setting gives a tensor no value)
+    scopes = [r.mapping(f"{where}parameters", config.get("parameters")),
+              *(r.mapping("parameters", scope) for scope in config.get(_FALLBACK, []))]
+    for scope in scopes:
+        r.known("parameters", scope, SHARED[method] + PER_MODEL[method], method)
+    params = {k: v for scope in reversed(scopes) for k, v in scope.items()}  # single values: the highest scope's
 
     entries = config.get("models") or []
     if not isinstance(entries, list):
@@ -284,8 +285,8 @@ def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> 
         ram_settings["alpha"] = r.typed("parameters.alpha", params.get("alpha"), "number")
     numbers = ConfigParameters(
         r.path, method,
-        shared={key: r.setting(f"parameters.{key}", params.get(key)) for key in ("weight", "density", "gamma",
-                                                                                 "epsilon", "lambda", "t")},
+        shared={key: _chained(r.setting(f"parameters.{key}", scope.get(key)) for scope in scopes)
+                if key in params else None for key in ("weight", "density", "gamma", "epsilon", "lambda", "t")},
         per_model=[{key: r.setting(f"models[{i}].parameters.{key}", v.get(key)) for key in ("weight", "density",
                                                                                           "gamma", "epsilon")}
                    for i, v in enumerate(own)],
@@ -372,11 +373,9 @@ class ConfigParameters:
 def _passthrough(r: _Reader, config: dict, method: str) -> dict:
     """`merge_method: passthrough` with `slices:`, each one source {model, layer_range: [start, end],
     parameters: {scale}}: fastmerge.merging.passthrough."""
-    if method != "passthrough":
-        r.fail(f"slices with merge_method {method} (merging layer ranges) are not supported by fastmerge yet; "
-               "slices work with passthrough")
-    params = r.mapping("parameters", config.get("parameters"))
-    r.known("parameters", params, ("scale",), method)
+    scopes = [r.mapping("parameters", scope) for scope in (config.get("parameters"), *config.get(_FALLBACK, []))]
+    for scope in scopes:
+        r.known("parameters", scope, ("scale",), method)
     if (config.get("models") is None) == (config.get("slices") is None):
         r.fail("passthrough takes slices: (- sources: [{model: PATH, layer_range: [START, END]}]) or one model in "
                "models:, not both or neither")
@@ -419,7 +418,8 @@ def _passthrough(r: _Reader, config: dict, method: str) -> dict:
         r.known(f"{where}.sources[0].parameters", own, ("scale",), method)
         slices.append(Slice(model, span[0], span[1], r.setting(f"{where}.sources[0].parameters.scale", own.get("scale"))))
     return {"method": "passthrough", "slices": slices, "base": r.typed("base_model", config.get("base_model"), "text"),
-            "scale": r.setting("parameters.scale", params.get("scale")), "dtype": _output_dtype(r, config),
+            "scale": _chained(r.setting("parameters.scale", scope.get("scale")) for scope in scopes),
+            "dtype": _output_dtype(r, config),
             "output": r.typed("out_path", config.get("out_path"), "text")}
 
 
@@ -485,6 +485,17 @@ def _token_sources(r: _Reader, tokens) -> dict[str, dict]:
     return out
 
 
+# a rewritten config's lower parameter scopes (a module's or slice's shared ones), highest first
+_FALLBACK = "_fallback_parameters"
+
+
+def _chained(settings) -> Setting | None:
+    """Settings of one parameter from scopes, highest first, as one: the first scope whose setting
+    gives a tensor a value decides (mergekit's order); a scope's unmatched filters fall through."""
+    conditions = tuple(c for setting in settings if setting is not None for c in setting.conditions)
+    return Setting(conditions) if conditions else None
+
+
 def _single_module(r: _Reader, config: dict) -> dict:
     """`modules: {default: {models | slices, parameters}}`, mergekit's form for the one module of a
     single-module architecture (every decoder LLM), as the top-level config it means: the module's
@@ -499,12 +510,10 @@ def _single_module(r: _Reader, config: dict) -> dict:
         r.fail(f"modules.default.{unknown[0]}: a module takes models or slices, and parameters")
     if any(config.get(k) is not None for k in ("models", "slices")):
         r.fail("give modules:, slices: or models:, one of them (mergekit refuses more)")
-    shared = r.mapping("parameters", config.get("parameters"))
-    own = r.mapping("modules.default.parameters", module.get("parameters"))
     rewritten = {k: v for k, v in config.items() if k != "modules"}
     rewritten.update({k: module[k] for k in ("models", "slices") if module.get(k) is not None})
-    if shared or own:
-        rewritten["parameters"] = {**shared, **own}
+    rewritten["parameters"] = r.mapping("modules.default.parameters", module.get("parameters"))
+    rewritten[_FALLBACK] = [config.get("parameters")]  # the shared ones, below the module's
     return rewritten
 
 
@@ -518,7 +527,6 @@ def _merged_slices(r: _Reader, config: dict, method: str) -> dict:
     entries = config["slices"]
     if not isinstance(entries, list) or not entries:
         r.fail(f"slices must be a non-empty list of {{sources: [...]}}, got {entries!r}")
-    shared = r.mapping("parameters", config.get("parameters"))
     slices = []
     for i, entry in enumerate(entries):
         where = f"slices[{i}]"
@@ -548,7 +556,7 @@ def _merged_slices(r: _Reader, config: dict, method: str) -> dict:
             r.fail(f"{where}: a model appears twice among its sources; fastmerge merges distinct models per slice")
         own = r.mapping(f"{where}.parameters", entry.get("parameters"))
         rewritten = {"base_model": entry.get("base_model", config.get("base_model")),
-                     "parameters": {**shared, **own},  # the slice's over the shared ones
+                     "parameters": own, _FALLBACK: [config.get("parameters"), *config.get(_FALLBACK, [])],
                      "models": [{"model": m, "parameters": src.get("parameters")} for (m, _, _), src in
                                 zip(ranges, sources)],
                      "dtype": config.get("dtype"), "out_dtype": config.get("out_dtype")}

@@ -265,6 +265,13 @@ MERGED_SLICES = {
                           "      - {model: ROOT/a, layer_range: [0, 2]}\n      - {model: ROOT/b, layer_range: [0, 2]}\n"
                           "parameters:\n  t:\n    - {filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}\n"
                           "    - {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}\n    - {value: 0.5}\n", EXACT, 2),
+    # a slice's filters that give a tensor no value fall through to the shared parameters
+    "slerp, slice filters fall through": ("merge_method: slerp\nbase_model: ROOT/a\nslices:\n  - sources:\n"
+                                          "      - {model: ROOT/a, layer_range: [0, 2]}\n"
+                                          "      - {model: ROOT/b, layer_range: [0, 2]}\n"
+                                          "    parameters: {t: [{filter: mlp, value: [0.9, 0.2]}]}\n"
+                                          "parameters:\n  t: [{filter: self_attn, value: 0.3}, {value: 0.6}]\n",
+                                          EXACT, 2),
     # TIES with the base among the sources (its own layer range), per-source parameters
     "ties, base among sources": ("merge_method: ties\nbase_model: ROOT/base\nslices:\n  - sources:\n"
                                  "      - {model: ROOT/base, layer_range: [0, 2]}\n"
