@@ -82,13 +82,14 @@ TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # they override 
 def copied_files(source: str, copy_tokenizer: bool = True, tokenizer_folder: str | None = None,
                  chat_template: str | None = None) -> list[tuple[str, str]]:
     """(folder, name) of the files a merged folder gets as they are: the generation config of
-    `source`, the tokenizer files of `tokenizer_folder` (default `source`); with a `chat_template`
-    of its own, not the template files it replaces."""
-    tokenizer_folder = tokenizer_folder or source
+    `source`, the tokenizer files of `source` (with copy_tokenizer) or of `tokenizer_folder` (a
+    tokenizer_source: always, as mergekit writes it); with a `chat_template` of its own, not the
+    template files it replaces."""
     out = [(source, GENERATION_CONFIG)] if os.path.isfile(os.path.join(source, GENERATION_CONFIG)) else []
-    if copy_tokenizer or tokenizer_folder != source:
-        out += [(tokenizer_folder, n) for n in COPIED if n != GENERATION_CONFIG and os.path.isfile(
-            os.path.join(tokenizer_folder, n)) and not (chat_template is not None and n in TEMPLATE_FILES)]
+    if copy_tokenizer or tokenizer_folder is not None:
+        folder = tokenizer_folder or source
+        out += [(folder, n) for n in COPIED if n != GENERATION_CONFIG and os.path.isfile(os.path.join(folder, n))
+                and not (chat_template is not None and n in TEMPLATE_FILES)]
     return out
 
 
@@ -96,8 +97,7 @@ def write_folder_files(output: str, source: str, config: dict, *, dtype: torch.d
                        copy_tokenizer: bool = True, tokenizer_folder: str | None = None,
                        chat_template: str | None = None) -> list[str]:
     """config.json (`config`, read by read_config, with torch_dtype set to `dtype` when given), the
-    generation config, tokenizer files (unless not `copy_tokenizer`; from `tokenizer_folder` when
-    given, then always) and README.md (the card, unless None) from folder `source` into folder
+    generation config, tokenizer files (copied_files) and README.md (the card, unless None) from folder `source` into folder
     `output`; `chat_template` (text) replaces the tokenizer's; returns the files written."""
     written = []
     config = dict(config)

@@ -28,7 +28,7 @@ from ..spec.folding import fold_state, folded_spec
 from ..spec.transforms import apply_permutations
 from ..stages import stage
 from .same_init import SameInitOptions, checks_finite, merge_tensor
-from .vocabulary import chat_template_text, output_config, plan_vocabulary
+from .vocabulary import output_config, output_template, plan_vocabulary
 
 
 @dataclass
@@ -118,7 +118,6 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
             raise CheckpointError(f"{labels[folders.index(None)]}: {key} needs Hugging Face model folders "
                                   "(config.json and tokenizer next to the weights)")
     if tokenizer is not None:
-        copy_tokenizer = True  # mergekit writes the tokenizer of a tokenizer_source whatever --copy-tokenizer says
         if align:
             raise CheckpointError("tokenizer_source with weight matching is not supported; merge without --align")
         vocabulary = plan_vocabulary(folders, [{k: tuple(c.shape(k)) for k in c.keys()} for c in every],
@@ -142,16 +141,13 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
     writer = plan_output(checkpoints[0], output, out_dtype=out_dtype, metadata=metadata,
                          max_shard_size=max_shard_size, overwrite=overwrite, protected=every, shapes=shapes)
     source = None if writer.single_file else source_folder(base or models[0])  # mergekit: the base's
-    if source is None and (vocabulary is not None or chat_template is not None):
-        raise CheckpointError(f"{output}: tokenizer_source and chat_template write a model folder; give a folder "
-                              "as the output, not a .safetensors file")
-    template = None
-    if chat_template is not None:
-        template = chat_template_text(chat_template, folders)
-        tokenizer_folder = vocabulary.folder if vocabulary else source
-        if template is not None and not os.path.isfile(os.path.join(tokenizer_folder, "tokenizer_config.json")):
-            raise CheckpointError(f"chat_template: {tokenizer_folder} has no tokenizer_config.json to hold it")
-    folder_options = {"tokenizer_folder": vocabulary.folder if vocabulary else None, "chat_template": template}
+    tokenizer_folder = vocabulary.folder if vocabulary else None
+    if source is None and vocabulary is not None:
+        raise CheckpointError(f"{output}: tokenizer_source writes a model folder; give a folder as the output, not a "
+                              ".safetensors file")
+    template = output_template(chat_template, folders if chat_template is not None else [], output=output,
+                               source=source, tokenizer_folder=tokenizer_folder, copy_tokenizer=copy_tokenizer)
+    folder_options = {"tokenizer_folder": tokenizer_folder, "chat_template": template}
     extras = [] if source is None else [os.path.join(writer.folder, n) for n in (
         CONFIG_NAME, *(["README.md"] if write_card else []),
         *(n for _, n in copied_files(source, copy_tokenizer, **folder_options)))]
@@ -177,7 +173,6 @@ def _write_folder_files(plan: MergePlan, writer, source: tuple[str, dict] | None
     parameters = {k: v for k, v in asdict(plan.options).items() if k != "method"}
     if plan.folder_options.get("tokenizer_folder"):
         parameters["tokenizer_source"] = plan.folder_options["tokenizer_folder"]
-    copy_tokenizer = copy_tokenizer or bool(plan.folder_options.get("tokenizer_folder"))  # as plan_merge
     write_folder_files(writer.folder, *source, dtype=out_dtype, copy_tokenizer=copy_tokenizer,
                        card=model_card(plan.inputs, plan.options.method, parameters, plan.base) if card else None,
                        **plan.folder_options)

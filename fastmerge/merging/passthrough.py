@@ -25,7 +25,7 @@ from ..io.hf_folder import model_card, read_config, source_folder, write_folder_
 from ..io.writer import ShardedWriter
 from .checkpoints import check_inputs_finite, check_output_finite
 from .gradients import LAYER_NAME, Setting, first
-from .vocabulary import chat_template_text, model_folder, output_config, plan_vocabulary, tokenizer_folder
+from .vocabulary import model_folder, output_config, output_template, plan_vocabulary, tokenizer_folder
 
 # tensors outside the layers that come before them (taken from the first slice's model)
 _BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
@@ -117,15 +117,17 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
     writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
                            overwrite=overwrite, protected=[f for c in models.values() for f in c.files()])
     source = None if writer.single_file else source_folder(base or slices[0].model)
-    if source is None and (tokenizer is not None or chat_template is not None):
-        raise CheckpointError(f"{output}: tokenizer_source and chat_template write a model folder; give a folder "
-                              "as the output, not a .safetensors file")
+    if source is None and tokenizer is not None:
+        raise CheckpointError(f"{output}: tokenizer_source writes a model folder; give a folder as the output, not a "
+                              ".safetensors file")
     config = None if source is None else config_with_layers(source, position, "the passthrough's")
     vocabulary = next(iter(vocabularies.values()), None)
     if config is not None and vocabulary is not None:
         config = output_config(config, vocabulary)
-    template = None if chat_template is None else chat_template_text(chat_template, list(dict.fromkeys(
-        f for f in (source_folder(p) for p in ([base] if base else []) + [s.model for s in slices]) if f)))
+    inputs = [] if chat_template is None else list(dict.fromkeys(
+        f for f in (source_folder(p) for p in ([base] if base else []) + [s.model for s in slices]) if f))
+    template = output_template(chat_template, inputs, output=output, source=source,
+                               tokenizer_folder=vocabulary.folder if vocabulary else None, copy_tokenizer=copy_tokenizer)
     with writer:
         for out, ckpt, name, s, t in tqdm(plan, desc="passthrough", unit="tensor", disable=not progress):
             tensor = ckpt.read(name)
@@ -148,7 +150,7 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
                           {"slices": [(os.path.basename(os.path.abspath(s.model)), s.start, s.end) for s in slices]},
                           base) if write_card else None
         files += write_folder_files(writer.folder, source, config, dtype=out_dtype, card=card,
-                                    copy_tokenizer=copy_tokenizer or vocabulary is not None,
+                                    copy_tokenizer=copy_tokenizer,
                                     tokenizer_folder=vocabulary.folder if vocabulary else None,
                                     chat_template=template)
     return files

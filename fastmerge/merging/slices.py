@@ -26,7 +26,7 @@ from ..io.writer import ShardedWriter
 from .checkpoints import check_inputs_finite, check_output_finite
 from .passthrough import _BEFORE_LAYERS, _layer, config_with_layers
 from .same_init import SameInitOptions, merge_tensor
-from .vocabulary import (VocabularyPlan, chat_template_text, model_folder, output_config, plan_vocabulary,
+from .vocabulary import (VocabularyPlan, model_folder, output_config, output_template, plan_vocabulary,
                          tokenizer_folder)
 
 
@@ -111,9 +111,9 @@ def plan_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = None)
         vocabulary = vocabularies.get(id(s))
         vocabulary = vocabulary if vocabulary is not None and out in vocabulary.names else None
         cut = 1 if vocabulary is not None else 0  # a vocabulary tensor's rows differ between inputs
-        shapes = {tuple(c.shape(n))[cut:] if n in c.keys() else None for c, n in (*inputs, *([base] if base else []))}
+        shapes = {tuple(c.shape(n))[cut:] if n in c else None for c, n in (*inputs, *([base] if base else []))}
         if None in shapes:
-            missing = next(c.path for c, n in (*inputs, *([base] if base else [])) if n not in c.keys())
+            missing = next(c.path for c, n in (*inputs, *([base] if base else [])) if n not in c)
             raise CheckpointError(f"{missing}: has no tensor for output {out!r}; a slice merges models of one architecture")
         if len(shapes) > 1:
             raise CheckpointError(f"output tensor {out!r}: its sources differ in shape {sorted(shapes)}; merge models "
@@ -181,13 +181,13 @@ def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | Non
     writer = ShardedWriter(output, layout, max_shard_bytes=parse_size(max_shard_size), metadata=metadata,
                            overwrite=overwrite, protected=[f for c in every.values() for f in c.files()])
     source = None if writer.single_file else source_folder(slices[0].base or slices[0].models[0])
-    if source is None and (vocabulary is not None or chat_template is not None):
-        raise CheckpointError(f"{output}: tokenizer_source and chat_template write a model folder; give a folder "
-                              "as the output, not a .safetensors file")
-    template = None
-    if chat_template is not None:
-        template = chat_template_text(chat_template, list(dict.fromkeys(
-            f for s in slices for f in (source_folder(p) for p in (*([s.base] if s.base else []), *s.models)) if f)))
+    if source is None and vocabulary is not None:
+        raise CheckpointError(f"{output}: tokenizer_source writes a model folder; give a folder as the output, not a "
+                              ".safetensors file")
+    inputs = [] if chat_template is None else list(dict.fromkeys(
+        f for s in slices for f in (source_folder(p) for p in (*([s.base] if s.base else []), *s.models)) if f))
+    template = output_template(chat_template, inputs, output=output, source=source,
+                               tokenizer_folder=vocabulary.folder if vocabulary else None, copy_tokenizer=copy_tokenizer)
     config = None
     if source is not None:
         config = config_with_layers(source, layer_count, "the slices'")
@@ -218,7 +218,7 @@ def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | Non
         ranges = [[(os.path.basename(os.path.abspath(m)), *r) for m, r in zip(s.models, s.ranges)] for s in slices]
         card = model_card(sorted(every), method, {"slices": ranges}, slices[0].base) if write_card else None
         files += write_folder_files(writer.folder, source, config, dtype=out_dtype, card=card,
-                                    copy_tokenizer=copy_tokenizer or vocabulary is not None,
+                                    copy_tokenizer=copy_tokenizer,
                                     tokenizer_folder=vocabulary.folder if vocabulary else None,
                                     chat_template=template)
     return files

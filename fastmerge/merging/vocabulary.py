@@ -23,6 +23,7 @@ lacks it (every input's with `force`): a model's row of the token, a model's nam
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -99,6 +100,16 @@ def _load_tokenizer(folder: str):
 
 
 def _tokenizer_vocab(folder: str) -> dict[str, int]:
+    """A folder's tokenizer vocabulary (token -> id). Read once per folder state: the plans of one
+    merge read the same tokenizers several times (the output's, each input's, both ends of slices),
+    and loading a large tokenizer takes about a second; the key holds the files' modification times."""
+    files = tuple(sorted((n, os.stat(os.path.join(folder, n)).st_mtime_ns) for n in _TOKENIZER_FILES
+                         if os.path.isfile(os.path.join(folder, n))))
+    return dict(_cached_vocab(os.path.realpath(folder), files))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_vocab(folder: str, files: tuple) -> dict[str, int]:
     return dict(_load_tokenizer(folder).get_vocab())
 
 
@@ -262,9 +273,12 @@ def _configured(tokens: Mapping[str, dict], vocab_out: dict[str, int], folders: 
     return out
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                    "added_tokens.json", "special_tokens_map.json", "vocab.txt")
+
+
 def _has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json",
-                                                                  "tokenizer.model", "vocab.json"))
+    return any(os.path.isfile(os.path.join(folder, n)) for n in _TOKENIZER_FILES[:4])
 
 
 def _assumed(folder: str, base: str, known: dict) -> dict[str, int]:
@@ -293,6 +307,29 @@ def chat_template_text(template: str, folders: Sequence[str]) -> str | None:
         raise InvalidArgumentError(f"chat_template: {template[:40]!r} is not a Jinja template; named templates "
                                    "(chatml, llama3, alpaca, mistral, exaone) are mergekit's files, which fastmerge "
                                    "does not ship: give the template's text or auto")
+    return template
+
+
+def output_template(chat_template: str | None, folders: Sequence[str], *, output: str, source: str | None,
+                    tokenizer_folder: str | None, copy_tokenizer: bool) -> str | None:
+    """The chat template text a merge writes (None: none), checked before any work: a model folder
+    as the output, a tokenizer_config.json to hold it. Without a tokenizer to write (no
+    tokenizer_source, --no-copy-tokenizer) it is not saved, with a warning, as mergekit warns."""
+    if chat_template is None:
+        return None
+    if source is None:
+        raise CheckpointError(f"{output}: chat_template writes a model folder; give a folder as the output, not a "
+                              ".safetensors file")
+    template = chat_template_text(chat_template, folders)
+    if template is None:
+        return None
+    if tokenizer_folder is None and not copy_tokenizer:
+        warnings.warn("chat_template: the tokenizer is not copied (--no-copy-tokenizer), so the template is not saved",
+                      stacklevel=3)
+        return None
+    holder = tokenizer_folder or source
+    if not os.path.isfile(os.path.join(holder, "tokenizer_config.json")):
+        raise CheckpointError(f"chat_template: {holder} has no tokenizer_config.json to hold it")
     return template
 
 

@@ -237,6 +237,18 @@ def test_different_vocabularies_without_a_tokenizer_source_are_refused(family, t
     assert "differ in shape" in capsys.readouterr().err
 
 
+def test_a_chat_template_without_a_tokenizer_to_hold_it_is_not_saved_with_a_warning(family, tmp_path):
+    """mergekit warns and saves no template when no tokenizer is written (--no-copy-tokenizer)."""
+    text = ("merge_method: linear\nmodels:\n  - model: ROOT/base\n    parameters: {weight: 1}\n"
+            f"  - model: ROOT/a\n    parameters: {{weight: 1}}\nchat_template: {json.dumps(OTHER_TEMPLATE)}\n")
+    path = tmp_path / "merge.yml"
+    path.write_text(text.replace("ROOT", str(family)))
+    with pytest.warns(UserWarning, match="template is not saved"):
+        assert main(["merge", "--config", str(path), "-o", str(tmp_path / "out"), "--quiet",
+                     "--no-copy-tokenizer"]) == 0
+    assert not os.path.exists(tmp_path / "out" / "tokenizer_config.json")
+
+
 def test_dry_run_names_the_tokenizer_and_no_copy_tokenizer_still_writes_it(family, tmp_path, capsys):
     path = tmp_path / "merge.yml"
     path.write_text(CONFIGS["linear, tokenizer_source b"].replace("ROOT", str(family)))
