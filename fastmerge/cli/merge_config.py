@@ -387,15 +387,8 @@ def _passthrough(r: _Reader, config: dict, method: str) -> dict:
         r.known("models[0]", entry, ("model", "parameters"), method)
         config = {**config, "slices": [{"sources": [{"model": entry.get("model"), "layer_range": None,
                                                      "parameters": entry.get("parameters")}]}]}
-    entries = config["slices"]
-    if not isinstance(entries, list):
-        r.fail(f"slices must be a list of {{sources: [...]}}, got {entries!r}")
     slices = []
-    for i, entry in enumerate(entries):
-        where = f"slices[{i}]"
-        if not isinstance(entry, dict):
-            r.fail(f"{where} must be a mapping with sources:, got {entry!r}")
-        r.known(where, entry, ("sources",), method)
+    for where, entry in _slice_entries(r, config["slices"], ("sources",), method):
         sources = entry.get("sources")
         if not isinstance(sources, list) or len(sources) != 1:
             r.fail(f"{where}.sources: passthrough takes exactly one source per slice, got {sources!r}")
@@ -517,6 +510,18 @@ def _single_module(r: _Reader, config: dict) -> dict:
     return rewritten
 
 
+def _slice_entries(r: _Reader, entries, keys: tuple, method: str):
+    """(where, entry) of each slice of a config, checked to be a mapping with only `keys`."""
+    if not isinstance(entries, list) or not entries:
+        r.fail(f"slices must be a non-empty list of {{sources: [...]}}, got {entries!r}")
+    for i, entry in enumerate(entries):
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict):
+            r.fail(f"{where} must be {{sources: [...]}}, got {entry!r}")
+        r.known(where, entry, keys, method)
+        yield where, entry
+
+
 def _merged_slices(r: _Reader, config: dict, method: str) -> dict:
     """`slices:` with a merge method: each output slice merges the same-length layer ranges of its
     sources, layer by layer (fastmerge.merging.slices). Each slice is read as a `models:` config of
@@ -524,15 +529,8 @@ def _merged_slices(r: _Reader, config: dict, method: str) -> dict:
     base_model, else the config's), so every method reads its parameters as it does there."""
     if config.get("models") is not None:
         r.fail("give slices: or models:, not both (mergekit refuses that too)")
-    entries = config["slices"]
-    if not isinstance(entries, list) or not entries:
-        r.fail(f"slices must be a non-empty list of {{sources: [...]}}, got {entries!r}")
     slices = []
-    for i, entry in enumerate(entries):
-        where = f"slices[{i}]"
-        if not isinstance(entry, dict):
-            r.fail(f"{where} must be {{sources: [...]}}, got {entry!r}")
-        r.known(where, entry, ("sources", "parameters", "base_model"), method)
+    for where, entry in _slice_entries(r, config["slices"], ("sources", "parameters", "base_model"), method):
         sources = entry.get("sources")
         if not isinstance(sources, list) or not sources:
             r.fail(f"{where}.sources must be a non-empty list of {{model: PATH, layer_range: [START, END]}}")
