@@ -257,8 +257,9 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             if pending is not None:
                 pending.result()
             pending = pool.submit(writer.write, name, merged)
-            if merged.numel() and merged.data_ptr() != out_buffer.data_ptr():
-                # not in an output buffer (it may be a view of an input buffer, reused next): now
+            if merged.numel() and merged.data_ptr() != out_buffer.data_ptr() and _shares_memory(merged, every,
+                                                                                                read_buffers):
+                # a view of an input (its buffer is reused, its map released, next): written now
                 pending.result()
             del tensors, base_tensor, every, merged  # the inputs' maps go before the next ones are made
             bar.update()
@@ -267,6 +268,13 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
         bar.close()
     _write_folder_files(plan, writer, source, parse_dtype(dtype), copy_tokenizer, write_card)
     return plan
+
+
+def _shares_memory(merged: torch.Tensor, inputs: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> bool:
+    """Whether `merged` lies in the memory of an input tensor or read buffer (else it is a tensor of
+    its own, which its write may hold while the next tensor is merged)."""
+    storage = merged.untyped_storage().data_ptr()
+    return any(t.untyped_storage().data_ptr() == storage for t in (*inputs, *buffers) if t is not None)
 
 
 def check_inputs_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequence[str]) -> None:

@@ -48,9 +48,11 @@ class SameInitOptions:
     epsilons: della: per model, the spread of the keep probability around the density (default 0.15).
     threshold, r, alpha: ram / ramplus_tl: the magnitude above which a task-vector entry counts as
         changed (mergekit's epsilon), and RAM+'s rescaling of the unique parts.
-    mergekit_compat: ties on bfloat16/float16 checkpoints computed as mergekit 0.1.5 does (in the
-        checkpoints' dtype, exactly k entries kept), where fastmerge's float32 TIES differs by more
-        than rounding; elsewhere fastmerge already matches mergekit (tests/io/test_mergekit_conformance.py).
+    mergekit_compat: compute as mergekit 0.1.5 does, operation for operation, where fastmerge computes
+        otherwise: TIES on bfloat16/float16 checkpoints (in their dtype, exactly k entries kept),
+        the entries tied at the edge of breadcrumbs' and sce's selections (torch's sort order, not
+        positions), model_stock / nuslerp / multislerp / karcher in the checkpoints' dtype (not from a
+        float64 Gram matrix); bit-equal to mergekit (tests/io/test_mergekit_conformance.py), as slow.
     """
 
     method: str = "linear"

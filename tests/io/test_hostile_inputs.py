@@ -284,3 +284,24 @@ def test_two_runs_started_together_on_one_output_never_mix(tmp_path, overwrite):
         got = merged["t7"].double()
         assert any(torch.allclose(got, w * a + (1 - w) * b, atol=1e-6) for w in (0.5, 0.2)), trial
         assert sorted(os.listdir(tmp_path)) == ["m0.safetensors", "m1.safetensors", "out.safetensors"]
+
+
+@pytest.mark.parametrize("method, bad", [("model_stock", "base"), ("model_stock", "b"), ("nuslerp", "a"),
+                                         ("multislerp", "b"), ("karcher", "a"), ("breadcrumbs", "b"), ("sce", "a")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_input_is_refused_by_name_by_every_method(tmp_path, method, bad, value):
+    """The methods that take their angles from a Gram matrix check the inputs through it (not by a
+    separate pass): a NaN/Inf in any model or the base still names that file, and nothing is written."""
+    generator = torch.Generator().manual_seed(0)
+    paths = {}
+    for name in ("base", "a", "b"):
+        tensors = {"w": torch.randn(8, 6, generator=generator), "b": torch.randn(6, generator=generator)}
+        if name == bad:
+            tensors["w"][3, 2] = value
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        save_file(tensors, paths[name])
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(NonFiniteError, match=f"{bad}.safetensors.*'w'"):
+        merge_checkpoints([paths["a"], paths["b"]], str(out), SameInitOptions(method), base=paths["base"],
+                          progress=False)
+    assert not out.exists()

@@ -3,13 +3,41 @@
 average of their projections on its tangent space mapped back to the sphere, the result scaled by
 the weighted mean length (and the base added back).
 
-Written to agree with mergekit 0.1.5's multislerp to the bit (the same float operations in the
-same order, in the checkpoints' dtype; a line for two opposite tensors whose weights balance)."""
+The weighted tangent vectors always sum to zero (their sum is the mean direction minus its own
+projection), so the exponential map returns the mean direction itself: the merge is the
+normalised weighted mean of the unit tensors, a linear combination whose coefficients come from
+the inputs' Gram matrix (methods/span.py). mergekit computes the tangents in the checkpoints'
+dtype, where they are rounding noise of that size; --mergekit-compat runs mergekit's operations
+(bit-equal; a line for two opposite tensors whose weights balance, in both)."""
+
+import math
 
 import torch
 
 from ...errors import InvalidArgumentError
 from .base import SameInitMethod, register, task_weights
+from .span import check_finite, checks_finite, combination, gram
+
+
+def _no_mean_direction(name: str, count: int) -> None:
+    if count != 2:
+        raise InvalidArgumentError(f"tensor {name!r}: multislerp's weighted mean direction is zero (opposite "
+                                   "tensors whose weights balance out); use other weights")
+
+
+def multislerp_coefficients(name: str, grams: torch.Tensor, weights, normalize_weights: bool = True,
+                            eps: float = 1e-8) -> list[float]:
+    """c with merge = sum_i c_i p_i (p_i the tensors or task vectors, grams their Gram matrix)."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    lengths = grams.diagonal().clamp(min=0).sqrt()
+    a = w / (lengths + eps)  # centre = sum_i a_i p_i (the weighted mean of the unit tensors)
+    centre_length = math.sqrt(max(float(a @ grams @ a), 0.0))
+    if centre_length < eps:
+        _no_mean_direction(name, len(a))
+        return w.tolist()  # the line between the two
+    return (a * (float((lengths * w).sum()) / centre_length)).tolist()
 
 
 def _exp_map(point: torch.Tensor, tangent: torch.Tensor, eps: float) -> torch.Tensor:
@@ -19,6 +47,7 @@ def _exp_map(point: torch.Tensor, tangent: torch.Tensor, eps: float) -> torch.Te
 
 def multislerp_tensor(name: str, tensors, weights, base=None, normalize_weights: bool = True,
                       eps: float = 1e-8) -> torch.Tensor:
+    """mergekit 0.1.5's multislerp, operation for operation in the tensors' dtype."""
     if len(tensors) == 1:
         return tensors[0]
     points = torch.stack(list(tensors), dim=0)
@@ -33,9 +62,7 @@ def multislerp_tensor(name: str, tensors, weights, base=None, normalize_weights:
     centre = (units * w.view(-1, 1)).sum(0)
     centre_length = torch.norm(centre)
     if centre_length < eps:  # no mean direction
-        if points.shape[0] != 2:
-            raise InvalidArgumentError(f"tensor {name!r}: multislerp's weighted mean direction is zero (opposite "
-                                       "tensors whose weights balance out); use other weights")
+        _no_mean_direction(name, points.shape[0])
         merged = (points[0] * w[0] + points[1] * w[1]).view(points.shape[1:])
     else:
         centre = centre / centre_length
@@ -47,7 +74,13 @@ def multislerp_tensor(name: str, tensors, weights, base=None, normalize_weights:
 
 def merge_multislerp(name, tensors, base, options, out_dtype, out):
     weights = task_weights(options, len(tensors))
-    return multislerp_tensor(name, tensors, weights, base, options.normalize is not False).to(out_dtype)
+    normalize = options.normalize is not False
+    if options.mergekit_compat:
+        return multislerp_tensor(name, tensors, weights, base, normalize).to(out_dtype)
+    grams = gram(tensors, base)
+    check_finite(name, grams)
+    return combination(tensors, multislerp_coefficients(name, grams, weights, normalize), base, out_dtype, out)
 
 
-register(SameInitMethod(name="multislerp", merge=merge_multislerp, min_models=1, uses=("weights", "normalize")))
+register(SameInitMethod(name="multislerp", merge=merge_multislerp, min_models=1, checks_finite=checks_finite,
+                        uses=("weights", "normalize", "mergekit_compat")))

@@ -3,22 +3,50 @@ fraction of those that vary at all), Calculate each model's weight from its task
 square, Erase the entries whose sign disagrees with the summed task vectors', and take the
 weighted mean of what is left.
 
-Written to agree with mergekit 0.1.5's sce to the bit (the same float operations in the same
-order, in the checkpoints' dtype; tests/io/test_mergekit_conformance.py)."""
+Written to agree with mergekit 0.1.5's sce (the same float operations in the same order, in the
+checkpoints' dtype; tests/io/test_mergekit_conformance.py) except for one choice: which of the
+entries whose variance ties with the last selected one are selected. fastmerge takes them by
+position (a radix select: ~10x faster than the top-k it replaces); --mergekit-compat runs torch's
+topk as mergekit does, and then a config merged by both gives the same tensors to the bit."""
 
 import torch
 
+from ...ops import selection
 from .base import SameInitMethod, register
 
 
-def _varying_entries(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
+VARIANCE_CHUNK = 1 << 16  # entries per step of population_variance: its float64 temporaries stay in cache
+
+
+def population_variance(stacked: torch.Tensor) -> torch.Tensor:
+    """torch.var(stacked, dim=0, unbiased=False), the same bits, about 20x faster: torch reduces
+    each entry on its own (Welford's update in float64, model by model, the result rounded to the
+    dtype through float32); the same updates run here on chunks of entries, every model at once."""
+    flat = stacked.reshape(stacked.shape[0], -1)
+    out = torch.empty(flat.shape[1], dtype=stacked.dtype, device=stacked.device)
+    for start in range(0, flat.shape[1], VARIANCE_CHUNK):
+        chunk = flat[:, start:start + VARIANCE_CHUNK].to(torch.float64)
+        mean = chunk[0] + 0.0  # torch's first update from 0 (+ 0.0 turns -0.0 into 0.0, as it does)
+        m2 = chunk[0] * (chunk[0] - mean) + 0.0  # zeros; NaN where the first model is not finite
+        for i in range(1, chunk.shape[0]):
+            delta = chunk[i] - mean
+            mean += delta / (i + 1)
+            m2 += delta * (chunk[i] - mean)
+        m2 /= flat.shape[0]
+        out[start:start + VARIANCE_CHUNK] = m2 if stacked.dtype == torch.float64 else m2.to(torch.float32)
+    return out.reshape(stacked.shape[1:])
+
+
+def _varying_entries(task_vectors: torch.Tensor, fraction: float, compat: bool) -> torch.Tensor:
     """1 at the `fraction` of entries (of those that vary at all) whose variance across models is largest."""
     if fraction <= 0:
         return torch.zeros_like(task_vectors[0])
     if fraction >= 1:
         return torch.ones_like(task_vectors[0])
-    variance = torch.var(task_vectors, dim=0, unbiased=False)
+    variance = population_variance(task_vectors)
     count = int(torch.count_nonzero(variance) * fraction)
+    if count and not compat and selection.supports(variance.dtype):
+        return selection.top_mask(variance, count).to(variance.dtype)
     keep = torch.zeros_like(variance)
     if count:
         keep.view(-1)[torch.topk(variance.abs().view(-1), k=count, largest=True).indices] = 1
@@ -35,7 +63,8 @@ def _energy_shares(task_vectors: torch.Tensor) -> torch.Tensor:
 def merge_sce(name, tensors, base, options, out_dtype, out):
     task_vectors = torch.stack([x - base for x in tensors], dim=0)
     if options.select_topk < 1:
-        task_vectors = task_vectors * _varying_entries(task_vectors, options.select_topk).unsqueeze(0)
+        task_vectors = task_vectors * _varying_entries(task_vectors, options.select_topk,
+                                                                    options.mergekit_compat).unsqueeze(0)
     majority = (task_vectors.sum(dim=0) >= 0).to(base.dtype) * 2 - 1  # a zero sum counts as positive
     agrees = task_vectors.sign().to(base.dtype) == majority
     shares = _energy_shares(task_vectors)
@@ -45,4 +74,4 @@ def merge_sce(name, tensors, base, options, out_dtype, out):
     return (base + merged).to(out_dtype)
 
 
-register(SameInitMethod(name="sce", merge=merge_sce, needs_base=True, min_models=1, uses=("select_topk",)))
+register(SameInitMethod(name="sce", merge=merge_sce, needs_base=True, min_models=1, uses=("select_topk", "mergekit_compat")))

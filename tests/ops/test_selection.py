@@ -1,0 +1,91 @@
+"""Keep masks by rank without a sort (fastmerge.ops.selection), against a stable sort by
+(|value|, position): the same entries for every band, dtype and kind of tie, NaN and Inf included;
+and SCE's variance against torch.var to the bit."""
+
+import pytest
+import torch
+
+from fastmerge.merging.methods.sce import population_variance
+from fastmerge.ops.selection import band_mask, supports, top_mask
+
+
+def _reference(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    order = torch.sort(values.abs().reshape(-1).double(), stable=True).indices
+    keep = torch.zeros(values.numel(), dtype=torch.bool)
+    keep[order[max(0, lo):max(0, min(hi, values.numel()))]] = True
+    return keep.reshape(values.shape)
+
+
+def _values(kind: str, n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    if kind == "few distinct":  # every band edge falls inside a run of ties
+        return torch.randint(-3, 4, (n,), generator=generator).to(dtype)
+    values = (torch.randn(n, generator=generator) * 1e-3).to(dtype)
+    if kind == "non-finite":
+        values[::7] = float("nan")
+        values[3::11] = float("-inf")
+        values[5::13] = float("inf")
+    if kind == "signed zeros":
+        values[::3] = -0.0
+        values[1::3] = 0.0
+    return values
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["random", "few distinct", "non-finite", "signed zeros"])
+def test_band_mask_keeps_the_ranks_of_a_stable_sort(dtype, kind):
+    generator = torch.Generator().manual_seed(hash((str(dtype), kind)) % 2**31)
+    for _ in range(25):
+        n = int(torch.randint(1, 3000, (), generator=generator))
+        values = _values(kind, n, dtype, generator)
+        lo = int(torch.randint(-2, n + 1, (), generator=generator))
+        hi = int(torch.randint(lo, n + 3, (), generator=generator))
+        keep = band_mask(values, lo, hi)
+        assert keep.shape == values.shape and keep.dtype == torch.bool
+        assert torch.equal(keep, _reference(values, lo, hi)), (n, lo, hi)
+
+
+def test_band_mask_on_a_matrix_and_its_edges():
+    values = torch.randn(64, 96).to(torch.bfloat16)
+    n = values.numel()
+    for lo, hi in ((0, n), (0, 0), (n, n), (0, 1), (n - 1, n), (100, 5000), (5, 4)):
+        assert torch.equal(band_mask(values, lo, hi), _reference(values, lo, hi)), (lo, hi)
+    assert torch.equal(top_mask(values, 300), _reference(values, n - 300, n))
+    assert int(top_mask(values, 300).sum()) == 300
+
+
+def test_float64_is_left_to_a_sort():
+    assert supports(torch.bfloat16) and supports(torch.float32) and not supports(torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("models", [2, 3, 5])
+def test_population_variance_is_torch_var_to_the_bit(dtype, models):
+    generator = torch.Generator().manual_seed(models)
+    base = torch.randn(200_000, generator=generator)
+    stacked = torch.stack([(base + torch.randn(200_000, generator=generator) * 10.0 ** -k).to(dtype) - base.to(dtype)
+                           for k in range(models)])
+    stacked[:, ::9] = stacked[0, ::9]  # entries that do not vary
+    stacked[1, 4::17] = float("inf")
+    expected = torch.var(stacked, dim=0, unbiased=False)
+    got = population_variance(stacked)
+    assert got.dtype == expected.dtype
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
+
+
+def test_sce_selection_differs_from_topk_only_among_tied_variances():
+    """SCE keeps the same number of entries as torch.topk (mergekit's choice, --mergekit-compat), and
+    the two masks differ only where the variance equals the smallest kept one."""
+    from fastmerge.merging.methods.sce import _varying_entries
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(300, 200, generator=generator)
+    stacked = torch.stack([(base + torch.randn(300, 200, generator=generator) * 0.01).to(torch.bfloat16)
+                           - base.to(torch.bfloat16) for _ in range(3)])
+    ours, topk = _varying_entries(stacked, 0.4, compat=False), _varying_entries(stacked, 0.4, compat=True)
+    assert ours.sum() == topk.sum() > 0
+    variance = population_variance(stacked)
+    edge = variance[topk.bool()].min()
+    assert not ((ours != topk) & (variance != edge)).any()
+    assert ((ours != topk) & (variance == edge)).any()  # bfloat16 variances tie: the choice matters
+    assert (variance[ours.bool()] >= edge).all()
