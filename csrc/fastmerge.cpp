@@ -60,6 +60,9 @@ TORCH_LIBRARY(fastmerge, m) {
   // pass to check its inputs. `sample`: the most entries sampled (at most 1 in 32) to narrow the
   // select to one pass (0: a radix select, more passes; same result).
   m.def("abs_delta_kth_largest(Tensor[] models, Tensor base, int k, int sample=65536) -> (Tensor, Tensor)");
+  // G[i][j] = <models[i] - base, models[j] - base> (without a base: <models[i], models[j]>) in
+  // float64, one pass over the inputs (kernels/gram.h): Model Stock's and the SLERP family's angles.
+  m.def("gram(Tensor[] models, Tensor? base) -> Tensor");
   // TIES: out = base + scale * (w-weighted mean of the trimmed task vectors that agree with the elected sign).
   m.def(
       "ties_merge_out(Tensor[] models, Tensor base, float[] weights, float[] thresholds, float scale, bool normalize, "

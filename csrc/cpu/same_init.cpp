@@ -1,10 +1,12 @@
 // CPU kernels of fastmerge::abs_delta_kth_largest, ties_merge_out and dare_merge_out: the fused
-// same-initialisation merges of kernels/same_init.h, parallel over element ranges. Inputs are
+// same-initialisation merges of kernels/same_init.h, parallel over element ranges; and of
+// fastmerge::gram (kernels/gram.h), the inner products behind Model Stock and the SLERP family. Inputs are
 // float32, float16 or bfloat16 (all of one dtype), the output any of these.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -14,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/gram.h"
 #include "kernels/same_init.h"
 
 namespace fastmerge {
@@ -63,6 +66,7 @@ bool cpu_has_avx2() { return false; }
 FASTMERGE_ISA_VARIANTS(window_pass, kn::abs_delta_window_pass)
 FASTMERGE_ISA_VARIANTS(ties_merge, kn::ties_merge)
 FASTMERGE_ISA_VARIANTS(dare_merge, kn::dare_merge)
+FASTMERGE_ISA_VARIANTS(gram_range, kn::gram_range)
 
 bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
@@ -313,9 +317,40 @@ void dare_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::Array
   });
 }
 
+constexpr int64_t kGramChunk = 1 << 16;
+
+at::Tensor gram_cpu(at::TensorList models, const c10::optional<at::Tensor>& base) {
+  TORCH_CHECK(!models.empty() && models.size() <= static_cast<size_t>(kn::kGramMaxModels),
+              "gram: takes 1 to ", kn::kGramMaxModels, " tensors, got ", models.size());
+  const at::Tensor& first = base.has_value() ? *base : models[0];
+  check_inputs("gram", models, first);
+  const int k = static_cast<int>(models.size());
+  const int64_t n = first.numel();
+  const std::vector<at::Tensor> m = contiguous(models);
+  const at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
+  // one partial matrix per chunk, summed in chunk order: the same bits for any number of threads
+  const int64_t chunks = (n + kGramChunk - 1) / kGramChunk;
+  std::vector<double> partial(static_cast<size_t>(chunks) * k * k, 0.0);
+  FASTMERGE_DISPATCH_FUSED(first.scalar_type(), "gram", [&] {
+    std::vector<const scalar_t*> mp;
+    for (const at::Tensor& t : m) mp.push_back(t.const_data_ptr<scalar_t>());
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        gram_range(mp.data(), k, bp, c * kGramChunk, std::min(n, (c + 1) * kGramChunk), partial.data() + c * k * k);
+    });
+  });
+  at::Tensor result = at::zeros({k, k}, at::TensorOptions().dtype(at::kDouble));
+  double* out = result.data_ptr<double>();
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t e = 0; e < k * k; ++e) out[e] += partial[c * k * k + e];
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmerge, CPU, m) {
+  m.impl("gram", &gram_cpu);
   m.impl("abs_delta_kth_largest", &abs_delta_kth_largest_cpu);
   m.impl("ties_merge_out", &ties_merge_out_cpu);
   m.impl("dare_merge_out", &dare_merge_out_cpu);

@@ -37,7 +37,7 @@ from ..io import DTYPES, Checkpoint
 from ..io.text import TextBatches, is_text_file, load_tokenizer
 from ..merging import METHODS as SAME_INIT_METHODS
 from ..merging.checkpoints import merge_checkpoints, plan_merge
-from ..merging.passthrough import passthrough
+from ..merging.passthrough import describe_passthrough, passthrough
 from ..merging.slices import MergedSlice, describe_slices, merge_slices
 from ..merging.same_init import SameInitOptions
 from ..merging.with_data import merge_files_with_data
@@ -180,8 +180,6 @@ def _slices_output(settings: dict, args: argparse.Namespace, kind: str) -> str:
     output = args.output or settings.get("output")
     if not output:
         raise InvalidArgumentError("no output: give -o PATH (or out_path: in --config)")
-    if args.dry_run and kind == "passthrough":
-        raise InvalidArgumentError(f"--dry-run does not cover {kind} configs yet")
     return output
 
 
@@ -212,6 +210,9 @@ def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
 def _run_passthrough(settings: dict, args: argparse.Namespace) -> int:
     """A config's passthrough slices (layer ranges stacked into a new model)."""
     output = _slices_output(settings, args, "passthrough")
+    if args.dry_run:
+        print(describe_passthrough(settings["slices"], settings.get("base"), settings.get("tokenizer")))
+        return 0
     return _write_layered(passthrough, settings["slices"], output, settings, args, base=settings.get("base"),
                           shared_scale=settings.get("scale"))
 

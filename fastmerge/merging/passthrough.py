@@ -58,19 +58,12 @@ def config_with_layers(source: str, count: int, whose: str) -> dict:
     return {**config, key: count}
 
 
-def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None, dtype: str | None = None,
-                max_shard_size: str | int | None = "5GB", overwrite: bool = False, shared_scale: Setting | None = None,
-                copy_tokenizer: bool = True, write_card: bool = True, allow_nonfinite: bool = False,
-                progress: bool = True, tokenizer: Mapping | None = None, chat_template: str | None = None) -> list[str]:
-    """Writes the layers of `slices`, in order, with the tensors around them, to `output`; returns
-    the files written. A folder output gets the config of `base` (else the first slice's model)
-    with the new layer count. NaN/Inf, in an input or after a scale, is refused before anything is
-    renamed into place, as in every merge (allow_nonfinite: written). `tokenizer` and
-    `chat_template` as for merge_checkpoints: the embeddings (first slice's model) and the LM head
-    (last slice's) re-indexed to the output tokenizer's vocabulary."""
+def plan_passthrough(slices: Sequence[Slice], base: str | None = None, tokenizer: Mapping | None = None):
+    """The output's tensors in order, as (output name, checkpoint, input name, slice, t), the
+    output's layer count and {id(checkpoint): VocabularyPlan} for a `tokenizer`; checks every
+    slice's layer range."""
     if not slices:
         raise InvalidArgumentError("passthrough needs at least one slice")
-    out_dtype = parse_dtype(dtype)
     models = {s.model: Checkpoint(s.model) for s in slices}
     plan = []  # (output name, checkpoint, input name, scale setting, t)
     first_model, last_model = models[slices[0].model], models[slices[-1].model]
@@ -100,12 +93,42 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
             position += 1
     for name in [n for n in last_model.keys() if _layer(n) is None and not _BEFORE_LAYERS.search(n)]:
         plan.append((name, last_model, name, slices[-1], 0.0))
+    vocabularies = _vocabularies(slices, models, base, tokenizer) if tokenizer is not None else {}
+    return plan, position, vocabularies
+
+
+def describe_passthrough(slices: Sequence[Slice], base: str | None = None, tokenizer: Mapping | None = None) -> str:
+    """What passthrough would write (--dry-run): each slice's layers, the layer count, the tensors."""
+    plan, layers, vocabularies = plan_passthrough(slices, base, tokenizer)
+    lines = ["method: passthrough"]
+    for i, s in enumerate(slices):
+        end = "end" if s.end is None else s.end
+        lines.append(f"slice {i}: {s.model} [{s.start}, {end})" + (" (scaled)" if s.scale is not None else ""))
+    lines.append(f"layers: {layers}; tensors: {len(plan)}; "
+                 f"{sum(c.tensor_bytes(n) for _, c, n, _, _ in plan) / 1e9:.2f} GB as stored")
+    vocabulary = next(iter(vocabularies.values()), None)
+    if vocabulary is not None:
+        lines.append(f"tokenizer: {vocabulary.folder} ({vocabulary.size} vocabulary rows)")
+    return "\n".join(lines)
+
+
+def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None, dtype: str | None = None,
+                max_shard_size: str | int | None = "5GB", overwrite: bool = False, shared_scale: Setting | None = None,
+                copy_tokenizer: bool = True, write_card: bool = True, allow_nonfinite: bool = False,
+                progress: bool = True, tokenizer: Mapping | None = None, chat_template: str | None = None) -> list[str]:
+    """Writes the layers of `slices`, in order, with the tensors around them, to `output`; returns
+    the files written. A folder output gets the config of `base` (else the first slice's model)
+    with the new layer count. NaN/Inf, in an input or after a scale, is refused before anything is
+    renamed into place, as in every merge (allow_nonfinite: written). `tokenizer` and
+    `chat_template` as for merge_checkpoints: the embeddings (first slice's model) and the LM head
+    (last slice's) re-indexed to the output tokenizer's vocabulary."""
+    out_dtype = parse_dtype(dtype)
+    plan, position, vocabularies = plan_passthrough(slices, base, tokenizer)
+    models = {id(c): c for _, c, _, _, _ in plan}
 
     def target(ckpt: Checkpoint, name: str) -> torch.dtype:
         own = ckpt.dtype(name)
         return out_dtype if out_dtype is not None and own.is_floating_point else own
-
-    vocabularies = _vocabularies(slices, models, base, tokenizer) if tokenizer is not None else {}
 
     def shape(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
         vocabulary = vocabularies.get(id(ckpt))

@@ -53,6 +53,11 @@ def _count_nonfinite_fake(tensors):
     return torch.empty(len(tensors), dtype=torch.long)
 
 
+@torch.library.register_fake("fastmerge::gram")
+def _gram_fake(models, base):
+    return torch.empty(len(models), len(models), dtype=torch.float64)
+
+
 @torch.library.register_fake("fastmerge::abs_delta_kth_largest")
 def _abs_delta_kth_largest_fake(models, base, k, sample=65536):
     return torch.empty(len(models), dtype=torch.float32), torch.empty(len(models), dtype=torch.long)

@@ -352,6 +352,26 @@ def test_dry_run_of_a_slices_config_names_its_slices_and_writes_nothing(family, 
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_dry_run_of_a_passthrough_config_plans_what_the_merge_writes(family, tmp_path, capsys):
+    """--dry-run of a frankenmerge: its slices, the new layer count and the tensors that the merge
+    then writes (the same count), and nothing on disk; a bad layer range is the same one-line error."""
+    text = ("merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 2]}]\n"
+            "  - sources: [{model: ROOT/b, layer_range: [1, 2]}]\n").replace("ROOT", str(family / "float32"))
+    path = tmp_path / "merge.yml"
+    path.write_text(text)
+    assert main(["merge", "--config", str(path), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "method: passthrough" in out and "slice 1:" in out and "[1, 2)" in out and "layers: 3" in out
+    assert not os.path.exists(tmp_path / "out")
+    planned = int(out.split("tensors: ")[1].split(";")[0])
+    assert main(["merge", "--config", str(path), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert len(Checkpoint(str(tmp_path / "out")).keys()) == planned
+    path.write_text(text.replace("[1, 2]", "[1, 5]"))
+    assert main(["merge", "--config", str(path), "-o", str(tmp_path / "out2"), "--dry-run"]) == 2
+    assert "within its 2 layers" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out2")
+
+
 def test_a_base_listed_among_the_models_is_not_merged_as_a_model(family, tmp_path):
     """mergekit's TIES (every method with a base apart) drops a base listed under models:."""
     text = ("merge_method: ties\nbase_model: ROOT/base\nmodels:\n  - model: ROOT/base\n"

@@ -1,6 +1,6 @@
 """Merges whose result is a linear combination of the inputs, with coefficients that depend only
 on the inputs' inner products: Model Stock, Multi-SLERP, NuSLERP (whole tensors) and the Karcher
-mean. One pass reads the Gram matrix (float64), the coefficients follow from it in closed form or
+mean. One pass reads the Gram matrix (float64, fastmerge.ops.gram), the coefficients follow from it in closed form or
 by iterating on k numbers instead of k tensors, and one fused combination (float32 accumulation,
 into the output buffer) writes the result: about the cost of a linear merge.
 
@@ -16,29 +16,11 @@ import torch
 
 from ...errors import NonFiniteError
 from ...ops import combine
+from ...ops.gram import gram
 from ...ops.same_init import dare_merge
 from .base import combine_target
 
-GRAM_CHUNK = 1 << 16  # entries per step: the float64 copies of every input's chunk stay in cache
-
-
-def gram(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> torch.Tensor:
-    """G[i, j] = <t_i - base, t_j - base> (without a base: <t_i, t_j>) in float64, over the whole tensors."""
-    flat = [t.reshape(-1) for t in tensors]
-    flat_base = base.reshape(-1) if base is not None else None
-    numel = flat[0].numel()
-    result = torch.zeros(len(flat), len(flat), dtype=torch.float64, device=flat[0].device)
-    rows = torch.empty(len(flat), min(GRAM_CHUNK, numel), dtype=torch.float64, device=flat[0].device)
-    shift = torch.empty(rows.shape[1], dtype=torch.float64, device=flat[0].device)
-    for start in range(0, numel, GRAM_CHUNK):
-        end = min(start + GRAM_CHUNK, numel)
-        chunk = rows[:, : end - start]
-        for row, t in zip(chunk, flat):
-            row.copy_(t[start:end])
-        if flat_base is not None:
-            chunk -= shift[: end - start].copy_(flat_base[start:end])
-        result.addmm_(chunk, chunk.T)
-    return result
+__all__ = ["check_finite", "checks_finite", "combination", "gram"]
 
 
 def check_finite(name: str, grams: torch.Tensor) -> None:
