@@ -51,8 +51,8 @@ class SameInitOptions:
     mergekit_compat: compute as mergekit 0.1.5 does, operation for operation, where fastmerge computes
         otherwise: TIES on bfloat16/float16 checkpoints (in their dtype, exactly k entries kept),
         the entries tied at the edge of breadcrumbs' and sce's selections (torch's sort order, not
-        positions), model_stock / nuslerp / multislerp / karcher in the checkpoints' dtype (not from a
-        float64 Gram matrix); bit-equal to mergekit (tests/io/test_mergekit_conformance.py), as slow.
+        positions), slerp / model_stock / nuslerp / multislerp / karcher with mergekit's float operations
+        (not from a float64 Gram matrix); bit-equal to mergekit (tests/io/test_mergekit_conformance.py), as slow.
     """
 
     method: str = "linear"

@@ -1,4 +1,4 @@
-"""Model Stock, NuSLERP, Multi-SLERP and Karcher from the inputs' Gram matrix (methods/span.py):
+"""SLERP, Model Stock, NuSLERP, Multi-SLERP and Karcher from the inputs' Gram matrix (methods/span.py):
 against mergekit's formulas evaluated in float64 (the replicas that --mergekit-compat runs), within
 about one float32 rounding, and at least as close as mergekit's own float32 arithmetic; the edge
 cases (parallel, opposite, zero tensors) as mergekit handles them."""
@@ -15,6 +15,8 @@ from fastmerge.merging.same_init import SameInitOptions
 EPS32 = torch.finfo(torch.float32).eps
 
 CASES = {
+    "slerp": (2, False, {"t": 0.3}),
+    "slerp, near the line": (2, False, {"t": 0.7}),
     "model_stock": (3, True, {}),
     "nuslerp": (2, False, {"weights": (0.3, 0.9)}),
     "nuslerp with base": (2, True, {"weights": (1.0, 2.0)}),

@@ -1,19 +1,34 @@
 """SLERP: spherical interpolation of two models' tensors at position t from the first (a line where
-they are nearly (anti)parallel), in float32 (float64 for float64 inputs).
+they are nearly (anti)parallel).
 
-The arithmetic is mergekit 0.1.5's, operation for operation (norms of 2^20-element chunks, the
-dot of the normalised tensors, a line where |cos| > 0.9995, a norm of at most 1e-8 taken as 1), so
-a config merged by both gives the same tensors to the bit: SLERP sits close to a line for the
-nearly parallel tensors of fine-tunes, where two reasonable formulas differ by far more than
-rounding."""
+mergekit 0.1.5's formula (a line where |cos| > 0.9995, a norm of at most 1e-8 taken as 1): SLERP
+sits close to a line for the nearly parallel tensors of fine-tunes, where two reasonable formulas
+differ by far more than rounding. fastmerge takes the angle from the two tensors' Gram matrix in
+float64 and writes the interpolation in one fused pass (methods/span.py); with --mergekit-compat
+it runs mergekit's float32 operations in their order (norms of 2^20-element chunks, the dot of the
+normalised tensors), so a config merged by both gives the same tensors to the bit."""
+
+import math
 
 import torch
 
 from .base import SameInitMethod, register
+from .span import check_finite, checks_finite, combination, gram
 
 CHUNK_ELEMENTS = 1 << 20  # per norm/dot partial sum, as mergekit chunks them
 DOT_THRESHOLD = 0.9995  # |cos| above this: interpolate on the line
 NORM_EPS = 1e-8  # a norm at or below this is taken as 1 (a zero tensor stays zero)
+
+
+def slerp_coefficients(grams: torch.Tensor, t: float) -> list[float]:
+    """(c_a, c_b) with SLERP = c_a a + c_b b, from the two tensors' Gram matrix."""
+    norm_a, norm_b = (float(x) for x in grams.diagonal().clamp(min=0).sqrt())
+    norm_a, norm_b = (norm if norm > NORM_EPS else 1.0 for norm in (norm_a, norm_b))
+    dot = min(1.0, max(-1.0, float(grams[0, 1]) / (norm_a * norm_b)))
+    if abs(dot) > DOT_THRESHOLD:
+        return [1 - t, t]
+    theta = math.acos(dot)
+    return [math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)]
 
 
 def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -44,9 +59,17 @@ def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def merge_slerp(name, tensors, base, options, out_dtype, out):
+    if not options.mergekit_compat and tensors[0].numel():
+        grams = gram(tensors[:2])
+        check_finite(name, grams)
+        # the inputs' dtype first, as mergekit writes its result, then the output's
+        merged = combination(tensors[:2], slerp_coefficients(grams, options.t), None, tensors[0].dtype,
+                             out if out_dtype == tensors[0].dtype else None)
+        return merged.to(out_dtype)
     # mergekit writes its float32 result into the inputs' dtype; then the output's (one rounding
     # when they are the same)
     return slerp_tensor(tensors[0], tensors[1], options.t).to(tensors[0].dtype).to(out_dtype)
 
 
-register(SameInitMethod(name="slerp", merge=merge_slerp, min_models=2, max_models=2, uses=("t",)))
+register(SameInitMethod(name="slerp", merge=merge_slerp, min_models=2, max_models=2, checks_finite=checks_finite,
+                        uses=("t", "mergekit_compat")))
