@@ -105,6 +105,16 @@ def dare_draws(seed: int, start: int, end: int, device: torch.device | str = "cp
     return _hash32((i & _M32) ^ key) >> 8
 
 
+def dare_keep(seed: int, start: int, end: int, density: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """DARE's keep mask (bool) of entries [start, end) for `seed`: dare_draws < keep_below(density),
+    compiled on the CPU (one pass of 32-bit hashes), in torch elsewhere."""
+    if torch.device(device).type == "cpu" and _ext.load():
+        keep = torch.empty(end - start, dtype=torch.bool)
+        torch.ops.fastmerge.dare_keep_out(start, seed, keep_below(density), keep)
+        return keep
+    return dare_draws(seed, start, end, device) < keep_below(density)
+
+
 def kth_largest_abs_reference(values: torch.Tensor, k: int) -> float:
     """The k-th largest |value| (k >= 1) of a float32 tensor, exactly, by a two-pass radix select
     on the float32 bits (non-negative floats order like their bit patterns): two bincounts."""

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from fastmerge import _ext
 from fastmerge.ops.same_init import (
     SELECT_SAMPLE,
     _hash32,
     abs_delta_kth_largest,
     dare_draws,
+    dare_keep,
     dare_merge,
     dare_merge_reference,
     keep_below,
@@ -243,3 +245,17 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.fastmerge.abs_delta_kth_largest.default, (tunes, base, 10))
     torch.library.opcheck(torch.ops.fastmerge.ties_merge_out.default, (tunes, base, [1.0] * 3, [0.01] * 3, 1.0, True, out))
     torch.library.opcheck(torch.ops.fastmerge.dare_merge_out.default, (tunes, base, [1.0] * 3, [1, 2, 3], 1 << 23, out))
+
+
+@pytest.mark.skipif(not _ext.load(), reason="the compiled engine did not load")
+@pytest.mark.parametrize("start, end", [(0, 1), (0, 100_003), ((1 << 32) - 70_000, (1 << 32) + 50_000)])
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_compiled_dare_keep_is_the_torch_masks(start, end, density):
+    """The masks of mergekit's DARE variants from the compiled hash: the same bits as dare_draws' (and
+    so as dare_merge_out's), across a 2^32 boundary of the index too."""
+    seed = 2**62 + 12345
+    keep = torch.empty(end - start, dtype=torch.bool)
+    torch.ops.fastmerge.dare_keep_out(start, seed, keep_below(density), keep)
+    assert keep.dtype == torch.bool and keep.shape == (end - start,)
+    assert torch.equal(keep, dare_draws(seed, start, end) < keep_below(density))
+    assert torch.equal(dare_keep(seed, start, end, density), keep)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ...ops import selection
-from ...ops.same_init import dare_draws, keep_below, ties_threshold_count
+from ...ops.same_init import dare_draws, dare_keep, ties_threshold_count
 
 
 def _magnitude(delta: torch.Tensor, density: float, gamma: float, compat: bool = True) -> torch.Tensor:
@@ -66,8 +66,7 @@ def magnitude_keep(delta: torch.Tensor, density: float, epsilon: float, seed: in
 def random_keep(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
     """DARE's keep mask from fastmerge's hashed draws (reproducible; not torch's generator, so not
     mergekit's masks): an entry is kept with probability `density`."""
-    draws = dare_draws(seed, 0, delta.numel(), delta.device)
-    return (draws < keep_below(density)).to(delta.dtype).reshape_as(delta)
+    return dare_keep(seed, 0, delta.numel(), density, delta.device).to(delta.dtype).reshape_as(delta)
 
 
 def gta_as_mergekit(tensors: Sequence[torch.Tensor], base: torch.Tensor, weights: Sequence[float],
@@ -98,7 +97,7 @@ def gta_as_mergekit(tensors: Sequence[torch.Tensor], base: torch.Tensor, weights
     deltas.mul_(w)
     if consensus:
         elected = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-        agree = deltas.sign().to(base.dtype) == elected
+        agree = (deltas.sign().to(base.dtype) == elected).to(base.dtype)  # once: both products promote it
         mixed = (deltas * agree).sum(dim=0)
         divisor = (w * agree).sum(dim=0)
         divisor[divisor == 0] = 1
