@@ -66,6 +66,8 @@ TORCH_LIBRARY(fastmerge, m) {
   // DARE's keep mask (bool) of entries [start, start + out.numel()) for `seed`: draw < keep_below,
   // dare_merge_out's draws.
   m.def("dare_keep_out(int start, int seed, int keep_below, Tensor(a!) out) -> ()");
+  // The 24-bit draws themselves (int32), of entries [start, start + out.numel()).
+  m.def("dare_draws_out(int start, int seed, Tensor(a!) out) -> ()");
   // TIES: out = base + scale * (w-weighted mean of the trimmed task vectors that agree with the elected sign).
   m.def(
       "ties_merge_out(Tensor[] models, Tensor base, float[] weights, float[] thresholds, float scale, bool normalize, "

@@ -68,6 +68,7 @@ FASTMERGE_ISA_VARIANTS(ties_merge, kn::ties_merge)
 FASTMERGE_ISA_VARIANTS(dare_merge, kn::dare_merge)
 FASTMERGE_ISA_VARIANTS(gram_range, kn::gram_range)
 FASTMERGE_ISA_VARIANTS(dare_keep, kn::dare_keep)
+FASTMERGE_ISA_VARIANTS(dare_draws, kn::dare_draws)
 
 bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
@@ -330,6 +331,16 @@ void dare_keep_out_cpu(int64_t start, int64_t seed, int64_t keep_below, at::Tens
   });
 }
 
+void dare_draws_out_cpu(int64_t start, int64_t seed, at::Tensor& out) {
+  TORCH_CHECK(start >= 0, "dare_draws_out: start must be >= 0, got ", start);
+  TORCH_CHECK(out.scalar_type() == at::kInt && out.dim() == 1 && out.is_contiguous(),
+              "dare_draws_out: out must be a contiguous 1-d int32 tensor");
+  int32_t* draws = out.data_ptr<int32_t>();
+  at::parallel_for(start, start + out.numel(), kGrain, [&](int64_t begin, int64_t stop) {
+    dare_draws(static_cast<uint64_t>(seed), begin, stop, draws + (begin - start));
+  });
+}
+
 constexpr int64_t kGramChunk = 1 << 16;
 
 at::Tensor gram_cpu(at::TensorList models, const c10::optional<at::Tensor>& base) {
@@ -365,6 +376,7 @@ at::Tensor gram_cpu(at::TensorList models, const c10::optional<at::Tensor>& base
 TORCH_LIBRARY_IMPL(fastmerge, CPU, m) {
   m.impl("gram", &gram_cpu);
   m.impl("dare_keep_out", &dare_keep_out_cpu);
+  m.impl("dare_draws_out", &dare_draws_out_cpu);
   m.impl("abs_delta_kth_largest", &abs_delta_kth_largest_cpu);
   m.impl("ties_merge_out", &ties_merge_out_cpu);
   m.impl("dare_merge_out", &dare_merge_out_cpu);

@@ -58,6 +58,11 @@ def _gram_fake(models, base):
     return torch.empty(len(models), len(models), dtype=torch.float64)
 
 
+@torch.library.register_fake("fastmerge::dare_draws_out")
+def _dare_draws_out_fake(start, seed, out):
+    return None
+
+
 @torch.library.register_fake("fastmerge::dare_keep_out")
 def _dare_keep_out_fake(start, seed, keep_below, out):
     return None

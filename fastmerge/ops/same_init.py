@@ -99,7 +99,17 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def dare_draws(seed: int, start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """DARE's 24-bit draws (int64) of entries [start, end) for `seed`: the kernel's hash in torch."""
+    """DARE's 24-bit draws (int64) of entries [start, end) for `seed`: the kernel's hash (compiled on
+    the CPU, in torch elsewhere: dare_draws_reference)."""
+    if torch.device(device).type == "cpu" and _ext.load():
+        draws = torch.empty(end - start, dtype=torch.int32)
+        torch.ops.fastmerge.dare_draws_out(start, seed, draws)
+        return draws.to(torch.int64)
+    return dare_draws_reference(seed, start, end, device)
+
+
+def dare_draws_reference(seed: int, start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """dare_draws in torch integer ops."""
     i = torch.arange(start, end, dtype=torch.int64, device=device)
     key = _hash32(_hash32((i >> 32) ^ (seed & _M32)) ^ ((seed >> 32) & _M32))  # one value per 2^32 entries
     return _hash32((i & _M32) ^ key) >> 8
@@ -112,7 +122,7 @@ def dare_keep(seed: int, start: int, end: int, density: float, device: torch.dev
         keep = torch.empty(end - start, dtype=torch.bool)
         torch.ops.fastmerge.dare_keep_out(start, seed, keep_below(density), keep)
         return keep
-    return dare_draws(seed, start, end, device) < keep_below(density)
+    return dare_draws_reference(seed, start, end, device) < keep_below(density)
 
 
 def kth_largest_abs_reference(values: torch.Tensor, k: int) -> float:
@@ -175,7 +185,7 @@ def dare_merge_reference(models, base, coefficients, seeds, density) -> torch.Te
         b = flat_b[s:e].to(dtype)
         acc = torch.zeros_like(b)
         for f, c, seed in zip(flat, coefficients, seeds):
-            keep = dare_draws(seed, s, e, base.device) < below
+            keep = dare_draws_reference(seed, s, e, base.device) < below
             acc += (f[s:e].to(dtype) - b) * keep * c
         result[s:e] = b + acc
     return result.reshape(base.shape)

@@ -9,6 +9,7 @@ from fastmerge.ops.same_init import (
     _hash32,
     abs_delta_kth_largest,
     dare_draws,
+    dare_draws_reference,
     dare_keep,
     dare_merge,
     dare_merge_reference,
@@ -257,5 +258,6 @@ def test_compiled_dare_keep_is_the_torch_masks(start, end, density):
     keep = torch.empty(end - start, dtype=torch.bool)
     torch.ops.fastmerge.dare_keep_out(start, seed, keep_below(density), keep)
     assert keep.dtype == torch.bool and keep.shape == (end - start,)
-    assert torch.equal(keep, dare_draws(seed, start, end) < keep_below(density))
+    assert torch.equal(keep, dare_draws_reference(seed, start, end) < keep_below(density))
     assert torch.equal(dare_keep(seed, start, end, density), keep)
+    assert torch.equal(dare_draws(seed, start, end), dare_draws_reference(seed, start, end))  # compiled draws

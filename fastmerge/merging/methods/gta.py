@@ -55,7 +55,9 @@ def magnitude_keep(delta: torch.Tensor, density: float, epsilon: float, seed: in
     with the rank of its magnitude from density - epsilon to density + epsilon; drawn with
     fastmerge's hashed draws (not torch's generator, so not mergekit's masks)."""
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = torch.argsort(torch.argsort(rows.abs().float(), dim=1), dim=1).to(torch.float64)
+    order = torch.argsort(rows.abs().float(), dim=1)  # its inverse permutation: the ranks (one sort, not two)
+    ranks = torch.empty(order.shape, dtype=torch.float64, device=order.device)
+    ranks.scatter_(1, order, torch.arange(order.shape[1], dtype=torch.float64, device=order.device).expand_as(order))
     width = rows.shape[1] - 1
     position = ranks / width if width > 0 else torch.zeros_like(ranks)  # ranks run 0..n-1 in every row
     probability = (density - epsilon) + position * 2 * epsilon
