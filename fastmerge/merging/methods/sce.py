@@ -74,4 +74,5 @@ def merge_sce(name, tensors, base, options, out_dtype, out):
     return (base + merged).to(out_dtype)
 
 
-register(SameInitMethod(name="sce", merge=merge_sce, needs_base=True, min_models=1, uses=("select_topk", "mergekit_compat")))
+register(SameInitMethod(name="sce", merge=merge_sce, needs_base=True, min_models=1,
+                        uses=("select_topk", "mergekit_compat")))

@@ -1,8 +1,9 @@
 """Merges whose result is a linear combination of the inputs, with coefficients that depend only
 on the inputs' inner products: SLERP, Model Stock, Multi-SLERP, NuSLERP (whole tensors) and the
-Karcher mean. One pass reads the Gram matrix (float64, fastmerge.ops.gram), the coefficients follow from it in closed form or
-by iterating on k numbers instead of k tensors, and one fused combination (float32 accumulation,
-into the output buffer) writes the result: about the cost of a linear merge.
+Karcher mean. One pass reads the Gram matrix (float64, fastmerge.ops.gram), the coefficients
+follow from it in closed form or by iterating on k numbers instead of k tensors, and one fused
+combination (float32 accumulation, into the output buffer) writes the result: about the cost of a
+linear merge.
 
 mergekit computes the same formulas tensor-wide in the checkpoints' dtype, rounding every
 intermediate (bfloat16: 2^-9 relative), so the two differ by about that rounding; with
