@@ -94,7 +94,7 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--mergekit-compat", action="store_true",
                    help="compute as mergekit 0.1.5 does, to the bit, where fastmerge computes otherwise (TIES on "
-                        "bfloat16/float16 checkpoints; ties in breadcrumbs' and sce's selections; the angles of "
+                        "bfloat16/float16 checkpoints; ties at the edges of breadcrumbs' bands; the angles of "
                         "slerp, model_stock, nuslerp, multislerp and karcher): as slow as mergekit")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="merge NaN/Inf input values and write NaN/Inf merged ones (refused by default)")

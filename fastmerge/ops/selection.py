@@ -1,6 +1,6 @@
 """Keep masks by rank without sorting: the entries whose rank, in the order of (|value|, position),
-falls in a band [lo, hi). Model Breadcrumbs keeps such a band of each task vector and SCE the top
-of the variances; a full sort per tensor (what mergekit runs) dominated those merges.
+falls in a band [lo, hi). Model Breadcrumbs keeps such a band of each task vector; a full sort per
+task vector (what mergekit runs) dominated that merge.
 
 The rank's value comes from a radix select on the bit patterns (non-negative floats order like
 their bits): one histogram for 16-bit floats, two for float32. Entries tied with the value at a
@@ -80,7 +80,3 @@ def band_mask(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         _add_ties(keep, keys, high_key, below_high, equal_high, lo, hi)
     return keep.reshape(values.shape)
 
-
-def top_mask(values: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` entries of largest |value| (ties: the later positions, as band_mask ranks them)."""
-    return band_mask(values, values.numel() - count, values.numel())
