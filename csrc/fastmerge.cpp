@@ -63,10 +63,7 @@ TORCH_LIBRARY(fastmerge, m) {
   // G[i][j] = <models[i] - base, models[j] - base> (without a base: <models[i], models[j]>) in
   // float64, one pass over the inputs (kernels/gram.h): Model Stock's and the SLERP family's angles.
   m.def("gram(Tensor[] models, Tensor? base) -> Tensor");
-  // DARE's keep mask (bool) of entries [start, start + out.numel()) for `seed`: draw < keep_below,
-  // dare_merge_out's draws.
-  m.def("dare_keep_out(int start, int seed, int keep_below, Tensor(a!) out) -> ()");
-  // The 24-bit draws themselves (int32), of entries [start, start + out.numel()).
+  // DARE's 24-bit draws (int32) of entries [start, start + out.numel()) for `seed`: dare_merge_out's.
   m.def("dare_draws_out(int start, int seed, Tensor(a!) out) -> ()");
   // TIES: out = base + scale * (w-weighted mean of the trimmed task vectors that agree with the elected sign).
   m.def(

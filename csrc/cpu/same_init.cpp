@@ -1,7 +1,8 @@
 // CPU kernels of fastmerge::abs_delta_kth_largest, ties_merge_out and dare_merge_out: the fused
 // same-initialisation merges of kernels/same_init.h, parallel over element ranges; and of
-// fastmerge::gram (kernels/gram.h), the inner products behind Model Stock and the SLERP family. Inputs are
-// float32, float16 or bfloat16 (all of one dtype), the output any of these.
+// fastmerge::gram (kernels/gram.h), the inner products behind Model Stock and the SLERP family,
+// and of fastmerge::dare_draws_out. Inputs are float32, float16 or bfloat16 (all of one dtype),
+// the output any of these.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -67,7 +68,6 @@ FASTMERGE_ISA_VARIANTS(window_pass, kn::abs_delta_window_pass)
 FASTMERGE_ISA_VARIANTS(ties_merge, kn::ties_merge)
 FASTMERGE_ISA_VARIANTS(dare_merge, kn::dare_merge)
 FASTMERGE_ISA_VARIANTS(gram_range, kn::gram_range)
-FASTMERGE_ISA_VARIANTS(dare_keep, kn::dare_keep)
 FASTMERGE_ISA_VARIANTS(dare_draws, kn::dare_draws)
 
 bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
@@ -319,18 +319,6 @@ void dare_merge_out_cpu(at::TensorList models, const at::Tensor& base, at::Array
   });
 }
 
-void dare_keep_out_cpu(int64_t start, int64_t seed, int64_t keep_below, at::Tensor& out) {
-  TORCH_CHECK(start >= 0, "dare_keep_out: start must be >= 0, got ", start);
-  TORCH_CHECK(keep_below >= 0 && keep_below <= kn::kDareDraws, "dare_keep_out: keep_below must be in [0, 2^24], got ",
-              keep_below);
-  TORCH_CHECK(out.scalar_type() == at::kBool && out.dim() == 1 && out.is_contiguous(),
-              "dare_keep_out: out must be a contiguous 1-d bool tensor");
-  uint8_t* keep = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
-  at::parallel_for(start, start + out.numel(), kGrain, [&](int64_t begin, int64_t stop) {
-    dare_keep(static_cast<uint64_t>(seed), static_cast<uint32_t>(keep_below), begin, stop, keep + (begin - start));
-  });
-}
-
 void dare_draws_out_cpu(int64_t start, int64_t seed, at::Tensor& out) {
   TORCH_CHECK(start >= 0, "dare_draws_out: start must be >= 0, got ", start);
   TORCH_CHECK(out.scalar_type() == at::kInt && out.dim() == 1 && out.is_contiguous(),
@@ -375,7 +363,6 @@ at::Tensor gram_cpu(at::TensorList models, const c10::optional<at::Tensor>& base
 
 TORCH_LIBRARY_IMPL(fastmerge, CPU, m) {
   m.impl("gram", &gram_cpu);
-  m.impl("dare_keep_out", &dare_keep_out_cpu);
   m.impl("dare_draws_out", &dare_draws_out_cpu);
   m.impl("abs_delta_kth_largest", &abs_delta_kth_largest_cpu);
   m.impl("ties_merge_out", &ties_merge_out_cpu);

@@ -1,12 +1,12 @@
 // The Gram matrix of k tensors (or of their differences from a base), in float64, over one range of
-// elements: G[i][j] += sum_e d_i[e] d_j[e], d_i = x_i - base. Model Stock, NuSLERP, Multi-SLERP and
-// the Karcher mean take every coefficient they need from it (fastmerge/merging/methods/span.py), so
+// elements: G[i][j] += sum_e d_i[e] d_j[e], d_i = x_i - base. SLERP, Model Stock, NuSLERP, Multi-SLERP
+// and the Karcher mean take every coefficient they need from it (fastmerge/merging/methods/span.py), so
 // this one pass replaces the norms and dot products that mergekit computes tensor by tensor.
 // Header-only, no torch headers: T is any type with a float conversion (float, c10::Half,
 // c10::BFloat16).
 //
-// Each block of kBlock elements is widened to float64 once per input; each pair's dot product then
-// runs over the block in kLanes independent partial sums (a vectorisable loop without reassociating
+// Each block of kGramBlock elements is widened to float64 once per input; each pair's dot product then
+// runs over the block in kGramLanes independent partial sums (a vectorisable loop without reassociating
 // a single sum), added to the pair's total in a fixed order: the result does not depend on threads.
 #pragma once
 

@@ -226,26 +226,11 @@ inline uint32_t dare_draw(uint64_t seed, uint64_t i) {
   return hash32(static_cast<uint32_t>(i) ^ dare_key(seed, static_cast<uint32_t>(i >> 32))) >> 8;
 }
 
-// DARE's keep mask alone, for entries [begin, end): keep[i - begin] = draw(seed, i) < keep_below (the
-// masks of mergekit's DARE variants, which fastmerge runs with its own draws); and the draws
-// themselves (DELLA compares each with its own probability).
-FASTMERGE_KERNEL void dare_keep(uint64_t seed, uint32_t keep_below, int64_t begin, int64_t end, uint8_t* keep) {
-  for (int64_t i0 = begin; i0 < end;) {
-    const int64_t i1 = std::min(end, (i0 / kBlock + 1) * kBlock);  // within one 2^32 range, as above
-    const uint32_t key = dare_key(seed, static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32));
-    const uint32_t low0 = static_cast<uint32_t>(i0);
-    uint8_t* k = keep + (i0 - begin);
-    for (int64_t j = 0; j < i1 - i0; ++j) {
-      const uint32_t draw = hash32((low0 + static_cast<uint32_t>(j)) ^ key) >> 8;
-      k[j] = static_cast<int32_t>(draw) < static_cast<int32_t>(keep_below);
-    }
-    i0 = i1;
-  }
-}
-
+// DARE's draws alone, for entries [begin, end): draws[i - begin] = draw(seed, i), for the masks of
+// mergekit's DARE and DELLA variants (which fastmerge runs with its own draws).
 FASTMERGE_KERNEL void dare_draws(uint64_t seed, int64_t begin, int64_t end, int32_t* draws) {
   for (int64_t i0 = begin; i0 < end;) {
-    const int64_t i1 = std::min(end, (i0 / kBlock + 1) * kBlock);
+    const int64_t i1 = std::min(end, (i0 / kBlock + 1) * kBlock);  // within one 2^32 range, as below
     const uint32_t key = dare_key(seed, static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32));
     const uint32_t low0 = static_cast<uint32_t>(i0);
     int32_t* d = draws + (i0 - begin);

@@ -161,10 +161,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())
+        _note_mergekit_differences(args, (tensor_options or {}).values() or [options], models[0])
         return 0
     with record_stages() as times:
         plan = merge_checkpoints(models, settings["output"], options, progress=not args.quiet,
                                  allow_nonfinite=args.allow_nonfinite, **common)
+    _note_mergekit_differences(args, (tensor_options or {}).values() or [options], models[0])
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
         print(stage_summary(times), file=sys.stderr)
@@ -201,10 +203,14 @@ def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
 
     slices = [MergedSlice(models=tuple(own["models"]), ranges=tuple(own["ranges"]), options=options_of(own),
                           base=own.get("base"), base_range=own.get("base_range")) for own in settings["merged_slices"]]
+    shared = [_options(own, args) for own in settings["merged_slices"]]  # each slice's, before gradients
     if args.dry_run:
         print(describe_slices(slices, settings.get("tokenizer")))
+        _note_mergekit_differences(args, shared, slices[0].models[0])
         return 0
-    return _write_layered(merge_slices, slices, output, settings, args)
+    done = _write_layered(merge_slices, slices, output, settings, args)
+    _note_mergekit_differences(args, shared, slices[0].models[0])
+    return done
 
 
 def _run_passthrough(settings: dict, args: argparse.Namespace) -> int:
@@ -228,6 +234,23 @@ def _write_layered(write, slices, output: str, settings: dict, args: argparse.Na
         print("\n".join(f"wrote {p}" for p in files))
         print(stage_summary(times), file=sys.stderr)
     return 0
+
+
+def _note_mergekit_differences(args: argparse.Namespace, option_sets, model: str) -> None:
+    """A mergekit config whose method fastmerge computes otherwise than mergekit by default: one
+    line on stderr naming how, never a silent difference (--mergekit-compat removes it)."""
+    if not args.config:
+        return
+    checkpoint = Checkpoint(model)
+    dtype = next((checkpoint.dtype(n) for n in checkpoint.keys() if checkpoint.dtype(n).is_floating_point), None)
+    notes = {}
+    for options in option_sets:
+        text = SAME_INIT_METHODS[options.method].mergekit_difference(options, dtype)
+        if text:
+            notes[(options.method, text)] = None
+    for method, text in notes:
+        print(f"fastmerge merge: note: {method}: {text}; --mergekit-compat computes mergekit's tensors to the bit",
+              file=sys.stderr)
 
 
 def _given(args: argparse.Namespace) -> dict:

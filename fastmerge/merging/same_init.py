@@ -49,9 +49,11 @@ class SameInitOptions:
     threshold, r, alpha: ram / ramplus_tl: the magnitude above which a task-vector entry counts as
         changed (mergekit's epsilon), and RAM+'s rescaling of the unique parts.
     mergekit_compat: compute as mergekit 0.1.5 does, operation for operation, where fastmerge computes
-        otherwise: TIES on bfloat16/float16 checkpoints (in their dtype, exactly k entries kept),
-        the entries tied at the edges of breadcrumbs' bands (torch's sort order, not positions), slerp / model_stock / nuslerp / multislerp / karcher with mergekit's float operations
-        (not from a float64 Gram matrix); bit-equal to mergekit (tests/io/test_mergekit_conformance.py), as slow.
+        otherwise (each method's mergekit_difference says how): TIES on bfloat16/float16 checkpoints
+        (in their dtype, exactly k entries kept), the entries tied at the edges of breadcrumbs' bands
+        (torch's sort order, not positions), slerp / model_stock / nuslerp / multislerp / karcher with
+        mergekit's float operations (not from a float64 Gram matrix); bit-equal to mergekit
+        (tests/io/test_mergekit_conformance.py), as slow.
     """
 
     method: str = "linear"

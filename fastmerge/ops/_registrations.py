@@ -63,10 +63,6 @@ def _dare_draws_out_fake(start, seed, out):
     return None
 
 
-@torch.library.register_fake("fastmerge::dare_keep_out")
-def _dare_keep_out_fake(start, seed, keep_below, out):
-    return None
-
 
 @torch.library.register_fake("fastmerge::abs_delta_kth_largest")
 def _abs_delta_kth_largest_fake(models, base, k, sample=65536):

@@ -1,5 +1,5 @@
 """The Gram matrix of k tensors (or of their differences from a base) in float64: the inner
-products from which Model Stock, NuSLERP, Multi-SLERP and the Karcher mean take their coefficients
+products from which SLERP, Model Stock, NuSLERP, Multi-SLERP and the Karcher mean take their coefficients
 (fastmerge.merging.methods.span). The compiled kernel (csrc/kernels/gram.h) reads every input once,
 widens each entry to float64 once and sums in a fixed order (the same bits for any thread count);
 anything else (float64, CUDA tensors, no compiled library) runs the torch reference."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
+from .selection import magnitude_at_rank
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DARE_DRAW_BITS = 24  # a DARE draw is a 24-bit integer: keep an entry when draw < density * 2^24
@@ -102,10 +103,14 @@ def dare_draws(seed: int, start: int, end: int, device: torch.device | str = "cp
     """DARE's 24-bit draws (int64) of entries [start, end) for `seed`: the kernel's hash (compiled on
     the CPU, in torch elsewhere: dare_draws_reference)."""
     if torch.device(device).type == "cpu" and _ext.load():
-        draws = torch.empty(end - start, dtype=torch.int32)
-        torch.ops.fastmerge.dare_draws_out(start, seed, draws)
-        return draws.to(torch.int64)
+        return _compiled_draws(seed, start, end).to(torch.int64)
     return dare_draws_reference(seed, start, end, device)
+
+
+def _compiled_draws(seed: int, start: int, end: int) -> torch.Tensor:
+    draws = torch.empty(end - start, dtype=torch.int32)
+    torch.ops.fastmerge.dare_draws_out(start, seed, draws)
+    return draws
 
 
 def dare_draws_reference(seed: int, start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -116,29 +121,17 @@ def dare_draws_reference(seed: int, start: int, end: int, device: torch.device |
 
 
 def dare_keep(seed: int, start: int, end: int, density: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """DARE's keep mask (bool) of entries [start, end) for `seed`: dare_draws < keep_below(density),
-    compiled on the CPU (one pass of 32-bit hashes), in torch elsewhere."""
+    """DARE's keep mask (bool) of entries [start, end) for `seed`: dare_draws < keep_below(density)
+    (compared on the compiled int32 draws on the CPU)."""
     if torch.device(device).type == "cpu" and _ext.load():
-        keep = torch.empty(end - start, dtype=torch.bool)
-        torch.ops.fastmerge.dare_keep_out(start, seed, keep_below(density), keep)
-        return keep
+        return _compiled_draws(seed, start, end) < keep_below(density)
     return dare_draws_reference(seed, start, end, device) < keep_below(density)
 
 
 def kth_largest_abs_reference(values: torch.Tensor, k: int) -> float:
-    """The k-th largest |value| (k >= 1) of a float32 tensor, exactly, by a two-pass radix select
-    on the float32 bits (non-negative floats order like their bit patterns): two bincounts."""
-    bits = values.abs().reshape(-1).view(torch.int32)
-    high = bits >> 16
-    counts = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0)  # from the largest bin down
-    top = int(torch.searchsorted(counts, torch.tensor(k, device=counts.device)))  # first bin reaching k
-    bin_high = (1 << 15) - 1 - top
-    above = int(counts[top - 1]) if top > 0 else 0
-    low = bits[high == bin_high] & 0xFFFF
-    counts_low = torch.bincount(low, minlength=1 << 16).flip(0).cumsum(0)
-    pos = int(torch.searchsorted(counts_low, torch.tensor(k - above, device=counts.device)))
-    pattern = (bin_high << 16) | ((1 << 16) - 1 - pos)
-    return float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+    """The k-th largest |value| (k >= 1) of a float32 tensor, exactly, by a radix select on the
+    float32 bits (non-negative floats order like their bit patterns; selection.py): two bincounts."""
+    return magnitude_at_rank(values, values.numel() - k)
 
 
 def _chunks(n: int):

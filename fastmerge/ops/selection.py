@@ -53,6 +53,13 @@ class _RadixSelect:
         return (bin_ << _HALF_BITS) | low_bin, below + below_low, equal
 
 
+def magnitude_at_rank(values: torch.Tensor, rank: int) -> float:
+    """The |value| of ascending rank `rank` (0-based), exactly (half-precision and float32 tensors)."""
+    key = _RadixSelect(magnitude_keys(values))(rank)[0]
+    bits = torch.tensor([key], dtype=torch.int32).to(_KEY_DTYPES[values.dtype])
+    return float(bits.view(values.dtype))
+
+
 def _add_ties(keep: torch.Tensor, keys: torch.Tensor, key: int, below: int, equal: int, lo: int, hi: int) -> None:
     """Sets in `keep` the entries equal to `key` (`equal` of them, ranked below + 0, 1, ... by
     position) whose rank is in [lo, hi)."""

@@ -443,3 +443,30 @@ def test_own_della_masks_keep_more_of_the_large_entries(family, tmp_path):
     quarter = delta.shape[1] // 4
     small, large = kept.gather(1, order[:, :quarter]), kept.gather(1, order[:, -quarter:])
     assert 0.2 < float(small.float().mean()) < 0.35 and 0.65 < float(large.float().mean()) < 0.8
+
+
+@pytest.mark.parametrize("case, dtype, noted", [
+    ("breadcrumbs", "bfloat16", True), ("ties-per-model", "bfloat16", True), ("ties-per-model", "float32", False),
+    ("slerp", "float32", True), ("model-stock-filter-wise", "float32", False), ("sce-select", "bfloat16", False),
+])
+def test_a_config_that_fastmerge_computes_otherwise_says_so(family, tmp_path, capsys, case, dtype, noted):
+    """Never a silent difference from mergekit: a config whose method fastmerge computes otherwise by
+    default gets one line naming how (and none with --mergekit-compat, or where it is mergekit's)."""
+    path = tmp_path / "merge.yml"
+    path.write_text(CASES[case][0].replace("ROOT", str(family / dtype)))
+    for flags in ((), ("--mergekit-compat",)):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["merge", str(path), str(out), "--quiet", *flags]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+        expected = noted and not flags
+        assert len(notes) == (1 if expected else 0), notes
+        if expected:
+            assert CASES[case][0].split()[1] in notes[0] and "--mergekit-compat" in notes[0]
+
+
+def test_merged_slices_say_so_too(family, tmp_path, capsys):
+    path = tmp_path / "merge.yml"
+    path.write_text(MERGED_SLICES["slerp, gradient t"][0].replace("ROOT", str(family / "float32")))
+    assert main(["merge", str(path), str(tmp_path / "out"), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "note: slerp: angles from a float64 Gram matrix" in err

@@ -251,13 +251,14 @@ def test_opcheck(gen):
 @pytest.mark.skipif(not _ext.load(), reason="the compiled engine did not load")
 @pytest.mark.parametrize("start, end", [(0, 1), (0, 100_003), ((1 << 32) - 70_000, (1 << 32) + 50_000)])
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_compiled_dare_keep_is_the_torch_masks(start, end, density):
-    """The masks of mergekit's DARE variants from the compiled hash: the same bits as dare_draws' (and
-    so as dare_merge_out's), across a 2^32 boundary of the index too."""
+def test_compiled_draws_and_masks_are_the_torch_hash(start, end, density):
+    """The draws and masks of mergekit's DARE variants from the compiled hash: the same bits as the
+    torch hash's (and so as dare_merge_out's), across a 2^32 boundary of the index too."""
     seed = 2**62 + 12345
-    keep = torch.empty(end - start, dtype=torch.bool)
-    torch.ops.fastmerge.dare_keep_out(start, seed, keep_below(density), keep)
+    draws = torch.empty(end - start, dtype=torch.int32)
+    torch.ops.fastmerge.dare_draws_out(start, seed, draws)
+    assert torch.equal(draws.long(), dare_draws_reference(seed, start, end))
+    assert torch.equal(dare_draws(seed, start, end), dare_draws_reference(seed, start, end))
+    keep = dare_keep(seed, start, end, density)
     assert keep.dtype == torch.bool and keep.shape == (end - start,)
     assert torch.equal(keep, dare_draws_reference(seed, start, end) < keep_below(density))
-    assert torch.equal(dare_keep(seed, start, end, density), keep)
-    assert torch.equal(dare_draws(seed, start, end), dare_draws_reference(seed, start, end))  # compiled draws

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmerge.merging.methods.sce import population_variance
-from fastmerge.ops.selection import band_mask, supports
+from fastmerge.ops.selection import band_mask, magnitude_at_rank, supports
 
 
 def _reference(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -71,3 +71,13 @@ def test_population_variance_is_torch_var_to_the_bit(dtype, models):
     assert torch.equal(got.isnan(), expected.isnan())
     assert torch.equal(got[~got.isnan()], expected[~expected.isnan()])
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_magnitude_at_rank_is_the_sorted_magnitude(dtype):
+    generator = torch.Generator().manual_seed(7)
+    values = (torch.randn(5001, generator=generator) * 1e-2).to(dtype)
+    values[::9] = values[4]  # ties
+    ordered = values.abs().sort().values
+    for rank in (0, 1, 2500, 4999, 5000):
+        assert magnitude_at_rank(values, rank) == float(ordered[rank]), rank

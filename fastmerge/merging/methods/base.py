@@ -34,7 +34,10 @@ class SameInitMethod:
     min_models / max_models: how many models it merges (max None: any number).
     checks_finite: whether, for these options, `merge` itself raises NonFiniteError on NaN/Inf
         inputs (so callers need not check them first).
-    uses: the SameInitOptions fields it reads, for plans and reports."""
+    uses: the SameInitOptions fields it reads, for plans and reports.
+    mergekit_difference: for these options and the checkpoints' dtype, how the method computes
+        otherwise than mergekit 0.1.5 does for the same config (None: it does not), so a mergekit
+        user is told (fastmerge merge prints it; --mergekit-compat removes every difference)."""
 
     name: str
     merge: TensorMerge
@@ -43,6 +46,7 @@ class SameInitMethod:
     max_models: int | None = None
     checks_finite: Callable[[object], bool] = lambda options: False
     uses: tuple[str, ...] = ("weights",)
+    mergekit_difference: Callable[[object, torch.dtype], str | None] = lambda options, dtype: None
 
     def check_count(self, num_models: int) -> None:
         if num_models < self.min_models:

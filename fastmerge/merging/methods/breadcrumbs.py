@@ -5,6 +5,8 @@ the largest `gamma` (outliers) and the smallest dropped to leave `density` of it
 own rule (by position, no sort: ~10x faster); --mergekit-compat takes them in the order of torch's
 sort as mergekit does, and then a config merged by both gives the same tensors to the bit."""
 
+import torch
+
 from ...errors import InvalidArgumentError
 from .base import SameInitMethod, register, task_weights
 from .gta import gta_as_mergekit
@@ -23,7 +25,15 @@ def _breadcrumbs(consensus: bool):
     return merge
 
 
+def _mergekit_difference(options, dtype) -> str | None:
+    if options.mergekit_compat or dtype == torch.float64:  # float64 task vectors are sorted, as mergekit's
+        return None
+    return ("entries tied in magnitude at the band's edges are kept by position (mergekit: where its sort puts "
+            "them; ties are common in bfloat16/float16 task vectors)")
+
+
 for _name, _consensus in (("breadcrumbs", False), ("breadcrumbs_ties", True)):
     register(SameInitMethod(name=_name, merge=_breadcrumbs(_consensus), needs_base=True,
+                            mergekit_difference=_mergekit_difference,
                             uses=("weights", "scale", "density", "densities", "normalize", "gammas", "rescale",
                                                   "mergekit_compat")))

@@ -14,7 +14,7 @@ import math
 import torch
 
 from .base import SameInitMethod, register
-from .span import check_finite, checks_finite, combination, gram
+from .span import check_finite, checks_finite, combination, gram, mergekit_difference
 
 
 def karcher_coefficients(grams: torch.Tensor, alphas, max_iter: int = 10, tol: float = 1e-5) -> list[float] | None:
@@ -113,4 +113,4 @@ def merge_karcher(name, tensors, base, options, out_dtype, out):
 
 
 register(SameInitMethod(name="karcher", merge=merge_karcher, min_models=1, checks_finite=checks_finite,
-                        uses=("max_iter", "tol", "mergekit_compat")))
+                        uses=("max_iter", "tol", "mergekit_compat"), mergekit_difference=mergekit_difference))

@@ -13,7 +13,7 @@ import itertools
 import torch
 
 from .base import SameInitMethod, register
-from .span import check_finite, combination, gram
+from .span import check_finite, combination, gram, mergekit_difference
 
 
 def _ratio(cos: torch.Tensor, n: int) -> torch.Tensor:
@@ -67,4 +67,6 @@ def merge_model_stock(name, tensors, base, options, out_dtype, out):
 
 register(SameInitMethod(name="model_stock", merge=merge_model_stock, needs_base=True, min_models=2,
                         checks_finite=lambda options: not (options.filter_wise or options.mergekit_compat),
-                        uses=("filter_wise", "mergekit_compat")))
+                        uses=("filter_wise", "mergekit_compat"),
+                        mergekit_difference=lambda options, dtype: None if options.filter_wise
+                        else mergekit_difference(options, dtype)))

@@ -16,7 +16,7 @@ import torch
 
 from ...errors import InvalidArgumentError
 from .base import SameInitMethod, register, task_weights
-from .span import check_finite, checks_finite, combination, gram
+from .span import check_finite, checks_finite, combination, gram, mergekit_difference
 
 
 def _no_mean_direction(name: str, count: int) -> None:
@@ -83,4 +83,4 @@ def merge_multislerp(name, tensors, base, options, out_dtype, out):
 
 
 register(SameInitMethod(name="multislerp", merge=merge_multislerp, min_models=1, checks_finite=checks_finite,
-                        uses=("weights", "normalize", "mergekit_compat")))
+                        uses=("weights", "normalize", "mergekit_compat"), mergekit_difference=mergekit_difference))

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .base import SameInitMethod, register, task_weights
-from .span import check_finite, combination, gram
+from .span import check_finite, combination, gram, mergekit_difference
 
 
 def nuslerp_coefficients(grams: torch.Tensor, t: float, eps: float = 1e-8) -> list[float]:
@@ -62,4 +62,6 @@ def merge_nuslerp(name, tensors, base, options, out_dtype, out):
 
 register(SameInitMethod(name="nuslerp", merge=merge_nuslerp, min_models=2, max_models=2,
                         checks_finite=lambda options: options.flatten is not False and not options.mergekit_compat,
-                        uses=("weights", "row_wise", "flatten", "mergekit_compat")))
+                        uses=("weights", "row_wise", "flatten", "mergekit_compat"),
+                        mergekit_difference=lambda options, dtype: mergekit_difference(options, dtype)
+                        if options.flatten is not False else None))

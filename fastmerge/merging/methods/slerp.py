@@ -13,7 +13,7 @@ import math
 import torch
 
 from .base import SameInitMethod, register
-from .span import check_finite, checks_finite, combination, gram
+from .span import check_finite, checks_finite, combination, gram, mergekit_difference
 
 CHUNK_ELEMENTS = 1 << 20  # per norm/dot partial sum, as mergekit chunks them
 DOT_THRESHOLD = 0.9995  # |cos| above this: interpolate on the line
@@ -72,4 +72,4 @@ def merge_slerp(name, tensors, base, options, out_dtype, out):
 
 
 register(SameInitMethod(name="slerp", merge=merge_slerp, min_models=2, max_models=2, checks_finite=checks_finite,
-                        uses=("t", "mergekit_compat")))
+                        uses=("t", "mergekit_compat"), mergekit_difference=mergekit_difference))

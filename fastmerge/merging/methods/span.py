@@ -21,7 +21,7 @@ from ...ops.gram import gram
 from ...ops.same_init import dare_merge
 from .base import combine_target
 
-__all__ = ["check_finite", "checks_finite", "combination", "gram"]
+__all__ = ["check_finite", "checks_finite", "combination", "gram", "mergekit_difference"]
 
 
 def check_finite(name: str, grams: torch.Tensor) -> None:
@@ -29,6 +29,12 @@ def check_finite(name: str, grams: torch.Tensor) -> None:
     entries cannot overflow float64: this stands in for the pipeline's check of the inputs."""
     if not bool(torch.isfinite(grams).all()):
         raise NonFiniteError(f"tensor {name!r}: an input holds NaN/Inf entries")
+
+
+def mergekit_difference(options, dtype) -> str | None:
+    """How these methods differ from mergekit's arithmetic (without --mergekit-compat)."""
+    return None if options.mergekit_compat else ("angles from a float64 Gram matrix, the result in one fused pass; "
+                                                 "mergekit rounds every intermediate, so the two differ by rounding")
 
 
 def checks_finite(options) -> bool:

@@ -41,5 +41,13 @@ def _checks_finite(options) -> bool:
     return trims and not options.mergekit_compat
 
 
+def _mergekit_difference(options, dtype) -> str | None:
+    if options.mergekit_compat or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return ("task vectors formed in float32, every entry tied with the smallest kept one kept (mergekit: in the "
+            "checkpoints' dtype, exactly int(density * n) entries)")
+
+
 register(SameInitMethod(name="ties", merge=merge_ties, needs_base=True, checks_finite=_checks_finite,
+                        mergekit_difference=_mergekit_difference,
                         uses=("weights", "scale", "density", "densities", "normalize", "mergekit_compat")))
