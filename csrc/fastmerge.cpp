@@ -65,6 +65,9 @@ TORCH_LIBRARY(fastmerge, m) {
   m.def("gram(Tensor[] models, Tensor? base) -> Tensor");
   // DARE's 24-bit draws (int32) of entries [start, start + out.numel()) for `seed`: dare_merge_out's.
   m.def("dare_draws_out(int start, int seed, Tensor(a!) out) -> ()");
+  // DELLA's keep mask (kernels/magprune.h): along each row of `rows`, keep[i] = DARE draw(seed, flat i) / 2^24 <
+  // density - epsilon + 2 epsilon * (stable rank of |rows[i]| in its row) / (row length - 1).
+  m.def("magprune_keep_out(Tensor rows, float density, float epsilon, int seed, Tensor(a!) keep) -> ()");
   // TIES: out = base + scale * (w-weighted mean of the trimmed task vectors that agree with the elected sign).
   m.def(
       "ties_merge_out(Tensor[] models, Tensor base, float[] weights, float[] thresholds, float scale, bool normalize, "

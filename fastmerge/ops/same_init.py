@@ -123,8 +123,11 @@ def dare_draws_reference(seed: int, start: int, end: int, device: torch.device |
 def dare_keep(seed: int, start: int, end: int, density: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's keep mask (bool) of entries [start, end) for `seed`: dare_draws < keep_below(density)
     (compared on the compiled int32 draws on the CPU)."""
-    if torch.device(device).type == "cpu" and _ext.load():
-        return _compiled_draws(seed, start, end) < keep_below(density)
+    if torch.device(device).type == "cpu" and _ext.load():  # by chunks: int32 draws of a few MB at a time
+        keep = torch.empty(end - start, dtype=torch.bool)
+        for s, e in _chunks(end - start):
+            torch.lt(_compiled_draws(seed, start + s, start + e), keep_below(density), out=keep[s:e])
+        return keep
     return dare_draws_reference(seed, start, end, device) < keep_below(density)
 
 

@@ -5,6 +5,7 @@ import torch
 
 from fastmerge import _ext
 from fastmerge.ops.same_init import (
+    CHUNK,
     SELECT_SAMPLE,
     _hash32,
     abs_delta_kth_largest,
@@ -246,10 +247,14 @@ def test_opcheck(gen):
     torch.library.opcheck(torch.ops.fastmerge.abs_delta_kth_largest.default, (tunes, base, 10))
     torch.library.opcheck(torch.ops.fastmerge.ties_merge_out.default, (tunes, base, [1.0] * 3, [0.01] * 3, 1.0, True, out))
     torch.library.opcheck(torch.ops.fastmerge.dare_merge_out.default, (tunes, base, [1.0] * 3, [1, 2, 3], 1 << 23, out))
+    rows = tunes[0].reshape(10, 100)
+    torch.library.opcheck(torch.ops.fastmerge.magprune_keep_out.default,
+                          (rows, 0.5, 0.1, 7, torch.empty(rows.shape, dtype=torch.bool)))
 
 
 @pytest.mark.skipif(not _ext.load(), reason="the compiled engine did not load")
-@pytest.mark.parametrize("start, end", [(0, 1), (0, 100_003), ((1 << 32) - 70_000, (1 << 32) + 50_000)])
+@pytest.mark.parametrize("start, end", [(0, 1), (0, 100_003), ((1 << 32) - 70_000, (1 << 32) + 50_000),
+                                        (5, 2 * CHUNK + 7)])  # masks made by chunks
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 0.9, 1.0])
 def test_compiled_draws_and_masks_are_the_torch_hash(start, end, density):
     """The draws and masks of mergekit's DARE variants from the compiled hash: the same bits as the

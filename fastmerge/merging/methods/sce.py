@@ -36,39 +36,49 @@ def population_variance(stacked: torch.Tensor) -> torch.Tensor:
     return out.reshape(stacked.shape[1:])
 
 
-def _varying_entries(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
-    """1 at the `fraction` of entries (of those that vary at all) whose variance across models is largest."""
+def _varying_entries(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor | None:
+    """1 at the `fraction` of entries (of those that vary at all) whose variance across models is
+    largest; None for all of them."""
+    if fraction >= 1:
+        return None
     if fraction <= 0:
         return torch.zeros_like(task_vectors[0])
-    if fraction >= 1:
-        return torch.ones_like(task_vectors[0])
     variance = population_variance(task_vectors)
     count = int(torch.count_nonzero(variance) * fraction)
     keep = torch.zeros_like(variance)
     if count:
-        # unsorted: torch selects the same entries (sorting only orders them afterwards), 2x faster
         keep.view(-1)[torch.topk(variance.abs().view(-1), k=count, largest=True, sorted=False).indices] = 1
     return keep
 
 
 def _energy_shares(task_vectors: torch.Tensor) -> torch.Tensor:
-    """Each model's share of the task vectors' mean squares (uniform when they are all about 0)."""
+    """Each model's share of the task vectors' mean squares (uniform when they are all about 0).
+    Over the whole stack at once: the float32 means of single rows are reduced in another order."""
     energy = task_vectors.square().reshape(task_vectors.shape[0], -1).mean(dim=1)
     total = torch.sum(energy).item()
     return torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
 
 
+CHUNK = 1 << 20  # entries per step of the sign election and the weighted mean
+
+
 def merge_sce(name, tensors, base, options, out_dtype, out):
-    task_vectors = torch.stack([x - base for x in tensors], dim=0)
+    task_vectors = base.new_empty((len(tensors), *base.shape))
+    for i, tensor in enumerate(tensors):
+        torch.sub(tensor, base, out=task_vectors[i])
     if options.select_topk < 1:
-        task_vectors = task_vectors * _varying_entries(task_vectors, options.select_topk).unsqueeze(0)
-    majority = (task_vectors.sum(dim=0) >= 0).to(base.dtype) * 2 - 1  # a zero sum counts as positive
-    agrees = task_vectors.sign().to(base.dtype) == majority
-    shares = _energy_shares(task_vectors)
-    shares = shares.view(-1, *([1] * (task_vectors.dim() - 1)))
-    kept = shares * agrees
-    merged = (task_vectors * kept).sum(dim=0) / torch.sum(kept, dim=0).clamp(min=1e-6)
-    return (base + merged).to(out_dtype)
+        task_vectors.mul_(_varying_entries(task_vectors, options.select_topk))
+    shares = _energy_shares(task_vectors).reshape(-1, 1)
+    flat, base_flat = task_vectors.reshape(len(tensors), -1), base.reshape(-1)
+    merged = torch.empty_like(base_flat)
+    # the rest is per entry over the models (dimension 0): column ranges give the same values
+    for begin in range(0, base_flat.numel(), CHUNK):
+        chunk = flat[:, begin:begin + CHUNK]
+        majority = (chunk.sum(dim=0) >= 0).to(base.dtype) * 2 - 1  # a zero sum counts as positive
+        kept = shares * (chunk.sign().to(base.dtype) == majority)
+        mean = (chunk * kept).sum(dim=0) / torch.sum(kept, dim=0).clamp(min=1e-6)
+        torch.add(base_flat[begin:begin + CHUNK], mean, out=merged[begin:begin + CHUNK])
+    return merged.reshape(base.shape).to(out_dtype)
 
 
 register(SameInitMethod(name="sce", merge=merge_sce, needs_base=True, min_models=1, uses=("select_topk",)))
