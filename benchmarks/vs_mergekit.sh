@@ -42,6 +42,11 @@ models() { for m in "$@"; do echo "  - model: $WORK/$m"; echo "    parameters: {
   echo "parameters: {normalize: true}"; echo "dtype: bfloat16"; } > "$WORK/ties.yaml"
 { echo "merge_method: dare_linear"; echo "base_model: $WORK/base"; echo "models:"; models a b c
   echo "parameters: {normalize: false}"; echo "dtype: bfloat16"; } > "$WORK/dare.yaml"
+# mergekit's random-mask methods: fastmerge runs them with its own draws (--own-masks, below)
+for method in dare_ties della; do
+  { echo "merge_method: $method"; echo "base_model: $WORK/base"; echo "models:"; models a b c
+    echo "parameters: {normalize: true}"; echo "dtype: bfloat16"; } > "$WORK/$method.yaml"
+done
 # the methods fastmerge added for mergekit's configs (METHODS="... slerp model_stock ..." runs them)
 plain() { for m in "$@"; do echo "  - model: $WORK/$m"; done; }
 { echo "merge_method: slerp"; echo "base_model: $WORK/a"; echo "models:"; plain a b; echo "parameters: {t: 0.3}"; } > "$WORK/slerp.yaml"
@@ -69,6 +74,7 @@ for method in ${METHODS:-linear ties ties_compat dare}; do
   case $method in
     dare) args=("${three[@]}" --method dare --density 0.5 -o "$WORK/fm_$method") ;;
     ties_compat) args=("$WORK/ties.yaml" "$WORK/fm_$method" --mergekit-compat) ;;
+    dare_ties|della) args=("$WORK/$method.yaml" "$WORK/fm_$method" --own-masks) ;;
     *) args=("$WORK/$method.yaml" "$WORK/fm_$method") ;;
   esac
   one "fastmerge_$method" "$WORK/fm_$method" "$FM" merge "${args[@]}" "${flags[@]}"

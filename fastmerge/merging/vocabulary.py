@@ -36,6 +36,7 @@ import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
 from ..io.hf_folder import read_config, source_folder
+from .chat_templates import NAMED_TEMPLATES
 
 # the default row of a token some inputs lack: ("model", i) one input's row of it, ("row", i, r) row r
 # of input i, ("mean", (i, ...)) the mean of those inputs' rows of it, or ("zero",)
@@ -296,17 +297,20 @@ def output_config(config: dict, plan: VocabularyPlan) -> dict:
 
 def chat_template_text(template: str, folders: Sequence[str]) -> str | None:
     """A config's chat_template as the text to store: "auto" (the template most of `folders`'
-    tokenizers carry, ties to the first listed; None when none has one) or the Jinja text itself.
-    mergekit's named templates (chatml, llama3, ...) are its own files: refused."""
+    tokenizers carry, ties to the first listed; None when none has one), one of mergekit's named
+    templates (fastmerge's own text for each, rendering as mergekit's: chat_templates.py) or the
+    Jinja text itself."""
     if template == "auto":
         found = [t for t in (_folder_template(f) for f in folders) if t]
         if not found:
             return None
         return max(found, key=found.count)  # max keeps the first of equal counts
+    if template in NAMED_TEMPLATES:  # names hold no braces or newlines, so no template text is one
+        return NAMED_TEMPLATES[template]
     if "{" not in template or len(template) < 20:
-        raise InvalidArgumentError(f"chat_template: {template[:40]!r} is not a Jinja template; named templates "
-                                   "(chatml, llama3, alpaca, mistral, exaone) are mergekit's files, which fastmerge "
-                                   "does not ship: give the template's text or auto")
+        raise InvalidArgumentError(f"chat_template: {template[:40]!r} is neither a Jinja template nor a named one "
+                                   f"({', '.join(sorted(NAMED_TEMPLATES))}); give one of those, the template's text "
+                                   "or auto")
     return template
 
 

@@ -182,9 +182,9 @@ def test_the_outputs_load_and_generate_the_same_tokens(family, tmp_path):
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("template", ["explicit", "auto"])
+@pytest.mark.parametrize("template", ["explicit", "auto", "chatml", "llama3"])
 def test_chat_template_renders_as_mergekit(family, tmp_path, template):
-    value = json.dumps(OTHER_TEMPLATE) if template == "explicit" else "auto"
+    value = {"explicit": json.dumps(OTHER_TEMPLATE), "auto": "auto"}.get(template, template)
     # auto: base and a carry TEMPLATE, c (the tokenizer's source) OTHER_TEMPLATE: the plurality wins
     text = ("merge_method: linear\nmodels:\n  - model: ROOT/base\n    parameters: {weight: 1}\n"
             "  - model: ROOT/a\n    parameters: {weight: 1}\n"
@@ -196,7 +196,8 @@ def test_chat_template_renders_as_mergekit(family, tmp_path, template):
     messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
     want = ta.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert tb.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
-    assert want.startswith("[user]" if template == "explicit" else "<user>")
+    assert want.startswith({"explicit": "[user]", "auto": "<user>", "chatml": "<|im_start|>user\nw1 w2",
+                            "llama3": "<s><|start_header_id|>user"}[template])
 
 
 def test_chat_template_without_a_tokenizer_source_keeps_the_base_tokenizer(family, tmp_path):
@@ -214,7 +215,7 @@ def test_chat_template_without_a_tokenizer_source_keeps_the_base_tokenizer(famil
     ("tokenizer:\n  source: base\n  tokens: {w1: {source: ROOT/c}}\n", "not one of the merged models"),
     ("tokenizer:\n  source: base\n  tokens: {w1: {source: {kind: model_token, model: ROOT/a}}}\n", "model_token"),
     ("tokenizer_source: base\ntokenizer: {source: base}\n", "both given"),
-    ("chat_template: chatml\n", "named templates"),
+    ("chat_template: chatml2\n", "neither a Jinja template nor a named one"),
     ("tokenizer_source: ROOT/nowhere\n", "not a model folder"),
 ])
 def test_what_fastmerge_does_not_support_is_one_line(family, tmp_path, capsys, tail, message):
