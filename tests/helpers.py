@@ -9,3 +9,23 @@ def rel_fro(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denom = e.norm().item()
     diff = (a - e).norm().item()
     return diff if denom == 0 else diff / denom
+
+
+def tie_values(kind: str, shape, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Values that stress selection by magnitude: "few distinct" (long runs of ties), "non-finite"
+    (NaN and +-Inf among them), "signed zeros", or anything else for plain random values."""
+    n = 1
+    for size in ((shape,) if isinstance(shape, int) else shape):
+        n *= size
+    if kind == "few distinct":
+        values = torch.randint(-3, 4, (n,), generator=generator).to(dtype)
+    else:
+        values = (torch.randn(n, generator=generator) * 1e-3).to(dtype)
+    if kind == "non-finite":
+        values[::7] = float("nan")
+        values[3::11] = float("-inf")
+        values[5::13] = float("inf")
+    if kind == "signed zeros":
+        values[::3] = -0.0
+        values[1::3] = 0.0
+    return values.reshape(shape)

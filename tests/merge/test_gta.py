@@ -9,25 +9,9 @@ import torch
 from fastmerge import _ext
 from fastmerge.merging.methods.gta import magnitude_keep, magnitude_keep_reference
 from fastmerge.ops.same_init import dare_draws
+from tests.helpers import tie_values
 
 needs_engine = pytest.mark.skipif(not _ext.load(), reason="the compiled engine is not built")
-
-
-def _values(kind: str, shape: tuple, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    n = 1
-    for size in shape:
-        n *= size
-    if kind == "few distinct":  # long runs of equal magnitudes: ranks by position decide
-        return torch.randint(-3, 4, (n,), generator=generator).to(dtype).reshape(shape)
-    values = (torch.randn(n, generator=generator) * 1e-3).to(dtype)
-    if kind == "non-finite":
-        values[::7] = float("nan")
-        values[3::11] = float("-inf")
-        values[5::13] = float("inf")
-    if kind == "signed zeros":
-        values[::3] = -0.0
-        values[1::3] = 0.0
-    return values.reshape(shape)
 
 
 @needs_engine
@@ -35,7 +19,7 @@ def _values(kind: str, shape: tuple, dtype: torch.dtype, generator: torch.Genera
 @pytest.mark.parametrize("kind", ["random", "few distinct", "non-finite", "signed zeros"])
 @pytest.mark.parametrize("shape", [(1,), (1, 1), (5, 1), (37,), (64, 257), (3, 4099)])
 def test_compiled_mask_is_the_reference(dtype, kind, shape):
-    values = _values(kind, shape, dtype, torch.Generator().manual_seed(len(shape) * 1000 + shape[-1]))
+    values = tie_values(kind, shape, dtype, torch.Generator().manual_seed(len(shape) * 1000 + shape[-1]))
     compiled = magnitude_keep(values, 0.4, 0.15, seed=12345)
     assert compiled.dtype == torch.bool and compiled.shape == values.shape
     assert torch.equal(compiled, magnitude_keep_reference(values, 0.4, 0.15, seed=12345))
@@ -43,14 +27,14 @@ def test_compiled_mask_is_the_reference(dtype, kind, shape):
 
 @needs_engine
 def test_strided_input_and_seeds():
-    values = _values("random", (300, 200), torch.bfloat16, torch.Generator().manual_seed(1)).t()
+    values = tie_values("random", (300, 200), torch.bfloat16, torch.Generator().manual_seed(1)).t()
     assert torch.equal(magnitude_keep(values, 0.5, 0.1, 7), magnitude_keep_reference(values, 0.5, 0.1, 7))
     assert not torch.equal(magnitude_keep(values, 0.5, 0.1, 7), magnitude_keep(values, 0.5, 0.1, 8))
 
 
 def test_three_dimensional_tensors_rank_along_dimension_one():
     density, epsilon, seed = 0.5, 0.2, 3
-    values = _values("few distinct", (4, 50, 3), torch.float32, torch.Generator().manual_seed(2))
+    values = tie_values("few distinct", (4, 50, 3), torch.float32, torch.Generator().manual_seed(2))
     keep = magnitude_keep(values, density, epsilon, seed)
     draws = dare_draws(seed, 0, values.numel()).reshape(values.shape).double() / (1 << 24)
     for i in range(values.shape[0]):  # each fiber values[i, :, j] on its own, ties by position

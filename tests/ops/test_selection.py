@@ -7,6 +7,7 @@ import torch
 
 from fastmerge.merging.methods.sce import population_variance
 from fastmerge.ops.selection import band_mask, magnitude_at_rank, supports
+from tests.helpers import tie_values
 
 
 def _reference(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -16,27 +17,13 @@ def _reference(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return keep.reshape(values.shape)
 
 
-def _values(kind: str, n: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    if kind == "few distinct":  # every band edge falls inside a run of ties
-        return torch.randint(-3, 4, (n,), generator=generator).to(dtype)
-    values = (torch.randn(n, generator=generator) * 1e-3).to(dtype)
-    if kind == "non-finite":
-        values[::7] = float("nan")
-        values[3::11] = float("-inf")
-        values[5::13] = float("inf")
-    if kind == "signed zeros":
-        values[::3] = -0.0
-        values[1::3] = 0.0
-    return values
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("kind", ["random", "few distinct", "non-finite", "signed zeros"])
 def test_band_mask_keeps_the_ranks_of_a_stable_sort(dtype, kind):
     generator = torch.Generator().manual_seed(hash((str(dtype), kind)) % 2**31)
     for _ in range(25):
         n = int(torch.randint(1, 3000, (), generator=generator))
-        values = _values(kind, n, dtype, generator)
+        values = tie_values(kind, n, dtype, generator)
         lo = int(torch.randint(-2, n + 1, (), generator=generator))
         hi = int(torch.randint(lo, n + 3, (), generator=generator))
         keep = band_mask(values, lo, hi)
