@@ -68,6 +68,9 @@ TORCH_LIBRARY(fastmerge, m) {
   // DELLA's keep mask (kernels/magprune.h): along each row of `rows`, keep[i] = DARE draw(seed, flat i) / 2^24 <
   // density - epsilon + 2 epsilon * (stable rank of |rows[i]| in its row) / (row length - 1).
   m.def("magprune_keep_out(Tensor rows, float density, float epsilon, int seed, Tensor(a!) keep) -> ()");
+  // (rows, len(positions)): the |value| of ascending rank positions[j] in each row of `rows` (a radix
+  // sort of the magnitudes' bits per row, kernels/row_sort.h): weight matching's signature quantiles.
+  m.def("magnitude_order_statistics(Tensor rows, int[] positions) -> Tensor");
   // TIES: out = base + scale * (w-weighted mean of the trimmed task vectors that agree with the elected sign).
   m.def(
       "ties_merge_out(Tensor[] models, Tensor base, float[] weights, float[] thresholds, float scale, bool normalize, "

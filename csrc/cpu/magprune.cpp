@@ -18,7 +18,7 @@ void keep_rows(const at::Tensor& rows, double density, double epsilon, int64_t s
   // at least ~64k entries per task, so short rows do not pay a buffer allocation each
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(n, 1));
   at::parallel_for(0, rows.size(0), grain, [&](int64_t r0, int64_t r1) {
-    kernels::RankScratch scratch(n);
+    kernels::RowSortScratch scratch(n);
     for (int64_t r = r0; r < r1; ++r)
       kernels::magprune_keep_row(data + r * n, n, r * n, density, epsilon, static_cast<uint64_t>(seed), scratch,
                                  keep + r * n);

@@ -63,6 +63,16 @@ def _dare_draws_out_fake(start, seed, out):
     return None
 
 
+@torch.library.register_fake("fastmerge::magprune_keep_out")
+def _magprune_keep_out_fake(rows, density, epsilon, seed, keep):
+    return None
+
+
+@torch.library.register_fake("fastmerge::magnitude_order_statistics")
+def _magnitude_order_statistics_fake(rows, positions):
+    return rows.new_empty(rows.shape[0], len(positions))
+
+
 
 @torch.library.register_fake("fastmerge::abs_delta_kth_largest")
 def _abs_delta_kth_largest_fake(models, base, k, sample=65536):
