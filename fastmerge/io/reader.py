@@ -19,6 +19,7 @@ import re
 import struct
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -345,10 +346,42 @@ class SafetensorsFile:
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({exc})") from None
         _populate(mapped)
-        return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=start - offset)
+        tensor = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=start - offset)
+        _register_map(tensor, mapped)
+        return tensor
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+; not in Python 3.11's mmap module
+
+# The tensors SafetensorsFile maps (one map each), by the address of their first byte: their map,
+# weakly. An entry goes when its map is collected.
+_MAPS: dict[int, weakref.ref] = {}
+
+
+def _register_map(tensor: torch.Tensor, mapped: mmap.mmap) -> None:
+    address = tensor.data_ptr()
+    _MAPS[address] = weakref.ref(mapped)
+    weakref.finalize(mapped, _MAPS.pop, address, None)
+
+
+def release_pages(tensor: torch.Tensor) -> bool:
+    """Drops the pages of a tensor that a checkpoint read through a map (Checkpoint.read) from this
+    process's memory, keeping the tensor valid: its map is private to it and never written, so a
+    later access reads the same bytes again from the page cache. Methods that hold their own copy
+    of an input (task vectors) call it once they are done with the input, so the inputs' maps stop
+    counting in a merge's memory. Never on a tensor that was written to (the writes would be
+    dropped; fastmerge never writes its inputs). Anything else (a tensor in ordinary memory, a view
+    starting elsewhere, a system without MADV_DONTNEED) is left alone; returns whether pages were
+    dropped."""
+    ref = _MAPS.get(tensor.data_ptr()) if tensor.device.type == "cpu" else None
+    mapped = ref() if ref is not None else None
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    try:
+        mapped.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _populate(mapped: mmap.mmap) -> None:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from fastmerge.errors import CheckpointError
 from fastmerge.io import Checkpoint, ShardedWriter, parse_size
+from fastmerge.io.reader import release_pages
 
 
 def sample_state(gen):
@@ -65,6 +66,32 @@ def test_tensors_map_the_file_copy_on_write_and_unaligned_ones_are_read(tmp_path
     del weight
     assert path.read_bytes() == before
     assert torch.equal(ckpt.read("emb.weight"), state["emb.weight"])
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads this process's memory from /proc")
+def test_released_pages_leave_memory_and_the_tensor_intact(tmp_path, gen):
+    """release_pages drops a mapped input's pages from the process (its memory falls by the
+    tensor's size) while the tensor keeps its values (read again from the file); tensors not read
+    through a map, and views that start elsewhere, are left alone."""
+    big = torch.randn(4096, 2048, generator=gen)  # 32 MiB
+    path = tmp_path / "m.safetensors"
+    write(str(path), {"big": big})
+    ckpt = Checkpoint(str(path))
+    weight = ckpt.read("big")
+    before = _resident_bytes()
+    assert release_pages(weight)
+    assert before - _resident_bytes() > 24 << 20
+    assert torch.equal(weight, big)  # the same bytes, faulted in again
+    assert not release_pages(weight[1:])  # a view starting past the tensor's start
+    assert not release_pages(big) and torch.equal(big, big.clone())  # ordinary memory: untouched
+    unaligned = tmp_path / "u.safetensors"
+    write(str(unaligned), sample_state(gen))  # its "ids" are read into the buffer (see above)
+    assert not release_pages(Checkpoint(str(unaligned)).read("ids", torch.empty(64, dtype=torch.uint8)))
 
 
 def test_writes_start_their_writeback_as_they_go(tmp_path, gen, monkeypatch):

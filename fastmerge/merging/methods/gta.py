@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from ... import _ext
+from ...io.reader import release_pages
 from ...ops import selection
 from ...ops.same_init import dare_draws, dare_keep, ties_threshold_count
 
@@ -98,6 +99,7 @@ def gta_as_mergekit(tensors: Sequence[torch.Tensor], base: torch.Tensor, weights
     deltas = base.new_empty((len(tensors), *base.shape))
     for i, tensor in enumerate(tensors):  # each task vector sparsified in place: temporaries of one tensor
         delta = torch.sub(tensor.to(base.dtype), base, out=deltas[i])
+        release_pages(tensor)  # its map's pages: the task vector holds what is needed of it
         if sparsify is not None and densities[i] < 1.0 and delta.numel():
             if sparsify == "random":
                 keep = random_keep(delta, densities[i], seeds[i])

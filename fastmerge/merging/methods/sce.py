@@ -11,6 +11,7 @@ same arithmetic vectorised."""
 
 import torch
 
+from ...io.reader import release_pages
 from .base import SameInitMethod, register
 
 
@@ -66,6 +67,7 @@ def merge_sce(name, tensors, base, options, out_dtype, out):
     task_vectors = base.new_empty((len(tensors), *base.shape))
     for i, tensor in enumerate(tensors):
         torch.sub(tensor, base, out=task_vectors[i])
+        release_pages(tensor)  # its map's pages: the task vector holds what is needed of it
     if options.select_topk < 1:
         task_vectors.mul_(_varying_entries(task_vectors, options.select_topk))
     shares = _energy_shares(task_vectors).reshape(-1, 1)
