@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..alignment.weight_matching import _quantile_values_sorted, _quantiles
+from ..merging.methods.gta import magnitude_keep, magnitude_keep_reference
 from ..ops import CovarianceState, count_nonfinite, linear_assignment
 from ..ops import combine as combine_op
 from ..ops.same_init import abs_delta_kth_largest, ties_threshold_count
@@ -167,6 +169,45 @@ def ties_thresholds(entries: int = 5504 * 2048, models: int = 3, density: float 
     )
 
 
+def della_mask(rows: int = 2048, cols: int = 5504, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Workload:
+    """DELLA's keep mask of one task vector: the compiled radix sort per row vs the torch reference
+    (a stable argsort per row, then the same float64 probabilities and draws): the same mask."""
+    gen = torch.Generator().manual_seed(seed)
+    delta = (0.002 * torch.randn(rows, cols, generator=gen)).to(dtype)
+    return Workload(
+        name=f"DELLA keep mask {rows}x{cols} {str(dtype).replace('torch.', '')}",
+        group="della_mask",
+        ours=lambda: magnitude_keep(delta, 0.5, 0.15, 1),
+        baseline=lambda: magnitude_keep_reference(delta, 0.5, 0.15, 1),
+        baseline_name="torch: stable argsort per row, ranks, float64 probabilities",
+        ratio_kind="time",
+        target=None,
+    )
+
+
+def magnitude_quantiles(rows: int = 1024, cols: int = 50257, seed: int = 0) -> Workload:
+    """Weight matching's signature quantiles of one member (16 order statistics of each row's
+    magnitudes, scaled by the rms) as weight matching computes them (the compiled radix sort where
+    built) vs the same from torch's sort of the magnitudes: the same values."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen)
+    pick = torch.linspace(0, cols - 1, 16).round().long()
+
+    def sorted_quantiles():
+        scale = (x * x).mean(dtype=torch.float64).sqrt().clamp_min(1e-300)
+        return _quantile_values_sorted(x, pick).double() / scale
+
+    return Workload(
+        name=f"magnitude quantiles (16 per row) {rows}x{cols} float32",
+        group="magnitude_quantiles",
+        ours=lambda: _quantiles(x, 16),
+        baseline=sorted_quantiles,
+        baseline_name="torch.sort of |rows|",
+        ratio_kind="time",
+        target=None,
+    )
+
+
 def standard(quick: bool = False) -> list[Callable[[], Workload]]:
     """The issue's benchmark set (full) or a seconds-long smoke version (quick), as lazy factories."""
     if quick:
@@ -178,6 +219,8 @@ def standard(quick: bool = False) -> list[Callable[[], Workload]]:
             lambda: combine(4, 8_000_000, 1_000_000),
             lambda: nonfinite(8_000_000),
             lambda: ties_thresholds(1 << 20),
+            lambda: della_mask(256, 1024),
+            lambda: magnitude_quantiles(64, 8192),
         ]
     return [
         lambda: covariance(65536, 2048),
@@ -188,4 +231,6 @@ def standard(quick: bool = False) -> list[Callable[[], Workload]]:
         lambda: combine(4),
         lambda: nonfinite(),
         lambda: ties_thresholds(),
+        lambda: della_mask(),
+        lambda: magnitude_quantiles(),
     ]
