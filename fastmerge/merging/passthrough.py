@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -151,10 +152,15 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
         f for f in (source_folder(p) for p in ([base] if base else []) + [s.model for s in slices]) if f))
     template = output_template(chat_template, inputs, output=output, source=source,
                                tokenizer_folder=vocabulary.folder if vocabulary else None, copy_tokenizer=copy_tokenizer)
-    with writer:
+    # A tensor is written by a thread while the next one is read and checked (the write waits for
+    # the disk); one write in flight. The pool exits first: on an error the write in flight ends
+    # before the writer removes its temporary files.
+    with writer, ThreadPoolExecutor(1, thread_name_prefix="fastmerge-write") as pool:
+        pending = None
         for out, ckpt, name, s, t in tqdm(plan, desc="passthrough", unit="tensor", disable=not progress):
             tensor = ckpt.read(name)
-            if id(ckpt) in vocabularies and name in vocabularies[id(ckpt)].names:  # rows of the output's tokenizer
+            remapped = id(ckpt) in vocabularies and name in vocabularies[id(ckpt)].names
+            if remapped:  # rows of the output's tokenizer
                 tensor = vocabularies[id(ckpt)].remap([tensor])[0]
             dtype = target(ckpt, name)
             if tensor.is_floating_point() and not allow_nonfinite:
@@ -162,11 +168,16 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
             scale = first((s.scale, shared_scale), name, t)
             if scale is not None and tensor.is_floating_point():
                 tensor = tensor * scale
+            changed = remapped or scale is not None or dtype != tensor.dtype
             tensor = tensor.to(dtype).contiguous()
-            if tensor.is_floating_point() and not allow_nonfinite:
+            if changed and tensor.is_floating_point() and not allow_nonfinite:  # a copy: its input was checked
                 narrowing = torch.finfo(dtype).max < torch.finfo(ckpt.dtype(name)).max
                 check_output_finite(out, tensor, dtype, narrowing=narrowing)
-            writer.write(out, tensor)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write, out, tensor)
+        if pending is not None:
+            pending.result()
     files = list(writer.final_paths)
     if source is not None:
         card = model_card([s.model for s in slices], "passthrough",
