@@ -80,14 +80,17 @@ def _layer_stack(tmp_path, bad=None):
     return folder
 
 
-@pytest.mark.parametrize("bad, scale, message", [(float("nan"), 1.0, "NaN"), (None, 1e39, "NaN/Inf")])
-def test_passthrough_refuses_non_finite_values_unless_allowed(tmp_path, capsys, bad, scale, message):
-    """A passthrough copies tensors (times a scale): NaN/Inf in an input, or a scale past float32's
-    range, is refused before anything is written, as in every merge; --allow-nonfinite writes it."""
+@pytest.mark.parametrize("bad, scale, dtype, message", [(float("nan"), 1.0, None, "NaN"), (None, 1e39, None, "NaN/Inf"),
+                                                       (1e10, None, "float16", "overflow torch.float16")])
+def test_passthrough_refuses_non_finite_values_unless_allowed(tmp_path, capsys, bad, scale, dtype, message):
+    """A passthrough copies tensors (times a scale, in a dtype): NaN/Inf in an input, a scale past
+    float32's range, or a value past the output dtype's, is refused before anything is written, as
+    in every merge; --allow-nonfinite writes it."""
     folder = _layer_stack(tmp_path, bad)
     config = tmp_path / "p.yml"
+    parameters = f"        parameters: {{scale: {scale!r}}}\n" if scale is not None else ""
     config.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {folder}\n"
-                      f"        layer_range: [0, 3]\n        parameters: {{scale: {scale!r}}}\n")
+                      f"        layer_range: [0, 3]\n{parameters}" + (f"dtype: {dtype}\n" if dtype else ""))
     out = tmp_path / "out.safetensors"
     assert main(["merge", str(config), str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
