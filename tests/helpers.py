@@ -1,5 +1,8 @@
 """Small shared helpers of the test suite."""
 
+import os
+import sys
+
 import torch
 
 
@@ -29,3 +32,13 @@ def tie_values(kind: str, shape, dtype: torch.dtype, generator: torch.Generator)
         values[::3] = -0.0
         values[1::3] = 0.0
     return values.reshape(shape)
+
+
+def end_rank() -> None:
+    """Ends a spawned rank's process after its results are saved and its process group destroyed,
+    without the interpreter's finalisation: there, gloo's threads have at times aborted a rank that
+    had finished all its work (SIGABRT, "terminate called without an active exception", about 1 run
+    in 10 on a loaded 2-core machine; not root-caused), failing the test for nothing it checks."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -14,6 +14,7 @@ import fastmerge
 import fastmerge.zoo as zoo
 from fastmerge.spec import trace_spec
 from tests.merge.test_transformer_alignment import _model, _rotated_copy
+from tests.helpers import end_rank
 
 
 def _setup():
@@ -39,6 +40,7 @@ def _rank_main(rank: int, world: int, folder: str) -> None:
                     "canonical": sorted(alignment.canonical)}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    end_rank()  # only after the work succeeded: an exception above still fails the rank
 
 
 def test_rotated_copy_merges_back_under_gloo(tmp_path):

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from fastmerge import np_merge
 from fastmerge.zoo.training import TrainConfig, make_model, train
 from fastmerge.datasets import load_dataset
+from tests.helpers import end_rank
 
 WORLD = 2
 
@@ -44,6 +45,7 @@ def _rank_main(rank, folder):
                     "state": result.model.state_dict()}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    end_rank()  # only after the work succeeded: an exception above still fails the rank
 
 
 def test_data_parallel_np_merge_matches_one_process(tmp_path):

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from fastmerge import merge, zoo
 from fastmerge.datasets import load_dataset
+from tests.helpers import end_rank
 
 WORLD = 2
 
@@ -43,6 +44,7 @@ def _rank_main(rank, folder, kind):
         torch.save(merged.state_dict(), f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    end_rank()  # only after the work succeeded: an exception above still fails the rank
 
 
 @pytest.mark.parametrize("kind", ["resnet-reset", "mlp-repair"])

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from fastmerge import StatsCollector, collect_stats, zoo
 from fastmerge.datasets import batches, load_dataset
 from fastmerge.spec import trace_spec
+from tests.helpers import end_rank
 
 
 def models_and_spec():
@@ -42,6 +43,7 @@ def _rank_main(rank: int, world: int, folder: str, how: str = "collect_stats") -
         torch.save({g: (s.count, s.mean, s.m2) for g, s in stats.states.items()}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    end_rank()  # only after the work succeeded: an exception above still fails the rank
 
 
 @pytest.mark.parametrize("world,how", [(2, "collect_stats"), (3, "collect_stats"), (2, "collector")])
@@ -84,6 +86,7 @@ def _merge_rank(rank: int, world: int, folder: str, method: str) -> None:
         torch.save(merged.state_dict(), f"{folder}/merged{rank}.pt")
     finally:
         dist.destroy_process_group()
+    end_rank()  # only after the work succeeded: an exception above still fails the rank
 
 
 @pytest.mark.parametrize("method", ["permute", "cca"])
