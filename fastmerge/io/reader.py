@@ -354,14 +354,18 @@ class SafetensorsFile:
 _MADV_POPULATE_READ = 22  # Linux 5.14+; not in Python 3.11's mmap module
 
 # The tensors SafetensorsFile maps (one map each), by the address of their first byte: their map,
-# weakly. An entry goes when its map is collected.
+# weakly. No finaliser removes an entry (Python code run at a collection can swallow the
+# KeyboardInterrupt that SIGTERM raises): a dead entry is inert (its map is gone), a new map at the
+# same address replaces it, and the dead ones are swept when the table grows.
 _MAPS: dict[int, weakref.ref] = {}
+_MAPS_SWEEP = 4096
 
 
 def _register_map(tensor: torch.Tensor, mapped: mmap.mmap) -> None:
-    address = tensor.data_ptr()
-    _MAPS[address] = weakref.ref(mapped)
-    weakref.finalize(mapped, _MAPS.pop, address, None)
+    if len(_MAPS) >= _MAPS_SWEEP:
+        for address in [a for a, ref in _MAPS.items() if ref() is None]:
+            del _MAPS[address]
+    _MAPS[tensor.data_ptr()] = weakref.ref(mapped)
 
 
 def release_pages(tensor: torch.Tensor) -> bool:

@@ -94,6 +94,21 @@ def test_released_pages_leave_memory_and_the_tensor_intact(tmp_path, gen):
     assert not release_pages(Checkpoint(str(unaligned)).read("ids", torch.empty(64, dtype=torch.uint8)))
 
 
+def test_the_table_of_maps_sheds_dead_entries(tmp_path, gen, monkeypatch):
+    from fastmerge.io import reader
+
+    monkeypatch.setattr(reader, "_MAPS", {})
+    monkeypatch.setattr(reader, "_MAPS_SWEEP", 8)
+    path = tmp_path / "m.safetensors"
+    write(str(path), {f"t{i}": torch.randn(64, 64, generator=gen) for i in range(40)})
+    ckpt = Checkpoint(str(path))
+    for i in range(40):
+        ckpt.read(f"t{i}")  # dropped at once: its map dies
+    assert len(reader._MAPS) <= 8
+    kept = ckpt.read("t0")
+    assert release_pages(kept) and torch.equal(kept, ckpt.read("t0"))
+
+
 def test_writes_start_their_writeback_as_they_go(tmp_path, gen, monkeypatch):
     """Every WRITEBACK_BYTES the written range goes to the kernel (sync_file_range on Linux), the
     ranges follow each other from the start of the file, and the output stays exact."""
