@@ -36,10 +36,10 @@ def tie_values(kind: str, shape, dtype: torch.dtype, generator: torch.Generator)
 
 def end_rank() -> None:
     """Ends a spawned rank's process after its results are saved and its process group destroyed,
-    skipping the interpreter's finalisation. Ranks have at times been aborted after their work was
-    done (SIGABRT, "terminate called without an active exception" from gloo's threads: 1 failure in
-    24 runs of test_stats_gloo.py here, most beside a CPU hog), failing the test for nothing it
-    checks; finalisation is the suspect, not proven (not root-caused)."""
+    skipping the interpreter's finalisation. Ranks have at times been aborted (SIGABRT, "terminate
+    called without an active exception" from gloo's threads: 1 failure in 24 runs of
+    test_stats_gloo.py here, most beside a CPU hog); finalisation after the work is the suspect,
+    not proven (not root-caused)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
