@@ -23,13 +23,15 @@ inline void magprune_keep_row(const T* row, int64_t n, int64_t first, double den
                               RowSortScratch& scratch, uint8_t* keep) {
   uint32_t* rank = scratch.rank();
   magnitude_ranks(row, n, scratch, rank);
+  // the sort's buffers are free again: the row's draws go into one of them (DARE's block kernel)
+  int32_t* draws = reinterpret_cast<int32_t*>(scratch.keys());
+  dare_draws(seed, first, first + n, draws);
   const double width = static_cast<double>(n - 1);
   const double low = density - epsilon;
   for (int64_t i = 0; i < n; ++i) {
     const double position = n > 1 ? static_cast<double>(rank[i]) / width : 0.0;
     const double probability = low + position * 2.0 * epsilon;
-    const double uniform = static_cast<double>(dare_draw(seed, static_cast<uint64_t>(first + i))) /
-                           static_cast<double>(kDareDraws);
+    const double uniform = static_cast<double>(draws[i]) / static_cast<double>(kDareDraws);
     keep[i] = uniform < probability ? 1 : 0;
   }
 }
