@@ -28,6 +28,7 @@ import os
 import re
 import sys
 
+import torch
 import torch.distributed
 
 from .. import distributed
@@ -157,16 +158,19 @@ def run(args: argparse.Namespace) -> int:
     common = dict(base=settings.get("base"), dtype=settings.get("dtype"), max_shard_size=args.max_shard_size,
                   overwrite=args.overwrite, align=args.align, spec_file=args.spec,
                   copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card, tensor_options=tensor_options,
-                  tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"))
+                  tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"),
+                  input_dtype=settings.get("input_dtype"))
     if args.dry_run:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())
-        _note_mergekit_differences(args, (tensor_options or {}).values() or [options], models[0])
+        _note_mergekit_differences(args, (tensor_options or {}).values() or [options], models[0],
+                               settings.get("input_dtype"))
         return 0
     with record_stages() as times:
         plan = merge_checkpoints(models, settings["output"], options, progress=not args.quiet,
                                  allow_nonfinite=args.allow_nonfinite, **common)
-    _note_mergekit_differences(args, (tensor_options or {}).values() or [options], models[0])
+    _note_mergekit_differences(args, (tensor_options or {}).values() or [options], models[0],
+                               settings.get("input_dtype"))
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in plan.output_files))
         print(stage_summary(times), file=sys.stderr)
@@ -206,10 +210,10 @@ def _run_merged_slices(settings: dict, args: argparse.Namespace) -> int:
     shared = [_options(own, args) for own in settings["merged_slices"]]  # each slice's, before gradients
     if args.dry_run:
         print(describe_slices(slices, settings.get("tokenizer")))
-        _note_mergekit_differences(args, shared, slices[0].models[0])
+        _note_mergekit_differences(args, shared, slices[0].models[0], settings.get("input_dtype"))
         return 0
     done = _write_layered(merge_slices, slices, output, settings, args)
-    _note_mergekit_differences(args, shared, slices[0].models[0])
+    _note_mergekit_differences(args, shared, slices[0].models[0], settings.get("input_dtype"))
     return done
 
 
@@ -229,20 +233,24 @@ def _write_layered(write, slices, output: str, settings: dict, args: argparse.Na
         files = write(slices, output, dtype=args.dtype or settings.get("dtype"), max_shard_size=args.max_shard_size,
                       overwrite=args.overwrite, copy_tokenizer=args.copy_tokenizer, write_card=args.write_model_card,
                       allow_nonfinite=args.allow_nonfinite, progress=not args.quiet,
-                      tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"), **own)
+                      tokenizer=settings.get("tokenizer"), chat_template=settings.get("chat_template"),
+                      input_dtype=settings.get("input_dtype"), **own)
     if not args.quiet:
         print("\n".join(f"wrote {p}" for p in files))
         print(stage_summary(times), file=sys.stderr)
     return 0
 
 
-def _note_mergekit_differences(args: argparse.Namespace, option_sets, model: str) -> None:
+def _note_mergekit_differences(args: argparse.Namespace, option_sets, model: str, loaded: str | None) -> None:
     """A mergekit config whose method fastmerge computes otherwise than mergekit by default: one
-    line on stderr naming how, never a silent difference (--mergekit-compat removes it)."""
+    line on stderr naming how, never a silent difference (--mergekit-compat removes it). `loaded`:
+    the config's dtype, which the inputs are read in."""
     if not args.config:
         return
     checkpoint = Checkpoint(model)
     dtype = next((checkpoint.dtype(n) for n in checkpoint.keys() if checkpoint.dtype(n).is_floating_point), None)
+    if DTYPES.get(loaded) in (torch.bfloat16, torch.float16):  # rounded to half precision as read: its ties
+        dtype = DTYPES[loaded]
     notes = {}
     for options in option_sets:
         text = SAME_INIT_METHODS[options.method].mergekit_difference(options, dtype)

@@ -12,10 +12,8 @@ configs through mergekit). What is read as mergekit does:
 - ties: per-model `density` (default 1.0: nothing trimmed, as in mergekit), `normalize` (default
   true), `lambda`, `int8_mask` (only the dtype of mergekit's mask: no effect on the result).
 - slerp: `t` measured from `base_model`, which must be one of the two models.
-- `dtype` is the dtype mergekit loads the inputs in and `out_dtype` the output's (default
-  `dtype`); fastmerge computes in float32 from the stored inputs, so a `dtype` narrower than
-  float32 together with a different `out_dtype` is refused (mergekit would round the inputs to
-  `dtype` first).
+- `dtype` is the dtype every input is loaded in (rounded or widened as it is read, as mergekit
+  does) and `out_dtype` the output's (default `dtype`).
 
 - weight, density, lambda and t may be gradients (lists interpolated across the layers) and
   conditions (`- filter: self_attn` / `value: ...`), resolved per tensor as mergekit does
@@ -299,7 +297,7 @@ def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> 
     settings["flatten"] = r.typed("parameters.nuslerp_flatten", params.get("nuslerp_flatten"), "bool")
     if method == "multislerp":  # its normalize is called normalize_weights
         settings["normalize"] = r.typed("parameters.normalize_weights", params.get("normalize_weights"), "bool")
-    settings["dtype"] = _output_dtype(r, config)
+    settings.update(_dtypes(r, config))
     settings.update(_tokenizer_settings(r, config))
     if method == "slerp":
         _base_first(r, settings)
@@ -412,7 +410,7 @@ def _passthrough(r: _Reader, config: dict, method: str) -> dict:
         slices.append(Slice(model, span[0], span[1], r.setting(f"{where}.sources[0].parameters.scale", own.get("scale"))))
     return {"method": "passthrough", "slices": slices, "base": r.typed("base_model", config.get("base_model"), "text"),
             "scale": _chained(r.setting("parameters.scale", scope.get("scale")) for scope in scopes),
-            "dtype": _output_dtype(r, config),
+            **_dtypes(r, config),
             "output": r.typed("out_path", config.get("out_path"), "text")}
 
 
@@ -567,7 +565,7 @@ def _merged_slices(r: _Reader, config: dict, method: str) -> dict:
             r.fail(f"{where}: base_model {settings['base']} is not among the slice's sources; list it with its "
                    "layer_range")
         slices.append(settings)
-    return {"method": method, "merged_slices": slices, "dtype": _output_dtype(r, config),
+    return {"method": method, "merged_slices": slices, **_dtypes(r, config),
             "output": r.typed("out_path", config.get("out_path"), "text"), **_tokenizer_settings(r, config)}
 
 
@@ -583,13 +581,12 @@ def _tokenizer_settings(r: _Reader, config: dict) -> dict:
     return {"tokenizer": _tokenizer(r, config), "chat_template": template}
 
 
-def _output_dtype(r: _Reader, config: dict) -> str | None:
+def _dtypes(r: _Reader, config: dict) -> dict:
+    """{"dtype": the output's (out_dtype, else dtype), "input_dtype": dtype}: mergekit loads every input
+    in `dtype` (rounding it, or widening it) before any arithmetic, and so does fastmerge."""
     dtype = r.typed("dtype", config.get("dtype"), "text")
     out_dtype = r.typed("out_dtype", config.get("out_dtype"), "text")
-    if out_dtype is None or dtype is None or dtype == out_dtype or dtype in ("float32", "float64"):
-        return out_dtype or dtype
-    r.fail(f"dtype {dtype} with out_dtype {out_dtype}: mergekit would round the inputs to {dtype} first; "
-           "fastmerge computes in float32 from the stored inputs: drop dtype or make it float32")
+    return {"dtype": out_dtype or dtype, "input_dtype": dtype}
 
 
 def _base_first(r: _Reader, settings: dict) -> None:

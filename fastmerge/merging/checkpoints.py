@@ -27,7 +27,7 @@ from ..spec.hf_config import config_folder, spec_from_config
 from ..spec.folding import fold_state, folded_spec
 from ..spec.transforms import apply_permutations
 from ..stages import stage
-from .same_init import SameInitOptions, checks_finite, merge_tensor
+from .same_init import SameInitOptions, as_loaded, checks_finite, merge_tensor
 from .vocabulary import output_config, output_template, plan_vocabulary
 
 
@@ -98,7 +98,7 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
                dtype: str | None = None, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
                align: str | None = None, spec_file: str | None = None, copy_tokenizer: bool = True,
                write_card: bool = True, tensor_options: Mapping[str, SameInitOptions] | None = None,
-               tokenizer: Mapping | None = None, chat_template: str | None = None):
+               tokenizer: Mapping | None = None, chat_template: str | None = None, input_dtype: str | None = None):
     """Opens and checks every input and plans the output; returns (plan, checkpoints, base, writer,
     (the folder whose config and tokenizer a folder output gets, its config) or None, the
     VocabularyPlan of a `tokenizer` ({"source": "base" or a folder, "pad_to_multiple_of": n}) or
@@ -123,7 +123,8 @@ def plan_merge(models: Sequence[str], output: str, options: SameInitOptions, *, 
         vocabulary = plan_vocabulary(folders, [{k: tuple(c.shape(k)) for k in c.keys()} for c in every],
                                      tokenizer["source"], base_index=len(models) if base else None,
                                      pad_to_multiple_of=tokenizer.get("pad_to_multiple_of"), tokens=tokenizer.get("tokens"))
-    check_compatible(every, labels, cast=dtype is not None,
+    parse_dtype(input_dtype)  # an unknown name fails here, before anything is read
+    check_compatible(every, labels, cast=dtype is not None or input_dtype is not None,
                      vocabulary=vocabulary.names if vocabulary else frozenset())
     if align not in (None, "weight_matching"):
         raise CheckpointError(f"unknown alignment {align!r} for checkpoint files; use weight_matching (with spec_file=FILE.yaml)")
@@ -183,7 +184,8 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
                       overwrite: bool = False, progress: bool = True, align: str | None = None,
                       spec_file: str | None = None, allow_nonfinite: bool = False, copy_tokenizer: bool = True,
                       write_card: bool = True, tensor_options: Mapping[str, SameInitOptions] | None = None,
-                      tokenizer: Mapping | None = None, chat_template: str | None = None) -> MergePlan:
+                      tokenizer: Mapping | None = None, chat_template: str | None = None,
+                      input_dtype: str | None = None) -> MergePlan:
     """Merges checkpoint files into `output` (a .safetensors file or a folder for shards).
 
     With ``align="weight_matching"`` and `spec_file` (a YAML merge spec of the architecture, or "auto":
@@ -194,6 +196,9 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
 
     `tensor_options` gives tensors options of their own (the same method; mergekit's gradients and
     filters resolved per tensor); the others get `options`.
+
+    `input_dtype` (mergekit's `dtype`): every floating input converted to it as it is read, before
+    any arithmetic (the output is in `dtype`, default the inputs').
 
     `tokenizer` ({"source": "base" or a model folder, "pad_to_multiple_of": n}): mergekit's
     tokenizer_source, the inputs' embeddings and LM heads re-indexed to that tokenizer's vocabulary
@@ -214,7 +219,8 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
     plan, checkpoints, base_ckpt, writer, source, vocabulary = plan_merge(
         models, output, options, base=base, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         align=align, spec_file=spec_file, copy_tokenizer=copy_tokenizer, write_card=write_card,
-        tensor_options=tensor_options, tokenizer=tokenizer, chat_template=chat_template)
+        tensor_options=tensor_options, tokenizer=tokenizer, chat_template=chat_template, input_dtype=input_dtype)
+    loaded_dtype = parse_dtype(input_dtype)
     inputs = checkpoints + ([base_ckpt] if base_ckpt else [])  # the base, if any, last
     labels = list(models) + ([base] if base_ckpt else [])
     sources = _aligned_sources(inputs, spec_file, progress) if align else [c.read for c in inputs]
@@ -244,6 +250,10 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
             own = tensor_options.get(name, options) if tensor_options else options
             if not (align or allow_nonfinite or checks_finite(own)):  # aligned: checked before matching
                 check_inputs_finite(name, every, labels)
+            stored = tensors[0].dtype
+            if loaded_dtype is not None:
+                every = as_loaded(every, loaded_dtype)
+                tensors, base_tensor = every[: len(checkpoints)], (every[-1] if base_ckpt else None)
             out_buffer = out_buffers[i % 2]
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
             try:
@@ -252,7 +262,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
                 check_inputs_finite(name, every, labels)  # names the file (finite inputs: the merge overflowed)
                 raise
             if out_dtype.is_floating_point and not allow_nonfinite:  # nothing non-finite is written
-                narrowing = torch.finfo(out_dtype).max < torch.finfo(tensors[0].dtype).max
+                narrowing = torch.finfo(out_dtype).max < torch.finfo(stored).max
                 check_output_finite(name, merged, out_dtype, narrowing=narrowing)
             if pending is not None:
                 pending.result()

@@ -26,6 +26,7 @@ from ..io.hf_folder import model_card, read_config, source_folder, write_folder_
 from ..io.writer import ShardedWriter
 from .checkpoints import check_inputs_finite, check_output_finite
 from .gradients import LAYER_NAME, Setting, first
+from .same_init import as_loaded
 from .vocabulary import model_folder, output_config, output_template, plan_vocabulary, tokenizer_folder
 
 # tensors outside the layers that come before them (taken from the first slice's model)
@@ -49,19 +50,26 @@ def _layer(name: str) -> tuple[str, int, str] | None:
     return (match.group(1), int(match.group(2)), match.group(3)) if match else None
 
 
-def config_with_layers(source: str, count: int, whose: str) -> dict:
-    """Folder `source`'s config.json with its layer count set to `count` (a slices output's)."""
+def config_with_layers(source: str, order: Sequence[int], whose: str) -> dict:
+    """Folder `source`'s config.json for a slices output whose layer j is an input's layer
+    `order[j]`: its layer count set to len(order), and its per-layer lists (`layer_types`: full or
+    sliding attention, ...: any list under a key naming layers, one entry per layer) rebuilt in
+    that order, so transformers' check that they match the count passes and each layer keeps its
+    kind."""
     config = read_config(source)
     key = next((k for k in LAYER_COUNT_KEYS if k in config), None)
     if key is None:
         raise CheckpointError(f"{source}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}) to set to "
-                              f"{whose} {count} layers")
-    return {**config, key: count}
+                              f"{whose} {len(order)} layers")
+    count = config[key]
+    per_layer = {k: [v[i] for i in order] for k, v in config.items()
+                 if "layer" in k and isinstance(v, list) and len(v) == count and count > 0}
+    return {**config, key: len(order), **per_layer}
 
 
 def plan_passthrough(slices: Sequence[Slice], base: str | None = None, tokenizer: Mapping | None = None):
     """The output's tensors in order, as (output name, checkpoint, input name, slice, t), the
-    output's layer count and {id(checkpoint): VocabularyPlan} for a `tokenizer`; checks every
+    input layer of each output layer and {id(checkpoint): VocabularyPlan} for a `tokenizer`; checks every
     slice's layer range."""
     if not slices:
         raise InvalidArgumentError("passthrough needs at least one slice")
@@ -72,7 +80,7 @@ def plan_passthrough(slices: Sequence[Slice], base: str | None = None, tokenizer
     for name in outside:
         if _BEFORE_LAYERS.search(name):
             plan.append((name, first_model, name, slices[0], 0.0))
-    position = 0
+    order = []  # the input layer of each output layer
     for s in slices:
         ckpt = models[s.model]
         layers = {}
@@ -90,22 +98,22 @@ def plan_passthrough(slices: Sequence[Slice], base: str | None = None, tokenizer
         for i in range(s.start, end):
             t = (i - s.start) / (end - s.start - 1) if end - s.start > 1 else 1.0
             for prefix, _, rest in layers[i]:
-                plan.append((f"{prefix}{position}{rest}", ckpt, f"{prefix}{i}{rest}", s, t))
-            position += 1
+                plan.append((f"{prefix}{len(order)}{rest}", ckpt, f"{prefix}{i}{rest}", s, t))
+            order.append(i)
     for name in [n for n in last_model.keys() if _layer(n) is None and not _BEFORE_LAYERS.search(n)]:
         plan.append((name, last_model, name, slices[-1], 0.0))
     vocabularies = _vocabularies(slices, models, base, tokenizer) if tokenizer is not None else {}
-    return plan, position, vocabularies
+    return plan, order, vocabularies
 
 
 def describe_passthrough(slices: Sequence[Slice], base: str | None = None, tokenizer: Mapping | None = None) -> str:
     """What passthrough would write (--dry-run): each slice's layers, the layer count, the tensors."""
-    plan, layers, vocabularies = plan_passthrough(slices, base, tokenizer)
+    plan, order, vocabularies = plan_passthrough(slices, base, tokenizer)
     lines = ["method: passthrough"]
     for i, s in enumerate(slices):
         end = "end" if s.end is None else s.end
         lines.append(f"slice {i}: {s.model} [{s.start}, {end})" + (" (scaled)" if s.scale is not None else ""))
-    lines.append(f"layers: {layers}; tensors: {len(plan)}; "
+    lines.append(f"layers: {len(order)}; tensors: {len(plan)}; "
                  f"{sum(c.tensor_bytes(n) for _, c, n, _, _ in plan) / 1e9:.2f} GB as stored")
     vocabulary = next(iter(vocabularies.values()), None)
     if vocabulary is not None:
@@ -116,15 +124,18 @@ def describe_passthrough(slices: Sequence[Slice], base: str | None = None, token
 def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None, dtype: str | None = None,
                 max_shard_size: str | int | None = "5GB", overwrite: bool = False, shared_scale: Setting | None = None,
                 copy_tokenizer: bool = True, write_card: bool = True, allow_nonfinite: bool = False,
-                progress: bool = True, tokenizer: Mapping | None = None, chat_template: str | None = None) -> list[str]:
+                progress: bool = True, tokenizer: Mapping | None = None, chat_template: str | None = None,
+                input_dtype: str | None = None) -> list[str]:
     """Writes the layers of `slices`, in order, with the tensors around them, to `output`; returns
     the files written. A folder output gets the config of `base` (else the first slice's model)
     with the new layer count. NaN/Inf, in an input or after a scale, is refused before anything is
     renamed into place, as in every merge (allow_nonfinite: written). `tokenizer` and
     `chat_template` as for merge_checkpoints: the embeddings (first slice's model) and the LM head
-    (last slice's) re-indexed to the output tokenizer's vocabulary."""
+    (last slice's) re-indexed to the output tokenizer's vocabulary. `input_dtype` (mergekit's
+    `dtype`): each tensor converted to it as it is read, before it is scaled."""
     out_dtype = parse_dtype(dtype)
-    plan, position, vocabularies = plan_passthrough(slices, base, tokenizer)
+    loaded_dtype = parse_dtype(input_dtype)
+    plan, order, vocabularies = plan_passthrough(slices, base, tokenizer)
     models = {id(c): c for _, c, _, _, _ in plan}
 
     def target(ckpt: Checkpoint, name: str) -> torch.dtype:
@@ -144,7 +155,7 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
     if source is None and tokenizer is not None:
         raise CheckpointError(f"{output}: tokenizer_source writes a model folder; give a folder as the output, not a "
                               ".safetensors file")
-    config = None if source is None else config_with_layers(source, position, "the passthrough's")
+    config = None if source is None else config_with_layers(source, order, "the passthrough's")
     vocabulary = next(iter(vocabularies.values()), None)
     if config is not None and vocabulary is not None:
         config = output_config(config, vocabulary)
@@ -166,9 +177,11 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
             if tensor.is_floating_point() and not allow_nonfinite:
                 check_inputs_finite(name, [tensor], [s.model])
             scale = first((s.scale, shared_scale), name, t)
+            loaded = as_loaded([tensor], loaded_dtype)[0]
+            changed = remapped or scale is not None or dtype != tensor.dtype or loaded.dtype != tensor.dtype
+            tensor = loaded
             if scale is not None and tensor.is_floating_point():
                 tensor = tensor * scale
-            changed = remapped or scale is not None or dtype != tensor.dtype
             tensor = tensor.to(dtype).contiguous()
             if changed and tensor.is_floating_point() and not allow_nonfinite:  # a copy: its input was checked
                 narrowing = torch.finfo(dtype).max < torch.finfo(ckpt.dtype(name)).max

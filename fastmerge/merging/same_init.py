@@ -20,7 +20,7 @@ import torch
 from ..errors import InvalidArgumentError
 from .methods import METHODS, get_method
 
-__all__ = ["METHODS", "SameInitOptions", "checks_finite", "merge_tensor"]
+__all__ = ["METHODS", "SameInitOptions", "as_loaded", "checks_finite", "merge_tensor"]
 
 
 @dataclass(frozen=True)
@@ -131,10 +131,31 @@ def merge_tensor(name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor 
         out = None
     if not tensors[0].is_floating_point():  # integer buffers (position ids, counters): kept as they are
         return (base if base is not None else tensors[0]).to(out_dtype)
-    if len({t.dtype for t in tensors} | ({base.dtype} if base is not None else set())) > 1:
-        tensors = [t.float() for t in tensors]  # mixed precisions: combine in float32
-        base = base.float() if base is not None else None
+    compute = compute_dtype(tensors, base, out_dtype, options.mergekit_compat)
+    if compute is not None:
+        tensors = [t.to(compute) for t in tensors]
+        base = base.to(compute) if base is not None else None
     return get_method(options.method).merge(name, tensors, base, options, out_dtype, out)
+
+
+def compute_dtype(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype,
+                  mergekit_compat: bool = False) -> torch.dtype | None:
+    """The dtype the inputs are converted to before a method runs, None to take them as they are.
+    Mixed precisions combine in float32. An output more precise than every input (`--dtype
+    float32` on bfloat16 models) is computed at the output's precision, not rounded to the inputs'
+    dtype and then widened; except with `mergekit_compat`, where the inputs stay as mergekit loads
+    them (in the config's `dtype`: as_loaded) and each method runs mergekit's arithmetic on them."""
+    dtypes = {t.dtype for t in tensors} | ({base.dtype} if base is not None else set())
+    if (not mergekit_compat and out_dtype.is_floating_point
+            and all(torch.finfo(out_dtype).eps < torch.finfo(d).eps for d in dtypes)):
+        return out_dtype
+    return torch.float32 if len(dtypes) > 1 else None
+
+
+def as_loaded(tensors: Sequence[torch.Tensor | None], dtype: torch.dtype | None) -> list[torch.Tensor | None]:
+    """The tensors as mergekit loads them under a config's `dtype`: every floating one converted to
+    it (rounded or widened) before any arithmetic; None (no `dtype`) keeps them as stored."""
+    return [t.to(dtype) if dtype is not None and t is not None and t.is_floating_point() else t for t in tensors]
 
 
 def checks_finite(options: SameInitOptions) -> bool:

@@ -25,7 +25,7 @@ from ..io.hf_folder import model_card, source_folder, write_folder_files
 from ..io.writer import ShardedWriter
 from .checkpoints import check_inputs_finite, check_output_finite
 from .passthrough import _BEFORE_LAYERS, _layer, config_with_layers
-from .same_init import SameInitOptions, merge_tensor
+from .same_init import SameInitOptions, as_loaded, merge_tensor
 from .vocabulary import (VocabularyPlan, model_folder, output_config, output_template, plan_vocabulary,
                          tokenizer_folder)
 
@@ -82,8 +82,9 @@ def _vocabularies(slices: Sequence[MergedSlice], tokenizer: Mapping, opened) -> 
     return plans
 
 
-def plan_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = None) -> tuple[list[_Planned], int, VocabularyPlan | None]:
-    """(every output tensor with its inputs, the output's layer count, the vocabulary plan of a
+def plan_slices(slices: Sequence[MergedSlice],
+                tokenizer: Mapping | None = None) -> tuple[list[_Planned], list[int], VocabularyPlan | None]:
+    """(every output tensor with its inputs, the input layer of each output layer, the vocabulary plan of a
     `tokenizer` ({"source", "pad_to_multiple_of", "tokens"}: fastmerge.merging.vocabulary) or None);
     checks the ranges and shapes."""
     if not slices:
@@ -126,7 +127,7 @@ def plan_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = None)
     for name in outside_first:
         if _BEFORE_LAYERS.search(name):
             plan.append(entry(first, name, [name] * len(first.models), name, 0.0))
-    position = 0
+    order = []  # the (first source's) input layer of each output layer
     for s in slices:
         n = s.ranges[0][1] - s.ranges[0][0]
         layers = _layers(ckpt(s.models[0]))
@@ -135,21 +136,21 @@ def plan_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = None)
             for prefix, _, rest in layers[s.ranges[0][0] + j]:
                 names = [f"{prefix}{start + j}{rest}" for start, _ in s.ranges]
                 base_name = f"{prefix}{s.base_range[0] + j}{rest}" if s.base else None
-                plan.append(entry(s, f"{prefix}{position}{rest}", names, base_name, t))
-            position += 1
+                plan.append(entry(s, f"{prefix}{len(order)}{rest}", names, base_name, t))
+            order.append(s.ranges[0][0] + j)
     for name in [n for n in ckpt(last.models[0]).keys() if _layer(n) is None and not _BEFORE_LAYERS.search(n)]:
         plan.append(entry(last, name, [name] * len(last.models), name, 0.0))
-    return plan, position, vocabularies.get(id(first))
+    return plan, order, vocabularies.get(id(first))
 
 
 def describe_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = None) -> str:
     """What merge_slices would do (--dry-run): each slice's sources, the layer count, the tensors."""
-    plan, layers, vocabulary = plan_slices(slices, tokenizer)
+    plan, order, vocabulary = plan_slices(slices, tokenizer)
     lines = [f"method: {plan[0].options.method if plan else '-'}"]
     for i, s in enumerate(slices):
         sources = ", ".join(f"{m} [{a}, {b})" for m, (a, b) in zip(s.models, s.ranges))
         lines.append(f"slice {i}: {sources}" + (f"; base {s.base} {list(s.base_range)}" if s.base else ""))
-    lines.append(f"layers: {layers}; tensors: {len(plan)}")
+    lines.append(f"layers: {len(order)}; tensors: {len(plan)}")
     if vocabulary is not None:
         lines.append(f"tokenizer: {vocabulary.folder} ({vocabulary.size} vocabulary rows)")
     return "\n".join(lines)
@@ -158,12 +159,14 @@ def describe_slices(slices: Sequence[MergedSlice], tokenizer: Mapping | None = N
 def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | None = None,
                  max_shard_size: str | int | None = "5GB", overwrite: bool = False, copy_tokenizer: bool = True,
                  write_card: bool = True, allow_nonfinite: bool = False, progress: bool = True,
-                 tokenizer: Mapping | None = None, chat_template: str | None = None) -> list[str]:
+                 tokenizer: Mapping | None = None, chat_template: str | None = None,
+                 input_dtype: str | None = None) -> list[str]:
     """Writes the merged slices to `output` (module docstring); returns the files written. NaN/Inf
-    in an input or a merged tensor is refused before anything is renamed into place. `tokenizer`
-    and `chat_template` as for fastmerge.merging.checkpoints.merge_checkpoints."""
+    in an input or a merged tensor is refused before anything is renamed into place. `tokenizer`,
+    `chat_template` and `input_dtype` as for fastmerge.merging.checkpoints.merge_checkpoints."""
     out_dtype = parse_dtype(dtype)
-    plan, layer_count, vocabulary = plan_slices(slices, tokenizer)
+    loaded_dtype = parse_dtype(input_dtype)
+    plan, order, vocabulary = plan_slices(slices, tokenizer)
 
     def target(p: _Planned) -> torch.dtype:
         c, n = p.inputs[0]
@@ -190,7 +193,7 @@ def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | Non
                                tokenizer_folder=vocabulary.folder if vocabulary else None, copy_tokenizer=copy_tokenizer)
     config = None
     if source is not None:
-        config = config_with_layers(source, layer_count, "the slices'")
+        config = config_with_layers(source, order, "the slices'")
         if vocabulary is not None:
             config = output_config(config, vocabulary)
     with writer:
@@ -204,13 +207,15 @@ def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | Non
             if not allow_nonfinite:
                 check_inputs_finite(p.out, tensors + ([base] if base is not None else []), labels)
             dtype_out = target(p)
+            stored = tensors[0].dtype
+            tensors, base = as_loaded(tensors, loaded_dtype), as_loaded([base], loaded_dtype)[0]
             try:
                 merged = merge_tensor(p.out, tensors, base, p.options, dtype_out)
             except NonFiniteError:
                 check_inputs_finite(p.out, tensors + ([base] if base is not None else []), labels)
                 raise
             if dtype_out.is_floating_point and not allow_nonfinite:
-                narrowing = torch.finfo(dtype_out).max < torch.finfo(tensors[0].dtype).max
+                narrowing = torch.finfo(dtype_out).max < torch.finfo(stored).max
                 check_output_finite(p.out, merged, dtype_out, narrowing=narrowing)
             writer.write(p.out, merged.contiguous())
     files = list(writer.final_paths)

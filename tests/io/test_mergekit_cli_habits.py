@@ -125,3 +125,39 @@ def test_a_plan_with_gradients_says_its_options_vary_by_tensor(tmp_path, capsys)
                       f"  - model: {other}\n    parameters: {{weight: 1}}\n")
     assert main(["merge", str(config), str(tmp_path / "o.safetensors"), "--dry-run"]) == 0
     assert "options vary by tensor (gradients or filters): 3 sets" in capsys.readouterr().out
+
+
+def test_a_frankenmerge_keeps_each_layers_kind_in_the_config(tmp_path):
+    """A passthrough's config lists each output layer's kind (`layer_types`: full or sliding
+    attention) in the order the layers were stacked; transformers refuses a config whose list does
+    not match the layer count (mergekit 0.1.5 writes such a config, and its merge fails)."""
+    transformers = pytest.importorskip("transformers")
+    kinds = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=50, layer_types=kinds, use_sliding_window=True,
+                                      sliding_window=8)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    path = tmp_path / "p.yml"
+    path.write_text(f"merge_method: passthrough\nslices:\n  - sources: [{{model: {tmp_path / 'm'}, layer_range: [0, 2]}}]\n"
+                    f"  - sources: [{{model: {tmp_path / 'm'}, layer_range: [1, 4]}}]\n")
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 5 and written["layer_types"] == [kinds[i] for i in (0, 1, 1, 2, 3)]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.layer_types == written["layer_types"]
+
+
+def test_a_wider_output_dtype_is_computed_at_its_precision(tmp_path):
+    """`--dtype float32` on bfloat16 checkpoints: the float32 average, not a bfloat16 one widened."""
+    models = []
+    for k in range(2):
+        torch.manual_seed(k)
+        models.append({"w": torch.randn(64, 64).bfloat16()})
+        save_file(models[-1], str(tmp_path / f"m{k}.safetensors"))
+    out = tmp_path / "out.safetensors"
+    assert main(["merge", str(tmp_path / "m0.safetensors"), str(tmp_path / "m1.safetensors"), "-o", str(out),
+                 "--dtype", "float32", "--quiet"]) == 0
+    merged = Checkpoint(str(out))["w"]
+    assert merged.dtype == torch.float32
+    assert torch.equal(merged, (models[0]["w"].float() + models[1]["w"].float()) / 2)

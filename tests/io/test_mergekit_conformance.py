@@ -41,7 +41,7 @@ def family(tmp_path_factory):
             for p, q in zip(tuned.parameters(), base.parameters()):
                 p.copy_(q + 0.02 * torch.randn_like(q))
         models[name] = tuned
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         for name, model in models.items():
             model.to(getattr(torch, dtype)).save_pretrained(root / dtype / name)
     return root
@@ -194,6 +194,41 @@ def test_bfloat16_merges_match_mergekit(family, tmp_path):
         for key in a.keys():
             x, y = a[key].double(), b[key].double()
             assert float((x - y).abs().max()) <= ulps * 2**-7 * float(x.abs().max()) + 1e-30, key
+
+
+LOADED = {  # (case, the inputs' stored dtype, the config's dtype and out_dtype lines)
+    "linear": ("linear", "bfloat16", "dtype: float32\n"),  # widened: computed in float32, not rounded first
+    "ties": ("ties-per-model", "bfloat16", "dtype: float32\n"),  # float32 task vectors of bfloat16 values: ties
+    "sce": ("sce-select", "float16", "dtype: bfloat16\n"),  # rounded to bfloat16 as read: another selection
+    "breadcrumbs": ("breadcrumbs", "bfloat16", "dtype: float16\n"),
+    "task arithmetic, out_dtype": ("task-arithmetic", "bfloat16", "dtype: bfloat16\nout_dtype: float16\n"),
+    "passthrough, scaled": ("passthrough", "bfloat16", "dtype: float32\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOADED))
+def test_inputs_are_loaded_in_the_configs_dtype_as_mergekit_loads_them(family, tmp_path, name):
+    """mergekit reads every input in the config's `dtype` (rounding or widening it) before any
+    arithmetic: with --mergekit-compat the same tensors, whichever way the dtype goes (to the bit;
+    the weighted sums within their ulps of the dtype they are computed in). A merge of bfloat16
+    models into float32 was rounded to bfloat16 before (a silent difference of up to 1/256 of each
+    value), and TIES, SCE and Breadcrumbs selected from the stored values, not the loaded ones."""
+    case, stored, dtypes = LOADED[name]
+    text, ulps = CASES[case] if case != "passthrough" else (
+        "merge_method: passthrough\nslices:\n  - sources: [{model: ROOT/a, layer_range: [0, 1], "
+        "parameters: {scale: 0.7}}]\n  - sources: [{model: ROOT/b, layer_range: [0, 2]}]\n", EXACT)
+    rc, theirs, ours = _run_both(family, tmp_path, text + dtypes, dtype=stored, flags=("--mergekit-compat",))
+    assert rc == 0
+    loaded = getattr(torch, dtypes.split("\n")[0].removeprefix("dtype: "))
+    a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))
+    assert sorted(a.keys()) == sorted(b.keys())
+    for key in a.keys():
+        assert a[key].dtype == b[key].dtype, key
+        bound = ulps * torch.finfo(loaded).eps * float(a[key].double().abs().max())
+        assert float((a[key].double() - b[key].double()).abs().max()) <= bound, key
+    if name == "linear":  # the float32 merge is not a bfloat16 one widened
+        merged = b["model.layers.0.mlp.up_proj.weight"]
+        assert not torch.equal(merged, merged.bfloat16().float())
 
 
 def _tied_at_band_edges(delta: torch.Tensor, density: float, gamma: float = 0.01) -> torch.Tensor:

@@ -13,9 +13,10 @@ def merge_ties(name, tensors, base, options, out_dtype, out):
     n = len(tensors)
     numel = base.numel()
     densities = list(options.densities) if options.densities is not None else [options.density] * n
-    if options.mergekit_compat and base.dtype in (torch.bfloat16, torch.float16):
-        # mergekit's arithmetic (half-precision task vectors, exactly k kept): fastmerge's float32
-        # TIES differs from it by more than rounding on these checkpoints
+    if options.mergekit_compat:
+        # mergekit's arithmetic (task vectors in the inputs' dtype, exactly k kept by its sort):
+        # fastmerge's TIES differs from it by more than rounding where magnitudes tie (half-precision
+        # checkpoints, or float32 ones loaded from them)
         return gta_as_mergekit(tensors, base, task_weights(options, n), densities, sparsify="magnitude",
                                consensus=True, normalize=options.normalize is not False,
                                scale=options.scale).to(out_dtype)
