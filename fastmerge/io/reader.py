@@ -2,8 +2,9 @@
 
 Formats: a ``.safetensors`` file, a folder holding ``model.safetensors`` or a sharded
 ``model.safetensors.index.json`` (or the index file itself), and torch ``.pt`` / ``.bin`` state
-dicts, which are opened with ``weights_only=True`` and memory-mapped (a pickle that wants to run
-code is refused, never executed). A safetensors tensor is a private memory map of its own bytes
+dicts, single or sharded (``pytorch_model.bin.index.json``, as older Hugging Face models ship),
+which are opened with ``weights_only=True`` and memory-mapped (a pickle that wants to run code is
+refused, never executed). A safetensors tensor is a private memory map of its own bytes
 (no copy: the pages of the page cache), unmapped when the tensor is freed, so memory stays bounded
 by the tensors in flight.
 """
@@ -31,6 +32,9 @@ from .torch_zip import check_storage_records
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 TORCH_NAMES = ("pytorch_model.bin", "model.pt", "model.bin")
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+# what a folder is read from, in this order (safetensors first, as transformers and mergekit do)
+FOLDER_NAMES = (INDEX_NAME, SINGLE_NAME, TORCH_INDEX_NAME, *TORCH_NAMES)
 
 
 class Checkpoint(Mapping[str, torch.Tensor]):
@@ -48,7 +52,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self.path = path
         self._files: dict[str, str] = {}  # tensor name -> file that holds it
         self._handles: dict[str, object] = {}
-        self._torch_state: dict[str, torch.Tensor] | None = None
+        self._torch_state: dict[str, torch.Tensor] = {}  # the tensors of torch files (memory maps)
         self.metadata: dict[str, str] = {}
         self._lora = None
         reference = split_reference(path)  # mergekit's model+lora: the adapter merged in on read
@@ -63,11 +67,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         if not os.path.isdir(path) and not os.path.isfile(path):  # reading a FIFO or a device could block forever
             raise CheckpointError(f"{path}: not a regular file (a pipe, socket or device); give a checkpoint file")
         if os.path.isdir(path):
-            for name in (INDEX_NAME, SINGLE_NAME, *TORCH_NAMES):
+            for name in FOLDER_NAMES:
                 candidate = os.path.join(path, name)
                 if os.path.exists(candidate):
                     return self._open(candidate)
-            raise CheckpointError(f"{path}: a folder without {INDEX_NAME}, {SINGLE_NAME} or a torch state dict")
+            raise CheckpointError(f"{path}: a folder without {INDEX_NAME}, {SINGLE_NAME}, {TORCH_INDEX_NAME} or a "
+                                  "torch state dict")
         if path.endswith(".index.json"):
             self._open_index(path)
         elif path.endswith(".safetensors"):
@@ -88,14 +93,17 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             if not isinstance(index.get("metadata") or {}, dict):
                 raise ValueError("'metadata' must be a JSON object")
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise CheckpointError(f"{path}: not a valid safetensors index ({str(exc)[:160]}); expected a JSON object "
+            raise CheckpointError(f"{path}: not a valid checkpoint index ({str(exc)[:160]}); expected a JSON object "
                                   "with a 'weight_map' of tensor name -> shard file") from None
         folder = os.path.dirname(path)
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(folder, shard)
             if os.path.basename(shard) != shard or not os.path.isfile(shard_path):
                 raise CheckpointError(f"{path}: shard {shard!r} named by the index is missing from {folder}")
-            self._open_safetensors(shard_path)
+            if shard.endswith((".bin", ".pt", ".pth")):
+                self._open_torch(shard_path)
+            else:
+                self._open_safetensors(shard_path)
         missing = set(weight_map) - set(self._files)
         if missing:
             raise CheckpointError(f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, "
@@ -154,8 +162,11 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             kind = "quantised" if state[odd].is_quantized else f"{state[odd].layout} (not dense)"
             raise CheckpointError(f"{path}: tensor {odd!r} is {kind}; fastmerge merges dense tensors: save them "
                                   "dense (tensor.to_dense(), tensor.dequantize()) first")
-        self._torch_state = state
-        self._files = {name: path for name in state}
+        for name, tensor in state.items():
+            if name in self._files:
+                raise CheckpointError(f"{path}: tensor {name!r} is also in {self._files[name]}")
+            self._files[name] = path
+            self._torch_state[name] = tensor
 
     # ------------------------------------------------------------------ reading
     def keys(self) -> list[str]:  # a list, as before Checkpoint was a Mapping (not a view)
@@ -182,12 +193,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         return self._handles[self._files[name]].entries[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if self._torch_state is not None:
+        if name in self._torch_state:
             return tuple(self._torch_state[name].shape)
         return self._entry(name)[1]
 
     def dtype(self, name: str) -> torch.dtype:
-        if self._torch_state is not None:
+        if name in self._torch_state:
             return self._torch_state[name].dtype
         return self._entry(name)[0]
 
@@ -196,9 +207,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
 
     def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor; safetensors data goes into `buffer` (uint8, reused by the caller) when given."""
-        if self._torch_state is not None:
-            if name not in self._torch_state:
-                raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        if name in self._torch_state:
             tensor = self._torch_state[name]
         else:
             self._entry(name)
@@ -212,8 +221,12 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         """Every file this checkpoint reads (shards and index), e.g. to refuse writing over one."""
         found = set(self._files.values()) | set(self._lora.files() if self._lora is not None else [])
         path = split_reference(self.path)[0] if self._lora is not None else self.path
-        if path.endswith(".index.json") or (os.path.isdir(path) and os.path.exists(os.path.join(path, INDEX_NAME))):
-            found.add(path if path.endswith(".json") else os.path.join(path, INDEX_NAME))
+        if path.endswith(".index.json"):
+            found.add(path)
+        elif os.path.isdir(path):
+            opened = next((n for n in FOLDER_NAMES if os.path.exists(os.path.join(path, n))), None)
+            if opened is not None and opened.endswith(".index.json"):
+                found.add(os.path.join(path, opened))
         return sorted(os.path.abspath(f) for f in found)
 
     def nbytes(self) -> int:

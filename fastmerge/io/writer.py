@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import CheckpointError
-from .reader import INDEX_NAME, SINGLE_NAME, TORCH_NAMES, tensor_nbytes
+from .reader import FOLDER_NAMES, INDEX_NAME, SINGLE_NAME, tensor_nbytes
 from .writeback import start_writeback
 
 WRITEBACK_BYTES = 64 << 20  # written bytes after which their writeback to disk is started
@@ -56,7 +56,7 @@ def parse_size(text: str | int | None) -> int | None:
 def _loaded_from(folder: str, extra: str | None = None) -> str | None:
     """The file that reading the folder as a checkpoint opens (Checkpoint's order of names), as it
     is, or once a file named `extra` is there too; None when none."""
-    for name in (INDEX_NAME, SINGLE_NAME, *TORCH_NAMES):
+    for name in FOLDER_NAMES:
         if name == extra or os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     return None

@@ -188,6 +188,35 @@ def test_torch_state_dicts_are_read_weights_only(tmp_path, gen):
     assert_same({k: ckpt[k] for k in ckpt}, state)
 
 
+def test_sharded_torch_folders_are_read_as_older_hugging_face_models_ship_them(tmp_path, gen):
+    """pytorch_model.bin.index.json and its .bin shards (Llama-2-era models, mergekit reads them):
+    the same tensors, every shard and the index among the files; a tensor in two shards or a
+    missing shard is refused, naming the file."""
+    state = sample_state(gen)
+    names = sorted(state)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    weight_map = {}
+    for k, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"pytorch_model-0000{k + 1}-of-00002.bin"
+        torch.save({n: state[n] for n in part}, folder / shard)
+        weight_map.update({n: shard for n in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ckpt = Checkpoint(str(folder))
+    assert_same({k: ckpt[k] for k in ckpt}, state)
+    assert [os.path.basename(f) for f in ckpt.files()] == ["pytorch_model-00001-of-00002.bin",
+                                                          "pytorch_model-00002-of-00002.bin",
+                                                          "pytorch_model.bin.index.json"]
+    torch.save({names[0]: state[names[0]]}, folder / "extra.bin")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {**weight_map, "x": "extra.bin"}}))
+    with pytest.raises(CheckpointError, match="also in"):
+        Checkpoint(str(folder))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    os.remove(folder / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(CheckpointError, match="missing"):
+        Checkpoint(str(folder))
+
+
 class _Payload:
     def __init__(self, path):
         self.path = path
