@@ -71,7 +71,7 @@ SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "
           "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
           "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale"),
-          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights",), "nearswap": ("t",), "karcher": ("max_iter", "tol"), "sce": ("select_topk", "int8_mask"),
+          "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights", "eps"), "nearswap": ("t",), "karcher": ("max_iter", "tol"), "sce": ("select_topk", "int8_mask"),
           "dare_linear": ("lambda", "normalize", "int8_mask", "rescale"),
           "dare_ties": ("lambda", "normalize", "int8_mask", "rescale"),
           "della": ("lambda", "normalize", "int8_mask", "rescale"),
@@ -303,6 +303,8 @@ def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> 
         _base_first(r, settings)
     if method == "sce":
         settings["select_topk"] = r.typed("parameters.select_topk", params.get("select_topk"), "number")
+    if method == "multislerp":
+        settings["eps"] = r.typed("parameters.eps", params.get("eps"), "number")
     if method == "karcher":
         settings["max_iter"] = r.typed("parameters.max_iter", params.get("max_iter"), "integer")
         settings["tol"] = r.typed("parameters.tol", params.get("tol"), "number")

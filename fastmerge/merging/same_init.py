@@ -44,6 +44,8 @@ class SameInitOptions:
     row_wise, flatten: nuslerp: interpolate each row (the first dimension), or the whole tensor
         (flatten, the default), else the last dimension; mergekit's nuslerp_row_wise / nuslerp_flatten.
     max_iter, tol: karcher: the most Riemannian steps, and the step length that stops them.
+    eps: multislerp: added to each length it divides by, and the least length of the weighted mean
+        direction (mergekit's eps, default 1e-8).
     select_topk: sce: the fraction of entries (those whose task vectors vary most) kept.
     epsilons: della: per model, the spread of the keep probability around the density (default 0.15).
     threshold, r, alpha: ram / ramplus_tl: the magnitude above which a task-vector entry counts as
@@ -72,6 +74,7 @@ class SameInitOptions:
     flatten: bool | None = None
     max_iter: int = 10
     tol: float = 1e-5
+    eps: float = 1e-8
     select_topk: float = 1.0
     epsilons: tuple[float, ...] | None = None
     threshold: float = 1e-5
@@ -103,6 +106,8 @@ class SameInitOptions:
             raise InvalidArgumentError(f"select_topk must be in [0, 1], got {self.select_topk}")
         if not (math.isfinite(self.tol) and self.tol > 0):
             raise InvalidArgumentError(f"tol must be a positive number, got {self.tol}")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise InvalidArgumentError(f"eps must be a number >= 0, got {self.eps}")
         if not math.isfinite(self.scale):
             raise InvalidArgumentError(f"scale (lambda) must be a finite number, got {self.scale}")
         if not 0.0 < self.density <= 1.0:

@@ -127,6 +127,8 @@ CASES = {
     "multislerp": ("merge_method: multislerp\n" + _models("abc", weight=[0.5, 0.3, 0.2]), SPAN),
     "multislerp-base": ("merge_method: multislerp\nbase_model: ROOT/base\n" + _models("abc", weight=[1.0, 2.0, 1.0])
                         + "parameters: {normalize_weights: false}\n", SPAN),
+    "multislerp-eps": ("merge_method: multislerp\n" + _models("ab", weight=[1.0, 3.0]) + "parameters: {eps: 0.5}\n",
+                       SPAN),
     "nearswap": ("merge_method: nearswap\nbase_model: ROOT/a\n" + _models("ab") + "parameters: {t: 0.01}\n", EXACT),
     "nearswap-base-not-listed": ("merge_method: nearswap\nbase_model: ROOT/base\n" + _models("c")
                                  + "parameters: {t: [0.001, 0.05]}\n", EXACT),

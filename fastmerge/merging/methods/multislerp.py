@@ -37,7 +37,9 @@ def multislerp_coefficients(name: str, grams: torch.Tensor, weights, normalize_w
     if centre_length < eps:
         _no_mean_direction(name, len(a))
         return w.tolist()  # the line between the two
-    return (a * (float((lengths * w).sum()) / centre_length)).tolist()
+    # mergekit's exponential map adds eps to the tangent's length, which is zero here: the mean
+    # direction comes back scaled by cos(eps) (1 to float64 precision at the default 1e-8)
+    return (a * (float((lengths * w).sum()) / centre_length * math.cos(eps))).tolist()
 
 
 def _exp_map(point: torch.Tensor, tangent: torch.Tensor, eps: float) -> torch.Tensor:
@@ -76,11 +78,12 @@ def merge_multislerp(name, tensors, base, options, out_dtype, out):
     weights = task_weights(options, len(tensors))
     normalize = options.normalize is not False
     if options.mergekit_compat:
-        return multislerp_tensor(name, tensors, weights, base, normalize).to(out_dtype)
+        return multislerp_tensor(name, tensors, weights, base, normalize, options.eps).to(out_dtype)
     grams = gram(tensors, base)
     check_finite(name, grams)
-    return combination(tensors, multislerp_coefficients(name, grams, weights, normalize), base, out_dtype, out)
+    return combination(tensors, multislerp_coefficients(name, grams, weights, normalize, options.eps), base,
+                       out_dtype, out)
 
 
 register(SameInitMethod(name="multislerp", merge=merge_multislerp, min_models=1, checks_finite=checks_finite,
-                        uses=("weights", "normalize", "mergekit_compat"), mergekit_difference=mergekit_difference))
+                        uses=("weights", "normalize", "eps", "mergekit_compat"), mergekit_difference=mergekit_difference))
