@@ -10,7 +10,7 @@ configs through mergekit). What is read as mergekit does:
 - linear: the weights divided by their sum unless `normalize: false`.
 - task_arithmetic: `normalize` (default false) divides the weights by their sum; `lambda` scales.
 - ties: per-model `density` (default 1.0: nothing trimmed, as in mergekit), `normalize` (default
-  true), `lambda`, `int8_mask` (only the dtype of mergekit's mask: no effect on the result).
+  true), `lambda`, `rescale`, `int8_mask` (only the dtype of mergekit's mask: no effect on the result).
 - slerp: `t` measured from `base_model`, which must be one of the two models.
 - `dtype` is the dtype every input is loaded in (rounded or widened as it is read, as mergekit
   does) and `out_dtype` the output's (default `dtype`).
@@ -68,7 +68,7 @@ PER_MODEL = {"linear": ("weight",), "task_arithmetic": ("weight",), "ties": ("we
              "dare_ties": ("weight", "density"), "della": ("weight", "density", "epsilon"),
              "della_linear": ("weight", "density", "epsilon"), "arcee_fusion": (), "ram": (), "ramplus_tl": ()}
 SHARED = {"linear": ("normalize",), "task_arithmetic": ("lambda", "normalize", "int8_mask"),
-          "ties": ("lambda", "normalize", "int8_mask"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
+          "ties": ("lambda", "normalize", "int8_mask", "rescale"), "slerp": ("t",), "dare": ("lambda", "density", "seed"),
           "model_stock": ("filter_wise",), "breadcrumbs": ("lambda", "normalize", "int8_mask", "rescale"),
           "breadcrumbs_ties": ("lambda", "normalize", "int8_mask", "rescale"),
           "nuslerp": ("nuslerp_row_wise", "nuslerp_flatten"), "multislerp": ("normalize_weights", "eps"), "nearswap": ("t",), "karcher": ("max_iter", "tol"), "sce": ("select_topk", "int8_mask"),

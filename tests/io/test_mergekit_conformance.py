@@ -89,6 +89,9 @@ CASES = {
     "ties-default-density": ("merge_method: ties\nbase_model: ROOT/base\n" + _models("ab", weight=[1.0, 0.5]), EXACT),
     "ties-shared": ("merge_method: ties\nbase_model: ROOT/base\n" + _models("abc")
                     + "parameters: {weight: 1.0, density: 0.4, int8_mask: true}\n", EXACT),
+    "ties-rescale": ("merge_method: ties\nbase_model: ROOT/base\n" + _models("abc", weight=[1.0, 0.6, 0.3],
+                                                                               density=[0.4, 0.7, 0.5])
+                     + "parameters: {rescale: true}\n", EXACT),
     "ties-normalize-false": ("merge_method: ties\nbase_model: ROOT/base\n" + _models("ab", weight=[0.6, 0.6],
                                                                                      density=[0.5, 0.5])
                              + "parameters: {normalize: false}\n", EXACT),
