@@ -121,19 +121,57 @@ def add_parser(sub) -> None:
                       ("--allow-crimes", "tensors must match in name, shape and dtype anyway"),
                       ("--lazy-unpickle", "inputs are memory-mapped, never unpickled whole"),
                       ("--low-cpu-memory", "one tensor at a time is in memory"),
-                      ("--trust-remote-code", "no model code is run")):
+                      ("--trust-remote-code", "no model code is run"),
+                      ("--gpu-rich", "mergekit's alias for its GPU flags; the checkpoint merges run on the CPU")):
         kit.add_argument(flag, action="store_true", help=f"accepted, no effect: {why}")
+    for flag, why in (("--read-to-gpu", "the checkpoint merges run on the CPU"),
+                      ("--multi-gpu", "the checkpoint merges run on the CPU"),
+                      ("--async-write", "each tensor is written by a thread while the next one is merged"),
+                      ("--clone-tensors", "a layer used twice is written twice anyway")):
+        kit.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=f"accepted, no effect: {why}")
+    for flag, why in (("--write-threads", "one writer thread"), ("--lora-merge-cache", "adapters are merged as read"),
+                      ("--transformers-cache", "nothing is downloaded")):
+        kit.add_argument(flag, metavar="VALUE", help=f"accepted, no effect: {why}")
+    kit.add_argument("-j", "--num-threads", type=int, metavar="N", help="threads for the merge's arithmetic")
+    kit.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
+                     help="outputs are safetensors (--no-safe-serialization, pickled .bin files, is refused)")
+    kit.add_argument("--unsafe-truncate-embeddings", action=argparse.BooleanOptionalAction, default=False,
+                     help="refused: merge differing vocabularies with tokenizer_source instead")
+    kit.add_argument("--lora-merge-dtype", metavar="DTYPE",
+                     help="refused: adapters are merged as PEFT's merge_and_unload does")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.num_threads is None:
+        return _run(args)
+    if args.num_threads < 1:
+        raise InvalidArgumentError(f"--num-threads must be at least 1, got {args.num_threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.num_threads)
+    try:
+        return _run(args)
+    finally:  # main() called in-process (tests, a notebook) gets its thread count back
+        torch.set_num_threads(before)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.model or (args.align is not None and ALIGNMENT_METHODS[args.align].statistics is not None):
         return _run_with_data(args)
     if args.method == "np_merge":
         raise InvalidArgumentError("--method np_merge learns coefficients on data: give --model, --data and --align")
     _mergekit_positionals(args)
     settings = read_config(args.config, args.allow_unknown, args.own_masks) if args.config else {}
+    for given, refusal in ((not args.safe_serialization, "--no-safe-serialization: fastmerge writes safetensors only "
+                                                          "(no pickled .bin files); drop the flag"),
+                           (args.unsafe_truncate_embeddings, "--unsafe-truncate-embeddings is not supported: merge "
+                                                             "models with differing vocabularies through "
+                                                             "tokenizer_source: union (or base) instead"),
+                           (args.lora_merge_dtype is not None, "--lora-merge-dtype is not supported: a model+lora "
+                                                               "adapter is merged as PEFT's merge_and_unload does")):
+        if given:
+            raise InvalidArgumentError(refusal)
     if args.random_seed is not None and args.seed is None:
         args.seed = args.random_seed
     if args.out_shard_size is not None:

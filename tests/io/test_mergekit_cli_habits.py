@@ -29,7 +29,11 @@ def config(tmp_path):
 
 def test_config_and_output_as_mergekit_yaml_takes_them(config, tmp_path):
     out = tmp_path / "merged"
-    assert main(["merge", str(config), str(out), "--quiet", "--cuda", "--allow-crimes", "--lazy-unpickle"]) == 0
+    threads = torch.get_num_threads()
+    assert main(["merge", str(config), str(out), "--quiet", "--cuda", "--allow-crimes", "--lazy-unpickle", "--gpu-rich",
+                 "--read-to-gpu", "--no-multi-gpu", "--async-write", "--write-threads", "4", "--clone-tensors",
+                 "--safe-serialization", "--lora-merge-cache", str(tmp_path / "cache"), "-j", "1"]) == 0
+    assert torch.get_num_threads() == threads  # -j applies to the merge, not to the caller afterwards
     merged, a, b = (Checkpoint(str(p)) for p in (out, tmp_path / "a", tmp_path / "b"))
     torch.testing.assert_close(merged["w0"], 0.25 * a["w0"] + 0.75 * b["w0"])
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
@@ -49,6 +53,10 @@ def test_out_shard_size_counts_as_mergekit_does(config, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--out-shard-size", "5X"], "K, M or B"),
     (["extra-model"], "give the output as one argument"),
+    (["--no-safe-serialization"], "writes safetensors only"),
+    (["--unsafe-truncate-embeddings"], "tokenizer_source"),
+    (["--lora-merge-dtype", "bfloat16"], "merge_and_unload"),
+    (["--num-threads", "0"], "at least 1"),
 ])
 def test_mistakes_are_one_line(config, tmp_path, capsys, args, message):
     assert main(["merge", "--config", str(config), str(tmp_path / "o"), *args, "--quiet"]) == 2
