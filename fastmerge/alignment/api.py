@@ -188,8 +188,9 @@ def _blocked_because(group, blockers: list[str]) -> str:
     """Why a dense method permutes a group instead (the members a dense transform would not move)."""
     gates = [m.tensor for m in group.members if m.role == "gate"]
     if gates:
-        return (f"its units are an elementwise product of two projections ({', '.join(gates[:2])}: a gated MLP); "
-                "a dense transform of each factor is not one of the product")
+        return (f"its units ({', '.join(gates[:2])}) are multiplied elementwise by another projection's (a gated MLP, "
+                "a squeeze-excitation) or normalised by per-sample or per-batch statistics (InstanceNorm, GroupNorm, a "
+                "BatchNorm without running statistics), which no dense transform commutes with")
     return f"holds {', '.join(blockers[:2])}{' ...' if len(blockers) > 2 else ''}, which a dense transform would not move exactly"
 
 

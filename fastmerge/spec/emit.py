@@ -203,11 +203,12 @@ def build_spec(result: TraceResult, shapes: dict) -> MergeSpec:
             stacklevel=3,
         )
 
+    tap_sizes = [size_of(tap.layout) if tap.layout else None for tap in result.taps]
     tap_occurrences = [(i, _Occurrence(-1 - i, off, levels, k)) for i, segs in enumerate(tap_expansions) if segs
                        for off, levels in segs for k in range(len(levels))]
     finished = []
     for order, (comp, group_members, size, count, uid_order, first_level) in enumerate(groups):
-        tap = _choose_tap(comp, uid_order, tap_occurrences, result.taps, families)
+        tap = _choose_tap(comp, uid_order, tap_occurrences, result.taps, families, tap_sizes)
         finished.append((first_level, order, comp, group_members, size, count, tap))
     finished.sort(key=lambda g: (g[0], g[1]))
 
@@ -264,7 +265,9 @@ def shapes_axis(members, occ) -> int:
     return find(members[occ.owner][2]).size
 
 
-def _choose_tap(comp, uid_order, tap_occurrences, taps, families):
+def _choose_tap(comp, uid_order, tap_occurrences, taps, families, tap_sizes):
+    """The tap that observes group `comp` best; a group that fills only part of the tapped axis
+    (one input of a concatenation) is observed on its slice of it (offset and grid)."""
     best = None
     for i, occ in tap_occurrences:
         layout = occ.layout(families.find, comp)
@@ -272,10 +275,10 @@ def _choose_tap(comp, uid_order, tap_occurrences, taps, families):
             continue
         instance, select, _ = layout
         cand = taps[i]
-        whole = len(occ.sizes) == 1
+        whole = len(occ.sizes) == 1 and occ.offset == 0 and occ.sizes[0] == tap_sizes[i]
         key = (cand.preference, 0 if whole else 1, -cand.order)
         if best is None or key < best[0]:
-            grid = None if whole and occ.offset == 0 else occ.sizes
+            grid = None if whole else occ.sizes
             best = (key, TapPoint(module=cand.module, kind=cand.kind, arg=0, dim=cand.dim, factors=grid, unit=occ.k,
                                   instance=instance, select=select, offset=occ.offset))
     return best[1] if best else None

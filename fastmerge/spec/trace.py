@@ -163,7 +163,9 @@ class _Tracer:
 
     def mark_gates(self) -> None:
         """Producer rows of units that are multiplied elementwise with another projection's units
-        (a gated MLP) take the role "gate": permutations move them, dense transforms do not."""
+        (a gated MLP, a squeeze-excitation) or normalised by per-sample or per-batch statistics
+        (InstanceNorm, GroupNorm, a BatchNorm without running statistics) take the role "gate":
+        permutations move them, dense transforms do not."""
         roots = {id(find(sp)) for layout in self.products for f in layout for sp in f.spaces()}
         for tensor, axis, space in self.members:
             roles = self.roles.get((tensor, axis))

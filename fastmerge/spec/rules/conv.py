@@ -17,9 +17,12 @@ def _conv(t, args, kwargs, meta):
     out_shape = _shape(meta)
     batched = len(x.shape) == len(w.shape)
     c = 1 if batched else 0  # channel axis
-    t.role(w, 0, "out")
+    # a grouped (depthwise) conv mixes channels only within its groups: a dense transform of its
+    # output units is not one of the layer, so they are per-unit parameters to the alignment
+    # (permutations move them; CCA/ZipIt permute such a group instead, and say so)
+    t.role(w, 0, "out" if groups == 1 else "param")
     t.role(w, 1, "in")
-    t.role(b, 0, "out")
+    t.role(b, 0, "out" if groups == 1 else "param")
     t.tap(x, c)
     for d in list(w.dims[2:]) + list(x.dims[c + 1 :]):  # kernel taps and input positions
         t.fix(d, f"{t.where()}: convolution positions")

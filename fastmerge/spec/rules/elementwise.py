@@ -11,7 +11,9 @@ from .base import _broadcast, _op_name, handles, opaque_like, replica_like
          "contiguous", "alias", "detach", "_to_copy", "to", "type_as", "neg", "abs", "exp", "log", "log1p",
          "expm1", "sqrt", "rsqrt", "square", "reciprocal", "sin", "cos", "erf", "sign", "softmax", "_softmax",
          "log_softmax", "_log_softmax", "lift_fresh_copy", "clamp", "clamp_min", "clamp_max", "round", "floor",
-         "ceil", "logical_not", "bitwise_not", "_softmax_backward_data", "nan_to_num")
+         "ceil", "logical_not", "bitwise_not", "_softmax_backward_data", "nan_to_num", "relu6", "threshold",
+         "softsign", "tanhshrink", "hardshrink", "softshrink", "erfc", "exp2", "tan", "atan", "sinh", "cosh",
+         "asinh", "atanh", "trunc", "frac", "log2", "log10", "logit", "sgn")
 def _unary(t, args, kwargs, meta):
     """Elementwise in its first operand (softmax acts along one axis but commutes with
     permutations of it): the result is laid out like the input."""
@@ -48,12 +50,13 @@ def _add(t, args, kwargs, meta):
 def _binary(t, args, kwargs, meta):
     out = _broadcast(t, [a for a in args[:2]], meta)
     if _op_name(t.node.target) in ("mul", "mul_") and _two_projections(t.node):
-        t.products.append(out.dims[-1] if out.dims else [])
+        t.products.extend(out.dims)  # every axis: the units are the last (a Linear's) or the channels (a Conv's)
     return out
 
 
-# single-input ops a projection's output may pass through before it is multiplied (an activation)
-def _projection_of(node, depth: int = 8):
+# single-input ops a projection's output may pass through before it is multiplied (an activation, a
+# reshape, an eval-mode BatchNorm, whose other inputs are its parameters and statistics)
+def _projection_of(node, depth: int = 12):
     """The Linear/Conv node `node` computes from through single-input elementwise ops, or None."""
     for _ in range(depth):
         if not hasattr(node, "op") or node.op != "call_function":
@@ -62,7 +65,8 @@ def _projection_of(node, depth: int = 8):
         if name in ("linear", "addmm", "conv1d", "conv2d", "conv3d", "convolution", "matmul"):
             return node
         inputs = [a for a in node.args if hasattr(a, "op")]
-        if len(inputs) != 1 or inputs[0] is not node.args[0]:
+        through_norm = "batch_norm" in name and bool(node.args) and hasattr(node.args[0], "op")
+        if not through_norm and (len(inputs) != 1 or inputs[0] is not node.args[0]):
             return None
         node = node.args[0]
     return None

@@ -140,6 +140,11 @@ def _batch_norm(t, args, kwargs, meta):
     t.tap(x, 1)
     params = [a for a in args[1:5] if isinstance(a, Info)]
     _record_fold(t, x, args[1:5])
+    name = _op_name(t.node.target)
+    if isinstance(x, Info) and (name == "instance_norm" or t.bound.get("training", name not in _EVAL_BATCH_NORMS)):
+        # statistics of the batch or the sample, per channel: permutations commute with them, a
+        # dense transform of the producer's channels does not (its rows take the role "gate")
+        t.products.append(x.dims[1])
     out = _norm_params(t, x, [1], params)
     if isinstance(meta, (list, tuple)):
         return [out] + [opaque_like(m) for m in meta[1:]]
@@ -175,6 +180,7 @@ def _group_norm(t, args, kwargs, meta):
     else:  # native_group_norm(input, weight, bias, N, C, HxW, group, eps)
         groups, params = args[6], [a for a in args[1:3] if isinstance(a, Info)]
     t.tap(x, 1)
+    t.products.append(x.dims[1])  # per-sample statistics over channel groups: no dense transform commutes
     space = t.table.new(x.shape[1])
     t.unify(plain(space), x.dims[1])
     if t.table.split(space, groups) is None:
