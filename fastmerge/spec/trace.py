@@ -33,8 +33,10 @@ __all__ = ["HANDLERS", "IGNORED", "Info", "TapCandidate", "TraceResult", "handle
 log = logging.getLogger(__name__)
 
 
-_TAP_PREFERENCE = {"Linear": 0, "Conv1d": 0, "Conv2d": 0, "Conv3d": 0, "Conv1D": 0, "LayerNorm": 1, "RMSNorm": 1,
-                   "BatchNorm1d": 1, "BatchNorm2d": 1, "BatchNorm3d": 1, "GroupNorm": 1}
+_TAP_PREFERENCE = {"Linear": 0, "Conv1d": 0, "Conv2d": 0, "Conv3d": 0, "Conv1D": 0, "ConvTranspose1d": 0,
+                   "ConvTranspose2d": 0, "ConvTranspose3d": 0, "LayerNorm": 1, "RMSNorm": 1,
+                   "BatchNorm1d": 1, "BatchNorm2d": 1, "BatchNorm3d": 1, "GroupNorm": 1, "InstanceNorm1d": 1,
+                   "InstanceNorm2d": 1, "InstanceNorm3d": 1}
 @timed("trace")
 def trace_spec(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> MergeSpec:
     """Derives the merge spec of `model` from one traced forward pass.

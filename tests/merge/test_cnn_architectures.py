@@ -1,5 +1,6 @@
 """CNN building blocks beyond VGG and ResNet-20 that users merge: channel concatenation (DenseNet),
-depthwise convolutions with ReLU6 (MobileNet), squeeze-excitation gates and InstanceNorm. Every
+depthwise convolutions with ReLU6 (MobileNet), squeeze-excitation gates, InstanceNorm, PReLU and
+a decoder's upsampling by a transposed convolution. Every
 method recovers a permuted copy; a dense method permutes the groups whose layers a dense transform
 would not move exactly (a depthwise conv, a channel gate, per-sample statistics) and says so in
 one warning: before, CCA and ZipIt transformed those densely, silently changing the function."""
@@ -75,11 +76,26 @@ class InstanceNormed(nn.Module):
         return self.fc(torch.relu(self.c2(torch.relu(self.norm(self.c1(x))))).mean((2, 3)))
 
 
+class Decoder(nn.Module):
+    """Upsampling as a decoder does: nearest-neighbour interpolation, a transposed convolution, and
+    a PReLU with one slope per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.act = nn.Conv2d(1, 8, 3, padding=1), nn.PReLU(8)
+        self.up, self.c2, self.fc = nn.ConvTranspose2d(8, 8, 2, 2), nn.Conv2d(8, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = nn.functional.interpolate(self.act(self.c1(x)), scale_factor=2.0, mode="nearest")
+        return self.fc(torch.relu(self.c2(torch.relu(self.up(x)))).mean((2, 3)))
+
+
 ARCHITECTURES = {"densenet concat": DenseCat, "depthwise": Depthwise, "squeeze-excite": SqueezeExcite,
-                 "instance norm": InstanceNormed}
+                 "instance norm": InstanceNormed, "decoder": Decoder}
 # the groups a dense transform must not touch, and the words of the warning that says why
 HELD = {"densenet concat": ({"c1", "c2"}, "b2.weight"), "depthwise": ({"c1"}, "dw.weight"),
-        "squeeze-excite": ({"stream:c1"}, "multiplied elementwise"), "instance norm": ({"c1"}, "per-sample")}
+        "squeeze-excite": ({"stream:c1"}, "multiplied elementwise"), "instance norm": ({"c1"}, "per-sample"),
+        "decoder": ({"c1"}, "act.weight")}  # the transposed convolution's groups are dense
 
 
 def _inputs(seed: int, n: int = 64) -> torch.Tensor:

@@ -7,12 +7,38 @@ from ..trace_types import Info
 from .base import _op_name, _shape, handles, producer_of
 
 
+@handles("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def _conv_transpose(t, args, kwargs, meta):
+    return _transposed(t, args[0], args[1], t.bound.get("bias"), t.bound.get("groups", 1), meta)
+
+
+def _transposed(t, x, w, b, groups, meta):
+    """A transposed convolution (a decoder's upsampling): its weight is (in, out / groups, *kernel)."""
+    if groups != 1 or not isinstance(x, Info) or not isinstance(w, Info):
+        return t.unknown_op("grouped conv_transpose", [x, w], {}, meta)
+    out_shape = _shape(meta)
+    batched = len(x.shape) == len(w.shape)
+    c = 1 if batched else 0
+    t.role(w, 0, "in")
+    t.role(w, 1, "out")
+    t.role(b, 0, "out")
+    t.tap(x, c)
+    for d in list(w.dims[2:]) + list(x.dims[c + 1 :]):
+        t.fix(d, f"{t.where()}: convolution positions")
+    t.unify(x.dims[c], w.dims[0])
+    channels = list(w.dims[1])
+    if isinstance(b, Info):
+        channels = t.unify(channels, b.dims[0])
+    dims = ([list(x.dims[0])] if batched else []) + [channels] + [opaque(n) for n in out_shape[c + 1 :]]
+    return Info(dims, out_shape, produced_by=producer_of(w, b))
+
+
 @handles("conv1d", "conv2d", "conv3d", "convolution", "_convolution")
 def _conv(t, args, kwargs, meta):
     x, w = args[0], args[1]
     b = t.bound.get("bias")
     if t.bound.get("transposed", False):
-        return t.unknown_op("conv_transpose", args, kwargs, meta)
+        return _transposed(t, x, w, b, t.bound.get("groups", 1), meta)
     groups = t.bound.get("groups", 1)
     out_shape = _shape(meta)
     batched = len(x.shape) == len(w.shape)

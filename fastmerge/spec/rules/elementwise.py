@@ -32,6 +32,20 @@ def _native_dropout(t, args, kwargs, meta):
     return [out, Info([list(d) for d in out.dims], out.shape)]
 
 
+@handles("prelu", "_prelu_kernel")
+def _prelu(t, args, kwargs, meta):
+    """PReLU: elementwise, with one learned slope per channel (axis 1; the last of a 1-D input) or
+    one shared slope. Per-channel slopes are per-unit parameters: permutations move them."""
+    x, w = args[0], args[1]
+    if not isinstance(x, Info):
+        return opaque_like(meta)
+    if isinstance(w, Info) and w.shape and w.shape[0] > 1:
+        channel = 1 if len(x.shape) > 1 else 0
+        t.role(w, 0, "param")
+        t.unify(x.dims[channel], w.dims[0])
+    return Info([list(d) for d in x.dims], x.shape, x.param, x.param_axes)
+
+
 @handles("pow")
 def _pow(t, args, kwargs, meta):
     if isinstance(args[1], Info):
