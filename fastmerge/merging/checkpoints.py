@@ -252,7 +252,7 @@ def merge_checkpoints(models: Sequence[str], output: str, options: SameInitOptio
                 check_inputs_finite(name, every, labels)
             stored = tensors[0].dtype
             if loaded_dtype is not None:
-                every = as_loaded(every, loaded_dtype)
+                every = loaded_inputs(name, every, labels, loaded_dtype, check=not allow_nonfinite)
                 tensors, base_tensor = every[: len(checkpoints)], (every[-1] if base_ckpt else None)
             out_buffer = out_buffers[i % 2]
             out = out_buffer[: tensor_nbytes(shape, out_dtype)].view(out_dtype).reshape(shape) if out_dtype.is_floating_point else None
@@ -295,6 +295,22 @@ def check_inputs_finite(name: str, tensors: Sequence[torch.Tensor], labels: Sequ
         k = int(counts.nonzero()[0, 0])
         raise NonFiniteError(f"{labels[k]}: tensor {name!r} holds {int(counts[k])} NaN/Inf entries; that checkpoint "
                              "is broken (diverged training, a bad conversion): fix or drop it")
+
+
+def loaded_inputs(name: str, tensors: Sequence[torch.Tensor | None], labels: Sequence[str],
+                  dtype: torch.dtype | None, check: bool) -> list[torch.Tensor | None]:
+    """The inputs as a config's `dtype` reads them (as_loaded); with `check` (finite inputs), a value
+    past that dtype's range (float16's 65504) is refused, naming the file, instead of becoming Inf."""
+    loaded = as_loaded(tensors, dtype)
+    if check and dtype is not None and dtype.is_floating_point:
+        changed = [(t, label) for t, s, label in zip(loaded, tensors, labels) if t is not None and t is not s]
+        counts = count_nonfinite([t for t, _ in changed]) if changed else None
+        if counts is not None and bool(counts.any()):
+            k = int(counts.nonzero()[0, 0])
+            raise NonFiniteError(f"{changed[k][1]}: tensor {name!r} holds {int(counts[k])} value(s) beyond {dtype}'s range "
+                                 f"(|x| > {torch.finfo(dtype).max:g}), which the config's dtype reads as Inf; use "
+                                 "dtype: bfloat16 or float32")
+    return loaded
 
 
 def check_output_finite(name: str, merged: torch.Tensor, dtype: torch.dtype, narrowing: bool) -> None:

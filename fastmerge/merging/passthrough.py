@@ -24,9 +24,8 @@ from ..errors import CheckpointError, InvalidArgumentError
 from ..io import Checkpoint, merge_metadata, parse_dtype, parse_size
 from ..io.hf_folder import model_card, read_config, source_folder, write_folder_files
 from ..io.writer import ShardedWriter
-from .checkpoints import check_inputs_finite, check_output_finite
+from .checkpoints import check_inputs_finite, check_output_finite, loaded_inputs
 from .gradients import LAYER_NAME, Setting, first
-from .same_init import as_loaded
 from .vocabulary import model_folder, output_config, output_template, plan_vocabulary, tokenizer_folder
 
 # tensors outside the layers that come before them (taken from the first slice's model)
@@ -177,7 +176,7 @@ def passthrough(slices: Sequence[Slice], output: str, *, base: str | None = None
             if tensor.is_floating_point() and not allow_nonfinite:
                 check_inputs_finite(name, [tensor], [s.model])
             scale = first((s.scale, shared_scale), name, t)
-            loaded = as_loaded([tensor], loaded_dtype)[0]
+            loaded = loaded_inputs(name, [tensor], [s.model], loaded_dtype, check=not allow_nonfinite)[0]
             changed = remapped or scale is not None or dtype != tensor.dtype or loaded.dtype != tensor.dtype
             tensor = loaded
             if scale is not None and tensor.is_floating_point():

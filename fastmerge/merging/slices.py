@@ -23,9 +23,9 @@ from ..errors import CheckpointError, InvalidArgumentError, NonFiniteError
 from ..io import Checkpoint, merge_metadata, parse_dtype, parse_size
 from ..io.hf_folder import model_card, source_folder, write_folder_files
 from ..io.writer import ShardedWriter
-from .checkpoints import check_inputs_finite, check_output_finite
+from .checkpoints import check_inputs_finite, check_output_finite, loaded_inputs
 from .passthrough import _BEFORE_LAYERS, _layer, config_with_layers
-from .same_init import SameInitOptions, as_loaded, merge_tensor
+from .same_init import SameInitOptions, merge_tensor
 from .vocabulary import (VocabularyPlan, model_folder, output_config, output_template, plan_vocabulary,
                          tokenizer_folder)
 
@@ -208,7 +208,9 @@ def merge_slices(slices: Sequence[MergedSlice], output: str, *, dtype: str | Non
                 check_inputs_finite(p.out, tensors + ([base] if base is not None else []), labels)
             dtype_out = target(p)
             stored = tensors[0].dtype
-            tensors, base = as_loaded(tensors, loaded_dtype), as_loaded([base], loaded_dtype)[0]
+            loaded = loaded_inputs(p.out, tensors + [base], labels + ([] if p.base else [""]), loaded_dtype,
+                                   check=not allow_nonfinite)
+            tensors, base = loaded[: len(tensors)], loaded[-1]
             try:
                 merged = merge_tensor(p.out, tensors, base, p.options, dtype_out)
             except NonFiniteError:
