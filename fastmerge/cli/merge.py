@@ -202,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
         plan = plan_merge(models, settings["output"], options, **common)[0]
         print(plan.describe())
         _note_mergekit_differences(args, (tensor_options or {}).values() or [options], models[0],
-                               settings.get("input_dtype"))
+                                   settings.get("input_dtype"))
         return 0
     with record_stages() as times:
         plan = merge_checkpoints(models, settings["output"], options, progress=not args.quiet,
