@@ -77,6 +77,8 @@ CASES = {
     "linear": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]), SUMS),
     "linear-normalize-false": ("merge_method: linear\n" + _models("ab", weight=[0.3, 0.3])
                                + "parameters: {normalize: false}\n", SUMS),
+    "linear-one-model": ("merge_method: linear\n" + _models("a", weight=[2.0]) + "parameters: {normalize: false}\n",
+                         SUMS),
     "linear-shared-weight": ("merge_method: linear\n" + _models("abc") + "parameters: {weight: 1.0}\n", SUMS),
     "task-arithmetic": ("merge_method: task_arithmetic\nbase_model: ROOT/base\n" + _models("ab", weight=[0.7, 0.5])
                         + "parameters: {lambda: 0.8}\n", SUMS),

@@ -10,4 +10,4 @@ def merge_linear(name, tensors, base, options, out_dtype, out):
     return combine([[t] for t in tensors], weights=weights, out=combine_target(out, out_dtype, tensors))[0].to(out_dtype)
 
 
-register(SameInitMethod(name="linear", merge=merge_linear, min_models=2))
+register(SameInitMethod(name="linear", merge=merge_linear, min_models=1))  # one: mergekit scales it (a copy when normalised)
