@@ -34,13 +34,16 @@ configs through mergekit). What is read as mergekit does:
   the base apart (BASE_APART), as mergekit does.
 
 - `modules: {default: ...}` (a single-module architecture's one module): read as the top level.
+- YAML anchors and aliases (`&name`, `*name`, `<<: *name`) as mergekit reads them, bounded (MAX_CONFIG_NODES);
+  a key repeated in one mapping is refused.
 - `model+lora` references (a PEFT LoRA adapter folder after the model): the adapter merged in as
   each tensor is read (fastmerge/io/lora.py).
 - Parameters in scopes as mergekit resolves them: a source's own, then its slice's (or module's),
   then the shared ones; a scope whose filters give a tensor no value falls through to the next.
 
 Refused, with the reason: a model twice in one slice, several `modules` (multi-module models),
-mergekit's named chat templates (its own files), and the methods fastmerge does not have.
+the random methods without --own-masks (fastmerge's draws are not torch's), and keys no method reads
+(ignored with a warning under --allow-unknown).
 """
 
 from __future__ import annotations
@@ -87,21 +90,51 @@ MERGEKIT_ONLY_METHODS = ()  # every mergekit 0.1.5 method for dense checkpoints 
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion")
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """safe_load without aliases: a merge config needs none, and a few nested aliases (a "billion
-    laughs" document) expand into more nodes than memory holds."""
+MAX_CONFIG_NODES = 100_000  # values of a config, counted through its aliases (mergekit's run to dozens)
 
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a merge config",
-                                              self.peek_event().start_mark)
-        return super().compose_node(parent, index)
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many nodes `node` stands for once every alias in it is expanded (each node counted
+    once per use; memoised, so linear in the document)."""
+    if id(node) not in sizes:
+        if isinstance(node, yaml.SequenceNode):
+            sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            sizes[id(node)] = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+        else:
+            sizes[id(node)] = 1
+    return sizes[id(node)]
+
+
+def _unshared(value):
+    """A copy of a loaded config in which no two places share a list or mapping (an alias makes
+    them one object: a reader that consumes keys from one would change the other)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load with anchors and aliases (*name), as mergekit's configs may use them, bounded: a
+    few nested aliases (a "billion laughs" document) expand into more nodes than memory holds, so a
+    document that stands for more than MAX_CONFIG_NODES values is refused."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_CONFIG_NODES:
+            raise yaml.composer.ComposerError(None, None, f"its aliases (*name) expand it to more than "
+                                              f"{MAX_CONFIG_NODES} values; not a merge config", node.start_mark)
+        return node
 
     def construct_mapping(self, node, deep=False):
         # YAML keeps the last of a repeated key: `models:` twice would merge models the reader
         # of the file never meant; refused instead
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *name`: its keys may be overridden here
+                continue
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)):
                 continue  # an unhashable key: construct_mapping refuses it below
@@ -114,7 +147,7 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: floats need a dot there. mergekit's configs are read by
 # pydantic, which takes "1e-3" as a number, so they write it that way: resolve it as YAML 1.2 does.
-_NoAliasLoader.add_implicit_resolver(
+_ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
@@ -128,7 +161,7 @@ def _load(path: str):
             raw = f.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
             raise InvalidArgumentError(f"{path}: over {MAX_CONFIG_BYTES // 2**20} MiB; not a merge config")
-        return yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+        return _unshared(yaml.load(raw.decode("utf-8"), Loader=_ConfigLoader))  # noqa: S506 (a SafeLoader subclass)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise InvalidArgumentError(f"{path}: cannot read the config ({str(exc)[:300]})") from None
     except RecursionError:

@@ -85,8 +85,10 @@ def test_finite_inputs_whose_merge_overflows_write_nothing(tmp_path, capsys):
     ("merge_method: linear\nmodels: [{model: a.safetensors, parameters: {weight: [[1, 2]]}}]\n", "must be a number"),
     ("merge_method: dare\nmodels: [a.safetensors, b.safetensors]\nparameters: {seed: 1.5}\n", "seed must be an integer"),
     ("merge_method: [ties]\nmodels: [a.safetensors]\n", "merge_method must be a text"),
-    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-     "models: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n", "aliases"),
+    ("merge_method: linear\nmodels: [a.safetensors]\nmerge_method: ties\n", "'merge_method' appears more than once"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n"
+                                                    for p, c in zip("abcdefgh", "bcdefghi"))
+     + "merge_method: linear\nmodels: [*i]\n", "aliases .* expand it to more than"),
 ])
 def test_config_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, text, message):
     config = tmp_path / "merge.yml"

@@ -91,6 +91,9 @@ CASES = {
     "ties-default-density": ("merge_method: ties\nbase_model: ROOT/base\n" + _models("ab", weight=[1.0, 0.5]), EXACT),
     "ties-shared": ("merge_method: ties\nbase_model: ROOT/base\n" + _models("abc")
                     + "parameters: {weight: 1.0, density: 0.4, int8_mask: true}\n", EXACT),
+    "ties-anchors": ("merge_method: ties\nbase_model: ROOT/base\nmodels:\n  - model: ROOT/a\n"
+                     "    parameters: &shared {weight: 1.0, density: 0.6}\n  - model: ROOT/b\n    parameters: *shared\n"
+                     "  - model: ROOT/c\n    parameters: {<<: *shared, weight: 0.4}\n", EXACT),
     "ties-rescale": ("merge_method: ties\nbase_model: ROOT/base\n" + _models("abc", weight=[1.0, 0.6, 0.3],
                                                                                density=[0.4, 0.7, 0.5])
                      + "parameters: {rescale: true}\n", EXACT),
