@@ -31,7 +31,8 @@ configs through mergekit). What is read as mergekit does:
 - slices with any other method: each slice's sources merged layer by layer (its `parameters` over the
   shared ones, its `base_model` else the config's): fastmerge/merging/slices.py.
 - a base_model also listed under models: dropped from the merged models by the methods that hold
-  the base apart (BASE_APART), as mergekit does.
+  the base apart (BASE_APART), as mergekit does; linear and karcher merge it as one more model
+  (BASE_IS_A_MODEL: mergekit ignores their base and reads it as an input).
 
 - `modules: {default: ...}` (a single-module architecture's one module): read as the top level.
 - YAML anchors and aliases (`&name`, `*name`, `<<: *name`) as mergekit reads them, bounded (MAX_CONFIG_NODES);
@@ -84,7 +85,10 @@ TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties
 # methods whose base is apart from the merged models (mergekit's BasePolicy.REQUIRED, but SLERP, whose
 # base is one of its two): a base also listed under models: is dropped from them, as mergekit does
 BASE_APART = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-              "della_linear", "model_stock", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion")
+              "della_linear", "model_stock", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion", "nuslerp",
+              "multislerp")
+# methods for which mergekit's base_model is just one more model to merge
+BASE_IS_A_MODEL = ("linear", "karcher")
 MERGEKIT_ONLY_METHODS = ()  # every mergekit 0.1.5 method for dense checkpoints is here
 # fastmerge's draws are not mergekit's: only with --own-masks
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion")
@@ -307,6 +311,19 @@ def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> 
                 "base": r.typed("base_model", config.get("base_model"), "text"),
                 "seed": r.typed("parameters.seed", params.get("seed"), "integer"),
                 "output": r.typed("out_path", config.get("out_path"), "text")}
+    if method in BASE_IS_A_MODEL and settings["base"] is not None:
+        # mergekit does not hold these methods' base apart (its BasePolicy.IGNORED): the base_model is
+        # one more input model, with the shared parameters (once, if it is listed too)
+        base, settings["base"] = settings["base"], None
+        if all(os.path.realpath(m) != os.path.realpath(base) for m in models):
+            if where:
+                r.fail(f"{where[:-1]}: base_model {base} is one more model of a {method} merge; list it among the "
+                       "slice's sources with its layer_range")
+            if method == "linear" and "weight" not in params:
+                r.fail(f"base_model {base} is one more model of a linear merge (mergekit reads it so) and has no "
+                       "weight: list it under models with a weight, give parameters.weight, or drop base_model")
+            models.append(base)
+            own.append({})
     normalize = r.typed("parameters.normalize", params.get("normalize"), "bool")
     r.typed("parameters.int8_mask", params.get("int8_mask"), "bool")  # mergekit's mask dtype: same result
     ram_settings = {}
@@ -341,8 +358,6 @@ def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> 
     if method == "karcher":
         settings["max_iter"] = r.typed("parameters.max_iter", params.get("max_iter"), "integer")
         settings["tol"] = r.typed("parameters.tol", params.get("tol"), "number")
-        if settings["base"] is not None:
-            r.fail("karcher takes no base_model (it averages the models listed); remove it")
     if method in BASE_APART and settings["base"] is not None:
         # a base listed among the models (with or without parameters) is not one of the merged models
         keep = [i for i, m in enumerate(models) if os.path.realpath(m) != os.path.realpath(settings["base"])]

@@ -79,6 +79,13 @@ CASES = {
                                + "parameters: {normalize: false}\n", SUMS),
     "linear-one-model": ("merge_method: linear\n" + _models("a", weight=[2.0]) + "parameters: {normalize: false}\n",
                          SUMS),
+    # linear and karcher hold no base apart: mergekit merges their base_model as one more model
+    "linear-base-is-a-model": ("merge_method: linear\nbase_model: ROOT/base\n" + _models("ab")
+                               + "parameters: {weight: 1.0}\n", SUMS),
+    "karcher-base-is-a-model": ("merge_method: karcher\nbase_model: ROOT/base\n" + _models("ab"), SPAN),
+    # nuslerp and multislerp hold it apart: listed under models (without a weight), it is still the base
+    "nuslerp-base-listed": ("merge_method: nuslerp\nbase_model: ROOT/base\n" + _models(["base", "a", "b"],
+                                                                                      weight=[None, 1.0, 2.0]), SPAN),
     "linear-shared-weight": ("merge_method: linear\n" + _models("abc") + "parameters: {weight: 1.0}\n", SUMS),
     "task-arithmetic": ("merge_method: task_arithmetic\nbase_model: ROOT/base\n" + _models("ab", weight=[0.7, 0.5])
                         + "parameters: {lambda: 0.8}\n", SUMS),
@@ -311,6 +318,7 @@ def test_bfloat16_matches_mergekit_to_the_bit_with_mergekit_compat(family, tmp_p
     ("merge_method: linear\n" + _models("ab", weight=[1, 1]) + "tokenizer_source: base\n", "cannot load its tokenizer"),
     ("merge_method: slerp\nbase_model: ROOT/base\n" + _models("ab") + "parameters: {t: 0.5}\n", "one of its two models"),
     ("merge_method: linear\n" + _models("ab", weight=[1, None]), "models[1] has no weight"),
+    ("merge_method: linear\nbase_model: ROOT/base\n" + _models("ab", weight=[1, 1]), "one more model of a linear"),
     (_models("ab", weight=[1, 1]), "merge_method is required"),
 ])
 def test_what_fastmerge_does_not_support_is_one_line(family, tmp_path, capsys, text, message):
