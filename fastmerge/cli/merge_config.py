@@ -172,6 +172,18 @@ def _load(path: str):
         raise InvalidArgumentError(f"{path}: cannot read the config (nested too deeply)") from None
 
 
+_BOOL_TEXT = {**dict.fromkeys(("true", "t", "yes", "y", "on", "1"), True),
+              **dict.fromkeys(("false", "f", "no", "n", "off", "0"), False)}
+_NUMERIC_TEXT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _integer_text(key: str, value: str, reader) -> int:
+    number = float(value)
+    if not number.is_integer():
+        reader.fail(f"{key} must be an integer, got {value!r}")
+    return int(number)
+
+
 class _Reader:
     """Typed access to one config's values, errors naming the file and the key. With
     `allow_unknown`, keys no method reads are dropped with a warning instead (mergekit ignores
@@ -190,6 +202,11 @@ class _Reader:
             return None
         if kind == "number" and isinstance(value, (list, dict)):
             self.fail(f"{key} must be a number, got {value!r}")
+        if kind in ("number", "integer") and isinstance(value, str) and _NUMERIC_TEXT.fullmatch(value.strip()):
+            # mergekit's pydantic models take a quoted number ("0.5") as the number
+            value = float(value) if kind == "number" else _integer_text(key, value, self)
+        if kind == "bool" and isinstance(value, str) and value.strip().lower() in _BOOL_TEXT:
+            value = _BOOL_TEXT[value.strip().lower()]  # and "false" / "yes" as a bool (pydantic's lax mode)
         ok = {"text": isinstance(value, str), "bool": isinstance(value, bool),
               "number": isinstance(value, (int, float)) and not isinstance(value, bool),
               "integer": isinstance(value, int) and not isinstance(value, bool)}[kind]

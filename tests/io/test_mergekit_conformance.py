@@ -86,6 +86,9 @@ CASES = {
     # nuslerp and multislerp hold it apart: listed under models (without a weight), it is still the base
     "nuslerp-base-listed": ("merge_method: nuslerp\nbase_model: ROOT/base\n" + _models(["base", "a", "b"],
                                                                                       weight=[None, 1.0, 2.0]), SPAN),
+    # quoted numbers and booleans, which mergekit's pydantic models read as such
+    "linear-quoted": ("merge_method: linear\nmodels:\n  - model: ROOT/a\n    parameters: {weight: '0.5'}\n"
+                      "  - model: ROOT/b\n    parameters: {weight: '2e0'}\nparameters: {normalize: 'false'}\n", SUMS),
     "linear-shared-weight": ("merge_method: linear\n" + _models("abc") + "parameters: {weight: 1.0}\n", SUMS),
     "task-arithmetic": ("merge_method: task_arithmetic\nbase_model: ROOT/base\n" + _models("ab", weight=[0.7, 0.5])
                         + "parameters: {lambda: 0.8}\n", SUMS),
