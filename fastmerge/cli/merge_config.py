@@ -651,8 +651,9 @@ def _tokenizer_settings(r: _Reader, config: dict) -> dict:
 def _dtypes(r: _Reader, config: dict) -> dict:
     """{"dtype": the output's (out_dtype, else dtype), "input_dtype": dtype}: mergekit loads every input
     in `dtype` (rounding it, or widening it) before any arithmetic, and so does fastmerge."""
-    dtype = r.typed("dtype", config.get("dtype"), "text")
-    out_dtype = r.typed("out_dtype", config.get("out_dtype"), "text")
+    # mergekit takes "torch.bfloat16" for "bfloat16", and an empty name for none
+    dtype = (r.typed("dtype", config.get("dtype"), "text") or "").removeprefix("torch.") or None
+    out_dtype = (r.typed("out_dtype", config.get("out_dtype"), "text") or "").removeprefix("torch.") or None
     return {"dtype": out_dtype or dtype, "input_dtype": dtype}
 
 

@@ -159,6 +159,8 @@ CASES = {
     "ramplus-tl": ("merge_method: ramplus_tl\nbase_model: ROOT/base\n" + _models("abc")
                    + "parameters: {epsilon: 0.015, r: 0.3, alpha: 0.5}\n", EXACT),
     "out-dtype": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0]) + "out_dtype: bfloat16\n", SUMS),
+    "torch-dtype-names": ("merge_method: linear\n" + _models("ab", weight=[1.0, 2.0])
+                          + "dtype: torch.float32\nout_dtype: torch.bfloat16\n", SUMS),
 }
 
 
