@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import transformers
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
@@ -26,6 +25,9 @@ from mergekit.options import MergeOptions
 
 from fastmerge.cli import main
 from fastmerge.io import Checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the tests' helpers
+from tests.helpers import llama_family  # noqa: E402
 
 TASK = "base_model: ROOT/base\nmodels:\n  - model: ROOT/a\n    parameters: {weight: 1.0, density: 0.5}\n" \
        "  - model: ROOT/b\n    parameters: {weight: 0.5, density: 0.5}\n"
@@ -51,23 +53,6 @@ PAIRINGS = [("float32", "bfloat16"), ("float32", "float16"), ("float16", "bfloat
             ("bfloat16", "float32")]  # (config dtype, stored dtype)
 
 
-def build_family(root: Path) -> None:
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(config)
-    models = {"base": base}
-    for name in "abc":
-        tuned = transformers.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for p, q in zip(tuned.parameters(), base.parameters()):
-                p.copy_(q + 0.02 * torch.randn_like(q))
-        models[name] = tuned
-    for dtype in ("float32", "bfloat16", "float16"):
-        for name, model in models.items():
-            model.to(getattr(torch, dtype)).save_pretrained(root / dtype / name)
-
-
 def ulps(theirs: Path, ours: Path, dtype: torch.dtype) -> float:
     a, b = Checkpoint(str(theirs)), Checkpoint(str(ours))
     if sorted(a.keys()) != sorted(b.keys()):
@@ -81,7 +66,7 @@ def ulps(theirs: Path, ours: Path, dtype: torch.dtype) -> float:
 
 
 def main_sweep(work: Path) -> None:
-    build_family(work / "family")
+    llama_family(work / "family", layers=4)
     print("| method | config dtype / stored | default (ulps) | --mergekit-compat (ulps) |")
     print("|---|---|---|---|")
     for method, body in CONFIGS.items():

@@ -43,3 +43,25 @@ def end_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def llama_family(root, layers: int = 2) -> None:
+    """A small LLaMA base and three fine-tunes (base + small noise), saved by transformers under
+    root/DTYPE/NAME for DTYPE float32, bfloat16 and float16 and NAME base, a, b, c."""
+    import transformers  # only the checkpoint tests and benchmarks need it
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    models = {"base": base}
+    for name in "abc":
+        tuned = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for p, q in zip(tuned.parameters(), base.parameters()):
+                p.copy_(q + 0.02 * torch.randn_like(q))
+        models[name] = tuned
+    for dtype in ("float32", "bfloat16", "float16"):
+        for name, model in models.items():
+            model.to(getattr(torch, dtype)).save_pretrained(root / dtype / name)

@@ -184,6 +184,8 @@ def _run(args: argparse.Namespace) -> int:
     models = args.models or settings.get("models") or []
     if not models:
         raise InvalidArgumentError("no models to merge: list checkpoint paths (or models: in --config)")
+    if len(models) == 1 and not args.config and (settings.get("method") or "linear") == "linear":
+        raise InvalidArgumentError("linear needs at least 2 models: list two or more checkpoints")
     if not settings.get("output"):
         raise InvalidArgumentError("no output: give -o PATH (or out_path: in --config)")
     options = _options(settings, args)

@@ -24,26 +24,14 @@ from mergekit.options import MergeOptions  # noqa: E402
 from fastmerge.cli import main  # noqa: E402
 from fastmerge.io import Checkpoint  # noqa: E402
 
+from ..helpers import llama_family  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    """A base and three fine-tunes (base + small noise), float32 and bfloat16 copies."""
+    """A base and three fine-tunes (base + small noise), float32, bfloat16 and float16 copies."""
     root = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_config(config)
-    models = {"base": base}
-    for i, name in enumerate("abc"):
-        tuned = transformers.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for p, q in zip(tuned.parameters(), base.parameters()):
-                p.copy_(q + 0.02 * torch.randn_like(q))
-        models[name] = tuned
-    for dtype in ("float32", "bfloat16", "float16"):
-        for name, model in models.items():
-            model.to(getattr(torch, dtype)).save_pretrained(root / dtype / name)
+    llama_family(root)
     return root
 
 
