@@ -382,7 +382,7 @@ def _models_settings(r: _Reader, config: dict, method: str, where: str = "") -> 
             settings["models"] = [models[i] for i in keep]
             numbers.per_model = [numbers.per_model[i] for i in keep]
             numbers.uniform = numbers.check_uniform()
-    if method == "linear" and len(settings["models"]) == 1 and "weight" not in params and not own[0].get("weight"):
+    if method == "linear" and len(settings["models"]) == 1 and "weight" not in params and own[0].get("weight") is None:
         r.fail("a linear merge of one model needs its weight (mergekit requires one): give it a weight, or list 2 "
                "or more models")
     if numbers.uniform:

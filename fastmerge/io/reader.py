@@ -55,6 +55,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
         self._torch_state: dict[str, torch.Tensor] = {}  # the tensors of torch files (memory maps)
         self.metadata: dict[str, str] = {}
         self._lora = None
+        self._index: str | None = None  # the index file a sharded checkpoint was opened from
         reference = split_reference(path)  # mergekit's model+lora: the adapter merged in on read
         self._open(reference[0] if reference else path)
         if reference:
@@ -83,6 +84,7 @@ class Checkpoint(Mapping[str, torch.Tensor]):
             raise CheckpointError(f"{path}: unknown checkpoint format (use .safetensors, an index.json, .pt or .bin)")
 
     def _open_index(self, path: str) -> None:
+        self._index = path
         try:
             with open(path) as f:
                 index = json.load(f, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
@@ -220,13 +222,8 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     def files(self) -> list[str]:
         """Every file this checkpoint reads (shards and index), e.g. to refuse writing over one."""
         found = set(self._files.values()) | set(self._lora.files() if self._lora is not None else [])
-        path = split_reference(self.path)[0] if self._lora is not None else self.path
-        if path.endswith(".index.json"):
-            found.add(path)
-        elif os.path.isdir(path):
-            opened = next((n for n in FOLDER_NAMES if os.path.exists(os.path.join(path, n))), None)
-            if opened is not None and opened.endswith(".index.json"):
-                found.add(os.path.join(path, opened))
+        if self._index is not None:
+            found.add(self._index)
         return sorted(os.path.abspath(f) for f in found)
 
     def nbytes(self) -> int:

@@ -307,6 +307,10 @@ def loaded_inputs(name: str, tensors: Sequence[torch.Tensor | None], labels: Seq
         counts = count_nonfinite([t for t, _ in changed]) if changed else None
         if counts is not None and bool(counts.any()):
             k = int(counts.nonzero()[0, 0])
+            # an input already non-finite (its own check may not have run: TIES counts them later) is
+            # named as such, not as a value past the dtype's range
+            originals = [s for t, s in zip(loaded, tensors) if t is not None and t is not s]
+            check_inputs_finite(name, originals[k:k + 1], [changed[k][1]])
             raise NonFiniteError(f"{changed[k][1]}: tensor {name!r} holds {int(counts[k])} value(s) beyond {dtype}'s range "
                                  f"(|x| > {torch.finfo(dtype).max:g}), which the config's dtype reads as Inf; use "
                                  "dtype: bfloat16 or float32")

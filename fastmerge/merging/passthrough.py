@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +64,10 @@ def config_with_layers(source: str, order: Sequence[int], whose: str) -> dict:
     count = config[key]
     per_layer = {k: [v[i] for i in order] for k, v in config.items()
                  if "layer" in k and isinstance(v, list) and len(v) == count and count > 0}
+    other = [k for k, v in config.items() if "layer" in k and isinstance(v, list) and v and k not in per_layer]
+    if other:  # lists of layer indices (Qwen-MoE's mlp_only_layers, ...): nothing says how to renumber them
+        warnings.warn(f"{source}/config.json: {', '.join(other)} name layers by index and are copied as they were; "
+                      f"check them against the output's {len(order)} layers", stacklevel=3)
     return {**config, key: len(order), **per_layer}
 
 

@@ -146,10 +146,13 @@ def test_a_frankenmerge_keeps_each_layers_kind_in_the_config(tmp_path):
                                       sliding_window=8)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**saved, "mlp_only_layers": [3]}))  # indices, not kinds
     path = tmp_path / "p.yml"
     path.write_text(f"merge_method: passthrough\nslices:\n  - sources: [{{model: {tmp_path / 'm'}, layer_range: [0, 2]}}]\n"
                     f"  - sources: [{{model: {tmp_path / 'm'}, layer_range: [1, 4]}}]\n")
-    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    with pytest.warns(UserWarning, match="mlp_only_layers name layers by index"):
+        assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["num_hidden_layers"] == 5 and written["layer_types"] == [kinds[i] for i in (0, 1, 1, 2, 3)]
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -187,3 +190,16 @@ def test_a_value_past_the_configs_dtype_is_refused_naming_the_file(config, tmp_p
     assert main(["merge", str(config), str(out), "--quiet", "--allow-nonfinite"]) == 0
     merged = Checkpoint(str(out))
     assert merged["w2"].dtype == torch.float32 and torch.isinf(merged["w2"]).all()
+
+
+def test_a_nan_input_read_in_a_narrower_dtype_is_named_as_broken(config, tmp_path, capsys):
+    """TIES counts its inputs' NaN/Inf in its own pass; converted first to the config's dtype, a NaN
+    input is still named as a broken checkpoint, not as a value past the dtype's range."""
+    (tmp_path / "a" / "model.safetensors").unlink()
+    save_file({f"w{i}": torch.full((64, 64), float("nan") if i == 1 else 1.0) for i in range(4)},
+              str(tmp_path / "a" / "model.safetensors"))
+    config.write_text(f"merge_method: ties\nbase_model: {tmp_path / 'b'}\nmodels:\n  - model: {tmp_path / 'a'}\n"
+                      "    parameters: {weight: 1, density: 0.5}\ndtype: float16\n")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "NaN/Inf entries" in err[0] and "range" not in err[0], err

@@ -38,11 +38,10 @@ def population_variance(stacked: torch.Tensor) -> torch.Tensor:
 
 
 def _varying_entries(task_vectors: torch.Tensor, fraction: float) -> torch.Tensor:
-    """1 at the `fraction` of entries (of those that vary at all) whose variance across models is largest."""
+    """1 at the `fraction` (< 1) of entries (of those that vary at all) whose variance across models
+    is largest."""
     if fraction <= 0:
         return torch.zeros_like(task_vectors[0])
-    if fraction >= 1:
-        return torch.ones_like(task_vectors[0])
     variance = population_variance(task_vectors)
     count = int(torch.count_nonzero(variance) * fraction)
     keep = torch.zeros_like(variance)
