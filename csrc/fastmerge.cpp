@@ -71,6 +71,9 @@ TORCH_LIBRARY(fastmerge, m) {
   // (rows, len(positions)): the |value| of ascending rank positions[j] in each row of `rows` (a radix
   // sort of the magnitudes' bits per row, kernels/row_sort.h): weight matching's signature quantiles.
   m.def("magnitude_order_statistics(Tensor rows, int[] positions) -> Tensor");
+  // total = ((total + parts[0]) + parts[1]) + ... in float64, each float32/float64 part widened exactly
+  // (kernels/accumulate.h), one pass; `fresh`: the total starts at zero. Weight matching's cost sums.
+  m.def("accumulate_float64_(Tensor(a!) total, Tensor[] parts, bool fresh) -> ()");
   // TIES: out = base + scale * (w-weighted mean of the trimmed task vectors that agree with the elected sign).
   m.def(
       "ties_merge_out(Tensor[] models, Tensor base, float[] weights, float[] thresholds, float scale, bool normalize, "

@@ -6,8 +6,9 @@
 //   2-D float (m, n)             out[.., i, ..] = sum_j M[i, j] W[.., j, ..]   (dense, n = size(axis))
 //   3-D float (h, mh, nh)        block-diagonal: h blocks of (mh, nh), size(axis) = h * nh, e.g.
 //                                one dense transform per attention head.
-// Several jobs on one tensor apply in list order. Jobs of one round (the r-th job of every tensor)
-// run together: all gathers in one parallel loop, and dense jobs of equal shapes in one batched GEMM.
+// Several jobs on one tensor apply in list order. A CPU tensor with gathers only is copied once (its
+// gathers composed per axis, run_fused_gathers). Otherwise jobs of one round (the r-th job of every
+// tensor) run together: all gathers in one parallel loop, dense jobs of equal shapes in one batched GEMM.
 //
 // The same function serves CUDA tensors (registered below when built with CUDA): the dense jobs are
 // ATen products either way, and a round's gathers run in one CUDA launch that also checks every
@@ -214,6 +215,60 @@ void run_dense(std::vector<at::Tensor>& current, const std::vector<std::pair<Job
   }
 }
 
+// CPU tensors whose jobs are all index gathers: each tensor's gathers composed per axis (a later
+// gather on an axis re-indexes the earlier one's index, checked against the size it meets) and run
+// as one multi-axis gather: one copy of a weight whose rows and columns are both permuted, where a
+// round per job copies it once per job. All such tensors in one parallel loop over output rows.
+// Marks the tensors it transformed in `done`.
+void run_fused_gathers(at::TensorList tensors, const std::vector<std::vector<std::pair<Job, int64_t>>>& per_tensor,
+                       std::vector<at::Tensor>& current, std::vector<bool>& done) {
+  std::vector<kernels::MultiGatherJob> work;
+  std::vector<at::Tensor> keep;  // sources and composed indices, alive until the loop ends
+  std::vector<int64_t> row_start{0};
+  int64_t longest_row = 1;
+  for (size_t t = 0; t < per_tensor.size(); ++t) {
+    const auto& jobs = per_tensor[t];
+    const at::Tensor& w = tensors[t];
+    const int64_t bytes = static_cast<int64_t>(w.element_size());
+    if (jobs.empty() || !w.is_cpu() || w.dim() == 0 || !(bytes == 1 || bytes == 2 || bytes == 4 || bytes == 8)) continue;
+    if (!std::all_of(jobs.begin(), jobs.end(), [](const auto& j) { return j.first.transform.dim() == 1; })) continue;
+    std::vector<at::Tensor> index(static_cast<size_t>(w.dim()));
+    std::vector<int64_t> sizes = w.sizes().vec();
+    for (const auto& [job, q] : jobs) {
+      check_index_range(job.transform, sizes[job.axis], q);
+      at::Tensor& axis_index = index[job.axis];
+      axis_index = axis_index.defined() ? axis_index.index_select(0, job.transform) : job.transform;
+      sizes[job.axis] = job.transform.size(0);
+    }
+    const at::Tensor src = w.contiguous();
+    at::Tensor dst = at::empty(sizes, w.options());
+    kernels::MultiGatherJob g{static_cast<const char*>(src.const_data_ptr()), static_cast<char*>(dst.data_ptr()),
+                              bytes, sizes, src.strides().vec(), {}};
+    for (at::Tensor& i : index) {
+      if (i.defined()) i = i.contiguous();
+      g.index.push_back(i.defined() ? i.const_data_ptr<int64_t>() : nullptr);
+      keep.push_back(i);
+    }
+    keep.push_back(src);
+    row_start.push_back(row_start.back() + g.rows());
+    longest_row = std::max(longest_row, sizes.back());
+    work.push_back(std::move(g));
+    current[t] = dst;
+    done[t] = true;
+  }
+  if (work.empty()) return;
+  at::parallel_for(0, row_start.back(), std::max<int64_t>(1, (int64_t{1} << 14) / longest_row),
+                   [&](int64_t begin, int64_t end) {
+                     size_t w = std::upper_bound(row_start.begin(), row_start.end(), begin) - row_start.begin() - 1;
+                     for (int64_t r = begin; r < end;) {
+                       while (row_start[w + 1] <= r) ++w;
+                       const int64_t stop = std::min(end, row_start[w + 1]);
+                       kernels::multi_gather_rows(work[w], r - row_start[w], stop - row_start[w]);
+                       r = stop;
+                     }
+                   });
+}
+
 std::vector<at::Tensor> transform_axes_any(at::TensorList tensors, at::TensorList transforms,
                                            at::IntArrayRef tensor_index, at::IntArrayRef axis) {
   const size_t num_jobs = transforms.size();
@@ -227,12 +282,15 @@ std::vector<at::Tensor> transform_axes_any(at::TensorList tensors, at::TensorLis
     per_tensor[job.tensor].emplace_back(job, static_cast<int64_t>(q));
   }
   std::vector<at::Tensor> current(tensors.begin(), tensors.end());
+  std::vector<bool> done(tensors.size(), false);
+  run_fused_gathers(tensors, per_tensor, current, done);
   size_t rounds = 0;
-  for (const auto& jobs : per_tensor) rounds = std::max(rounds, jobs.size());
+  for (size_t t = 0; t < per_tensor.size(); ++t)
+    if (!done[t]) rounds = std::max(rounds, per_tensor[t].size());
   for (size_t r = 0; r < rounds; ++r) {
     std::vector<std::pair<Job, int64_t>> gathers, dense;
     for (size_t t = 0; t < per_tensor.size(); ++t) {
-      if (r >= per_tensor[t].size()) continue;
+      if (done[t] || r >= per_tensor[t].size()) continue;
       const auto& entry = per_tensor[t][r];
       (entry.first.transform.dim() == 1 ? gathers : dense).push_back(entry);
     }

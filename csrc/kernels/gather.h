@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace fastmerge {
 namespace kernels {
@@ -43,6 +44,60 @@ inline void gather_rows(const GatherJob& job, int64_t row_begin, int64_t row_end
     const int64_t o = r / job.m, i = r - o * job.m;
     std::memcpy(job.dst + r * job.inner_bytes, job.src + (o * job.n + job.index[i]) * job.inner_bytes,
                 static_cast<size_t>(job.inner_bytes));
+  }
+}
+
+// Gather along every axis at once: dst[i0, .., ik] = src[idx0[i0], .., idxk[ik]] (an axis without
+// an index keeps its positions). One pass for a weight whose rows and columns are both permuted,
+// where a gather per axis copies it once per axis. Iterated by output rows (every axis but the last).
+struct MultiGatherJob {
+  const char* src;
+  char* dst;
+  int64_t element_bytes;
+  std::vector<int64_t> out_sizes;       // per axis (the source's size where there is no index)
+  std::vector<int64_t> src_strides;     // per axis, in elements, of the contiguous source
+  std::vector<const int64_t*> index;    // per axis, nullptr: identity; entries validated by the caller
+
+  int64_t rows() const {
+    int64_t r = 1;
+    for (size_t d = 0; d + 1 < out_sizes.size(); ++d) r *= out_sizes[d];
+    return r;
+  }
+};
+
+namespace detail {
+template <typename Word>
+void multi_gather_words(const MultiGatherJob& job, int64_t row_begin, int64_t row_end) {
+  const int last_axis = static_cast<int>(job.out_sizes.size()) - 1;
+  const int64_t length = job.out_sizes[last_axis];
+  const int64_t* last = job.index[last_axis];
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    int64_t rest = r, offset = 0;
+    for (int d = last_axis - 1; d >= 0; --d) {
+      const int64_t i = rest % job.out_sizes[d];
+      rest /= job.out_sizes[d];
+      offset += (job.index[d] != nullptr ? job.index[d][i] : i) * job.src_strides[d];
+    }
+    const char* in = job.src + offset * static_cast<int64_t>(sizeof(Word));
+    char* out = job.dst + r * length * static_cast<int64_t>(sizeof(Word));
+    if (last == nullptr) {
+      std::memcpy(out, in, static_cast<size_t>(length) * sizeof(Word));
+      continue;
+    }
+    for (int64_t k = 0; k < length; ++k)
+      std::memcpy(out + k * static_cast<int64_t>(sizeof(Word)), in + last[k] * static_cast<int64_t>(sizeof(Word)),
+                  sizeof(Word));
+  }
+}
+}  // namespace detail
+
+// Output rows [row_begin, row_end) of job.rows().
+inline void multi_gather_rows(const MultiGatherJob& job, int64_t row_begin, int64_t row_end) {
+  switch (job.element_bytes) {
+    case 1: return detail::multi_gather_words<uint8_t>(job, row_begin, row_end);
+    case 2: return detail::multi_gather_words<uint16_t>(job, row_begin, row_end);
+    case 4: return detail::multi_gather_words<uint32_t>(job, row_begin, row_end);
+    default: return detail::multi_gather_words<uint64_t>(job, row_begin, row_end);  // 8-byte types
   }
 }
 

@@ -41,6 +41,9 @@ constexpr int radix_digit_bits() {
   return sizeof(T) == 4 ? 11 : 8;
 }
 
+// Rows shorter than this sort with 8-bit digits: four passes of 256 bins beat three of 2048 there.
+constexpr int64_t kShortRow = 8192;
+
 // Per-thread buffers for rows of up to `capacity` entries.
 struct RowSortScratch {
   explicit RowSortScratch(int64_t capacity) : storage(static_cast<size_t>(5 * capacity)), n(capacity) {}
@@ -61,20 +64,20 @@ inline uint32_t* radix_sort(uint32_t* keys, int64_t n, int key_bits, uint32_t* s
                             uint32_t* scratch_order, uint32_t** sorted_order) {
   constexpr int kBins = 1 << DigitBits;
   for (int shift = 0; shift < key_bits; shift += DigitBits) {
-    int64_t offset[kBins] = {0};
+    uint32_t offset[kBins] = {0};  // n < 2^32 (checked by the callers)
     for (int64_t i = 0; i < n; ++i) ++offset[(keys[i] >> shift) & (kBins - 1)];
     bool one_bin = false;
     for (int d = 0; d < kBins; ++d) one_bin |= offset[d] == n;
     if (one_bin) continue;  // every key has this digit: the order stands
-    int64_t start = 0;
+    uint32_t start = 0;
     for (int d = 0; d < kBins; ++d) {
-      const int64_t count = offset[d];
+      const uint32_t count = offset[d];
       offset[d] = start;
       start += count;
     }
     if (order != nullptr) {
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t to = offset[(keys[i] >> shift) & (kBins - 1)]++;
+        const uint32_t to = offset[(keys[i] >> shift) & (kBins - 1)]++;
         scratch_keys[to] = keys[i];
         scratch_order[to] = order[i];
       }
@@ -110,8 +113,11 @@ inline void magnitude_order_statistics(const T* row, int64_t n, const int64_t* p
                                        RowSortScratch& scratch, uint32_t* out) {
   uint32_t* keys = scratch.keys();
   for (int64_t i = 0; i < n; ++i) keys[i] = magnitude_key(row[i]);
-  const uint32_t* sorted = radix_sort<radix_digit_bits<T>()>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(),
-                                                              nullptr, nullptr, nullptr);
+  // short rows: 8-bit digits (a 2048-bin histogram per pass costs more than the row itself)
+  const uint32_t* sorted =
+      n < kShortRow ? radix_sort<8>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(), nullptr, nullptr, nullptr)
+                    : radix_sort<radix_digit_bits<T>()>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(),
+                                                        nullptr, nullptr, nullptr);
   for (int64_t j = 0; j < count; ++j) out[j] = sorted[positions[j]];
 }
 

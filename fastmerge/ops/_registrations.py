@@ -68,6 +68,11 @@ def _magprune_keep_out_fake(rows, density, epsilon, seed, keep):
     return None
 
 
+@torch.library.register_fake("fastmerge::accumulate_float64_")
+def _accumulate_float64_fake(total, parts, fresh):
+    return None
+
+
 @torch.library.register_fake("fastmerge::magnitude_order_statistics")
 def _magnitude_order_statistics_fake(rows, positions):
     return rows.new_empty(rows.shape[0], len(positions))

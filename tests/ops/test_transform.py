@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastmerge.errors import ShapeMismatchError
+from fastmerge.errors import IndexOutOfRangeError, ShapeMismatchError
 from fastmerge.ops import AxisJob, transform_axes, transform_axes_reference
 from tests.helpers import rel_fro
 
@@ -195,3 +195,33 @@ def test_error_types(gen):
     # integer tensors take index transforms (e.g. a permuted lookup table)
     assert torch.equal(transform_axes([torch.arange(4)], [AxisJob(0, 0, torch.tensor([3, 2, 1, 0]))])[0],
                        torch.tensor([3, 2, 1, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64, torch.uint8, torch.bool])
+def test_many_gathers_on_one_tensor_compose_exactly(gen, dtype):
+    # A tensor with gathers only is copied once (the gathers composed per axis): several gathers on one
+    # axis (lengths changing, e.g. an unmerge after a permutation) interleaved with other axes' must
+    # equal applying them one after another.
+    shapes = [(6, 5), (4, 3, 5), (7,), (2, 3, 4, 5)]
+    tensors = [(torch.randn(s, generator=gen) * 10).to(dtype) for s in shapes]
+    jobs = []
+    for t, shape in enumerate(shapes):
+        sizes = list(shape)
+        for _ in range(2 * len(shape) + 1):
+            axis = int(torch.randint(0, len(shape), (1,), generator=gen))
+            m = sizes[axis] + int(torch.randint(-1, 2, (1,), generator=gen))
+            m = max(m, 1)
+            jobs.append(AxisJob(t, axis, torch.randint(0, sizes[axis], (m,), generator=gen)))
+            sizes[axis] = m
+    out = transform_axes(tensors, jobs)
+    for got, want in zip(out, transform_axes_reference(tensors, jobs)):
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+
+
+def test_a_later_gather_is_checked_against_the_size_it_meets(gen):
+    # the second gather on axis 0 meets 3 entries (the first gather's length), not the tensor's 6
+    w = torch.randn(6, 4, generator=gen)
+    jobs = [AxisJob(0, 0, torch.tensor([5, 0, 1])), AxisJob(0, 1, torch.randperm(4, generator=gen)),
+            AxisJob(0, 0, torch.tensor([2, 3]))]
+    with pytest.raises(IndexOutOfRangeError, match="job 2.*index 3"):
+        transform_axes([w], jobs)
