@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..alignment.weight_matching import _quantile_values_sorted, _quantiles
+from ..alignment.weight_matching import _quantile_values_sorted, _quantiles, _rms
 from ..merging.methods.gta import magnitude_keep, magnitude_keep_reference
 from ..ops import CovarianceState, count_nonfinite, linear_assignment
 from ..ops import combine as combine_op
@@ -194,8 +194,7 @@ def magnitude_quantiles(rows: int = 1024, cols: int = 50257, seed: int = 0) -> W
     pick = torch.linspace(0, cols - 1, 16).round().long()
 
     def sorted_quantiles():
-        scale = (x * x).mean(dtype=torch.float64).sqrt().clamp_min(1e-300)
-        return _quantile_values_sorted(x, pick).double() / scale
+        return _quantile_values_sorted(x, pick).double() / _rms(x)
 
     return Workload(
         name=f"magnitude quantiles (16 per row) {rows}x{cols} float32",
