@@ -295,23 +295,35 @@ def _descend(spec, target, state, *, init, frozen, max_iter, seed, tol, bar=None
     perms = {k: v.clone() for k, v in (init or signature_perms(spec, target, state, frozen)).items()}
     nested = nested_groups(spec)
     order = [g for g in spec.groups if g.name not in frozen]
+    inputs = _cost_inputs(spec, nested)
     rng = np.random.default_rng(seed)
     workspace = Workspace()
+    # per group: the permutations its cost was computed from, and what its assignment chose then. A
+    # group none of whose inputs changed since would compute the same cost and choose the same again
+    # (the products and the assignment are deterministic), so that visit reuses the choice: exact,
+    # and the last sweep, which only confirms, skips most of the products.
+    last: dict[str, tuple[list[torch.Tensor], torch.Tensor, dict]] = {}
     history = [objective(spec, target, state, perms)]
     for _ in range(max_iter):
         before = {k: v.clone() for k, v in perms.items()}
         changed = False
         for i in rng.permutation(len(order)):
             group = order[i]
-            pairs = [(d, dms) for d, dms in nested[group.name] if d.name not in frozen]
-            cost, inner = _group_cost(spec, group, pairs, target, state, perms, workspace)
-            if inner:
-                new, nested_perms = _solve_nested(group, cost, inner)
-                for name, p in nested_perms.items():
-                    changed |= not torch.equal(perms[name], p)
-                    perms[name] = p
+            seen = [perms[name] for name in inputs[group.name]]
+            memo = last.get(group.name)
+            if memo is not None and all(torch.equal(a, b) for a, b in zip(memo[0], seen)):
+                new, nested_perms = memo[1], memo[2]
             else:
-                _, new = linear_assignment(cost, maximize=True)
+                pairs = [(d, dms) for d, dms in nested[group.name] if d.name not in frozen]
+                cost, inner = _group_cost(spec, group, pairs, target, state, perms, workspace)
+                if inner:
+                    new, nested_perms = _solve_nested(group, cost, inner)
+                else:
+                    new, nested_perms = linear_assignment(cost, maximize=True)[1], {}
+                last[group.name] = ([p.clone() for p in seen], new, nested_perms)
+            for name, p in nested_perms.items():
+                changed |= not torch.equal(perms[name], p)
+                perms[name] = p
             changed |= not torch.equal(perms[group.name], new)
             perms[group.name] = new
         # a sweep that ends where it began has the objective it began with (a pass over the model saved)
@@ -322,6 +334,22 @@ def _descend(spec, target, state, *, init, frozen, max_iter, seed, tol, bar=None
         if not changed or history[-1] - history[-2] <= tol * abs(history[-2]):
             break
     return perms, history
+
+
+def _cost_inputs(spec: MergeSpec, nested: dict) -> dict[str, list[str]]:
+    """For each group, the other groups whose permutations its cost depends on: those with a
+    member on one of its member tensors, less itself and the groups nested in it (which its own
+    assignment chooses)."""
+    on_tensor: dict[str, set[str]] = {}
+    for g in spec.groups:
+        for m in g.members:
+            on_tensor.setdefault(m.tensor, set()).add(g.name)
+    inputs = {}
+    for g in spec.groups:
+        skip = {g.name} | {d.name for d, _ in nested[g.name]}
+        touching = set().union(*(on_tensor[t] for t in _member_tensors([g])))
+        inputs[g.name] = sorted(touching - skip)
+    return inputs
 
 
 @timed("weight matching")
