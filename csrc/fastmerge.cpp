@@ -71,6 +71,9 @@ TORCH_LIBRARY(fastmerge, m) {
   // (rows, len(positions)): the |value| of ascending rank positions[j] in each row of `rows` (a radix
   // sort of the magnitudes' bits per row, kernels/row_sort.h): weight matching's signature quantiles.
   m.def("magnitude_order_statistics(Tensor rows, int[] positions) -> Tensor");
+  // The same and each row's sum of squares in float64 (fixed order) from the same pass: weight
+  // matching's signature quantiles and their scale.
+  m.def("magnitude_signature(Tensor rows, int[] positions) -> (Tensor, Tensor)");
   // total = ((total + parts[0]) + parts[1]) + ... in float64, each float32/float64 part widened exactly
   // (kernels/accumulate.h), one pass; `fresh`: the total starts at zero. Weight matching's cost sums.
   m.def("accumulate_float64_(Tensor(a!) total, Tensor[] parts, bool fresh) -> ()");

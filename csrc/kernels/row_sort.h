@@ -108,11 +108,28 @@ inline void magnitude_ranks(const T* row, int64_t n, RowSortScratch& scratch, ui
 
 // out[j] = the magnitude of ascending rank positions[j] (0 <= positions[j] < n) in a row of n
 // entries, as the magnitude's bits (the caller reinterprets them as T).
+// With `squares` (else nullptr), *squares = the row's sum of squares in float64, each square taken
+// in float64, summed in a fixed order (four interleaved partial sums: the same bits on every run and
+// for any split of the rows between threads).
 template <typename T>
 inline void magnitude_order_statistics(const T* row, int64_t n, const int64_t* positions, int64_t count,
-                                       RowSortScratch& scratch, uint32_t* out) {
+                                       RowSortScratch& scratch, uint32_t* out, double* squares = nullptr) {
   uint32_t* keys = scratch.keys();
   for (int64_t i = 0; i < n; ++i) keys[i] = magnitude_key(row[i]);
+  if (squares != nullptr) {
+    double partial[4] = {0.0, 0.0, 0.0, 0.0};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+      for (int k = 0; k < 4; ++k) {
+        const double v = static_cast<double>(static_cast<float>(row[i + k]));
+        partial[k] += v * v;
+      }
+    for (; i < n; ++i) {
+      const double v = static_cast<double>(static_cast<float>(row[i]));
+      partial[i % 4] += v * v;
+    }
+    *squares = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
   // short rows: 8-bit digits (a 2048-bin histogram per pass costs more than the row itself)
   const uint32_t* sorted =
       n < kShortRow ? radix_sort<8>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(), nullptr, nullptr, nullptr)

@@ -215,32 +215,46 @@ def signature_perms(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: 
     the distance of their descriptions. Exact for a permuted copy; for independently trained
     models, better informed than the identity (which means nothing between two initialisations)."""
     perms = identity_perms(spec, _device_of(state))
+    scratch: dict = {}  # one buffer for the strided members' contiguous copies (fresh memory faults)
     for g in spec.groups:
         if g.name in frozen or g.count != 1:
             continue
         sig_t, sig_s = [], []
         for m in g.members:
             for src, out in ((target, sig_t), (state, sig_s)):
-                out.append(_quantiles(unfold(_compute_dtype(src[m.tensor]), m)[0], points))
+                out.append(_quantiles(unfold(_compute_dtype(src[m.tensor]), m)[0], points, scratch))
         a, b = torch.cat(sig_t, dim=1), torch.cat(sig_s, dim=1)
         _, cols = linear_assignment(torch.cdist(a, b), maximize=False)
         perms[g.name] = cols[None]
     return perms
 
 
-def _quantiles(rows: torch.Tensor, points: int) -> torch.Tensor:
+def _quantiles(rows: torch.Tensor, points: int, scratch: dict | None = None) -> torch.Tensor:
     """(size, points) float64 quantiles of each row's magnitudes (signature_perms), scaled by the
     rows' overall rms. The order statistics come from a radix sort of each row's magnitude bits
     (compiled, float32 CPU rows: ~5x faster than torch's sort, which took most of a GPT-2-medium
-    match from files) or from torch's sort in the weights' own dtype: either way the same values, so
-    bit-identical quantiles and starting points."""
-    rows = rows.contiguous()
+    match from files; the sums of squares for the rms from the same pass) or from torch's sort in
+    the weights' own dtype: either way the same order statistics (the rms may differ in its last
+    bits between the two). `scratch`: a dict that keeps a buffer for strided rows' contiguous copy
+    from call to call."""
+    rows = _contiguous(rows, scratch)
     pick = torch.linspace(0, rows.shape[1] - 1, min(points, rows.shape[1]), device=rows.device).round().long()
-    scale = _rms(rows)
     if rows.dtype == torch.float32 and rows.device.type == "cpu" and rows.numel() and _ext.load():
         ascending = (rows.shape[1] - 1 - pick).tolist()  # the descending picks as ascending ranks
-        return torch.ops.fastmerge.magnitude_order_statistics(rows, ascending).double() / scale
-    return _quantile_values_sorted(rows, pick).double() / scale
+        values, squares = torch.ops.fastmerge.magnitude_signature(rows, ascending)
+        return values.double() / (squares.sum() / rows.numel()).sqrt().clamp_min(1e-300)
+    return _quantile_values_sorted(rows, pick).double() / _rms(rows)
+
+
+def _contiguous(rows: torch.Tensor, scratch: dict | None) -> torch.Tensor:
+    """`rows` contiguous; a copy goes into scratch's reused buffer (grown as needed) when given."""
+    if rows.is_contiguous() or scratch is None:
+        return rows.contiguous()
+    key = (rows.dtype, rows.device)
+    buffer = scratch.get(key)
+    if buffer is None or buffer.numel() < rows.numel():
+        buffer = scratch[key] = torch.empty(rows.numel(), dtype=rows.dtype, device=rows.device)
+    return buffer[: rows.numel()].view(rows.shape).copy_(rows)
 
 
 def _rms(rows: torch.Tensor) -> torch.Tensor:

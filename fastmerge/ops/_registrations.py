@@ -73,6 +73,11 @@ def _accumulate_float64_fake(total, parts, fresh):
     return None
 
 
+@torch.library.register_fake("fastmerge::magnitude_signature")
+def _magnitude_signature_fake(rows, positions):
+    return rows.new_empty(rows.shape[0], len(positions)), rows.new_empty(rows.shape[0], dtype=torch.float64)
+
+
 @torch.library.register_fake("fastmerge::magnitude_order_statistics")
 def _magnitude_order_statistics_fake(rows, positions):
     return rows.new_empty(rows.shape[0], len(positions))

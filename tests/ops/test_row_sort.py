@@ -45,5 +45,18 @@ def test_signature_quantiles_do_not_depend_on_the_sort(kind):
     pick = torch.linspace(0, rows.shape[1] - 1, 16).round().long()
     contiguous = rows.contiguous()
     sorted_ = _quantile_values_sorted(contiguous, pick).double() / _rms(contiguous)
-    assert torch.equal(compiled.nan_to_num(-1.0), sorted_.nan_to_num(-1.0))
+    # the same order statistics; the scale's sum of squares in another order (last bits)
+    assert torch.allclose(compiled.nan_to_num(-1.0), sorted_.nan_to_num(-1.0), rtol=1e-13, atol=0)
     assert torch.equal(compiled.isnan(), sorted_.isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_signature_row_squares_match_float64(dtype):
+    rows = (torch.randn(37, 1001, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    values, squares = torch.ops.fastmerge.magnitude_signature(rows, [0, 500, 1000])
+    assert torch.equal(values, torch.ops.fastmerge.magnitude_order_statistics(rows, [0, 500, 1000]))
+    want = rows.double().square().sum(dim=1)
+    assert squares.dtype == torch.float64 and torch.allclose(squares, want, rtol=1e-14, atol=0)
+    again = torch.ops.fastmerge.magnitude_signature(rows[5:9], [1])[1]
+    assert torch.equal(again, squares[5:9])  # each row's sum alone: the same bits whatever the split
+    torch.library.opcheck(torch.ops.fastmerge.magnitude_signature.default, (rows.float()[:6, :40], [0, 3, 39]))
