@@ -353,7 +353,7 @@ def _descend(spec, target, state, *, init, frozen, max_iter, seed, tol, bar=None
 def _cost_inputs(spec: MergeSpec, nested: dict) -> dict[str, list[str]]:
     """For each group, the other groups whose permutations its cost depends on: those with a
     member on one of its member tensors, less itself and the groups nested in it (which its own
-    assignment chooses)."""
+    assignment chooses; a frozen nested group is applied to the cost but never changes)."""
     on_tensor: dict[str, set[str]] = {}
     for g in spec.groups:
         for m in g.members:
