@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fastmerge import _ext
+import fastmerge.alignment.weight_matching as wm
 from fastmerge.alignment.weight_matching import Float64Sum, Workspace
 
 pytestmark = pytest.mark.skipif(not _ext.load(), reason="the compiled engine is not built")
@@ -78,3 +79,17 @@ def test_opcheck(gen):
     total = torch.zeros(3, 5, dtype=torch.float64)
     torch.library.opcheck(torch.ops.fastmerge.accumulate_float64_.default,
                           (total, [torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)], True))
+
+
+def test_float64_sum_without_the_engine_adds_part_by_part_in_reused_memory(gen, monkeypatch):
+    # the path of CUDA tensors and of a build without the engine: each part added at once, its
+    # buffer (slot 0) free again for the next product
+    monkeypatch.setattr(wm._ext, "load", lambda: False)
+    shape, workspace = (2, 16, 16), Workspace()
+    for _ in range(2):
+        parts = spread_parts(gen, shape, 5)
+        total = Float64Sum(shape, "cpu", workspace)
+        for p in parts:
+            out = total.part_buffer(p.dtype)
+            total.add(out.copy_(p))
+        assert torch.equal(total.total(), sequential(torch.zeros(shape, dtype=torch.float64), parts))
