@@ -98,6 +98,21 @@ int64_t prod(at::IntArrayRef shape, int64_t begin, int64_t end) {
   return p;
 }
 
+// The rows of many jobs in one parallel loop: job w owns rows [row_start[w], row_start[w + 1]) of the
+// whole range; rows(w, begin, end) runs job w's rows [begin, end), counted from the job's first.
+template <typename Rows>
+void parallel_over_rows(const std::vector<int64_t>& row_start, int64_t grain, const Rows& rows) {
+  at::parallel_for(0, row_start.back(), grain, [&](int64_t begin, int64_t end) {
+    size_t w = std::upper_bound(row_start.begin(), row_start.end(), begin) - row_start.begin() - 1;
+    for (int64_t r = begin; r < end;) {
+      while (row_start[w + 1] <= r) ++w;
+      const int64_t stop = std::min(end, row_start[w + 1]);
+      rows(w, r - row_start[w], stop - row_start[w]);
+      r = stop;
+    }
+  });
+}
+
 // Gathers of one round on a GPU: one launch for all of them, indices checked by the kernel.
 void run_gathers_device(std::vector<at::Tensor>& current, const std::vector<std::pair<Job, int64_t>>& jobs) {
 #if FASTMERGE_WITH_CUDA
@@ -140,15 +155,7 @@ void run_gathers(std::vector<at::Tensor>& current, const std::vector<std::pair<J
     outputs.push_back(dst);
     current[job.tensor] = src;  // keep the contiguous source alive until the loop ends
   }
-  at::parallel_for(0, row_start.back(), 4096, [&](int64_t begin, int64_t end) {
-    size_t w = std::upper_bound(row_start.begin(), row_start.end(), begin) - row_start.begin() - 1;
-    for (int64_t r = begin; r < end;) {
-      while (row_start[w + 1] <= r) ++w;
-      const int64_t stop = std::min(end, row_start[w + 1]);
-      kernels::gather_rows(work[w], r - row_start[w], stop - row_start[w]);
-      r = stop;
-    }
-  });
+  parallel_over_rows(row_start, 4096, [&](size_t w, int64_t begin, int64_t end) { kernels::gather_rows(work[w], begin, end); });
   for (size_t i = 0; i < jobs.size(); ++i) current[jobs[i].first.tensor] = outputs[i];
 }
 
@@ -257,16 +264,8 @@ void run_fused_gathers(at::TensorList tensors, const std::vector<std::vector<std
     done[t] = true;
   }
   if (work.empty()) return;
-  at::parallel_for(0, row_start.back(), std::max<int64_t>(1, (int64_t{1} << 14) / longest_row),
-                   [&](int64_t begin, int64_t end) {
-                     size_t w = std::upper_bound(row_start.begin(), row_start.end(), begin) - row_start.begin() - 1;
-                     for (int64_t r = begin; r < end;) {
-                       while (row_start[w + 1] <= r) ++w;
-                       const int64_t stop = std::min(end, row_start[w + 1]);
-                       kernels::multi_gather_rows(work[w], r - row_start[w], stop - row_start[w]);
-                       r = stop;
-                     }
-                   });
+  parallel_over_rows(row_start, std::max<int64_t>(1, (int64_t{1} << 14) / longest_row),
+                     [&](size_t w, int64_t begin, int64_t end) { kernels::multi_gather_rows(work[w], begin, end); });
 }
 
 std::vector<at::Tensor> transform_axes_any(at::TensorList tensors, at::TensorList transforms,
