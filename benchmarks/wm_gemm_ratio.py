@@ -1,7 +1,8 @@
 """Weight matching of two GPT-2-medium-shaped checkpoints from files, against the time its matrix
 products need: the products are counted (a wrapper around the cost accumulation: 2 C x numel per
-member, 2 (C d) x numel for members of nested head groups) and the float32 GEMM rate of this
-machine is measured on a stream-member-shaped product in the same process.
+member, 2 (C d) x numel for members of nested head groups; only those computed: a group whose
+inputs did not change since its last visit reuses its assignment and computes none) and the
+float32 GEMM rate of this machine is measured on a stream-member-shaped product in the same process.
 
     .venv/bin/python benchmarks/wm_gemm_ratio.py [--depth 24] [--work DIR]
 """
