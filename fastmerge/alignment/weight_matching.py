@@ -207,6 +207,7 @@ def _solve_nested(group: Group, cost: torch.Tensor, inner: dict) -> tuple[torch.
     return perm[None, :], nested_perms
 
 
+@torch.no_grad()  # weights that require grad (a model's parameters) are only read
 def signature_perms(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                     frozen: Sequence[str] = (), points: int = 16) -> dict[str, torch.Tensor]:
     """A starting point for coordinate descent that does not depend on the other groups: each
@@ -269,6 +270,7 @@ def _quantile_values_sorted(rows: torch.Tensor, pick: torch.Tensor) -> torch.Ten
     return rows.abs().sort(dim=1, descending=True).values[:, pick]
 
 
+@torch.no_grad()
 def objective(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
               perms: Mapping[str, torch.Tensor]) -> float:
     """sum over every tensor of the spec of <target, permuted model>: what weight matching maximises.
@@ -283,6 +285,7 @@ def objective(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mappin
     return total
 
 
+@torch.no_grad()
 def match_to(spec: MergeSpec, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *,
              init: Mapping[str, torch.Tensor] | None = None, frozen: Sequence[str] = (), max_iter: int = 100,
              seed: int = 0, tol: float = 1e-12, restarts: int = 1,
@@ -367,6 +370,7 @@ def _cost_inputs(spec: MergeSpec, nested: dict) -> dict[str, list[str]]:
 
 
 @timed("weight matching")
+@torch.no_grad()
 def weight_matching(spec: MergeSpec, states: Sequence[Mapping[str, torch.Tensor]], *, reference: int = 0,
                     max_iter: int = 100, seed: int = 0, merge_many: bool | None = None, restarts: int = 1,
                     frozen: Mapping[str, torch.Tensor] | None = None,

@@ -61,3 +61,15 @@ def test_the_descent_equals_the_plain_descent_and_skips_unchanged_groups(name, m
     assert all(torch.equal(perms[k], want_perms[k]) for k in want_perms)
     sweeps = len(history) - 1
     assert len(computed) < sweeps * len(spec.groups)  # the confirming sweep reused assignments
+
+
+def test_weights_that_require_grad_are_matched_like_a_state_dict():
+    # a model's parameters (requires_grad) as the states: the same permutations, no autograd error
+    spec, _, _ = models("mlp")
+    torch.manual_seed(0)
+    a = zoo.mlp(in_features=20, hidden=(24, 24, 24), out_features=5)
+    torch.manual_seed(1)
+    b = zoo.mlp(in_features=20, hidden=(24, 24, 24), out_features=5)
+    from_params, _ = wm.weight_matching(spec, [dict(a.named_parameters()), dict(b.named_parameters())])
+    from_state, _ = wm.weight_matching(spec, [a.state_dict(), b.state_dict()])
+    assert all(torch.equal(from_params[1][k], from_state[1][k]) for k in from_state[1])
