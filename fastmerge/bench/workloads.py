@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..alignment.weight_matching import _quantile_values_sorted, _quantiles, _rms
+from ..alignment.weight_matching import Float64Sum, Workspace, _quantile_values_sorted, _quantiles, _rms
 from ..merging.methods.gta import magnitude_keep, magnitude_keep_reference
-from ..ops import CovarianceState, count_nonfinite, linear_assignment
+from ..ops import AxisJob, CovarianceState, count_nonfinite, linear_assignment, transform_axes
 from ..ops import combine as combine_op
 from ..ops.same_init import abs_delta_kth_largest, ties_threshold_count
 
@@ -207,6 +207,55 @@ def magnitude_quantiles(rows: int = 1024, cols: int = 50257, seed: int = 0) -> W
     )
 
 
+def permute_both_axes(rows: int = 4096, cols: int = 1024, seed: int = 0) -> Workload:
+    """A weight whose rows and columns are both permuted (an MLP matrix between two aligned groups),
+    as weight matching moves every member: transform_axes (one multi-axis gather) vs torch's
+    index_select per axis (a full copy per axis)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen)
+    p, q = torch.randperm(rows, generator=gen), torch.randperm(cols, generator=gen)
+    return Workload(
+        name=f"permute rows and columns {rows}x{cols} float32",
+        group="transform",
+        ours=lambda: transform_axes([w], [AxisJob(0, 0, p), AxisJob(0, 1, q)]),
+        baseline=lambda: w.index_select(0, p).index_select(1, q),
+        baseline_name="index_select per axis",
+        ratio_kind="time",
+        target=None,
+    )
+
+
+def float64_cost_sum(size: int = 4096, parts: int = 3, seed: int = 0) -> Workload:
+    """Weight matching's cost of a `size`-unit group: `parts` float32 member products summed in
+    float64 (Float64Sum: one pass of accumulate_float64_ into reused memory) vs `cost += p.double()`
+    into a fresh zeroed cost, part after part (the same bits)."""
+    gen = torch.Generator().manual_seed(seed)
+    products = [torch.randn(1, size, size, generator=gen) for _ in range(parts)]
+    workspace = Workspace()
+
+    def ours():
+        total = Float64Sum((1, size, size), "cpu", workspace)
+        for p in products:
+            total.add(p)
+        return total.total()
+
+    def baseline():
+        cost = torch.zeros(1, size, size, dtype=torch.float64)
+        for p in products:
+            cost += p.double()
+        return cost
+
+    return Workload(
+        name=f"float64 sum of {parts} float32 {size}x{size} products",
+        group="cost sums",
+        ours=ours,
+        baseline=baseline,
+        baseline_name="cost += p.double() per part",
+        ratio_kind="time",
+        target=None,
+    )
+
+
 def standard(quick: bool = False) -> list[Callable[[], Workload]]:
     """The issue's benchmark set (full) or a seconds-long smoke version (quick), as lazy factories."""
     if quick:
@@ -220,6 +269,8 @@ def standard(quick: bool = False) -> list[Callable[[], Workload]]:
             lambda: ties_thresholds(1 << 20),
             lambda: della_mask(256, 1024),
             lambda: magnitude_quantiles(64, 8192),
+            lambda: permute_both_axes(512, 256),
+            lambda: float64_cost_sum(512),
         ]
     return [
         lambda: covariance(65536, 2048),
@@ -232,4 +283,6 @@ def standard(quick: bool = False) -> list[Callable[[], Workload]]:
         lambda: ties_thresholds(),
         lambda: della_mask(),
         lambda: magnitude_quantiles(),
+        lambda: permute_both_axes(),
+        lambda: float64_cost_sum(),
     ]

@@ -22,7 +22,8 @@ def test_quick_report_sections_charts_and_rerun(tmp_path):
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     for section in ("## Merge quality", "### digits: MLP 32-32", "| direct average |", "| permute |", "| CCA |",
                     "| parents (mean) / ensemble |", "## Speed", "| combine 2 models", "| count_nonfinite", "| TIES thresholds",
-                    "| activation statistics", "![merge quality](quality.png)", "![speed ratios](speed.png)"):
+                    "| activation statistics",
+                    "| permute rows and columns", "| float64 sum of 3 float32", "![merge quality](quality.png)", "![speed ratios](speed.png)"):
         assert section in text, section
     for chart in ("quality.png", "speed.png"):
         width, height = png_size(tmp_path / chart)
