@@ -91,6 +91,19 @@ inline uint32_t* radix_sort(uint32_t* keys, int64_t n, int key_bits, uint32_t* s
   return keys;
 }
 
+// A row's magnitude keys sorted (radix_sort, with `order` when given): 8-bit digits for rows
+// shorter than kShortRow (a 2048-bin histogram per pass costs more than the row itself there),
+// T's own digits otherwise. Either way the same stable order.
+template <typename T>
+inline uint32_t* sort_magnitude_keys(uint32_t* keys, int64_t n, RowSortScratch& scratch, uint32_t* order,
+                                     uint32_t** sorted_order) {
+  uint32_t* scratch_order = order != nullptr ? scratch.scratch_order() : nullptr;
+  if (n < kShortRow)
+    return radix_sort<8>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(), order, scratch_order, sorted_order);
+  return radix_sort<radix_digit_bits<T>()>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(), order,
+                                           scratch_order, sorted_order);
+}
+
 // rank[i] = #{j : |row[j]| < |row[i]|} + #{j < i : |row[j]| == |row[i]|} for a row of n entries.
 template <typename T>
 inline void magnitude_ranks(const T* row, int64_t n, RowSortScratch& scratch, uint32_t* rank) {
@@ -101,8 +114,7 @@ inline void magnitude_ranks(const T* row, int64_t n, RowSortScratch& scratch, ui
     order[i] = static_cast<uint32_t>(i);
   }
   uint32_t* sorted_order = nullptr;
-  radix_sort<radix_digit_bits<T>()>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(), order,
-                                     scratch.scratch_order(), &sorted_order);
+  sort_magnitude_keys<T>(keys, n, scratch, order, &sorted_order);
   for (int64_t p = 0; p < n; ++p) rank[sorted_order[p]] = static_cast<uint32_t>(p);
 }
 
@@ -130,11 +142,7 @@ inline void magnitude_order_statistics(const T* row, int64_t n, const int64_t* p
     }
     *squares = (partial[0] + partial[1]) + (partial[2] + partial[3]);
   }
-  // short rows: 8-bit digits (a 2048-bin histogram per pass costs more than the row itself)
-  const uint32_t* sorted =
-      n < kShortRow ? radix_sort<8>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(), nullptr, nullptr, nullptr)
-                    : radix_sort<radix_digit_bits<T>()>(keys, n, magnitude_key_bits<T>(), scratch.scratch_keys(),
-                                                        nullptr, nullptr, nullptr);
+  const uint32_t* sorted = sort_magnitude_keys<T>(keys, n, scratch, nullptr, nullptr);
   for (int64_t j = 0; j < count; ++j) out[j] = sorted[positions[j]];
 }
 

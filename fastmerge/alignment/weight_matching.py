@@ -322,7 +322,6 @@ def _descend(spec, target, state, *, init, frozen, max_iter, seed, tol, bar=None
     last: dict[str, tuple[list[torch.Tensor], torch.Tensor, dict]] = {}
     history = [objective(spec, target, state, perms)]
     for _ in range(max_iter):
-        before = {k: v.clone() for k, v in perms.items()}
         changed = False
         for i in rng.permutation(len(order)):
             group = order[i]
@@ -343,9 +342,8 @@ def _descend(spec, target, state, *, init, frozen, max_iter, seed, tol, bar=None
                 perms[name] = p
             changed |= not torch.equal(perms[group.name], new)
             perms[group.name] = new
-        # a sweep that ends where it began has the objective it began with (a pass over the model saved)
-        unchanged = all(torch.equal(before[k], perms[k]) for k in perms)
-        history.append(history[-1] if unchanged else objective(spec, target, state, perms))
+        # a sweep that changed nothing has the objective it began with (a pass over the model saved)
+        history.append(objective(spec, target, state, perms) if changed else history[-1])
         if bar is not None:
             bar.update(1)
         if not changed or history[-1] - history[-2] <= tol * abs(history[-2]):
