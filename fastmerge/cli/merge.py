@@ -88,6 +88,9 @@ def add_parser(sub) -> None:
                       help="after averaging: BatchNorm reset (auto when the model has BatchNorm), REPAIR, or none")
     data.add_argument("--np-steps", type=int, default=300, help="np_merge: optimisation steps (default 300)")
     data.add_argument("--np-lr", type=float, default=1e-2, help="np_merge: learning rate (default 0.01)")
+    data.add_argument("--np-distill", type=float, default=0.0, metavar="SHARE",
+                      help="np_merge: share of the loss that matches the input models' ensemble instead of the "
+                           "targets, 0..1 (default 0; 1: --data needs no targets)")
     data.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK, NCCL)")
     p.add_argument("--dtype", choices=tuple(DTYPES),
                    help="dtype of the merged floating tensors (default: as the inputs)")
@@ -406,7 +409,7 @@ def _run_with_data(args: argparse.Namespace) -> int:
             files = merge_files_with_data(
                 args.models, args.output, build_model=build, data=batches(args.data), align=args.align or "none",
                 method=method, weights=args.weights, repair_mode=args.repair, val_data=batches(args.val_data),
-                np_options={"steps": args.np_steps, "lr": args.np_lr}, dtype=args.dtype,
+                np_options={"steps": args.np_steps, "lr": args.np_lr, "distill": args.np_distill}, dtype=args.dtype,
                 max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device,
                 progress=not args.quiet, allow_nonfinite=args.allow_nonfinite, copy_tokenizer=args.copy_tokenizer,
                 write_card=args.write_model_card)

@@ -99,7 +99,8 @@ def _np_merge(models, states, *, data, spec, example_inputs, reference, alignmen
         p = copy.deepcopy(models[reference])
         p.load_state_dict(s)
         parents.append(p)
-    options = {"reset_bn": repair_mode in ("auto", "reset", "repair"), **np_options}
+    # a distilled ensemble is of the models as given: a dense alignment changes the aligned parents' functions
+    options = {"reset_bn": repair_mode in ("auto", "reset", "repair"), "teachers": models, **np_options}
     result = np_merge(parents, data, val_data=val_data, progress=progress, **options)
     if repair_mode == "repair":  # REPAIR of the learned merge towards the parents' moments (uniform weights)
         spec = alignment.spec if alignment is not None else _spec(models, spec, data=data,

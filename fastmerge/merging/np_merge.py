@@ -14,6 +14,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,9 @@ from .repair import has_batch_norm, reset_batch_norm
 
 GRANULARITIES = ("entry", "channel", "tensor")
 MODES = ("joint", "pairwise")
+# the ensemble's probabilities for a list of batches are kept (computed on a batch's first visit)
+# while they fit in this many bytes; beyond it they are recomputed at every visit
+TEACHER_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -99,6 +103,55 @@ def _average_gradients(params) -> None:
         g /= distributed.world_size()
 
 
+def _distillation_loss(output: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """KL(ensemble || merged) per sample (per position for sequence outputs), averaged: the
+    cross-entropy against the ensemble's probabilities less their own entropy (a constant), so a
+    merge that computes the ensemble's distribution scores 0."""
+    log_probs = torch.log_softmax(output_logits(output).float(), -1)
+    return (probs * (probs.clamp_min(1e-30).log() - log_probs)).sum(-1).mean()
+
+
+class EnsembleTargets:
+    """The teachers' ensemble on a batch: the mean of their softmax outputs (eval mode, no grad;
+    ALGORITHMS.md section 9's ensemble). For batches given as a list, each batch's probabilities
+    are kept after its first visit while they fit in TEACHER_CACHE_BYTES: NP Merge cycles over the
+    same batches, and the teachers' forward passes would otherwise cost each step n more passes."""
+
+    def __init__(self, teachers: Sequence[nn.Module], data: Iterable) -> None:
+        self.teachers = list(teachers)
+        self.positions = len(data) if isinstance(data, (list, tuple)) else None
+        self.cache: dict[int, torch.Tensor] = {}
+        self.cached_bytes = 0
+
+    @torch.no_grad()
+    def __call__(self, step: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        position = step % self.positions if self.positions else None
+        if position in self.cache:
+            return self.cache[position]
+        probs = sum(torch.softmax(output_logits(t(*args, **kwargs)).float(), -1) for t in self.teachers)
+        probs = probs / len(self.teachers)
+        size = probs.numel() * probs.element_size()
+        if position is not None and self.cached_bytes + size <= TEACHER_CACHE_BYTES:
+            self.cache[position] = probs
+            self.cached_bytes += size
+        return probs
+
+
+@contextmanager
+def evaluating(models: Sequence[nn.Module]):
+    """The models in eval mode inside, every module's own mode given back after (inputs are left as
+    they came)."""
+    modes = [[m.training for m in model.modules()] for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, flags in zip(models, modes):
+            for m, flag in zip(model.modules(), flags):
+                m.training = flag
+
+
 def _set_bn_batch_stats(model: nn.Module) -> None:
     """Eval mode everywhere but BatchNorm, which normalises with the batch's statistics: the merged
     weights change every step, so running statistics of the parents would be stale."""
@@ -111,7 +164,8 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
              optimizer: str | Callable = "adam", val_data: Iterable | None = None, eval_every: int = 25,
              patience: int | None = None, loss_fn: Callable | None = None, granularity: str = "entry",
              mode: str = "joint", seed: int = 0, progress: bool = True, reset_bn: bool = True,
-             reset_batches: int | None = None) -> NPMergeResult:
+             reset_batches: int | None = None, distill: float = 0.0,
+             teachers: Sequence[nn.Module] | None = None) -> NPMergeResult:
     """Learns per-parameter merging coefficients for already aligned models.
 
     Data-parallel: under an initialised torch.distributed process group (e.g. torchrun), give each
@@ -137,6 +191,16 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
             every validation check (the merged weights change every step: the parents' running
             statistics would score a model that is not the one returned).
         reset_batches: the batches of `data` those resets pass (default: all of them).
+        distill: the share of the loss that matches the teachers' ensemble (the mean of their
+            softmax outputs; the loss KL(ensemble || merged)) instead of `loss_fn` on the batches'
+            targets: 0 (default) the task loss alone, 1 the ensemble alone (the batches then need
+            no targets), in between the weighted sum. The ensemble gives every sample a whole
+            distribution to match rather than one label, which learns more from a small set
+            (benchmarks/RESULTS.md, BatchNorm CNNs).
+        teachers: the models whose ensemble is distilled (default: `models`). merge(...,
+            "np_merge") passes the models as they were before alignment: a dense alignment (CCA,
+            ZipIt) changes each aligned parent's function, a permutation does not. Used in eval
+            mode; each module's mode is given back after.
 
     Returns:
         NPMergeResult (merged model in eval mode, coefficients, history).
@@ -150,16 +214,35 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
         raise InvalidArgumentError(f"mode must be one of {MODES}, got {mode!r}")
     if steps < 0:
         raise InvalidArgumentError(f"steps must be >= 0, got {steps}")
+    if not 0.0 <= distill <= 1.0:
+        raise InvalidArgumentError(f"distill is the ensemble's share of the loss, between 0 and 1; got {distill!r}")
+    teachers = list(models) if teachers is None else list(teachers)
+    if distill > 0 and not teachers:
+        raise InvalidArgumentError("np_merge: distill > 0 needs teachers (the models whose ensemble is matched)")
+    if distill > 0 and mode == "pairwise" and len(models) > 2 and len(teachers) != len(models):
+        raise InvalidArgumentError(f"np_merge: pairwise distillation needs a teacher per model ({len(models)}), got "
+                                   f"{len(teachers)}: merge k learns the ensemble of the first k + 1")
+    with evaluating(teachers if distill > 0 else []):
+        return _np_merge(models, data, steps=steps, lr=lr, optimizer=optimizer, val_data=val_data,
+                         eval_every=eval_every, patience=patience, loss_fn=loss_fn, granularity=granularity,
+                         mode=mode, seed=seed, progress=progress, reset_bn=reset_bn, reset_batches=reset_batches,
+                         distill=distill, teachers=teachers)
+
+
+def _np_merge(models, data, *, steps, lr, optimizer, val_data, eval_every, patience, loss_fn, granularity, mode,
+              seed, progress, reset_bn, reset_batches, distill, teachers) -> NPMergeResult:
     if mode == "pairwise" and len(models) > 2:
         merged = models[0]
         coefficients: dict[str, list] = {}
         history = []
         for k, model in enumerate(models[1:], start=1):
             prior = math.log(k)  # sigmoid(log k) = k/(k+1): the running merge stands for k models
+            # the running merge stands for the first k models: it and model k learn the ensemble of k + 1
+            targets = EnsembleTargets(teachers[:k + 1], data) if distill > 0 else None
             result = _optimise([merged, model], data, steps=steps, lr=lr, optimizer=optimizer, val_data=val_data,
                                eval_every=eval_every, patience=patience, loss_fn=loss_fn, granularity=granularity,
                                seed=seed + k, progress=progress, reset_bn=reset_bn, prior=prior,
-                               reset_batches=reset_batches)
+                               reset_batches=reset_batches, distill=distill, targets=targets)
             merged = result.model
             history += result.history
             for name, c in result.coefficients.items():
@@ -171,7 +254,8 @@ def np_merge(models: Sequence[nn.Module], data: Iterable, *, steps: int = 300, l
         return NPMergeResult(merged, {k: torch.stack(v) for k, v in coefficients.items()}, history, steps)
     return _optimise(models, data, steps=steps, lr=lr, optimizer=optimizer, val_data=val_data, eval_every=eval_every,
                      patience=patience, loss_fn=loss_fn, granularity=granularity, seed=seed, progress=progress,
-                     reset_bn=reset_bn, prior=0.0, reset_batches=reset_batches)
+                     reset_bn=reset_bn, prior=0.0, reset_batches=reset_batches, distill=distill,
+                     targets=EnsembleTargets(teachers, data) if distill > 0 else None)
 
 
 class CoefficientMerger:
@@ -210,7 +294,7 @@ class CoefficientMerger:
 
 
 def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patience, loss_fn, granularity, seed,
-              progress, reset_bn, prior, reset_batches) -> NPMergeResult:
+              progress, reset_bn, prior, reset_batches, distill, targets) -> NPMergeResult:
     n = len(models)
     template = copy.deepcopy(models[0])
     parents = [{k: v.detach() for k, v in m.named_parameters()} for m in models]
@@ -264,9 +348,13 @@ def _optimise(models, data, *, steps, lr, optimizer, val_data, eval_every, patie
             best = (validate(), 0, best[2])
         for step in bar:
             args, kwargs, target = next(batches)
-            if target is None:
-                raise InvalidArgumentError("np_merge: training batches must be (inputs, targets)")
-            loss = loss_fn(forward(args, kwargs), target)
+            if target is None and distill < 1:
+                raise InvalidArgumentError("np_merge: training batches must be (inputs, targets), or distill=1 "
+                                           "(the parents' ensemble as the only target)")
+            output = forward(args, kwargs)
+            loss = loss_fn(output, target) if distill < 1 else 0.0
+            if distill > 0:
+                loss = (1 - distill) * loss + distill * _distillation_loss(output, targets(step, args, kwargs))
             opt.zero_grad()
             loss.backward()
             if distributed.active():

@@ -52,6 +52,29 @@ def test_model_from_a_file_gives_the_python_api_merge(files):
         assert torch.equal(written[k], v), k
 
 
+def test_np_merge_distilling_the_ensemble_gives_the_python_api_merge(files):
+    tmp_path, paths = files
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", *paths, "--align", "permute", "--method", "np_merge", "--model", f"{tmp_path}/arch.py:build",
+                 "--data", "digits", "--batch-size", "256", "--np-steps", "8", "--np-lr", "0.03", "--np-distill", "0.5",
+                 "-o", str(out), "--quiet"]) == 0
+    models = []
+    for p in paths:
+        m = fastmerge.zoo.mlp(in_features=64, hidden=(24, 24), out_features=10)
+        m.load_state_dict(load_file(p))
+        models.append(m.eval())
+    x, y = load_dataset("digits").x_fit, load_dataset("digits").y_fit
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)]
+    options = {"steps": 8, "lr": 0.03}
+    expected = fastmerge.merge(models, "np_merge", data=batches, np_options={**options, "distill": 0.5},
+                               progress=False).state_dict()
+    labels_only = fastmerge.merge(models, "np_merge", data=batches, np_options=options, progress=False).state_dict()
+    written = load_file(out)
+    for k, v in expected.items():
+        assert torch.equal(written[k], v), k
+    assert any(not torch.equal(written[k], v) for k, v in labels_only.items())  # the option reached NP Merge
+
+
 ERRORS = [
     (["--align", "cca", "--data", "digits"], "--model"),
     (["--align", "cca", "--model", "fastmerge.zoo:mlp"], "--data"),
@@ -66,6 +89,9 @@ ERRORS = [
     (["--align", "cca", "--method", "ties", "--model", "fastmerge.zoo:mlp", "--data", "digits"], "np_merge"),
     (["--align", "cca", "--model", "fastmerge.zoo:mlp", "--data", "no_such_data"], "--data"),
     (["--method", "np_merge"], "--model"),
+    (["--align", "permute", "--method", "np_merge", "--model", "fastmerge.zoo:mlp", "--model-kwargs",
+      json.dumps({"in_features": 64, "hidden": [24, 24], "out_features": 10}), "--data", "digits",
+      "--np-distill", "2"], "between 0 and 1"),
 ]
 
 

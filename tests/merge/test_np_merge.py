@@ -94,3 +94,78 @@ def test_batch_norm_model_and_errors():
         fastmerge.merge(models, "np_merge")
     with pytest.raises(InvalidArgumentError, match=r"\(inputs, targets\)"):
         np_merge(models, [torch.randn(4, 1, 8, 8)], steps=1, progress=False)
+
+
+def _kl_to_ensemble(model, teachers, x) -> float:
+    """KL(ensemble || model) per sample, in float64 (the reference of the distillation loss)."""
+    with torch.no_grad():
+        probs = sum(torch.softmax(t(x).double(), -1) for t in teachers) / len(teachers)
+        return float((probs * (probs.log() - torch.log_softmax(model(x).double(), -1))).sum(-1).mean())
+
+
+def test_distillation_loss_is_kl_to_the_ensemble():
+    from fastmerge.merging.np_merge import _distillation_loss
+    torch.manual_seed(0)
+    logits, probs = torch.randn(6, 5, 10), torch.softmax(torch.randn(6, 5, 10), -1)
+    expected = (probs.double() * (probs.double().log() - torch.log_softmax(logits.double(), -1))).sum(-1).mean()
+    assert abs(float(_distillation_loss(logits, probs)) - float(expected)) < 1e-6
+    assert abs(float(_distillation_loss(probs.log(), probs))) < 1e-6  # the ensemble itself: nothing to learn
+
+
+def test_distilling_the_ensemble_needs_no_labels(digits):
+    split, models, data, _ = digits
+    unlabelled = [x for x, _ in data]
+    pair = models[:2]
+    for m in pair:
+        m.train()  # the teachers' modes are given back as they came
+    try:
+        before = [copy.deepcopy(m.state_dict()) for m in pair]
+        uniform = np_merge(pair, unlabelled, steps=0, distill=1.0, progress=False).model
+        learned = np_merge(pair, unlabelled, steps=100, lr=3e-2, distill=1.0, progress=False).model
+        assert all(m.training for m in pair)
+        for m, state in zip(pair, before):
+            for k, v in m.state_dict().items():
+                assert torch.equal(v, state[k]), k
+    finally:
+        for m in pair:
+            m.eval()
+    x = split.x_val
+    assert _kl_to_ensemble(learned, pair, x) < 0.5 * _kl_to_ensemble(uniform, pair, x)
+    with pytest.raises(InvalidArgumentError, match="distill=1"):
+        np_merge(pair, unlabelled, steps=1, distill=0.5, progress=False)
+    with pytest.raises(InvalidArgumentError, match="between 0 and 1"):
+        np_merge(pair, data, steps=1, distill=1.5, progress=False)
+
+
+def test_teacher_outputs_computed_once_per_batch_of_a_list(digits):
+    _, models, data, _ = digits
+    pair = models[:2]
+    teachers = [copy.deepcopy(m) for m in pair]  # counted apart from the merge's own copies of the parents
+    calls = [0]
+    for t in teachers:
+        t.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    np_merge(pair, data[:4], steps=12, distill=0.5, teachers=teachers, progress=False)  # 3 cycles over 4 batches
+    assert calls[0] == 2 * 4  # each teacher once per batch: kept after the first cycle
+    calls[0] = 0
+    np_merge(pair, iter(data[:4] * 3), steps=12, distill=0.5, teachers=teachers, progress=False)  # not a list
+    assert calls[0] == 2 * 12
+
+
+def test_merge_distills_the_models_as_given(digits):
+    """merge(..., "np_merge") distils the original models: after CCA (a dense alignment) the
+    aligned parents compute other functions, so their ensemble would be another target."""
+    split, models, data, val = digits
+    pair = models[:2]
+    calls = [0]
+    handles = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for m in pair]
+    try:
+        counts = []
+        for distill in (0.0, 1.0):
+            calls[0] = 0
+            fastmerge.merge(pair, "np_merge", align_method="cca", data=data, val_data=val,
+                            np_options={"steps": len(data), "distill": distill}, progress=False)
+            counts.append(calls[0])
+    finally:
+        for h in handles:
+            h.remove()
+    assert counts[1] - counts[0] == 2 * len(data)  # one call of each original per training batch
