@@ -169,3 +169,16 @@ def test_merge_distills_the_models_as_given(digits):
         for h in handles:
             h.remove()
     assert counts[1] - counts[0] == 2 * len(data)  # one call of each original per training batch
+
+
+def test_pairwise_distillation_learns_the_ensemble_of_the_models_so_far(digits):
+    split, models, data, _ = digits
+    unlabelled = [x for x, _ in data]
+    uniform = np_merge(models[:3], unlabelled, steps=0, mode="pairwise", distill=1.0, progress=False)
+    result = np_merge(models[:3], unlabelled, steps=60, lr=3e-2, mode="pairwise", distill=1.0, progress=False)
+    for c in result.coefficients.values():
+        assert c.shape[0] == 3 and torch.allclose(c.sum(0), torch.ones_like(c[0]), atol=1e-5)
+    x = split.x_val
+    assert _kl_to_ensemble(result.model, models[:3], x) < _kl_to_ensemble(uniform.model, models[:3], x)
+    with pytest.raises(InvalidArgumentError, match="a teacher per model"):
+        np_merge(models[:3], unlabelled, steps=1, mode="pairwise", distill=1.0, teachers=models[:2], progress=False)
