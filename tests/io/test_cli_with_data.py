@@ -33,18 +33,23 @@ def files(tmp_path):
     return tmp_path, paths
 
 
-def test_model_from_a_file_gives_the_python_api_merge(files):
-    tmp_path, paths = files
-    out = tmp_path / "merged.safetensors"
-    assert main(["merge", *paths, "--align", "permute", "--model", f"{tmp_path}/arch.py:build", "--data", "digits",
-                 "--batch-size", "128", "--repair", "repair", "-o", str(out), "--quiet"]) == 0
+def _models_and_batches(paths, batch_size):
+    """The files' models as the Python API takes them, and the digits batches `--data digits` gives."""
     models = []
     for p in paths:
         m = fastmerge.zoo.mlp(in_features=64, hidden=(24, 24), out_features=10)
         m.load_state_dict(load_file(p))
         models.append(m.eval())
     x, y = load_dataset("digits").x_fit, load_dataset("digits").y_fit
-    batches = [(x[i : i + 128], y[i : i + 128]) for i in range(0, len(x), 128)]
+    return models, [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def test_model_from_a_file_gives_the_python_api_merge(files):
+    tmp_path, paths = files
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", *paths, "--align", "permute", "--model", f"{tmp_path}/arch.py:build", "--data", "digits",
+                 "--batch-size", "128", "--repair", "repair", "-o", str(out), "--quiet"]) == 0
+    models, batches = _models_and_batches(paths, 128)
     expected = fastmerge.merge(models, "permute", data=batches, repair_mode="repair", progress=False).state_dict()
     written = load_file(out)
     assert set(written) == set(expected)
@@ -58,13 +63,7 @@ def test_np_merge_distilling_the_ensemble_gives_the_python_api_merge(files):
     assert main(["merge", *paths, "--align", "permute", "--method", "np_merge", "--model", f"{tmp_path}/arch.py:build",
                  "--data", "digits", "--batch-size", "256", "--np-steps", "8", "--np-lr", "0.03", "--np-distill", "0.5",
                  "-o", str(out), "--quiet"]) == 0
-    models = []
-    for p in paths:
-        m = fastmerge.zoo.mlp(in_features=64, hidden=(24, 24), out_features=10)
-        m.load_state_dict(load_file(p))
-        models.append(m.eval())
-    x, y = load_dataset("digits").x_fit, load_dataset("digits").y_fit
-    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, len(x), 256)]
+    models, batches = _models_and_batches(paths, 256)
     options = {"steps": 8, "lr": 0.03}
     expected = fastmerge.merge(models, "np_merge", data=batches, np_options={**options, "distill": 0.5},
                                progress=False).state_dict()
