@@ -118,10 +118,16 @@ def main() -> int:
         test = text_windows(text.test, config.block, 64, 16)
         x, causal = torch.cat([b[0] for b in data[:4]]), True
         score, unit = (lambda m: evaluate(m, test).loss), "test loss/byte"
-    print(f"| {arch}: {unit} | merged | attention logits rescaled |\n|---|---|---|")
+    def scale_range(model) -> str:
+        scales = torch.cat(logit_scales(model, x, causal))
+        return f"{float(scales.min()):.2f}-{float(scales.max()):.2f}"
+
+    print(f"| {arch}: {unit} | merged | attention logits rescaled | logit std per head, merged (parents: "
+          f"{', '.join(scale_range(m) for m in models)}) |\n|---|---|---|---|")
     for method, options in (("permute", {}), ("weight_matching", {}), ("cca", {"reg": 0.3})):
         merged = merge(models, method, data=data, progress=False, **options)
-        print(f"| {method} | {score(merged):.4g} | {score(rescaled(merged, models, x, causal)):.4g} |", flush=True)
+        print(f"| {method} | {score(merged):.4g} | {score(rescaled(merged, models, x, causal)):.4g} | "
+              f"{scale_range(merged)} |", flush=True)
     return 0
 
 
