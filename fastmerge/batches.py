@@ -7,7 +7,8 @@ accept the same data and stop at the same limits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -94,3 +95,24 @@ def run_model(model, batch: Batch, index: int):
 def output_logits(output):
     """A model's output tensor: itself, or the logits of a Hugging Face ModelOutput."""
     return output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)
+
+
+def ensemble_probabilities(models: Sequence, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The models' ensemble on one call: the mean of their softmax outputs (float32 logits, last
+    axis; ALGORITHMS.md section 9). The caller sets the models' modes and autograd."""
+    return sum(torch.softmax(output_logits(m(*args, **kwargs)).float(), -1) for m in models) / len(models)
+
+
+@contextmanager
+def evaluating(models: Sequence):
+    """The models in eval mode inside; every module's own mode given back after (inputs are left
+    as they came)."""
+    modes = [[m.training for m in model.modules()] for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, flags in zip(models, modes):
+            for m, flag in zip(model.modules(), flags):
+                m.training = flag

@@ -19,6 +19,19 @@ struct GatherJob {
   int64_t inner_bytes;   // inner * element size
 };
 
+// Calls word(W{}) with W the unsigned integer of `bytes` bytes (1, 2, 4 or 8) and returns true;
+// false for any other width. The kernels below copy elements as such words, whatever their dtype.
+template <typename Word>
+inline bool with_word(int64_t bytes, const Word& word) {
+  switch (bytes) {
+    case 1: word(uint8_t{}); return true;
+    case 2: word(uint16_t{}); return true;
+    case 4: word(uint32_t{}); return true;
+    case 8: word(uint64_t{}); return true;
+    default: return false;
+  }
+}
+
 namespace detail {
 template <typename Word>
 void gather_words(const GatherJob& job, int64_t row_begin, int64_t row_end) {
@@ -34,12 +47,7 @@ void gather_words(const GatherJob& job, int64_t row_begin, int64_t row_end) {
 // Copies output rows [row_begin, row_end) of the outer*m rows; rows of one word (inner == 1, the
 // column permutation of a Linear weight) use a typed load instead of a memcpy call per element.
 inline void gather_rows(const GatherJob& job, int64_t row_begin, int64_t row_end) {
-  switch (job.inner_bytes) {
-    case 2: return detail::gather_words<uint16_t>(job, row_begin, row_end);
-    case 4: return detail::gather_words<uint32_t>(job, row_begin, row_end);
-    case 8: return detail::gather_words<uint64_t>(job, row_begin, row_end);
-    default: break;
-  }
+  if (with_word(job.inner_bytes, [&](auto w) { detail::gather_words<decltype(w)>(job, row_begin, row_end); })) return;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t o = r / job.m, i = r - o * job.m;
     std::memcpy(job.dst + r * job.inner_bytes, job.src + (o * job.n + job.index[i]) * job.inner_bytes,
@@ -91,14 +99,9 @@ void multi_gather_words(const MultiGatherJob& job, int64_t row_begin, int64_t ro
 }
 }  // namespace detail
 
-// Output rows [row_begin, row_end) of job.rows().
+// Output rows [row_begin, row_end) of job.rows(); element_bytes is 1, 2, 4 or 8 (checked by the caller).
 inline void multi_gather_rows(const MultiGatherJob& job, int64_t row_begin, int64_t row_end) {
-  switch (job.element_bytes) {
-    case 1: return detail::multi_gather_words<uint8_t>(job, row_begin, row_end);
-    case 2: return detail::multi_gather_words<uint16_t>(job, row_begin, row_end);
-    case 4: return detail::multi_gather_words<uint32_t>(job, row_begin, row_end);
-    default: return detail::multi_gather_words<uint64_t>(job, row_begin, row_end);  // 8-byte types
-  }
+  with_word(job.element_bytes, [&](auto w) { detail::multi_gather_words<decltype(w)>(job, row_begin, row_end); });
 }
 
 }  // namespace kernels

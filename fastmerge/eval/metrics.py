@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..batches import iterate_batches, output_logits
+from ..batches import ensemble_probabilities, evaluating, iterate_batches, output_logits
 from ..errors import DataError
 
 
@@ -45,29 +45,14 @@ def evaluate(model: nn.Module, data: Iterable, *, max_batches: int | None = None
     model is handed back in the mode it had. A sequence model's (batch, positions, classes) logits
     with (batch, positions) targets count every position (a language model: loss per token,
     perplexity exp(loss))."""
-    mode = model.training
-    model.eval()
-    try:
+    with evaluating([model]):
         return _score(lambda a, k: torch.log_softmax(output_logits(model(*a, **k)).float(), -1), data, max_batches)
-    finally:
-        model.train(mode)
 
 
 def ensemble(models: Sequence[nn.Module], data: Iterable, *, max_batches: int | None = None) -> Metrics:
     """The ensemble that averages the models' softmax outputs (the usual upper reference of a merge)."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-
-    def predict(args, kwargs):
-        probs = sum(torch.softmax(output_logits(m(*args, **kwargs)).float(), -1) for m in models) / len(models)
-        return probs.clamp_min(1e-30).log()
-
-    try:
-        return _score(predict, data, max_batches)
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
+    with evaluating(models):
+        return _score(lambda a, k: ensemble_probabilities(models, a, k).clamp_min(1e-30).log(), data, max_batches)
 
 
 @torch.no_grad()

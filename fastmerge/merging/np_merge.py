@@ -14,7 +14,6 @@ import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed
-from ..batches import batch_samples, cycle_batches, iterate_batches, output_logits
+from ..batches import (batch_samples, cycle_batches, ensemble_probabilities, evaluating, iterate_batches,
+                       output_logits)
 from ..checks import check_models
 from ..errors import InvalidArgumentError
 from ..ops import combine, sigmoid_merge
@@ -128,28 +128,12 @@ class EnsembleTargets:
         position = step % self.positions if self.positions else None
         if position in self.cache:
             return self.cache[position]
-        probs = sum(torch.softmax(output_logits(t(*args, **kwargs)).float(), -1) for t in self.teachers)
-        probs = probs / len(self.teachers)
+        probs = ensemble_probabilities(self.teachers, args, kwargs)
         size = probs.numel() * probs.element_size()
         if position is not None and self.cached_bytes + size <= TEACHER_CACHE_BYTES:
             self.cache[position] = probs
             self.cached_bytes += size
         return probs
-
-
-@contextmanager
-def evaluating(models: Sequence[nn.Module]):
-    """The models in eval mode inside, every module's own mode given back after (inputs are left as
-    they came)."""
-    modes = [[m.training for m in model.modules()] for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for model, flags in zip(models, modes):
-            for m, flag in zip(model.modules(), flags):
-                m.training = flag
 
 
 def _set_bn_batch_stats(model: nn.Module) -> None:

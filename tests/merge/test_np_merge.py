@@ -157,7 +157,11 @@ def test_merge_distills_the_models_as_given(digits):
     split, models, data, val = digits
     pair = models[:2]
     calls = [0]
-    handles = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for m in pair]
+
+    def count(module, *_):  # the originals themselves (the merge's copies of them carry the hook too)
+        calls[0] += any(module is m for m in pair)
+
+    handles = [m.register_forward_hook(count) for m in pair]
     try:
         counts = []
         for distill in (0.0, 1.0):
@@ -169,6 +173,21 @@ def test_merge_distills_the_models_as_given(digits):
         for h in handles:
             h.remove()
     assert counts[1] - counts[0] == 2 * len(data)  # one call of each original per training batch
+
+
+def test_batch_norm_teachers_run_in_eval_mode_and_are_left_as_they_came():
+    torch.manual_seed(0)
+    models = [zoo.resnet20(), zoo.resnet20()]  # in train mode: a teacher pass there would move their statistics
+    before = [copy.deepcopy(m.state_dict()) for m in models]
+    data = [torch.randn(8, 1, 8, 8) for _ in range(2)]
+    result = np_merge(models, data, steps=3, distill=1.0, progress=False)
+    for m, state in zip(models, before):
+        assert m.training and all(sub.training for sub in m.modules())
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    with torch.no_grad():  # the merge's own BatchNorm statistics recomputed on the data at the end
+        pre = torch.cat([result.model.conv1(x) for x in data])
+    assert torch.allclose(result.model.bn1.running_mean, pre.mean((0, 2, 3)), atol=1e-5)
 
 
 def test_pairwise_distillation_learns_the_ensemble_of_the_models_so_far(digits):
